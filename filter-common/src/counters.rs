@@ -1,0 +1,116 @@
+//! Indices of the per-CPU counter array and their names.
+//!
+//! Layout: a few global counters, then one block per (protocol, address
+//! family, outcome), then one counter per malformation reason.
+
+use crate::packet::{Af, Malformed};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Proto {
+    DnsUdp = 0,
+    DnsTcp = 1,
+}
+
+impl Proto {
+    pub const COUNT: usize = 2;
+    pub const ALL: [Proto; Self::COUNT] = [Proto::DnsUdp, Proto::DnsTcp];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::DnsUdp => "dns_udp",
+            Proto::DnsTcp => "dns_tcp",
+        }
+    }
+}
+
+impl Af {
+    pub const COUNT: usize = 2;
+    pub const ALL: [Af; Self::COUNT] = [Af::V4, Af::V6];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Af::V4 => "ipv4",
+            Af::V6 => "ipv6",
+        }
+    }
+}
+
+/// What happened to an inspected packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Outcome {
+    /// The name was read and matched against the rules.
+    Inspected = 0,
+    /// Dropped by a block rule.
+    Blocked = 1,
+    /// Passed because an allow rule matched (whether or not a block rule did).
+    Allowed = 2,
+    /// The name could not be read from this packet alone (split TCP segment).
+    Incomplete = 3,
+}
+
+impl Outcome {
+    pub const COUNT: usize = 4;
+    pub const ALL: [Outcome; Self::COUNT] = [Outcome::Inspected, Outcome::Blocked, Outcome::Allowed, Outcome::Incomplete];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Inspected => "inspected",
+            Outcome::Blocked => "blocked",
+            Outcome::Allowed => "allowed",
+            Outcome::Incomplete => "incomplete",
+        }
+    }
+}
+
+/// Every packet the program saw.
+pub const PACKETS: u32 = 0;
+/// Later IP fragments, passed: they carry no transport header.
+pub const FRAGMENTS: u32 = 1;
+/// Packets passed because the daemon had not configured the program yet.
+pub const UNCONFIGURED: u32 = 2;
+const PROTO_BASE: u32 = 3;
+const MALFORMED_BASE: u32 = PROTO_BASE + (Proto::COUNT * Af::COUNT * Outcome::COUNT) as u32;
+/// Entries in the counter array.
+pub const COUNTERS: u32 = MALFORMED_BASE + Malformed::COUNT as u32;
+
+#[inline(always)]
+pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {
+    PROTO_BASE + ((proto as u32 * Af::COUNT as u32 + af as u32) * Outcome::COUNT as u32 + outcome as u32)
+}
+
+#[inline(always)]
+pub const fn malformed_index(reason: Malformed) -> u32 {
+    MALFORMED_BASE + reason as u32
+}
+
+/// Per-list counters (array of `MAX_LISTS * LIST_COUNTERS`).
+pub const LIST_BLOCKED: u32 = 0;
+pub const LIST_ALLOWED: u32 = 1;
+pub const LIST_COUNTERS: u32 = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_distinct_and_in_range() {
+        let mut seen = [false; COUNTERS as usize];
+        let mut mark = |i: u32| {
+            assert!(i < COUNTERS && !seen[i as usize], "index {i}");
+            seen[i as usize] = true;
+        };
+        mark(PACKETS);
+        mark(FRAGMENTS);
+        mark(UNCONFIGURED);
+        for p in Proto::ALL {
+            for a in Af::ALL {
+                for o in Outcome::ALL {
+                    mark(proto_index(p, a, o));
+                }
+            }
+        }
+        for m in Malformed::ALL {
+            mark(malformed_index(m));
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+}

@@ -1,0 +1,259 @@
+//! Link, network and transport headers: one `parse_*` per layer over a
+//! bounds-checked byte source, in the style of xdp-tools' parsing helpers.
+
+/// Farthest packet offset any parser reads; keeps every offset the verifier
+/// sees bounded. XDP frames are at most a page.
+pub const MAX_PACKET_OFFSET: usize = 4096;
+/// 802.1Q / 802.1ad tags followed (QinQ is two).
+pub const MAX_VLAN_DEPTH: usize = 2;
+/// IPv6 extension headers followed before giving up.
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Bounds-checked reads from a packet. The kernel implements it over the XDP
+/// context; `[u8]` implements it for host code.
+pub trait Packet {
+    /// Bytes readable from offset 0.
+    fn len(&self) -> usize;
+    fn u8_at(&self, off: usize) -> Option<u8>;
+    fn be16_at(&self, off: usize) -> Option<u16>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Packet for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn u8_at(&self, off: usize) -> Option<u8> {
+        self.get(off).copied()
+    }
+    fn be16_at(&self, off: usize) -> Option<u16> {
+        let b = self.get(off..off.checked_add(2)?)?;
+        Some(u16::from_be_bytes([b[0], b[1]]))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Af {
+    V4 = 0,
+    V6 = 1,
+}
+
+/// Why a packet could not be read as far as the inspected protocol needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Malformed {
+    /// Ethernet or VLAN header cut short, or more VLAN tags than followed.
+    L2 = 0,
+    /// IPv4 header bad or cut short.
+    Ipv4 = 1,
+    /// IPv6 header or extension chain bad, cut short or too long.
+    Ipv6 = 2,
+    /// UDP or TCP header bad or cut short.
+    L4 = 3,
+    /// DNS header cut short, or a query without exactly one question.
+    DnsHeader = 4,
+    /// A bad label: compression pointer or reserved label type in a query.
+    DnsLabel = 5,
+    /// A name longer than 255 wire bytes.
+    DnsNameTooLong = 6,
+    /// The question ends past the end of the datagram.
+    DnsTruncated = 7,
+}
+
+impl Malformed {
+    pub const COUNT: usize = 8;
+    pub const ALL: [Malformed; Self::COUNT] = [
+        Malformed::L2,
+        Malformed::Ipv4,
+        Malformed::Ipv6,
+        Malformed::L4,
+        Malformed::DnsHeader,
+        Malformed::DnsLabel,
+        Malformed::DnsNameTooLong,
+        Malformed::DnsTruncated,
+    ];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Malformed::L2 => "l2",
+            Malformed::Ipv4 => "ipv4",
+            Malformed::Ipv6 => "ipv6",
+            Malformed::L4 => "l4",
+            Malformed::DnsHeader => "dns_header",
+            Malformed::DnsLabel => "dns_label",
+            Malformed::DnsNameTooLong => "dns_name_too_long",
+            Malformed::DnsTruncated => "dns_truncated",
+        }
+    }
+}
+
+/// What the network layer tells the transport layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L3 {
+    pub af: Af,
+    pub proto: u8,
+    /// Offset of the transport header.
+    pub l4_off: usize,
+    /// End of the IP payload (Ethernet padding excluded).
+    pub end: usize,
+    /// Not the first fragment: there is no transport header to read.
+    pub later_fragment: bool,
+}
+
+/// Outcome of the lower layers for packets that are not inspected further.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// Not a protocol blokir inspects.
+    Other,
+    Malformed(Malformed),
+}
+
+/// Ethernet and up to `MAX_VLAN_DEPTH` VLAN tags: returns the inner ethertype
+/// and the offset of the network header.
+#[inline(always)]
+pub fn parse_eth<P: Packet + ?Sized>(p: &P) -> Result<(u16, usize), Skip> {
+    let mut proto = p.be16_at(12).ok_or(Skip::Malformed(Malformed::L2))?;
+    let mut off = ETH_HLEN;
+    for _ in 0..MAX_VLAN_DEPTH {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        proto = p.be16_at(off + 2).ok_or(Skip::Malformed(Malformed::L2))?;
+        off += 4;
+    }
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        return Err(Skip::Malformed(Malformed::L2));
+    }
+    Ok((proto, off))
+}
+
+#[inline(always)]
+pub fn parse_ipv4<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
+    const BAD: Skip = Skip::Malformed(Malformed::Ipv4);
+    let vihl = p.u8_at(off).ok_or(BAD)?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return Err(BAD);
+    }
+    let total = p.be16_at(off + 2).ok_or(BAD)? as usize;
+    let frag = p.be16_at(off + 6).ok_or(BAD)?;
+    let proto = p.u8_at(off + 9).ok_or(BAD)?;
+    // The whole header must be present (options included).
+    p.u8_at(off + ihl - 1).ok_or(BAD)?;
+    if total < ihl {
+        return Err(BAD);
+    }
+    let end = clamp_end(p, off + total);
+    Ok(L3 { af: Af::V4, proto, l4_off: off + ihl, end, later_fragment: frag & 0x1fff != 0 })
+}
+
+#[inline(always)]
+pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
+    const BAD: Skip = Skip::Malformed(Malformed::Ipv6);
+    let v = p.u8_at(off).ok_or(BAD)?;
+    if v >> 4 != 6 {
+        return Err(BAD);
+    }
+    let payload = p.be16_at(off + 4).ok_or(BAD)? as usize;
+    let mut next = p.u8_at(off + 6).ok_or(BAD)?;
+    let end = clamp_end(p, off + 40 + payload);
+    let mut hdr = off + 40;
+    let mut later_fragment = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+            0 | 43 | 60 => {
+                let nh = p.u8_at(hdr).ok_or(BAD)?;
+                let len = p.u8_at(hdr + 1).ok_or(BAD)? as usize;
+                next = nh;
+                hdr += (len + 1) * 8;
+            }
+            // Fragment header: 8 bytes.
+            44 => {
+                let nh = p.u8_at(hdr).ok_or(BAD)?;
+                let frag = p.be16_at(hdr + 2).ok_or(BAD)?;
+                later_fragment = frag & 0xfff8 != 0;
+                next = nh;
+                hdr += 8;
+            }
+            // Authentication header: (len + 2) * 4 bytes.
+            51 => {
+                let nh = p.u8_at(hdr).ok_or(BAD)?;
+                let len = p.u8_at(hdr + 1).ok_or(BAD)? as usize;
+                next = nh;
+                hdr += (len + 2) * 4;
+            }
+            _ => {
+                return Ok(L3 { af: Af::V6, proto: next, l4_off: hdr, end, later_fragment });
+            }
+        }
+        if hdr > end {
+            return Err(BAD);
+        }
+    }
+    Err(BAD)
+}
+
+/// The network layer after Ethernet: IPv4, IPv6, or `Skip::Other`.
+#[inline(always)]
+pub fn parse_l3<P: Packet + ?Sized>(p: &P) -> Result<L3, Skip> {
+    let (ethertype, off) = parse_eth(p)?;
+    match ethertype {
+        ETH_P_IP => parse_ipv4(p, off),
+        ETH_P_IPV6 => parse_ipv6(p, off),
+        _ => Err(Skip::Other),
+    }
+}
+
+/// A transport header's ports and where its payload lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L4 {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub payload_off: usize,
+    pub payload_end: usize,
+}
+
+#[inline(always)]
+pub fn parse_udp<P: Packet + ?Sized>(p: &P, l3: &L3) -> Result<L4, Skip> {
+    const BAD: Skip = Skip::Malformed(Malformed::L4);
+    let off = l3.l4_off;
+    let src_port = p.be16_at(off).ok_or(BAD)?;
+    let dst_port = p.be16_at(off + 2).ok_or(BAD)?;
+    let len = p.be16_at(off + 4).ok_or(BAD)? as usize;
+    if len < 8 {
+        return Err(BAD);
+    }
+    let payload_end = if off + len < l3.end { off + len } else { l3.end };
+    Ok(L4 { src_port, dst_port, payload_off: off + 8, payload_end })
+}
+
+#[inline(always)]
+pub fn parse_tcp<P: Packet + ?Sized>(p: &P, l3: &L3) -> Result<L4, Skip> {
+    const BAD: Skip = Skip::Malformed(Malformed::L4);
+    let off = l3.l4_off;
+    let src_port = p.be16_at(off).ok_or(BAD)?;
+    let dst_port = p.be16_at(off + 2).ok_or(BAD)?;
+    let doff = ((p.u8_at(off + 12).ok_or(BAD)? >> 4) as usize) * 4;
+    if doff < 20 {
+        return Err(BAD);
+    }
+    p.u8_at(off + doff - 1).ok_or(BAD)?;
+    Ok(L4 { src_port, dst_port, payload_off: off + doff, payload_end: l3.end })
+}
+
+#[inline(always)]
+fn clamp_end<P: Packet + ?Sized>(p: &P, end: usize) -> usize {
+    let len = p.len();
+    if end < len { end } else { len }
+}

@@ -1,0 +1,149 @@
+//! Layouts of the BPF maps that hold the rules and the program's settings.
+//!
+//! Rules live in one hash map keyed by the keyed hash of a domain node
+//! (`NameKey`); the value says what applies to the node itself (`exact`) and
+//! what applies to every name strictly below it (`below`). A query walks its
+//! name from the top-level label down, so the lookup cost is one hash-map probe
+//! per label, whatever the number of rules.
+
+/// Map names, shared by the object and the loader.
+pub const MAP_RULES: &str = "RULES";
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_RULE_HITS: &str = "RULE_HITS";
+pub const MAP_LIST_HITS: &str = "LIST_HITS";
+pub const MAP_SCRATCH: &str = "SCRATCH";
+/// The XDP program's name in the object.
+pub const PROGRAM_NAME: &str = "blokir";
+
+/// Default number of domain nodes the rule map holds (the loader may size it
+/// differently); the national list is ~2M names.
+pub const DEFAULT_RULE_CAPACITY: u32 = 1 << 22;
+/// Rule ids are 24 bits; id 0 means "no rule".
+pub const MAX_RULE_ID: u32 = (1 << 24) - 1;
+/// Lists are numbered 0..MAX_LISTS.
+pub const MAX_LISTS: u32 = 128;
+/// Label depths tracked by `Config::depth_mask` (a name has at most 127).
+pub const MAX_DEPTH: u32 = 128;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NameKey {
+    pub h: [u64; 2],
+}
+
+/// A reference to one rule: 24-bit rule id, 7-bit list id, allow flag.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleRef(pub u32);
+
+impl RuleRef {
+    pub const NONE: RuleRef = RuleRef(0);
+    const ALLOW: u32 = 1 << 31;
+
+    /// `id` must be in `1..=MAX_RULE_ID` and `list` below `MAX_LISTS`.
+    pub const fn new(id: u32, list: u32, allow: bool) -> Self {
+        RuleRef((id & MAX_RULE_ID) | ((list & (MAX_LISTS - 1)) << 24) | if allow { Self::ALLOW } else { 0 })
+    }
+    #[inline(always)]
+    pub const fn is_none(self) -> bool {
+        self.0 & MAX_RULE_ID == 0
+    }
+    #[inline(always)]
+    pub const fn id(self) -> u32 {
+        self.0 & MAX_RULE_ID
+    }
+    #[inline(always)]
+    pub const fn list(self) -> u32 {
+        (self.0 >> 24) & (MAX_LISTS - 1)
+    }
+    #[inline(always)]
+    pub const fn is_allow(self) -> bool {
+        self.0 & Self::ALLOW != 0
+    }
+}
+
+/// What the rules say about one domain node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeRules {
+    /// Applies to the node's own name.
+    pub exact: RuleRef,
+    /// Applies to every name strictly below the node.
+    pub below: RuleRef,
+}
+
+impl NodeRules {
+    pub const fn is_empty(&self) -> bool {
+        self.exact.is_none() && self.below.is_none()
+    }
+}
+
+/// The program's settings: one entry of an array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Secret lane multipliers of the name hash; all zero means "not
+    /// configured yet", and the program then passes everything.
+    pub hash_r: [u64; 2],
+    /// Bit `d - 1` (of 128) is set when some rule node has `d` labels; other
+    /// depths are not looked up. A superset is always safe.
+    pub depth_mask: [u64; 2],
+}
+
+impl Config {
+    #[inline(always)]
+    pub const fn is_configured(&self) -> bool {
+        self.hash_r[0] != 0 && self.hash_r[1] != 0
+    }
+    /// Arithmetic only, no branch on the depth: a branch the verifier can
+    /// decide from a known depth would make it track every depth value
+    /// separately, multiplying the states of the matcher's loop.
+    #[inline(always)]
+    pub const fn has_depth(&self, depth: u32) -> bool {
+        let d = depth.wrapping_sub(1) as u64;
+        // 1 for depths 65..=128, else 0; depths past 128 select nothing.
+        let hi = (d >> 6) & 1;
+        let over = d >> 7;
+        let valid = 1 ^ ((over | over.wrapping_neg()) >> 63);
+        let word = (self.depth_mask[0] & hi.wrapping_sub(1)) | (self.depth_mask[1] & 0u64.wrapping_sub(hi));
+        (word >> (d & 63)) & valid != 0
+    }
+    pub fn add_depth(&mut self, depth: u32) {
+        let d = depth.wrapping_sub(1);
+        if d < MAX_DEPTH {
+            self.depth_mask[(d >> 6) as usize] |= 1 << (d & 63);
+        }
+    }
+}
+
+/// The rule-map interface the matcher needs: the kernel implements it with a
+/// BPF hash map, userspace and tests with a host map.
+pub trait RuleLookup {
+    fn lookup(&self, key: &NameKey) -> Option<NodeRules>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_ref_round_trips() {
+        let r = RuleRef::new(MAX_RULE_ID, MAX_LISTS - 1, true);
+        assert_eq!((r.id(), r.list(), r.is_allow(), r.is_none()), (MAX_RULE_ID, MAX_LISTS - 1, true, false));
+        let r = RuleRef::new(1, 0, false);
+        assert_eq!((r.id(), r.list(), r.is_allow(), r.is_none()), (1, 0, false, false));
+        assert!(RuleRef::NONE.is_none());
+    }
+
+    #[test]
+    fn depth_mask_covers_all_depths() {
+        let mut c = Config::default();
+        for d in [1, 2, 63, 64, 65, 127, 128] {
+            assert!(!c.has_depth(d));
+            c.add_depth(d);
+            assert!(c.has_depth(d));
+        }
+        assert!(!c.has_depth(0) && !c.has_depth(129) && !c.has_depth(3));
+    }
+}

@@ -1,0 +1,8 @@
+//! blokir's userspace: the daemon that loads the XDP program and the rules,
+//! the control socket the CLI talks to, and the Prometheus endpoint.
+
+pub mod control;
+pub mod daemon;
+pub mod ebpf;
+pub mod metrics;
+pub mod rules;

@@ -1,0 +1,181 @@
+//! The `blokir` command: `run` is the daemon, `rules` and `status` talk to it.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use blokir::{
+    control::{self, DEFAULT_SOCKET, Request, Response},
+    daemon::{self, Options},
+    ebpf::Mode,
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use filter_common::rules::DEFAULT_RULE_CAPACITY;
+
+#[derive(Parser)]
+#[command(name = "blokir", version, about = "Block listed domains in XDP: DNS queries, at line rate")]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET, env = "BLOKIR_SOCKET")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the XDP program and the rules, attach, and serve until stopped.
+    Run {
+        /// Interface to filter (repeat for several).
+        #[arg(long = "iface", required = true)]
+        ifaces: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+        /// Rule files; each feeds the list named after the file (repeatable).
+        #[arg(long = "rules")]
+        rules: Vec<PathBuf>,
+        /// Where the local list (`blokir rules add`) is kept.
+        #[arg(long, default_value = "/var/lib/blokir")]
+        state_dir: PathBuf,
+        /// Address of the Prometheus endpoint.
+        #[arg(long, default_value = "127.0.0.1:9947")]
+        metrics_addr: SocketAddr,
+        /// Name nodes and rule ids the kernel maps hold.
+        #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY)]
+        rule_capacity: u32,
+        /// Rules exported with their own hit counter on /metrics.
+        #[arg(long, default_value_t = 100)]
+        top_rules: usize,
+    },
+    /// Change or inspect the rules of the running daemon.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+        #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// What is attached where, and which lists are loaded.
+    Status {
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Add rules to the local list: `name`, `*.name` (below), `.name` (name and below).
+    Add {
+        /// Add as allow rules (exceptions that win over block rules).
+        #[arg(long)]
+        allow: bool,
+        #[arg(required = true)]
+        patterns: Vec<String>,
+    },
+    /// Remove rules from the local list.
+    Del {
+        #[arg(long)]
+        allow: bool,
+        #[arg(required = true)]
+        patterns: Vec<String>,
+    },
+    /// List every rule with its list and hit count.
+    List,
+    /// Say whether names would be blocked, and by which rule.
+    Check {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Re-read every rule file (all parse, or nothing changes).
+    Reload,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("blokir: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { ifaces, mode, rules, state_dir, metrics_addr, rule_capacity, top_rules } => {
+            let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics_addr, capacity: rule_capacity, top_rules };
+            tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rules { command, output } => {
+            let with_action = |allow: bool, p: Vec<String>| p.into_iter().map(|p| if allow { format!("allow {p}") } else { p }).collect();
+            let request = match command {
+                RulesCommand::Add { allow, patterns } => Request::Add { rules: with_action(allow, patterns) },
+                RulesCommand::Del { allow, patterns } => Request::Del { rules: with_action(allow, patterns) },
+                RulesCommand::List => Request::List,
+                RulesCommand::Check { names } => Request::Check { names },
+                RulesCommand::Reload => Request::Reload,
+            };
+            let response = control::call(&cli.socket, &request)?;
+            Ok(print(&request, &response, output))
+        }
+        Command::Status { output } => {
+            let response = control::call(&cli.socket, &Request::Status)?;
+            Ok(print(&Request::Status, &response, output))
+        }
+    }
+}
+
+fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
+    if !r.ok {
+        eprintln!("blokir: {}", r.message);
+        return ExitCode::from(2);
+    }
+    if output == Output::Json {
+        let v = if r.data.is_null() { serde_json::json!({ "message": r.message }) } else { r.data.clone() };
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    match request {
+        Request::List => {
+            let rows = r.data.as_array().cloned().unwrap_or_default();
+            let w = rows.iter().map(|x| s(&x["list"]).len()).max().unwrap_or(4).max(4);
+            let rw = rows.iter().map(|x| s(&x["rule"]).len()).max().unwrap_or(4).max(4);
+            println!("{:w$}  {:rw$}  HITS", "LIST", "RULE");
+            for x in rows {
+                println!("{:w$}  {:rw$}  {}", s(&x["list"]), s(&x["rule"]), x["hits"]);
+            }
+        }
+        Request::Check { .. } => {
+            for x in r.data.as_array().cloned().unwrap_or_default() {
+                match x["rule"].as_str() {
+                    Some(rule) => println!("{}: {} by `{rule}` (list {})", s(&x["name"]), s(&x["verdict"]), s(&x["list"])),
+                    None => println!("{}: {} (no rule)", s(&x["name"]), s(&x["verdict"])),
+                }
+            }
+        }
+        Request::Status => {
+            let d = &r.data;
+            println!("blokir {}", s(&d["version"]));
+            for a in d["attached"].as_array().cloned().unwrap_or_default() {
+                println!("attached: {} ({})", s(&a["iface"]), s(&a["mode"]));
+            }
+            println!("rules: {} in {} name nodes (capacity {})", d["rules"], d["nodes"], d["capacity"]);
+            for l in d["lists"].as_array().cloned().unwrap_or_default() {
+                println!("list {}: {} rules{}", s(&l["name"]), l["rules"], l["source"].as_str().map(|p| format!(" from {p}")).unwrap_or_default());
+            }
+        }
+        _ => println!("{}", r.message),
+    }
+    ExitCode::SUCCESS
+}

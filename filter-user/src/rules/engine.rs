@@ -1,0 +1,683 @@
+//! The rule engine: holds every list's rules, computes what the kernel's node
+//! map must hold, and moves it from one rule set to the next so that no
+//! packet sees a state that neither the old nor the new rules would produce.
+//!
+//! A change is planned first (pure, so it can be refused without touching
+//! anything), then applied to a `Target` (the BPF maps, or a host map in
+//! tests) in four phases, field by field:
+//!
+//! 1. fields that become allow rules;
+//! 2. fields that become block rules where none or a block rule was;
+//! 3. fields whose block rule goes away;
+//! 4. fields whose allow rule goes away or turns into a block rule.
+//!
+//! Allow rules are added before and removed after everything else, and block
+//! rules are added before they are removed, so a name blocked by both the old
+//! and the new rules stays blocked throughout, and a name blocked by neither
+//! is never blocked.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+};
+
+use filter_common::{
+    name::{CanonBuf, Decision, canon_start, dotted_to_canon, full_name_key, match_canon},
+    rules::{Config, MAX_DEPTH, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef},
+};
+use smallvec::SmallVec;
+
+use super::pattern::{Action, PatternError, Rule, Scope, normalize_name};
+
+/// Where the engine's decisions are written: the kernel maps, or a test map.
+pub trait Target {
+    /// Sets (or with `None` removes) one node.
+    fn write_node(&mut self, key: &NameKey, value: Option<&NodeRules>) -> anyhow::Result<()>;
+    fn write_depth_mask(&mut self, mask: [u64; 2]) -> anyhow::Result<()>;
+    /// Zeroes a rule id's hit counter before the id is (re)used.
+    fn reset_hits(&mut self, id: u32) -> anyhow::Result<()>;
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    #[error("the change needs {needed} rule ids but only {available} are free (rule capacity {capacity})")]
+    RuleCapacity { needed: usize, available: usize, capacity: u32 },
+    #[error("the change needs {needed} name nodes; the rule map holds {capacity}")]
+    NodeCapacity { needed: usize, capacity: usize },
+    #[error("too many lists (at most {MAX_LISTS})")]
+    TooManyLists,
+    #[error("no list named {0:?}")]
+    NoSuchList(String),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    id: u32,
+    list: u8,
+    scope: Scope,
+    action: Action,
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    slots: SmallVec<[Slot; 1]>,
+    value: NodeRules,
+}
+
+#[derive(Clone, Debug)]
+pub struct RuleInfo {
+    pub list: u8,
+    pub rule: Rule,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListInfo {
+    pub id: u8,
+    pub name: String,
+    pub source: Option<PathBuf>,
+    ids: Vec<u32>,
+}
+
+impl ListInfo {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// A planned change to one list.
+pub struct Change {
+    list: ListInfo,
+    drop_list: bool,
+    added: Vec<(u32, Rule)>,
+    removed: Vec<u32>,
+    nodes: Vec<(NameKey, Option<Node>)>,
+    phases: [Vec<(NameKey, Option<NodeRules>)>; 4],
+    depth_counts: Vec<u32>,
+    depth_union: [u64; 2],
+    depth_final: [u64; 2],
+    ids_used: usize,
+    pub summary: ChangeSummary,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ChangeSummary {
+    pub added: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+    /// Kernel map entries written.
+    pub writes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CheckResult {
+    pub name: String,
+    /// `blocked`, `allowed` (an allow rule matched) or `passed` (no rule).
+    pub verdict: &'static str,
+    pub list: Option<String>,
+    pub rule: Option<String>,
+}
+
+pub struct Engine {
+    hash_r: [u64; 2],
+    node_capacity: usize,
+    rule_capacity: u32,
+    nodes: HashMap<NameKey, Node>,
+    rules: Vec<Option<RuleInfo>>,
+    free_ids: Vec<u32>,
+    lists: Vec<ListInfo>,
+    depth_counts: Vec<u32>,
+}
+
+struct Nodes<'a>(&'a HashMap<NameKey, Node>);
+
+impl RuleLookup for Nodes<'_> {
+    fn lookup(&self, key: &NameKey) -> Option<NodeRules> {
+        self.0.get(key).map(|n| n.value)
+    }
+}
+
+impl Engine {
+    /// `rule_capacity` bounds rule ids (`1..rule_capacity`, the hit-counter
+    /// array's size); `node_capacity` is the rule map's size.
+    pub fn new(hash_r: [u64; 2], node_capacity: usize, rule_capacity: u32) -> Self {
+        Engine {
+            hash_r,
+            node_capacity,
+            rule_capacity,
+            nodes: HashMap::new(),
+            rules: vec![None],
+            free_ids: Vec::new(),
+            lists: Vec::new(),
+            depth_counts: vec![0; MAX_DEPTH as usize + 1],
+        }
+    }
+
+    pub fn hash_r(&self) -> [u64; 2] {
+        self.hash_r
+    }
+
+    pub fn config(&self) -> Config {
+        Config { hash_r: self.hash_r, depth_mask: mask_of(&self.depth_counts) }
+    }
+
+    pub fn lists(&self) -> &[ListInfo] {
+        &self.lists
+    }
+
+    pub fn list(&self, name: &str) -> Option<&ListInfo> {
+        self.lists.iter().find(|l| l.name == name)
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.lists.iter().map(|l| l.ids.len()).sum()
+    }
+
+    pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
+        self.rules.get(id as usize).and_then(Option::as_ref)
+    }
+
+    pub fn list_name(&self, id: u8) -> Option<&str> {
+        self.lists.iter().find(|l| l.id == id).map(|l| l.name.as_str())
+    }
+
+    /// The rules of one list, in file order of their ids.
+    pub fn list_rules(&self, name: &str) -> Vec<&Rule> {
+        self.list(name).map(|l| l.ids.iter().filter_map(|id| self.rule(*id).map(|r| &r.rule)).collect()).unwrap_or_default()
+    }
+
+    /// Every rule with its id and list name.
+    pub fn all_rules(&self) -> impl Iterator<Item = (u32, &str, &Rule)> {
+        self.lists.iter().flat_map(move |l| l.ids.iter().filter_map(move |id| self.rule(*id).map(|r| (*id, l.name.as_str(), &r.rule))))
+    }
+
+    fn key_of(&self, name: &str) -> (NameKey, u8) {
+        let mut buf = CanonBuf::default();
+        // Names were validated by `normalize_name`, so this cannot fail.
+        let len = dotted_to_canon(name.as_bytes(), 0, name.len(), &mut buf).unwrap_or(0);
+        let key = full_name_key(&mut buf, len, &self.hash_r).unwrap_or_default();
+        (key, name.split('.').count() as u8)
+    }
+
+    /// Says what the kernel decides for `name`, with the same matcher.
+    pub fn check(&self, name: &str) -> Result<CheckResult, PatternError> {
+        let name = normalize_name(name)?;
+        let mut buf = CanonBuf::default();
+        let len = dotted_to_canon(name.as_bytes(), 0, name.len(), &mut buf).map_err(|_| PatternError::Empty)?;
+        let decision = match_canon(&mut buf, canon_start(len), &self.config(), &Nodes(&self.nodes));
+        let (verdict, r) = match decision {
+            Decision::NoMatch => ("passed", None),
+            Decision::Allow(r) => ("allowed", Some(r)),
+            Decision::Block(r) => ("blocked", Some(r)),
+        };
+        let info = r.and_then(|r| self.rule(r.id()));
+        Ok(CheckResult { name, verdict, list: info.and_then(|i| self.list_name(i.list)).map(str::to_string), rule: info.map(|i| i.rule.to_string()) })
+    }
+
+    /// Plans replacing the rules of list `name` (created if new) by `rules`.
+    pub fn plan_replace(&self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> Result<Change, EngineError> {
+        let list = match self.list(name) {
+            Some(l) => ListInfo { source: source.or_else(|| l.source.clone()), ..l.clone() },
+            None => {
+                let used: HashSet<u8> = self.lists.iter().map(|l| l.id).collect();
+                let id = (0..MAX_LISTS as u8).find(|i| !used.contains(i)).ok_or(EngineError::TooManyLists)?;
+                ListInfo { id, name: name.to_string(), source, ids: Vec::new() }
+            }
+        };
+        let mut seen = HashSet::new();
+        let mut kept = HashSet::new();
+        let mut added_rules = Vec::new();
+        let mut new_ids = Vec::with_capacity(rules.len());
+        let mut affected: HashMap<NameKey, (u8, Vec<Slot>)> = HashMap::new();
+        for rule in rules {
+            if !seen.insert(rule) {
+                continue;
+            }
+            let (key, depth) = self.key_of(&rule.name);
+            let existing = self.nodes.get(&key).and_then(|n| n.slots.iter().find(|s| s.list == list.id && s.scope == rule.scope && s.action == rule.action));
+            match existing {
+                Some(s) => {
+                    kept.insert(s.id);
+                    new_ids.push(s.id);
+                }
+                None => {
+                    added_rules.push((key, depth, rule.clone()));
+                }
+            }
+        }
+        let removed: Vec<u32> = list.ids.iter().copied().filter(|id| !kept.contains(id)).collect();
+
+        // Fresh ids: from the free list first, then never-used ones. Ids
+        // removed by this change are not reused by it, so no counter is
+        // shared between an outgoing and an incoming rule.
+        let never_used = (self.rule_capacity as usize).saturating_sub(self.rules.len());
+        let available = self.free_ids.len() + never_used;
+        if added_rules.len() > available {
+            return Err(EngineError::RuleCapacity { needed: added_rules.len(), available, capacity: self.rule_capacity });
+        }
+        let mut fresh = self.free_ids.iter().rev().copied().chain(self.rules.len() as u32..);
+        let mut added = Vec::with_capacity(added_rules.len());
+        for (key, depth, rule) in added_rules {
+            let id = fresh.next().unwrap_or_default();
+            affected.entry(key).or_insert_with(|| (depth, Vec::new())).1.push(Slot { id, list: list.id, scope: rule.scope, action: rule.action });
+            new_ids.push(id);
+            added.push((id, rule));
+        }
+        let ids_used = added.len();
+        for id in &removed {
+            if let Some(info) = self.rule(*id) {
+                let (key, depth) = self.key_of(&info.rule.name);
+                affected.entry(key).or_insert_with(|| (depth, Vec::new()));
+            }
+        }
+        let removed_set: HashSet<u32> = removed.iter().copied().collect();
+
+        let mut depth_counts = self.depth_counts.clone();
+        let mut nodes_after = self.nodes.len() as isize;
+        let mut node_updates = Vec::with_capacity(affected.len());
+        let mut phases: [Vec<(NameKey, Option<NodeRules>)>; 4] = Default::default();
+        for (key, (depth, new_slots)) in affected {
+            let old = self.nodes.get(&key);
+            let mut slots: SmallVec<[Slot; 1]> = old.map(|n| n.slots.iter().copied().filter(|s| !removed_set.contains(&s.id)).collect()).unwrap_or_default();
+            slots.extend(new_slots);
+            let old_value = old.map(|n| n.value).unwrap_or_default();
+            let new_value = value_of(&slots);
+            let node = if slots.is_empty() { None } else { Some(Node { slots, value: new_value }) };
+            match (old.is_some(), node.is_some()) {
+                (false, true) => {
+                    nodes_after += 1;
+                    depth_counts[depth as usize] += 1;
+                }
+                (true, false) => {
+                    nodes_after -= 1;
+                    depth_counts[depth as usize] -= 1;
+                }
+                _ => {}
+            }
+            plan_fields(key, old_value, new_value, &mut phases);
+            node_updates.push((key, node));
+        }
+        if nodes_after as usize > self.node_capacity {
+            return Err(EngineError::NodeCapacity { needed: nodes_after as usize, capacity: self.node_capacity });
+        }
+        let old_mask = mask_of(&self.depth_counts);
+        let depth_final = mask_of(&depth_counts);
+        let writes = phases.iter().map(Vec::len).sum();
+        let summary = ChangeSummary { added: added.len(), removed: removed.len(), unchanged: kept.len(), writes };
+        Ok(Change {
+            list: ListInfo { ids: new_ids, ..list },
+            drop_list: false,
+            added,
+            removed,
+            nodes: node_updates,
+            phases,
+            depth_counts,
+            depth_union: [old_mask[0] | depth_final[0], old_mask[1] | depth_final[1]],
+            depth_final,
+            ids_used,
+            summary,
+        })
+    }
+
+    /// Plans removing list `name` entirely.
+    pub fn plan_remove_list(&self, name: &str) -> Result<Change, EngineError> {
+        if self.list(name).is_none() {
+            return Err(EngineError::NoSuchList(name.to_string()));
+        }
+        let mut change = self.plan_replace(name, None, &[])?;
+        change.drop_list = true;
+        Ok(change)
+    }
+
+    /// Writes a planned change to `target` and, once all of it is written,
+    /// commits it. On a write error the entries written so far are restored
+    /// (in reverse order, which keeps the same guarantee) and the engine is
+    /// unchanged.
+    pub fn apply(&mut self, change: Change, target: &mut dyn Target) -> anyhow::Result<ChangeSummary> {
+        let old_mask = mask_of(&self.depth_counts);
+        let mut written: Vec<NameKey> = Vec::new();
+        let result = (|| -> anyhow::Result<()> {
+            for (id, _) in &change.added {
+                target.reset_hits(*id)?;
+            }
+            target.write_depth_mask(change.depth_union)?;
+            for phase in &change.phases {
+                for (key, value) in phase {
+                    target.write_node(key, value.as_ref())?;
+                    written.push(*key);
+                }
+            }
+            target.write_depth_mask(change.depth_final)
+        })();
+        if let Err(e) = result {
+            for key in written.iter().rev() {
+                let old = self.nodes.get(key).map(|n| n.value);
+                if let Err(undo) = target.write_node(key, old.as_ref()) {
+                    tracing::error!("restoring the rule map after a failed change: {undo:#}");
+                }
+            }
+            let _ = target.write_depth_mask(old_mask);
+            return Err(e);
+        }
+        self.commit(change)
+    }
+
+    fn commit(&mut self, change: Change) -> anyhow::Result<ChangeSummary> {
+        let Change { list, drop_list, added, removed, nodes, depth_counts, ids_used, summary, .. } = change;
+        let fresh_from_free = ids_used.min(self.free_ids.len());
+        self.free_ids.truncate(self.free_ids.len() - fresh_from_free);
+        for (id, rule) in added {
+            let slot = RuleInfo { list: list.id, rule };
+            if (id as usize) < self.rules.len() {
+                self.rules[id as usize] = Some(slot);
+            } else {
+                self.rules.push(Some(slot));
+            }
+        }
+        for id in removed {
+            self.rules[id as usize] = None;
+            self.free_ids.push(id);
+        }
+        for (key, node) in nodes {
+            match node {
+                Some(n) => self.nodes.insert(key, n),
+                None => self.nodes.remove(&key),
+            };
+        }
+        self.depth_counts = depth_counts;
+        if drop_list {
+            self.lists.retain(|l| l.id != list.id);
+        } else if let Some(l) = self.lists.iter_mut().find(|l| l.id == list.id) {
+            *l = list;
+        } else {
+            self.lists.push(list);
+            self.lists.sort_by_key(|l| l.id);
+        }
+        Ok(summary)
+    }
+}
+
+/// Whether `new` should take a field held by `cur`: allow beats block, then
+/// the lower list id, then the lower rule id.
+fn better(new: RuleRef, cur: RuleRef) -> bool {
+    if cur.is_none() {
+        return true;
+    }
+    if new.is_allow() != cur.is_allow() {
+        return new.is_allow();
+    }
+    (new.list(), new.id()) < (cur.list(), cur.id())
+}
+
+fn value_of(slots: &[Slot]) -> NodeRules {
+    let mut v = NodeRules::default();
+    for s in slots {
+        let r = RuleRef::new(s.id, s.list as u32, s.action == Action::Allow);
+        if matches!(s.scope, Scope::Exact | Scope::Subtree) && better(r, v.exact) {
+            v.exact = r;
+        }
+        if matches!(s.scope, Scope::Below | Scope::Subtree) && better(r, v.below) {
+            v.below = r;
+        }
+    }
+    v
+}
+
+/// The phase (0..4) in which a field moves from `old` to `new`.
+fn field_phase(old: RuleRef, new: RuleRef) -> Option<usize> {
+    if old == new {
+        None
+    } else if new.is_allow() {
+        Some(0)
+    } else if !new.is_none() && !old.is_allow() {
+        Some(1)
+    } else if new.is_none() && !old.is_allow() {
+        Some(2)
+    } else {
+        Some(3)
+    }
+}
+
+/// Adds the node's writes to the phases: after each phase the node holds the
+/// new value for the fields moved so far and the old value for the others.
+fn plan_fields(key: NameKey, old: NodeRules, new: NodeRules, phases: &mut [Vec<(NameKey, Option<NodeRules>)>; 4]) {
+    let pe = field_phase(old.exact, new.exact);
+    let pb = field_phase(old.below, new.below);
+    let mut current = old;
+    for (p, phase) in phases.iter_mut().enumerate() {
+        let mut next = current;
+        if pe == Some(p) {
+            next.exact = new.exact;
+        }
+        if pb == Some(p) {
+            next.below = new.below;
+        }
+        if next != current {
+            phase.push((key, if next.is_empty() { None } else { Some(next) }));
+            current = next;
+        }
+    }
+}
+
+fn mask_of(counts: &[u32]) -> [u64; 2] {
+    let mut c = Config::default();
+    for (d, n) in counts.iter().enumerate() {
+        if *n > 0 {
+            c.add_depth(d as u32);
+        }
+    }
+    c.depth_mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use filter_common::hash::lane_multiplier;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// The kernel's maps, on the host; checks the reload guarantee after
+    /// every single write.
+    struct Checked<'a> {
+        nodes: HashMap<NameKey, NodeRules>,
+        cfg: Config,
+        probes: &'a [(String, bool, bool)],
+        writes: usize,
+    }
+
+    impl Checked<'_> {
+        fn blocked(&self, name: &str) -> bool {
+            let mut buf = CanonBuf::default();
+            let len = dotted_to_canon(name.as_bytes(), 0, name.len(), &mut buf).unwrap();
+            matches!(match_canon(&mut buf, canon_start(len), &self.cfg, &self.nodes), Decision::Block(_))
+        }
+        fn check(&self) {
+            for (name, old, new) in self.probes {
+                let now = self.blocked(name);
+                assert!(!(*old && *new) || now, "{name} blocked before and after, but let through mid-change");
+                assert!(*old || *new || !now, "{name} blocked neither before nor after, but blocked mid-change");
+            }
+        }
+    }
+
+    impl Target for Checked<'_> {
+        fn write_node(&mut self, key: &NameKey, value: Option<&NodeRules>) -> anyhow::Result<()> {
+            match value {
+                Some(v) => self.nodes.insert(*key, *v),
+                None => self.nodes.remove(key),
+            };
+            self.writes += 1;
+            self.check();
+            Ok(())
+        }
+        fn write_depth_mask(&mut self, mask: [u64; 2]) -> anyhow::Result<()> {
+            self.cfg.depth_mask = mask;
+            self.check();
+            Ok(())
+        }
+        fn reset_hits(&mut self, _: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The rule semantics, stated directly: allow wins, exact/below/subtree.
+    fn reference_blocked(rules: &[Rule], name: &str) -> bool {
+        let applies = |r: &Rule| match r.scope {
+            Scope::Exact => name == r.name,
+            Scope::Below => name.ends_with(&format!(".{}", r.name)),
+            Scope::Subtree => name == r.name || name.ends_with(&format!(".{}", r.name)),
+        };
+        let mut blocked = false;
+        for r in rules.iter().filter(|r| applies(r)) {
+            if r.action == Action::Allow {
+                return false;
+            }
+            blocked = true;
+        }
+        blocked
+    }
+
+    fn universe() -> Vec<String> {
+        let labels = ["a", "b", "c"];
+        let mut names: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
+        for _ in 0..2 {
+            let longer: Vec<String> = names.iter().flat_map(|n| labels.iter().map(move |l| format!("{l}.{n}"))).collect();
+            names.extend(longer);
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn random_rules(rng: &mut StdRng, names: &[String], n: usize) -> Vec<Rule> {
+        (0..n)
+            .map(|_| Rule {
+                action: if rng.random_ratio(1, 4) { Action::Allow } else { Action::Block },
+                scope: [Scope::Exact, Scope::Below, Scope::Subtree][rng.random_range(0..3)],
+                name: names[rng.random_range(0..names.len())].clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_intermediate_state_keeps_the_reload_guarantee_and_matches_the_reference() {
+        let names = universe();
+        let mut rng = StdRng::seed_from_u64(7);
+        for round in 0..300 {
+            let r = [lane_multiplier(rng.random()), lane_multiplier(rng.random())];
+            let mut engine = Engine::new(r, 1 << 16, 1 << 16);
+            let (n_other, n_old, n_new) = (rng.random_range(0..6), rng.random_range(0..12), rng.random_range(0..12));
+            let other = random_rules(&mut rng, &names, n_other);
+            let old = random_rules(&mut rng, &names, n_old);
+            let new = random_rules(&mut rng, &names, n_new);
+            let all_old: Vec<Rule> = other.iter().chain(&old).cloned().collect();
+            let all_new: Vec<Rule> = other.iter().chain(&new).cloned().collect();
+            let probes: Vec<(String, bool, bool)> = names.iter().map(|n| (n.clone(), reference_blocked(&all_old, n), reference_blocked(&all_new, n))).collect();
+            let mut target = Checked { nodes: HashMap::new(), cfg: Config { hash_r: r, depth_mask: [0; 2] }, probes: &[], writes: 0 };
+            let c = engine.plan_replace("other", None, &other).unwrap();
+            engine.apply(c, &mut target).unwrap();
+            let c = engine.plan_replace("list", None, &old).unwrap();
+            engine.apply(c, &mut target).unwrap();
+            for (name, before, _) in &probes {
+                assert_eq!(target.blocked(name), *before, "round {round}: {name} with {all_old:?}");
+                assert_eq!(engine.check(name).unwrap().verdict == "blocked", *before);
+            }
+            target.probes = &probes;
+            let c = engine.plan_replace("list", None, &new).unwrap();
+            engine.apply(c, &mut target).unwrap();
+            for (name, _, after) in &probes {
+                assert_eq!(target.blocked(name), *after, "round {round}: {name} with {all_new:?}");
+            }
+            assert_eq!(target.nodes.len(), engine.node_count());
+        }
+    }
+
+    #[test]
+    fn unchanged_rules_keep_their_ids_and_cost_no_writes() {
+        let mut engine = Engine::new([lane_multiplier(1), lane_multiplier(2)], 1000, 1000);
+        let mut t = Checked { nodes: HashMap::new(), cfg: Config::default(), probes: &[], writes: 0 };
+        let rules: Vec<Rule> = ["t.me", "*.telegram.org", "allow core.telegram.org"].iter().map(|s| Rule::parse(s).unwrap()).collect();
+        let c = engine.plan_replace("l", None, &rules).unwrap();
+        assert_eq!(c.summary.added, 3);
+        engine.apply(c, &mut t).unwrap();
+        let ids: Vec<u32> = engine.all_rules().map(|(id, _, _)| id).collect();
+        let c = engine.plan_replace("l", None, &rules).unwrap();
+        assert_eq!((c.summary.added, c.summary.removed, c.summary.unchanged, c.summary.writes), (0, 0, 3, 0));
+        engine.apply(c, &mut t).unwrap();
+        assert_eq!(engine.all_rules().map(|(id, _, _)| id).collect::<Vec<_>>(), ids);
+        let check = engine.check("WEB.telegram.org.").unwrap();
+        assert_eq!((check.verdict, check.rule.as_deref(), check.list.as_deref()), ("blocked", Some("*.telegram.org"), Some("l")));
+        assert_eq!(engine.check("core.telegram.org").unwrap().verdict, "allowed");
+        assert_eq!(engine.check("telegram.org").unwrap().verdict, "passed");
+        assert_eq!(engine.check("nottelegram.org").unwrap().verdict, "passed");
+    }
+
+    #[test]
+    fn capacity_is_checked_before_anything_changes() {
+        let mut engine = Engine::new([lane_multiplier(1), lane_multiplier(2)], 2, 100);
+        let mut t = Checked { nodes: HashMap::new(), cfg: Config::default(), probes: &[], writes: 0 };
+        let rules: Vec<Rule> = ["a.x", "b.x", "c.x"].iter().map(|s| Rule::parse(s).unwrap()).collect();
+        assert!(matches!(engine.plan_replace("l", None, &rules), Err(EngineError::NodeCapacity { needed: 3, capacity: 2 })));
+        assert_eq!(t.writes, 0);
+        let c = engine.plan_replace("l", None, &rules[..2]).unwrap();
+        engine.apply(c, &mut t).unwrap();
+        let mut engine = Engine::new([lane_multiplier(1), lane_multiplier(2)], 100, 3);
+        assert!(matches!(engine.plan_replace("l", None, &rules), Err(EngineError::RuleCapacity { needed: 3, available: 2, .. })));
+        let c = engine.plan_replace("l", None, &rules[..2]).unwrap();
+        engine.apply(c, &mut t).unwrap();
+        // Replacing both rules needs two fresh ids while the old ones are live.
+        let other: Vec<Rule> = ["d.x", "e.x"].iter().map(|s| Rule::parse(s).unwrap()).collect();
+        assert!(matches!(engine.plan_replace("l", None, &other), Err(EngineError::RuleCapacity { .. })));
+        assert!(matches!(engine.plan_replace("l", None, &other[..1]), Err(EngineError::RuleCapacity { .. })));
+    }
+
+    #[test]
+    fn failed_writes_are_rolled_back() {
+        struct Failing {
+            inner: HashMap<NameKey, NodeRules>,
+            /// Writes that succeed before the one that fails (once).
+            fail_after: Option<usize>,
+        }
+        impl Target for Failing {
+            fn write_node(&mut self, key: &NameKey, value: Option<&NodeRules>) -> anyhow::Result<()> {
+                match self.fail_after {
+                    Some(0) => {
+                        self.fail_after = None;
+                        anyhow::bail!("map full");
+                    }
+                    Some(n) => self.fail_after = Some(n - 1),
+                    None => {}
+                }
+                match value {
+                    Some(v) => self.inner.insert(*key, *v),
+                    None => self.inner.remove(key),
+                };
+                Ok(())
+            }
+            fn write_depth_mask(&mut self, _: [u64; 2]) -> anyhow::Result<()> {
+                Ok(())
+            }
+            fn reset_hits(&mut self, _: u32) -> anyhow::Result<()> {
+                Ok(())
+            }
+        }
+        let mut engine = Engine::new([lane_multiplier(3), lane_multiplier(4)], 100, 100);
+        let mut t = Failing { inner: HashMap::new(), fail_after: None };
+        let first: Vec<Rule> = ["a.x", "b.x"].iter().map(|s| Rule::parse(s).unwrap()).collect();
+        let c = engine.plan_replace("l", None, &first).unwrap();
+        engine.apply(c, &mut t).unwrap();
+        let before = t.inner.clone();
+        let second: Vec<Rule> = ["c.x", "d.x", "e.x", "f.x"].iter().map(|s| Rule::parse(s).unwrap()).collect();
+        let c = engine.plan_replace("l", None, &second).unwrap();
+        t.fail_after = Some(3);
+        assert!(engine.apply(c, &mut t).is_err());
+        assert_eq!(t.inner, before);
+        assert_eq!(engine.list_rules("l").len(), 2);
+        assert_eq!(engine.check("a.x").unwrap().verdict, "blocked");
+    }
+}

@@ -1,0 +1,144 @@
+//! Rule files: one rule per line, `#` comments, blank lines. A file with any
+//! bad line is refused whole, with every bad line reported as `FILE:LINE: why`.
+
+use std::{fmt, path::Path};
+
+use super::pattern::{PatternError, Rule};
+
+/// How many bad lines an error lists before summarizing.
+const MAX_REPORTED: usize = 20;
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct LineError {
+    pub source: String,
+    pub line: usize,
+    pub error: PatternError,
+}
+
+impl fmt::Display for LineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.source, self.line, self.error)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("{file}:{line}: not UTF-8 text")]
+    NotUtf8 { file: String, line: usize },
+    #[error("{}", format_lines(.0))]
+    Lines(Vec<LineError>, usize),
+}
+
+fn format_lines(errors: &[LineError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+}
+
+impl FileError {
+    /// Every bad line, as `FILE:LINE: why` (at most `MAX_REPORTED`, then a count).
+    pub fn report(&self) -> String {
+        match self {
+            FileError::Lines(errors, total) if *total > errors.len() => {
+                format!("{}\n... and {} more bad lines; the file was refused", format_lines(errors), total - errors.len())
+            }
+            FileError::Lines(errors, _) => {
+                format!("{}\nthe file was refused", format_lines(errors))
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Parses rule text; `source` names it in errors.
+pub fn parse_rules(source: &str, bytes: &[u8]) -> Result<Vec<Rule>, FileError> {
+    let mut rules = Vec::new();
+    let mut errors = Vec::new();
+    let mut bad = 0usize;
+    for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
+        let line = std::str::from_utf8(raw).map_err(|_| FileError::NotUtf8 { file: source.to_string(), line: i + 1 })?;
+        let text = line.split('#').next().unwrap_or("").trim();
+        if text.is_empty() {
+            continue;
+        }
+        match Rule::parse(text) {
+            Ok(rule) => rules.push(rule),
+            Err(error) => {
+                bad += 1;
+                if errors.len() < MAX_REPORTED {
+                    errors.push(LineError { source: source.to_string(), line: i + 1, error });
+                }
+            }
+        }
+    }
+    if bad > 0 {
+        return Err(FileError::Lines(errors, bad));
+    }
+    rules.sort();
+    rules.dedup();
+    Ok(rules)
+}
+
+pub fn read_rules(path: &Path) -> Result<Vec<Rule>, FileError> {
+    let source = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| FileError::Io(source.clone(), e))?;
+    parse_rules(&source, &bytes)
+}
+
+/// Renders rules in the file format (the local list's on-disk form).
+pub fn render_rules(header: &str, rules: &[Rule]) -> String {
+    let mut out = String::new();
+    for line in header.lines() {
+        out.push_str("# ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    for r in rules {
+        out.push_str(&r.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::pattern::{Action, Scope};
+
+    #[test]
+    fn comments_blanks_and_duplicates() {
+        let text = b"# header\n\nt.me\n  telegram.org   # inline\n*.telegram.org\nt.me\nallow core.telegram.org\n";
+        let rules = parse_rules("x.rules", text).unwrap();
+        assert_eq!(rules.len(), 4);
+        assert!(rules.contains(&Rule { action: Action::Allow, scope: Scope::Exact, name: "core.telegram.org".into() }));
+    }
+
+    #[test]
+    fn every_bad_line_is_reported_with_file_and_line() {
+        let text = b"ok.example\nbad..example\nfine.example\na b c\n";
+        let err = parse_rules("lists/x.rules", text).unwrap_err();
+        let report = err.report();
+        assert!(report.contains("lists/x.rules:2: empty label"), "{report}");
+        assert!(report.contains("lists/x.rules:4: unknown action \"a\""), "{report}");
+        assert!(!report.contains(":1:") && !report.contains(":3:"));
+    }
+
+    #[test]
+    fn many_bad_lines_are_summarized() {
+        let text = "x..y\n".repeat(30);
+        let report = parse_rules("f", text.as_bytes()).unwrap_err().report();
+        assert_eq!(report.lines().filter(|l| l.starts_with("f:")).count(), MAX_REPORTED);
+        assert!(report.contains("and 10 more bad lines"));
+    }
+
+    #[test]
+    fn non_utf8_is_refused() {
+        assert!(matches!(parse_rules("f", b"ok.example\n\xff\xfe\n"), Err(FileError::NotUtf8 { line: 2, .. })));
+    }
+
+    #[test]
+    fn render_parses_back() {
+        let rules = parse_rules("f", b"a.b\n*.c.d\n.e.f\nallow g.h\n").unwrap();
+        assert_eq!(parse_rules("f", render_rules("generated\nby test", &rules).as_bytes()).unwrap(), rules);
+    }
+}

@@ -1,0 +1,14 @@
+//! Rules: how operators write them (`pattern`), rule files (`file`), the
+//! engine that turns lists into kernel map entries (`engine`), and the local
+//! list that `blokir rules add/del` edits and that is kept on disk (`store`).
+
+pub mod engine;
+pub mod file;
+pub mod pattern;
+pub mod store;
+
+pub use engine::{ChangeSummary, CheckResult, Engine, EngineError, Target};
+pub use pattern::{Action, Rule, Scope};
+
+/// The list that `blokir rules add/del` edit.
+pub const LOCAL_LIST: &str = "local";
