@@ -1,1 +1,105 @@
-fn main() {}
+//! `cargo xtask setup|demo|test`: everything a fresh machine needs, from
+//! clone to green.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks (apt packages, the pinned BPF
+    /// toolchain, bpf-linker, cargo-fuzz); a fast no-op when all is there.
+    Setup,
+    /// Set up, build, and show blokir blocking the 2017 Telegram list: on
+    /// network namespaces of its own, or on IFACE.
+    Demo {
+        /// Filter this interface instead of building a namespace demo.
+        #[arg(long)]
+        iface: Option<String>,
+    },
+    /// Set up and run every test: formatting, clippy, unit tests, the real
+    /// XDP program under BPF_PROG_TEST_RUN, end-to-end runs in network
+    /// namespaces, and a fuzzing smoke run. Needs root.
+    Test {
+        /// Seconds each fuzz target runs.
+        #[arg(long, default_value_t = 20)]
+        fuzz_seconds: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::all(),
+        Task::Demo { iface } => {
+            setup::all()?;
+            demo::run(iface.as_deref())
+        }
+        Task::Test { fuzz_seconds } => {
+            setup::all()?;
+            test(fuzz_seconds)
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(root());
+    eprintln!("+ {}", describe(cmd));
+    let status = cmd.status().with_context(|| format!("running {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|s| s.to_string_lossy()).collect::<Vec<_>>().join(" ")
+}
+
+pub fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+}
+
+/// `--locked` under CI, so the committed Cargo.lock is what is tested.
+pub fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args);
+    if std::env::var_os("CI").is_some() {
+        c.arg("--locked");
+    }
+    c
+}
+
+fn test(fuzz_seconds: u32) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the tests load XDP programs and build network namespaces: run `cargo xtask test` as root");
+    }
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(["fmt", "--all", "--", "--check"]))?;
+    run(&mut cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The daemon binary the end-to-end tests drive.
+    run(&mut cargo(&["build", "--bin", "blokir"]))?;
+    let bin = root().join("target/debug/blokir");
+    // One test binary at a time: the end-to-end tests share the kernel's
+    // namespaces and interfaces, and each file's tests run serially.
+    run(cargo(&["test", "--", "--test-threads=1"]).env("BLOKIR_BIN", &bin))?;
+    setup::fuzz(fuzz_seconds)
+}
