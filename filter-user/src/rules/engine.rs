@@ -131,7 +131,8 @@ pub struct Engine {
     depth_counts: Vec<u32>,
 }
 
-struct Nodes<'a>(&'a HashMap<NameKey, Node>);
+/// The engine's node map as the matcher sees it (what the kernel map holds).
+pub struct Nodes<'a>(&'a HashMap<NameKey, Node>);
 
 impl RuleLookup for Nodes<'_> {
     fn lookup(&self, key: &NameKey) -> Option<NodeRules> {
@@ -169,6 +170,12 @@ impl Engine {
 
     pub fn list(&self, name: &str) -> Option<&ListInfo> {
         self.lists.iter().find(|l| l.name == name)
+    }
+
+    /// The node map, for running the shared matcher (or the whole shared
+    /// `inspect`) on the host against exactly what the kernel holds.
+    pub fn nodes(&self) -> Nodes<'_> {
+        Nodes(&self.nodes)
     }
 
     pub fn node_count(&self) -> usize {
@@ -210,7 +217,7 @@ impl Engine {
         let name = normalize_name(name)?;
         let mut buf = CanonBuf::default();
         let len = dotted_to_canon(name.as_bytes(), 0, name.len(), &mut buf).map_err(|_| PatternError::Empty)?;
-        let decision = match_canon(&mut buf, canon_start(len), &self.config(), &Nodes(&self.nodes));
+        let decision = match_canon(&mut buf, canon_start(len), &self.config(), &self.nodes());
         let (verdict, r) = match decision {
             Decision::NoMatch => ("passed", None),
             Decision::Allow(r) => ("allowed", Some(r)),
