@@ -169,27 +169,24 @@ pub const fn canon_start(len: usize) -> usize {
 /// Hashes every ancestor of the canonical name starting at `start` (see
 /// `canon_start`), top-level label first, calling `f(depth, key,
 /// is_full_name, found)`; stops when `f` returns `true`. `found` is a word
-/// in the buffer, zeroed first, for `f` to record results in. An ancestor ends where the
-/// next label starts (`starts`), or at the end of the name.
+/// in the buffer, zeroed first, for `f` to record results in. An ancestor
+/// ends where the next label starts (`starts`), or at the end of the name.
 ///
 /// It takes the start rather than the length so that the kernel's pointer
 /// arithmetic is `buffer + start + k`, never `buffer + 256 - len`, whose
 /// negative variable part the verifier refuses.
 #[inline(always)]
 pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut CanonBuf, start: usize, r: &[u64; 2], mut f: F) {
-    if start < CANON_CAP - MAX_CANON_LEN || start > CANON_END {
+    if !(CANON_CAP - MAX_CANON_LEN..=CANON_END).contains(&start) {
         return;
     }
-    let mut i = start;
     let mut h = Hasher::new();
     // The depth lives in memory: as a register it would be a different
     // constant on each path and the verifier would track every one.
     CanonBuf::store(&mut buf.depth, 0);
     CanonBuf::store(&mut buf.found, 0);
-    for _ in 0..MAX_CANON_LEN {
-        if i > CANON_END {
-            break;
-        }
+    // At most MAX_CANON_LEN iterations: start is at least 2.
+    for i in start..CANON_CAP {
         h.push(r, buf.bytes[i & CANON_END]);
         let full = i == CANON_END;
         if full || buf.starts[(i + 1) & CANON_END] != 0 {
@@ -202,7 +199,6 @@ pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut
                 return;
             }
         }
-        i += 1;
     }
 }
 

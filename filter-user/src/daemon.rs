@@ -63,7 +63,7 @@ impl State {
     /// Loads the program, reads every rule file and the local list (any bad
     /// line refuses the start), and fills the maps. Nothing is attached yet.
     pub fn new(rule_files: &[PathBuf], state_dir: &Path, capacity: u32, top_rules: usize) -> anyhow::Result<Self> {
-        if capacity < 2 || capacity > MAX_RULE_ID {
+        if !(2..=MAX_RULE_ID).contains(&capacity) {
             bail!("rule capacity must be between 2 and {MAX_RULE_ID}");
         }
         let mut files = Vec::new();
@@ -245,8 +245,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 }
 
 /// Binds the root-only control socket, refusing if a daemon already answers.
+/// A directory it creates is made 0700; an existing one is left as it is.
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
@@ -256,9 +257,13 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    // Created 0600 from the start: no window in which others could connect.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    listener.with_context(|| format!("binding the control socket {}", path.display()))
 }
 
 async fn serve_control(listener: UnixListener, shared: Shared) {

@@ -11,6 +11,10 @@ use blokir::{
 use clap::{Parser, Subcommand, ValueEnum};
 use filter_common::rules::DEFAULT_RULE_CAPACITY;
 
+/// Exit codes: 0 done, 1 error (e.g. no daemon), 2 bad command line (clap),
+/// 3 the daemon refused the request.
+const EXIT_REFUSED: u8 = 3;
+
 #[derive(Parser)]
 #[command(name = "blokir", version, about = "Block listed domains in XDP: DNS queries, at line rate")]
 struct Cli {
@@ -138,7 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
     if !r.ok {
         eprintln!("blokir: {}", r.message);
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_REFUSED);
     }
     if output == Output::Json {
         let v = if r.data.is_null() { serde_json::json!({ "message": r.message }) } else { r.data.clone() };

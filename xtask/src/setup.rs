@@ -25,7 +25,6 @@ pub fn all() -> anyhow::Result<()> {
     cargo_fuzz()
 }
 
-
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output().map(|o| o.stdout.ends_with(b"install ok installed")).unwrap_or(false)
 }
@@ -51,7 +50,11 @@ fn toolchain() -> anyhow::Result<()> {
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
-    let ok = Command::new("bpf-linker").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("bpf-linker {BPF_LINKER_VERSION}."))).unwrap_or(false);
+    let ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("bpf-linker {BPF_LINKER_VERSION}.")))
+        .unwrap_or(false);
     if ok {
         return Ok(());
     }
