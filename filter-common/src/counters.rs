@@ -3,7 +3,10 @@
 //! Layout: a few global counters, then one block per (protocol, address
 //! family, outcome), then one counter per malformation reason.
 
-use crate::packet::{Af, Malformed};
+use crate::{
+    packet::{Af, Malformed},
+    reply::DnsAction,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -67,10 +70,17 @@ pub const PACKETS: u32 = 0;
 pub const FRAGMENTS: u32 = 1;
 /// Packets passed because the daemon had not configured the program yet.
 pub const UNCONFIGURED: u32 = 2;
-const PROTO_BASE: u32 = 3;
+/// Blocked UDP queries that could not be answered as their list says
+/// because the packet has IP options, extension headers or is a fragment
+/// (dropped instead).
+pub const REPLY_NOT_PLAIN: u32 = 3;
+/// Blocked UDP queries whose answer could not be written (dropped instead).
+pub const REPLY_FAILED: u32 = 4;
+const PROTO_BASE: u32 = 5;
 const MALFORMED_BASE: u32 = PROTO_BASE + (Proto::COUNT * Af::COUNT * Outcome::COUNT) as u32;
+const ACTION_BASE: u32 = MALFORMED_BASE + Malformed::COUNT as u32;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = MALFORMED_BASE + Malformed::COUNT as u32;
+pub const COUNTERS: u32 = ACTION_BASE + DnsAction::COUNT as u32;
 
 #[inline(always)]
 pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {
@@ -80,6 +90,12 @@ pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {
 #[inline(always)]
 pub const fn malformed_index(reason: Malformed) -> u32 {
     MALFORMED_BASE + reason as u32
+}
+
+/// Blocked queries by what was done with them (dropped, or answered so).
+#[inline(always)]
+pub const fn action_index(action: DnsAction) -> u32 {
+    ACTION_BASE + action as u32
 }
 
 /// Per-list counters (array of `MAX_LISTS * LIST_COUNTERS`).
@@ -101,6 +117,11 @@ mod tests {
         mark(PACKETS);
         mark(FRAGMENTS);
         mark(UNCONFIGURED);
+        mark(REPLY_NOT_PLAIN);
+        mark(REPLY_FAILED);
+        for a in DnsAction::ALL {
+            mark(action_index(a));
+        }
         for p in Proto::ALL {
             for a in Af::ALL {
                 for o in Outcome::ALL {

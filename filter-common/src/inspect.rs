@@ -8,6 +8,7 @@ use crate::{
     dns::{self, DnsSkip},
     name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, IPPROTO_UDP, Malformed, Packet, Skip, parse_l3, parse_tcp, parse_udp},
+    reply::QueryAt,
     rules::{Config, RuleLookup},
 };
 
@@ -51,6 +52,8 @@ pub enum Inspection {
         proto: Proto,
         af: Af,
         decision: Decision,
+        /// Where the query lies, for answering it.
+        at: QueryAt,
     },
 }
 
@@ -89,8 +92,9 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
     }
     // Stage boundary: everything the DNS stage and the verdict after it need,
     // made opaque, so the stage is verified once for all header layouts.
-    let tcp = E::opaque(proto as usize);
-    let v6 = E::opaque(l3.af as usize);
+    let flags = E::opaque(proto as usize | (l3.af as usize) << 1 | (l3.plain as usize) << 2);
+    let l3_off = E::opaque(l3.l3_off);
+    let l4_off = E::opaque(l3.l4_off);
     let payload_off = E::opaque(l4.payload_off);
     let payload_end = E::opaque(l4.payload_end);
     let Some((buf, cfg, rules)) = env.resources() else {
@@ -100,11 +104,15 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
         return Inspection::Unconfigured;
     }
     // DNS over TCP: a 2-byte length prefix, then the message.
-    let msg_off = payload_off + 2 * (tcp & 1);
-    let result = dns::parse_query(p, msg_off, payload_end, buf, E::opaque).map(|q| match_canon(buf, E::opaque(canon_start(q.canon_len)), cfg, rules));
-    let (proto, af) = (if tcp == 0 { Proto::DnsUdp } else { Proto::DnsTcp }, if v6 == 0 { Af::V4 } else { Af::V6 });
+    let msg_off = payload_off + 2 * (flags & 1);
+    let result = dns::parse_query(p, msg_off, payload_end, buf, E::opaque).map(|q| (q, match_canon(buf, E::opaque(canon_start(q.canon_len)), cfg, rules)));
+    let proto = if flags & 1 == 0 { Proto::DnsUdp } else { Proto::DnsTcp };
+    let af = if flags & 2 == 0 { Af::V4 } else { Af::V6 };
     match result {
-        Ok(decision) => Inspection::Decided { proto, af, decision },
+        Ok((q, decision)) => {
+            let at = QueryAt { af, l3_off, l4_off, msg_off, question_end: q.end, qtype: q.qtype, plain: flags & 4 != 0 };
+            Inspection::Decided { proto, af, decision, at }
+        }
         Err(DnsSkip::NotQuery) => Inspection::Other,
         // A TCP segment may end anywhere: a question cut short there is
         // incomplete, not malformed.

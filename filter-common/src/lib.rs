@@ -14,6 +14,7 @@ pub mod hash;
 pub mod inspect;
 pub mod name;
 pub mod packet;
+pub mod reply;
 pub mod rules;
 
 #[cfg(feature = "user")]

@@ -42,6 +42,46 @@ impl Packet for [u8] {
     }
 }
 
+/// A packet that can be rewritten in place (to answer it).
+pub trait PacketMut: Packet {
+    /// Writes one byte; `None` past the end.
+    fn set_u8(&mut self, off: usize, v: u8) -> Option<()>;
+    /// Grows or shrinks the packet to `len` bytes at its tail; `false` when
+    /// the packet cannot be resized so.
+    fn resize(&mut self, len: usize) -> bool;
+
+    fn set_be16(&mut self, off: usize, v: u16) -> Option<()> {
+        let [a, b] = v.to_be_bytes();
+        self.set_u8(off, a)?;
+        self.set_u8(off + 1, b)
+    }
+}
+
+#[cfg(feature = "std")]
+impl Packet for std::vec::Vec<u8> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn u8_at(&self, off: usize) -> Option<u8> {
+        self.as_slice().u8_at(off)
+    }
+    fn be16_at(&self, off: usize) -> Option<u16> {
+        self.as_slice().be16_at(off)
+    }
+}
+
+#[cfg(feature = "std")]
+impl PacketMut for std::vec::Vec<u8> {
+    fn set_u8(&mut self, off: usize, v: u8) -> Option<()> {
+        *self.get_mut(off)? = v;
+        Some(())
+    }
+    fn resize(&mut self, len: usize) -> bool {
+        std::vec::Vec::resize(self, len, 0);
+        true
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Af {
@@ -102,12 +142,17 @@ impl Malformed {
 pub struct L3 {
     pub af: Af,
     pub proto: u8,
+    /// Offset of the IP header.
+    pub l3_off: usize,
     /// Offset of the transport header.
     pub l4_off: usize,
     /// End of the IP payload (Ethernet padding excluded).
     pub end: usize,
     /// Not the first fragment: there is no transport header to read.
     pub later_fragment: bool,
+    /// A bare fixed header: no IPv4 options or IPv6 extension headers, and
+    /// not a fragment. Only such packets are answered in place.
+    pub plain: bool,
 }
 
 /// Outcome of the lower layers for packets that are not inspected further.
@@ -154,7 +199,9 @@ pub fn parse_ipv4<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
         return Err(BAD);
     }
     let end = clamp_end(p, off + total);
-    Ok(L3 { af: Af::V4, proto, l4_off: off + ihl, end, later_fragment: frag & 0x1fff != 0 })
+    // Fragment offset or more-fragments set: a fragment.
+    let fragment = frag & 0x3fff != 0;
+    Ok(L3 { af: Af::V4, proto, l3_off: off, l4_off: off + ihl, end, later_fragment: frag & 0x1fff != 0, plain: ihl == 20 && !fragment })
 }
 
 #[inline(always)]
@@ -169,6 +216,7 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
     let end = clamp_end(p, off + 40 + payload);
     let mut hdr = off + 40;
     let mut later_fragment = false;
+    let mut fragment = false;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
@@ -183,6 +231,7 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
                 let nh = p.u8_at(hdr).ok_or(BAD)?;
                 let frag = p.be16_at(hdr + 2).ok_or(BAD)?;
                 later_fragment = frag & 0xfff8 != 0;
+                fragment = true;
                 next = nh;
                 hdr += 8;
             }
@@ -194,7 +243,7 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
                 hdr += (len + 2) * 4;
             }
             _ => {
-                return Ok(L3 { af: Af::V6, proto: next, l4_off: hdr, end, later_fragment });
+                return Ok(L3 { af: Af::V6, proto: next, l3_off: off, l4_off: hdr, end, later_fragment, plain: hdr == off + 40 && !fragment });
             }
         }
         if hdr > end {

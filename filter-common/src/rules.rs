@@ -13,6 +13,7 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_RULE_HITS: &str = "RULE_HITS";
 pub const MAP_LIST_HITS: &str = "LIST_HITS";
 pub const MAP_SCRATCH: &str = "SCRATCH";
+pub const MAP_LIST_ACTIONS: &str = "LIST_ACTIONS";
 /// The XDP program's name in the object.
 pub const PROGRAM_NAME: &str = "blokir";
 
@@ -89,9 +90,20 @@ pub struct Config {
     /// Bit `d - 1` (of 128) is set when some rule node has `d` labels; other
     /// depths are not looked up. A superset is always safe.
     pub depth_mask: [u64; 2],
+    /// TTL of the records in DNS answers (seconds).
+    pub answer_ttl: u32,
+    /// Which of `redirect_v4` / `redirect_v6` are set (`REDIRECT_V4|V6`).
+    pub redirect_flags: u32,
+    /// The block page's addresses, for the `redirect` action.
+    pub redirect_v4: [u8; 4],
+    pub redirect_v6: [u8; 16],
+    pub _reserved: u32,
 }
 
 impl Config {
+    pub const REDIRECT_V4: u32 = 1;
+    pub const REDIRECT_V6: u32 = 2;
+
     #[inline(always)]
     pub const fn is_configured(&self) -> bool {
         self.hash_r[0] != 0 && self.hash_r[1] != 0

@@ -14,15 +14,17 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
+    helpers::bpf_xdp_adjust_tail,
     macros::{map, xdp},
     maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use filter_common::{
-    counters::{self, Outcome},
+    counters::{self, Outcome, Proto},
     inspect::{Env, Inspection, OPAQUE_LIMIT, inspect},
     name::{CanonBuf, Decision},
-    packet::{MAX_PACKET_OFFSET, Packet},
+    packet::{MAX_PACKET_OFFSET, Packet, PacketMut},
+    reply::{DnsAction, NoReply, QueryAt, build_reply},
     rules::{Config, DEFAULT_RULE_CAPACITY, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef},
 };
 
@@ -47,6 +49,10 @@ static LIST_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_LISTS * c
 /// Per-CPU space for the canonical name: too big for the 512-byte stack.
 #[map(name = "SCRATCH")]
 static SCRATCH: PerCpuArray<CanonBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// The DNS action of each list (a `DnsAction`; 0, drop, by default).
+#[map(name = "LIST_ACTIONS")]
+static LIST_ACTIONS: Array<u32> = Array::with_max_entries(MAX_LISTS, 0);
 
 /// Round-trip slot for `Env::opaque`.
 #[map(name = "OPAQUE")]
@@ -91,6 +97,29 @@ impl Packet for XdpPacket<'_> {
         }
         // SAFETY: both bytes are inside the packet, checked above.
         Some(unsafe { u16::from_be_bytes([*(p as *const u8), *((p + 1) as *const u8)]) })
+    }
+}
+
+impl PacketMut for XdpPacket<'_> {
+    #[inline(always)]
+    fn set_u8(&mut self, off: usize, v: u8) -> Option<()> {
+        if off >= MAX_PACKET_OFFSET {
+            return None;
+        }
+        let p = barrier(self.ctx.data() + off);
+        if p + 1 > self.ctx.data_end() {
+            return None;
+        }
+        // SAFETY: `p` is inside the packet, checked above.
+        unsafe { *(p as *mut u8) = v };
+        Some(())
+    }
+
+    #[inline(always)]
+    fn resize(&mut self, len: usize) -> bool {
+        let delta = len as i64 - self.len() as i64;
+        // SAFETY: the helper checks the new size against the frame.
+        delta == 0 || unsafe { bpf_xdp_adjust_tail(self.ctx.ctx, delta as i32) } == 0
     }
 }
 
@@ -146,15 +175,15 @@ impl Env for Maps {
 
 #[xdp]
 pub fn blokir(ctx: XdpContext) -> u32 {
-    let pkt = XdpPacket { ctx: &ctx };
+    let mut pkt = XdpPacket { ctx: &ctx };
     count(counters::PACKETS);
     let inspection = inspect(&pkt, &mut Maps { rules: Rules });
-    account(&inspection)
+    account(&mut pkt, &inspection)
 }
 
 /// Counts what the inspection found and turns it into the XDP verdict.
 #[inline(always)]
-fn account(inspection: &Inspection) -> u32 {
+fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
     match *inspection {
         Inspection::Other => xdp_action::XDP_PASS,
         Inspection::Fragment => {
@@ -173,7 +202,7 @@ fn account(inspection: &Inspection) -> u32 {
             count(counters::proto_index(proto, af, Outcome::Incomplete));
             xdp_action::XDP_PASS
         }
-        Inspection::Decided { proto, af, decision } => {
+        Inspection::Decided { proto, af, decision, at } => {
             count(counters::proto_index(proto, af, Outcome::Inspected));
             match decision {
                 Decision::NoMatch => xdp_action::XDP_PASS,
@@ -185,11 +214,36 @@ fn account(inspection: &Inspection) -> u32 {
                 Decision::Block(rule) => {
                     count(counters::proto_index(proto, af, Outcome::Blocked));
                     hit(rule, counters::LIST_BLOCKED);
-                    xdp_action::XDP_DROP
+                    // TCP/53 queries are dropped: an answer needs a TCP exchange.
+                    let action = match proto {
+                        Proto::DnsUdp => LIST_ACTIONS.get(rule.list()).map_or(DnsAction::Drop, |a| DnsAction::from_u32(*a)),
+                        Proto::DnsTcp => DnsAction::Drop,
+                    };
+                    respond(pkt, &at, action)
                 }
             }
         }
     }
+}
+
+/// Answers a blocked query as its list says (XDP_TX), or drops it.
+#[inline(always)]
+fn respond(pkt: &mut XdpPacket, at: &QueryAt, action: DnsAction) -> u32 {
+    let result = match CONFIG.get(0) {
+        Some(cfg) => build_reply(pkt, at, action, cfg, Maps::opaque),
+        None => Err(NoReply::Packet),
+    };
+    match result {
+        Ok(()) => {
+            count(counters::action_index(action));
+            return xdp_action::XDP_TX;
+        }
+        Err(NoReply::Drop) => {}
+        Err(NoReply::NotPlain) => count(counters::REPLY_NOT_PLAIN),
+        Err(NoReply::Packet) => count(counters::REPLY_FAILED),
+    }
+    count(counters::action_index(DnsAction::Drop));
+    xdp_action::XDP_DROP
 }
 
 #[inline(always)]

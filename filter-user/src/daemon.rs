@@ -22,6 +22,7 @@ use crate::{
     control::{MAX_REQUEST, Request, Response},
     ebpf::{Kernel, Mode},
     metrics,
+    policy::DnsPolicy,
     rules::{Engine, LOCAL_LIST, Rule, file::read_rules, store::Store},
 };
 
@@ -34,6 +35,7 @@ pub struct Options {
     pub metrics_addr: SocketAddr,
     pub capacity: u32,
     pub top_rules: usize,
+    pub dns: DnsPolicy,
 }
 
 /// Everything the control socket and the metrics endpoint act on.
@@ -44,6 +46,7 @@ pub struct State {
     /// Rule files and the list each one feeds.
     files: Vec<(String, PathBuf)>,
     pub top_rules: usize,
+    dns: DnsPolicy,
 }
 
 pub type Shared = Arc<Mutex<State>>;
@@ -62,7 +65,9 @@ pub fn list_name(path: &Path) -> String {
 impl State {
     /// Loads the program, reads every rule file and the local list (any bad
     /// line refuses the start), and fills the maps. Nothing is attached yet.
-    pub fn new(rule_files: &[PathBuf], state_dir: &Path, capacity: u32, top_rules: usize) -> anyhow::Result<Self> {
+    pub fn new(opts: &Options) -> anyhow::Result<Self> {
+        let Options { rule_files, state_dir, capacity, top_rules, dns, .. } = opts;
+        let (capacity, top_rules) = (*capacity, *top_rules);
         if !(2..=MAX_RULE_ID).contains(&capacity) {
             bail!("rule capacity must be between 2 and {MAX_RULE_ID}");
         }
@@ -74,6 +79,8 @@ impl State {
             }
             files.push((name, path.clone()));
         }
+        let list_names: Vec<&str> = std::iter::once(LOCAL_LIST).chain(files.iter().map(|(n, _)| n.as_str())).collect();
+        dns.validate(&list_names)?;
         let parsed = files.iter().map(|(_, p)| read_rules(p).map_err(|e| anyhow::anyhow!(e.report()))).collect::<anyhow::Result<Vec<_>>>()?;
         let store = Store::open(state_dir)?;
         let local = store.load_local().map_err(|e| anyhow::anyhow!(e.report()))?;
@@ -81,8 +88,10 @@ impl State {
         let mut kernel = Kernel::load(capacity)?;
         let hash_r = [lane_multiplier(rand::random()), lane_multiplier(rand::random())];
         let engine = Engine::new(hash_r, capacity as usize, capacity);
-        kernel.write_config(engine.config())?;
-        let mut state = State { engine, kernel, store, files, top_rules };
+        let mut cfg = engine.config();
+        dns.apply_to(&mut cfg);
+        kernel.write_config(cfg)?;
+        let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone() };
         state.replace_list(LOCAL_LIST, None, &local)?;
         for ((name, path), rules) in state.files.clone().iter().zip(parsed) {
             state.replace_list(name, Some(path.clone()), &rules)?;
@@ -93,6 +102,8 @@ impl State {
     fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> anyhow::Result<String> {
         let started = Instant::now();
         let change = self.engine.plan_replace(name, source, rules)?;
+        // The list's action is in place before any of its rules.
+        self.kernel.write_list_action(change.list_id(), self.dns.action_for(name))?;
         let s = self.engine.apply(change, &mut self.kernel)?;
         let took = started.elapsed();
         tracing::info!(
@@ -214,8 +225,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         bail!("no interface given (--iface)");
     }
     let socket_listener = bind_socket(&opts.socket)?;
-    let (files, dir, cap, top) = (opts.rule_files.clone(), opts.state_dir.clone(), opts.capacity, opts.top_rules);
-    let mut state = tokio::task::spawn_blocking(move || State::new(&files, &dir, cap, top)).await??;
+    let opts = Arc::new(opts);
+    let o = opts.clone();
+    let mut state = tokio::task::spawn_blocking(move || State::new(&o)).await??;
     tracing::info!(rules = state.engine.rule_count(), nodes = state.engine.node_count(), "rules loaded");
     // Attach only once every rule is in place: from the first packet on,
     // filtering is complete.

@@ -13,7 +13,8 @@ use aya::{
 };
 use filter_common::{
     counters,
-    rules::{Config, MAP_CONFIG, MAP_COUNTERS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME},
+    reply::DnsAction,
+    rules::{Config, MAP_CONFIG, MAP_COUNTERS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME},
 };
 
 use crate::rules::Target;
@@ -45,6 +46,7 @@ pub struct Kernel {
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, u64>,
     list_hits: PerCpuArray<MapData, u64>,
+    list_actions: Array<MapData, u32>,
     rule_hits: Array<MapData, u64>,
     hits_view: HitsView,
     cfg: Config,
@@ -65,13 +67,14 @@ impl Kernel {
         let config = Array::try_from(take(MAP_CONFIG)?)?;
         let counters = PerCpuArray::try_from(take(MAP_COUNTERS)?)?;
         let list_hits = PerCpuArray::try_from(take(MAP_LIST_HITS)?)?;
+        let list_actions = Array::try_from(take(MAP_LIST_ACTIONS)?)?;
         let hits_map = take(MAP_RULE_HITS)?;
         let hits_view = match &hits_map {
             Map::Array(data) => HitsView::map(data, capacity)?,
             _ => bail!("{MAP_RULE_HITS} is not an array"),
         };
         let rule_hits = Array::try_from(hits_map)?;
-        Ok(Kernel { ebpf, rules, config, counters, list_hits, rule_hits, hits_view, cfg: Config::default(), attachments: Vec::new(), capacity })
+        Ok(Kernel { ebpf, rules, config, counters, list_hits, list_actions, rule_hits, hits_view, cfg: Config::default(), attachments: Vec::new(), capacity })
     }
 
     pub fn capacity(&self) -> u32 {
@@ -102,6 +105,11 @@ impl Kernel {
         self.config.set(0, cfg, 0).context("writing the program's settings")?;
         self.cfg = cfg;
         Ok(())
+    }
+
+    /// What the program does with blocked UDP queries of list `id`.
+    pub fn write_list_action(&mut self, id: u8, action: DnsAction) -> anyhow::Result<()> {
+        self.list_actions.set(u32::from(id), action as u32, 0).context("writing a list's DNS action")
     }
 
     pub fn attach(&mut self, iface: &str, mode: Mode) -> anyhow::Result<Mode> {

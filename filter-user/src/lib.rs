@@ -5,4 +5,5 @@ pub mod control;
 pub mod daemon;
 pub mod ebpf;
 pub mod metrics;
+pub mod policy;
 pub mod rules;

@@ -1,15 +1,20 @@
 //! The `blokir` command: `run` is the daemon, `rules` and `status` talk to it.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use blokir::{
     control::{self, DEFAULT_SOCKET, Request, Response},
     daemon::{self, Options},
     ebpf::Mode,
+    policy::{DnsPolicy, parse_action, parse_list_action},
 };
 use clap::{Parser, Subcommand, ValueEnum};
-use filter_common::rules::DEFAULT_RULE_CAPACITY;
+use filter_common::{reply::DnsAction, rules::DEFAULT_RULE_CAPACITY};
 
 /// Exit codes: 0 done, 1 error (e.g. no daemon), 2 bad command line (clap),
 /// 3 the daemon refused the request.
@@ -49,6 +54,23 @@ enum Command {
         /// Rules exported with their own hit counter on /metrics.
         #[arg(long, default_value_t = 100)]
         top_rules: usize,
+        /// What blocked UDP queries get: drop, nxdomain, refused, nodata, or
+        /// redirect (to --redirect-ipv4/--redirect-ipv6). TCP/53 queries are
+        /// always dropped.
+        #[arg(long, value_parser = parse_action, default_value = "drop")]
+        dns_action: DnsAction,
+        /// The action for one list, overriding --dns-action (repeatable).
+        #[arg(long = "list-dns-action", value_name = "LIST=ACTION", value_parser = parse_list_action)]
+        list_dns_actions: Vec<(String, DnsAction)>,
+        /// The block page's IPv4 address, answered to A queries by `redirect`.
+        #[arg(long)]
+        redirect_ipv4: Option<Ipv4Addr>,
+        /// The block page's IPv6 address, answered to AAAA queries by `redirect`.
+        #[arg(long)]
+        redirect_ipv6: Option<Ipv6Addr>,
+        /// TTL of redirect answers, in seconds.
+        #[arg(long, default_value_t = 60)]
+        answer_ttl: u32,
     },
     /// Change or inspect the rules of the running daemon.
     Rules {
@@ -115,8 +137,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { ifaces, mode, rules, state_dir, metrics_addr, rule_capacity, top_rules } => {
-            let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics_addr, capacity: rule_capacity, top_rules };
+        Command::Run { ifaces, mode, rules, state_dir, metrics_addr, rule_capacity, top_rules, dns_action, list_dns_actions, redirect_ipv4, redirect_ipv6, answer_ttl } => {
+            let dns = DnsPolicy { default: dns_action, per_list: list_dns_actions, answer_ttl, redirect_v4: redirect_ipv4, redirect_v6: redirect_ipv6 };
+            let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics_addr, capacity: rule_capacity, top_rules, dns };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -176,7 +199,8 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
             }
             println!("rules: {} in {} name nodes (capacity {})", d["rules"], d["nodes"], d["capacity"]);
             for l in d["lists"].as_array().cloned().unwrap_or_default() {
-                println!("list {}: {} rules{}", s(&l["name"]), l["rules"], l["source"].as_str().map(|p| format!(" from {p}")).unwrap_or_default());
+                let source = l["source"].as_str().map(|p| format!(" from {p}")).unwrap_or_default();
+                println!("list {}: {} rules{source}, blocked DNS queries: {}", s(&l["name"]), l["rules"], s(&l["dns_action"]));
             }
         }
         _ => println!("{}", r.message),

@@ -87,6 +87,13 @@ impl ListInfo {
     }
 }
 
+impl Change {
+    /// The id of the list the change is to.
+    pub fn list_id(&self) -> u8 {
+        self.list.id
+    }
+}
+
 /// A planned change to one list.
 pub struct Change {
     list: ListInfo,
@@ -161,7 +168,7 @@ impl Engine {
     }
 
     pub fn config(&self) -> Config {
-        Config { hash_r: self.hash_r, depth_mask: mask_of(&self.depth_counts) }
+        Config { hash_r: self.hash_r, depth_mask: mask_of(&self.depth_counts), ..Config::default() }
     }
 
     pub fn lists(&self) -> &[ListInfo] {
@@ -585,7 +592,7 @@ mod tests {
             let all_old: Vec<Rule> = other.iter().chain(&old).cloned().collect();
             let all_new: Vec<Rule> = other.iter().chain(&new).cloned().collect();
             let probes: Vec<(String, bool, bool)> = names.iter().map(|n| (n.clone(), reference_blocked(&all_old, n), reference_blocked(&all_new, n))).collect();
-            let mut target = Checked { nodes: HashMap::new(), cfg: Config { hash_r: r, depth_mask: [0; 2] }, probes: &[], writes: 0 };
+            let mut target = Checked { nodes: HashMap::new(), cfg: Config { hash_r: r, ..Config::default() }, probes: &[], writes: 0 };
             let c = engine.plan_replace("other", None, &other).unwrap();
             engine.apply(c, &mut target).unwrap();
             let c = engine.plan_replace("list", None, &old).unwrap();

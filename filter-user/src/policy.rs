@@ -1,0 +1,100 @@
+//! What happens to a blocked DNS query: dropped, or answered in XDP with
+//! NXDOMAIN, REFUSED, NODATA or the block page's address; per list, with a
+//! default for all lists.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::bail;
+use filter_common::{reply::DnsAction, rules::Config};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsPolicy {
+    /// For lists without their own action.
+    pub default: DnsAction,
+    pub per_list: Vec<(String, DnsAction)>,
+    /// TTL of redirect answers, seconds.
+    pub answer_ttl: u32,
+    pub redirect_v4: Option<Ipv4Addr>,
+    pub redirect_v6: Option<Ipv6Addr>,
+}
+
+impl Default for DnsPolicy {
+    fn default() -> Self {
+        DnsPolicy { default: DnsAction::Drop, per_list: Vec::new(), answer_ttl: 60, redirect_v4: None, redirect_v6: None }
+    }
+}
+
+impl DnsPolicy {
+    pub fn action_for(&self, list: &str) -> DnsAction {
+        self.per_list.iter().rev().find(|(l, _)| l == list).map_or(self.default, |(_, a)| *a)
+    }
+
+    /// Every per-list action names a known list, and `redirect` has an
+    /// address to redirect to.
+    pub fn validate(&self, lists: &[&str]) -> anyhow::Result<()> {
+        for (l, _) in &self.per_list {
+            if !lists.contains(&l.as_str()) {
+                bail!("--list-dns-action names list {l:?}, but the lists are: {}", lists.join(", "));
+            }
+        }
+        let redirects = self.default == DnsAction::Redirect || self.per_list.iter().any(|(_, a)| *a == DnsAction::Redirect);
+        if redirects && self.redirect_v4.is_none() && self.redirect_v6.is_none() {
+            bail!("the redirect action needs --redirect-ipv4 and/or --redirect-ipv6 (the block page's addresses)");
+        }
+        Ok(())
+    }
+
+    /// Writes the answer settings into the program's settings.
+    pub fn apply_to(&self, cfg: &mut Config) {
+        cfg.answer_ttl = self.answer_ttl;
+        cfg.redirect_flags = 0;
+        if let Some(a) = self.redirect_v4 {
+            cfg.redirect_v4 = a.octets();
+            cfg.redirect_flags |= Config::REDIRECT_V4;
+        }
+        if let Some(a) = self.redirect_v6 {
+            cfg.redirect_v6 = a.octets();
+            cfg.redirect_flags |= Config::REDIRECT_V6;
+        }
+    }
+}
+
+/// `drop`, `nxdomain`, `refused`, `nodata` or `redirect`.
+pub fn parse_action(s: &str) -> Result<DnsAction, String> {
+    DnsAction::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+        let names: Vec<&str> = DnsAction::ALL.iter().map(|a| a.name()).collect();
+        format!("unknown DNS action {s:?} (expected one of: {})", names.join(", "))
+    })
+}
+
+/// `LIST=ACTION`.
+pub fn parse_list_action(s: &str) -> Result<(String, DnsAction), String> {
+    let (list, action) = s.split_once('=').ok_or_else(|| format!("expected LIST=ACTION, got {s:?}"))?;
+    if list.is_empty() {
+        return Err(format!("expected LIST=ACTION, got {s:?}"));
+    }
+    Ok((list.to_string(), parse_action(action)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsing_and_validation() {
+        assert_eq!(parse_action("nxdomain"), Ok(DnsAction::Nxdomain));
+        assert!(parse_action("NXDOMAIN").unwrap_err().contains("expected one of: drop, nxdomain, refused, nodata, redirect"));
+        assert_eq!(parse_list_action("telegram=redirect"), Ok(("telegram".into(), DnsAction::Redirect)));
+        assert!(parse_list_action("=drop").is_err() && parse_list_action("telegram").is_err());
+
+        let mut p = DnsPolicy { per_list: vec![("telegram".into(), DnsAction::Redirect)], ..DnsPolicy::default() };
+        assert!(p.validate(&["local", "telegram"]).unwrap_err().to_string().contains("--redirect-ipv4"));
+        p.redirect_v6 = Some("2001:db8::80".parse().unwrap());
+        p.validate(&["local", "telegram"]).unwrap();
+        assert!(p.validate(&["local"]).unwrap_err().to_string().contains("names list \"telegram\""));
+        assert_eq!((p.action_for("telegram"), p.action_for("local")), (DnsAction::Redirect, DnsAction::Drop));
+        let mut cfg = Config::default();
+        p.apply_to(&mut cfg);
+        assert_eq!((cfg.redirect_flags, cfg.answer_ttl), (Config::REDIRECT_V6, 60));
+    }
+}
