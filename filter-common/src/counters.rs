@@ -13,15 +13,18 @@ use crate::{
 pub enum Proto {
     DnsUdp = 0,
     DnsTcp = 1,
+    /// TLS ClientHello server names.
+    Tls = 2,
 }
 
 impl Proto {
-    pub const COUNT: usize = 2;
-    pub const ALL: [Proto; Self::COUNT] = [Proto::DnsUdp, Proto::DnsTcp];
+    pub const COUNT: usize = 3;
+    pub const ALL: [Proto; Self::COUNT] = [Proto::DnsUdp, Proto::DnsTcp, Proto::Tls];
     pub const fn name(self) -> &'static str {
         match self {
             Proto::DnsUdp => "dns_udp",
             Proto::DnsTcp => "dns_tcp",
+            Proto::Tls => "tls",
         }
     }
 }
@@ -76,7 +79,20 @@ pub const UNCONFIGURED: u32 = 2;
 pub const REPLY_NOT_PLAIN: u32 = 3;
 /// Blocked UDP queries whose answer could not be written (dropped instead).
 pub const REPLY_FAILED: u32 = 4;
-const PROTO_BASE: u32 = 5;
+/// ClientHellos without a server_name extension (passed).
+pub const TLS_NO_SNI: u32 = 5;
+/// ClientHellos carrying an encrypted_client_hello extension.
+pub const TLS_ECH: u32 = 6;
+/// Segments of a flow with an unfinished ClientHello that arrived ahead of
+/// the bytes before them: dropped, so the client resends in order.
+pub const TLS_OUT_OF_ORDER: u32 = 7;
+/// ClientHellos too complex to read within the per-segment step budget
+/// (`MAX_STEPS` * `MAX_ROUNDS`): the flow is blocked (no real client sends
+/// one).
+pub const TLS_TOO_COMPLEX: u32 = 8;
+/// Streams that started like a TLS record but were not a ClientHello.
+pub const TLS_NOT_HELLO: u32 = 9;
+const PROTO_BASE: u32 = 10;
 const MALFORMED_BASE: u32 = PROTO_BASE + (Proto::COUNT * Af::COUNT * Outcome::COUNT) as u32;
 const ACTION_BASE: u32 = MALFORMED_BASE + Malformed::COUNT as u32;
 /// Entries in the counter array.
@@ -119,6 +135,9 @@ mod tests {
         mark(UNCONFIGURED);
         mark(REPLY_NOT_PLAIN);
         mark(REPLY_FAILED);
+        for i in [TLS_NO_SNI, TLS_ECH, TLS_OUT_OF_ORDER, TLS_TOO_COMPLEX, TLS_NOT_HELLO] {
+            mark(i);
+        }
         for a in DnsAction::ALL {
             mark(action_index(a));
         }

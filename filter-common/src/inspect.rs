@@ -38,6 +38,9 @@ pub const OPAQUE_LIMIT: usize = 1 << 15;
 pub enum Inspection {
     /// Not a protocol blokir inspects.
     Other,
+    /// A TCP segment with payload, not to port 53: it may carry a TLS
+    /// ClientHello, read by the stream stage (`tls`) with per-flow state.
+    TcpPayload,
     /// A later IP fragment: passed, it has no transport header.
     Fragment,
     /// The program has no settings yet: passed.
@@ -81,6 +84,7 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
         },
         IPPROTO_TCP => match parse_tcp(p, &l3) {
             Ok(l4) if l4.dst_port == dns::DNS_PORT => (Proto::DnsTcp, l4),
+            Ok(l4) if l4.payload_off < l4.payload_end => return Inspection::TcpPayload,
             Ok(_) => return Inspection::Other,
             Err(skip) => return from_skip(skip),
         },

@@ -16,6 +16,7 @@ pub mod name;
 pub mod packet;
 pub mod reply;
 pub mod rules;
+pub mod tls;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -25,4 +26,6 @@ mod pod {
     unsafe impl aya::Pod for crate::rules::NodeRules {}
     unsafe impl aya::Pod for crate::rules::Config {}
     unsafe impl aya::Pod for crate::name::CanonBuf {}
+    unsafe impl aya::Pod for crate::tls::FlowKey {}
+    unsafe impl aya::Pod for crate::tls::Hello {}
 }

@@ -271,6 +271,8 @@ pub struct L4 {
     pub dst_port: u16,
     pub payload_off: usize,
     pub payload_end: usize,
+    /// TCP sequence number (0 for UDP).
+    pub seq: u32,
 }
 
 #[inline(always)]
@@ -284,7 +286,7 @@ pub fn parse_udp<P: Packet + ?Sized>(p: &P, l3: &L3) -> Result<L4, Skip> {
         return Err(BAD);
     }
     let payload_end = if off + len < l3.end { off + len } else { l3.end };
-    Ok(L4 { src_port, dst_port, payload_off: off + 8, payload_end })
+    Ok(L4 { src_port, dst_port, payload_off: off + 8, payload_end, seq: 0 })
 }
 
 #[inline(always)]
@@ -298,7 +300,8 @@ pub fn parse_tcp<P: Packet + ?Sized>(p: &P, l3: &L3) -> Result<L4, Skip> {
         return Err(BAD);
     }
     p.u8_at(off + doff - 1).ok_or(BAD)?;
-    Ok(L4 { src_port, dst_port, payload_off: off + doff, payload_end: l3.end })
+    let seq = (u32::from(p.be16_at(off + 4).ok_or(BAD)?) << 16) | u32::from(p.be16_at(off + 6).ok_or(BAD)?);
+    Ok(L4 { src_port, dst_port, payload_off: off + doff, payload_end: l3.end, seq })
 }
 
 #[inline(always)]

@@ -14,8 +14,17 @@ pub const MAP_RULE_HITS: &str = "RULE_HITS";
 pub const MAP_LIST_HITS: &str = "LIST_HITS";
 pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_LIST_ACTIONS: &str = "LIST_ACTIONS";
-/// The XDP program's name in the object.
+/// The XDP programs' names in the object: the entry program, and the stream
+/// stage it tail-calls (slot 0 of `STAGES`).
 pub const PROGRAM_NAME: &str = "blokir";
+pub const TLS_PROGRAM_NAME: &str = "blokir_tls";
+pub const MATCH_PROGRAM_NAME: &str = "blokir_match";
+/// Slots of the `STAGES` program array.
+pub const STAGE_TLS: u32 = 0;
+pub const STAGE_MATCH: u32 = 1;
+pub const STAGE_COUNT: u32 = 2;
+pub const MAP_STAGES: &str = "STAGES";
+pub const MAP_FLOWS: &str = "FLOWS";
 
 /// Default number of domain nodes the rule map holds (the loader may size it
 /// differently); the national list is ~2M names.

@@ -8,16 +8,22 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, ProgramArray},
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use filter_common::{
     counters,
     reply::DnsAction,
-    rules::{Config, MAP_CONFIG, MAP_COUNTERS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME},
+    rules::{
+        Config, MAP_CONFIG, MAP_COUNTERS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules,
+        PROGRAM_NAME, STAGE_MATCH, STAGE_TLS, TLS_PROGRAM_NAME,
+    },
 };
 
 use crate::rules::Target;
+
+/// The entry program and the stages it tail-calls.
+const PROGRAMS: [&str; 3] = [PROGRAM_NAME, TLS_PROGRAM_NAME, MATCH_PROGRAM_NAME];
 
 /// The XDP program, built by build.rs with the pinned BPF toolchain.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blokir"));
@@ -49,6 +55,8 @@ pub struct Kernel {
     list_actions: Array<MapData, u32>,
     rule_hits: Array<MapData, u64>,
     hits_view: HitsView,
+    /// Kept open: the kernel empties a program array once no file refers to it.
+    _stages: ProgramArray<MapData>,
     cfg: Config,
     attachments: Vec<Attachment>,
     capacity: u32,
@@ -60,8 +68,15 @@ impl Kernel {
     pub fn load(capacity: u32) -> anyhow::Result<Self> {
         let mut ebpf =
             EbpfLoader::new().map_max_entries(MAP_RULES, capacity).map_max_entries(MAP_RULE_HITS, capacity).load(OBJECT).context("loading the BPF object")?;
-        let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?.try_into()?;
-        prog.load().context("the kernel's verifier refused the XDP program")?;
+        for name in PROGRAMS {
+            let prog: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+            prog.load().with_context(|| format!("the kernel's verifier refused the XDP program {name}"))?;
+        }
+        let stage_fd = |ebpf: &Ebpf, name: &str| -> anyhow::Result<_> {
+            let prog: &Xdp = ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
+            Ok(prog.fd()?.try_clone()?)
+        };
+        let (tls_fd, match_fd) = (stage_fd(&ebpf, TLS_PROGRAM_NAME)?, stage_fd(&ebpf, MATCH_PROGRAM_NAME)?);
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"));
         let rules = HashMap::try_from(take(MAP_RULES)?)?;
         let config = Array::try_from(take(MAP_CONFIG)?)?;
@@ -74,7 +89,10 @@ impl Kernel {
             _ => bail!("{MAP_RULE_HITS} is not an array"),
         };
         let rule_hits = Array::try_from(hits_map)?;
-        Ok(Kernel { ebpf, rules, config, counters, list_hits, list_actions, rule_hits, hits_view, cfg: Config::default(), attachments: Vec::new(), capacity })
+        let mut stages = ProgramArray::try_from(take(MAP_STAGES)?)?;
+        stages.set(STAGE_TLS, &tls_fd, 0).context("installing the stream stage")?;
+        stages.set(STAGE_MATCH, &match_fd, 0).context("installing the match stage")?;
+        Ok(Kernel { ebpf, rules, config, counters, list_hits, list_actions, rule_hits, hits_view, _stages: stages, cfg: Config::default(), attachments: Vec::new(), capacity })
     }
 
     pub fn capacity(&self) -> u32 {
@@ -85,9 +103,15 @@ impl Kernel {
         Ok(self.ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?.try_into()?)
     }
 
-    /// Instructions the verifier processed to accept the program.
-    pub fn verified_instructions(&mut self) -> anyhow::Result<Option<u32>> {
-        Ok(self.program()?.info()?.verified_instruction_count())
+    /// Instructions the verifier processed to accept each program.
+    pub fn verified_instructions(&self) -> anyhow::Result<Vec<(&'static str, Option<u32>)>> {
+        PROGRAMS
+            .into_iter()
+            .map(|name| {
+                let prog: &Xdp = self.ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
+                Ok((name, prog.info()?.verified_instruction_count()))
+            })
+            .collect()
     }
 
     /// Runs the program on one packet with BPF_PROG_TEST_RUN: returns the XDP

@@ -1,0 +1,497 @@
+//! TLS ClientHello server names, read as a stream.
+//!
+//! A ClientHello may arrive in any number of TCP segments (Chromium's ~2 KB
+//! hello with an ML-KEM key share takes two; splitting it into 1-byte
+//! segments is a classic evasion), so the parser keeps its whole state in a
+//! per-flow `Hello` (an LRU map value in the kernel) and consumes each
+//! segment's bytes where the last one stopped. It follows the record layer
+//! (a hello may span several records), the handshake header and the
+//! ClientHello fields, skips extensions it does not need in one step each,
+//! and writes the `server_name` straight into canonical form (see `name`), so
+//! it needs no buffer for the hello itself.
+//!
+//! All state is read from and written to memory at each step (`load`/`store`):
+//! in the kernel that memory is a map value, which the verifier does not
+//! track, so the step loop is verified once per step, not once per history.
+
+use crate::{
+    name::{CANON_END, CanonBuf, MAX_DOTTED_LEN, MAX_LABEL_LEN, ascii_lower},
+    packet::Packet,
+};
+
+pub const CONTENT_HANDSHAKE: u8 = 22;
+const HANDSHAKE_CLIENT_HELLO: u32 = 1;
+const EXT_SERVER_NAME: u32 = 0;
+/// Encrypted ClientHello (draft-ietf-tls-esni).
+const EXT_ECH: u32 = 0xfe0d;
+const NAME_TYPE_HOST: u32 = 0;
+/// TLS records carry at most 2^14 bytes (plus expansion, never in a hello).
+const MAX_RECORD_LEN: u32 = (1 << 14) + 256;
+/// Flows whose ClientHello is being read (or that are blocked) that the
+/// kernel tracks at once; the least recently used go first.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 16;
+
+/// Parser steps per call of `feed` (about 4k verifier instructions each).
+/// A step reads one or two bytes of a
+/// field, one byte of the name, or skips a field or an extension: a real
+/// hello needs about 60 plus the name's length. When a segment needs more,
+/// the kernel's stream stage tail-calls itself to go on, so each round is
+/// verified as a short loop.
+pub const MAX_STEPS: usize = 32;
+/// Rounds of `feed` per segment: the kernel allows 33 tail calls in a chain;
+/// one enters the stream stage and one goes on to the match stage.
+pub const MAX_ROUNDS: usize = 31;
+
+/// Where the parser is in the hello.
+mod stage {
+    /// Handshake header: type (1) and length (3).
+    pub const HS_HEADER: u32 = 0;
+    /// legacy_version (2) and random (32).
+    pub const SKIP_VERSION_RANDOM: u32 = 1;
+    pub const SESSION_ID_LEN: u32 = 2;
+    pub const SKIP_SESSION_ID: u32 = 3;
+    pub const CIPHERS_LEN: u32 = 4;
+    pub const SKIP_CIPHERS: u32 = 5;
+    pub const COMPRESSION_LEN: u32 = 6;
+    pub const SKIP_COMPRESSION: u32 = 7;
+    pub const EXTENSIONS_LEN: u32 = 8;
+    /// Extension type (2) and length (2).
+    pub const EXT_HEADER: u32 = 9;
+    pub const SKIP_EXT: u32 = 10;
+    pub const SNI_LIST_LEN: u32 = 11;
+    pub const SNI_NAME_TYPE: u32 = 12;
+    pub const SNI_NAME_LEN: u32 = 13;
+    pub const NAME: u32 = 14;
+}
+
+/// What a segment told the parser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// The hello continues in later segments.
+    NeedMore,
+    /// The server name is complete: its canonical length is given.
+    Name(usize),
+    /// The hello ended without a server_name extension.
+    NoName,
+    /// Not a ClientHello, or one that breaks the format.
+    NotHello,
+    /// This call's steps ran out before the segment's end: call again.
+    StepsExhausted,
+}
+
+/// The per-flow parser state.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Hello {
+    /// TCP sequence number of the next byte the parser expects.
+    pub next_seq: u32,
+    stage: u32,
+    /// Bytes still to read (fields) or skip in the current stage.
+    need: u32,
+    /// The field being read, big-endian.
+    acc: u32,
+    /// Record-header bytes still to read (0: inside a record's payload).
+    rec_need: u32,
+    rec_acc: u32,
+    /// Payload bytes left in the current record.
+    record_left: u32,
+    /// Bytes left in the extensions block (once it started).
+    exts_left: u32,
+    /// Server-name bytes read, and where the current label began.
+    name_pos: u32,
+    label_start: u32,
+    name_len: u32,
+    /// `FLAG_*`.
+    pub flags: u32,
+    /// Per segment, kept here with the rest: the offset being read, bytes the
+    /// last step took, the outcome so far (`DONE_*`), the canonical length of
+    /// a finished name.
+    cursor: u32,
+    taken: u32,
+    done: u32,
+    canon_len: u32,
+    /// The server name in canonical form as it is read (`bytes`, `starts`).
+    pub name: [u8; 2 * 256],
+}
+
+impl Hello {
+    /// An encrypted_client_hello extension was seen.
+    pub const FLAG_ECH: u32 = 1;
+    /// A server_name extension was seen.
+    pub const FLAG_SNI: u32 = 2;
+    /// The flow is blocked: its later segments are dropped.
+    pub const FLAG_BLOCKED: u32 = 4;
+
+    /// Marks the flow blocked.
+    pub fn block(&mut self) {
+        let flags = ld(&self.flags) | Hello::FLAG_BLOCKED;
+        st(&mut self.flags, flags);
+    }
+
+    pub fn is_blocked(&self) -> bool {
+        ld(&self.flags) & Hello::FLAG_BLOCKED != 0
+    }
+
+    /// A parser at the first byte of a TLS stream whose first segment starts
+    /// at sequence number `seq`.
+    pub fn new(seq: u32) -> Self {
+        let mut h = Hello {
+            next_seq: 0,
+            stage: 0,
+            need: 0,
+            acc: 0,
+            rec_need: 0,
+            rec_acc: 0,
+            record_left: 0,
+            exts_left: 0,
+            name_pos: 0,
+            label_start: 0,
+            name_len: 0,
+            flags: 0,
+            cursor: 0,
+            taken: 0,
+            done: 0,
+            canon_len: 0,
+            name: [0; 512],
+        };
+        h.reset(seq);
+        h
+    }
+
+    /// Resets the parser (not the name bytes, which are written before read)
+    /// for a stream whose first segment starts at `seq`.
+    pub fn reset(&mut self, seq: u32) {
+        self.next_seq = seq;
+        self.stage = stage::HS_HEADER;
+        self.need = 4;
+        self.rec_need = 5;
+        (self.acc, self.rec_acc, self.record_left, self.exts_left) = (0, 0, 0, 0);
+        (self.name_pos, self.label_start, self.name_len, self.flags, self.cursor) = (0, 0, 0, 0, 0);
+        (self.taken, self.done, self.canon_len) = (0, 0, 0);
+    }
+
+    /// Copies the finished name into a matcher buffer.
+    pub fn copy_name(&self, buf: &mut CanonBuf) {
+        buf.bytes.copy_from_slice(&self.name[..256]);
+        buf.starts.copy_from_slice(&self.name[256..]);
+    }
+}
+
+/// A TCP flow, one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// 4 or 6.
+    pub family: u32,
+}
+
+impl FlowKey {
+    /// The flow of a TCP segment (addresses read from the IP header).
+    #[inline(always)]
+    pub fn of<P: Packet + ?Sized>(p: &P, l3: &crate::packet::L3, l4: &crate::packet::L4) -> Option<Self> {
+        let mut k = FlowKey { src_port: l4.src_port, dst_port: l4.dst_port, ..FlowKey::default() };
+        let (src, len) = match l3.af {
+            crate::packet::Af::V4 => (l3.l3_off + 12, 4),
+            crate::packet::Af::V6 => (l3.l3_off + 8, 16),
+        };
+        k.family = if len == 4 { 4 } else { 6 };
+        for i in 0..8 {
+            if 2 * i >= len {
+                break;
+            }
+            let [a, b] = p.be16_at(src + 2 * i)?.to_be_bytes();
+            let [c, d] = p.be16_at(src + len + 2 * i)?.to_be_bytes();
+            (k.src[2 * i], k.src[2 * i + 1], k.dst[2 * i], k.dst[2 * i + 1]) = (a, b, c, d);
+        }
+        Some(k)
+    }
+}
+
+/// Whether a segment that starts a flow looks like the start of a TLS
+/// handshake (content type 22, major version 3): only then is a parser set up.
+#[inline(always)]
+pub fn starts_hello<P: Packet + ?Sized>(p: &P, off: usize, end: usize) -> bool {
+    off < end && p.u8_at(off) == Some(CONTENT_HANDSHAKE) && (off + 1 >= end || p.u8_at(off + 1) == Some(3))
+}
+
+#[inline(always)]
+fn ld(v: &u32) -> u32 {
+    // SAFETY: a plain field; volatile keeps the parser state in memory.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+fn st(v: &mut u32, x: u32) {
+    // SAFETY: as in `ld`.
+    unsafe { core::ptr::write_volatile(v, x) }
+}
+
+/// Where a segment starting at sequence number `seq`, with payload
+/// `off..end`, stands relative to what the parser has read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// The segment starts past bytes the parser has not seen (reordered or
+    /// after a loss).
+    Ahead,
+    /// All of it was read already (a retransmission).
+    Behind,
+    /// Unread bytes start at this offset.
+    At(usize),
+}
+
+#[inline(always)]
+pub fn resume(h: &Hello, seq: u32, off: usize, end: usize) -> Resume {
+    let read = ld(&h.next_seq).wrapping_sub(seq) as i32;
+    if read < 0 {
+        return Resume::Ahead;
+    }
+    let start = off + read as usize;
+    if start >= end { Resume::Behind } else { Resume::At(start) }
+}
+
+/// Feeds the segment bytes `off..end` (which start at the parser's
+/// `next_seq`) to the parser, for at most `MAX_STEPS` steps.
+#[inline(always)]
+pub fn feed<P: Packet + ?Sized>(h: &mut Hello, p: &P, off: usize, end: usize) -> Progress {
+    st(&mut h.cursor, off as u32);
+    st(&mut h.done, DONE_NOT_YET);
+    for _ in 0..MAX_STEPS {
+        step(h, p, end);
+        if ld(&h.done) != DONE_NOT_YET {
+            break;
+        }
+    }
+    let consumed = ld(&h.cursor).wrapping_sub(off as u32);
+    let next_seq = ld(&h.next_seq).wrapping_add(consumed);
+    st(&mut h.next_seq, next_seq);
+    match ld(&h.done) {
+        DONE_NOT_YET => Progress::StepsExhausted,
+        DONE_NEED_MORE => Progress::NeedMore,
+        DONE_NAME => Progress::Name(ld(&h.canon_len) as usize),
+        DONE_NO_NAME => Progress::NoName,
+        _ => Progress::NotHello,
+    }
+}
+
+// Outcomes, kept in `Hello::done`.
+const DONE_NOT_YET: u32 = 0;
+const DONE_NEED_MORE: u32 = 1;
+const DONE_NAME: u32 = 2;
+const DONE_NO_NAME: u32 = 3;
+const DONE_NOT_HELLO: u32 = 4;
+
+/// One parser step. Every branch ends by storing what it decided, and what
+/// follows reads it back: the paths through a step rejoin as one state.
+#[inline(always)]
+fn step<P: Packet + ?Sized>(h: &mut Hello, p: &P, end: usize) {
+    let pos = ld(&h.cursor) as usize;
+    if pos >= end {
+        st(&mut h.done, DONE_NEED_MORE);
+        return;
+    }
+    // The record layer: a 5-byte header before each record's payload.
+    let rec_need = ld(&h.rec_need);
+    if rec_need > 0 {
+        record_byte(h, p, pos, rec_need);
+        return;
+    }
+    let record_left = ld(&h.record_left);
+    if record_left == 0 {
+        st(&mut h.rec_need, 5);
+        st(&mut h.rec_acc, 0);
+        return;
+    }
+    read(h, p, pos, end, record_left);
+    if ld(&h.done) != DONE_NOT_YET {
+        return;
+    }
+    // Account for what was read.
+    let taken = ld(&h.taken);
+    st(&mut h.cursor, (pos as u32).wrapping_add(taken));
+    st(&mut h.record_left, record_left.wrapping_sub(taken));
+    if ld(&h.stage) >= stage::EXT_HEADER {
+        let exts_left = ld(&h.exts_left);
+        if taken > exts_left {
+            st(&mut h.done, DONE_NOT_HELLO);
+            return;
+        }
+        st(&mut h.exts_left, exts_left - taken);
+    }
+    let need = ld(&h.need).wrapping_sub(taken);
+    st(&mut h.need, need);
+    if need == 0 {
+        next_stage(h);
+    }
+}
+
+/// A byte of a record header: type 22 (handshake), version, length.
+#[inline(always)]
+fn record_byte<P: Packet + ?Sized>(h: &mut Hello, p: &P, pos: usize, rec_need: u32) {
+    let Some(b) = p.u8_at(pos) else {
+        st(&mut h.done, DONE_NEED_MORE);
+        return;
+    };
+    st(&mut h.cursor, pos as u32 + 1);
+    if rec_need == 5 && b != CONTENT_HANDSHAKE {
+        st(&mut h.done, DONE_NOT_HELLO);
+        return;
+    }
+    let acc = ((ld(&h.rec_acc) << 8) | u32::from(b)) & 0xffff;
+    st(&mut h.rec_acc, acc);
+    st(&mut h.rec_need, rec_need - 1);
+    if rec_need == 1 {
+        if acc == 0 || acc > MAX_RECORD_LEN {
+            st(&mut h.done, DONE_NOT_HELLO);
+            return;
+        }
+        st(&mut h.record_left, acc);
+    }
+}
+
+/// Reads (or skips) what the current stage takes from the bytes at `pos`,
+/// within the record and the segment; stores the byte count in `taken`.
+#[inline(always)]
+fn read<P: Packet + ?Sized>(h: &mut Hello, p: &P, pos: usize, end: usize, record_left: u32) {
+    let stage = ld(&h.stage);
+    let need = ld(&h.need);
+    let mut avail = (end - pos) as u32;
+    if avail > record_left {
+        avail = record_left;
+    }
+    let take = if avail < need { avail } else { need };
+    if matches!(stage, stage::SKIP_VERSION_RANDOM | stage::SKIP_SESSION_ID | stage::SKIP_CIPHERS | stage::SKIP_COMPRESSION | stage::SKIP_EXT) {
+        st(&mut h.taken, take);
+    } else if stage == stage::NAME {
+        match p.u8_at(pos) {
+            Some(b) => name_byte(h, b),
+            None => st(&mut h.done, DONE_NEED_MORE),
+        }
+        st(&mut h.taken, 1);
+    } else if take >= 2 {
+        // A field of 1 to 4 bytes: two bytes per step where it can.
+        match p.be16_at(pos) {
+            Some(w) => {
+                let acc = (ld(&h.acc) << 16) | u32::from(w);
+                st(&mut h.acc, acc);
+            }
+            None => st(&mut h.done, DONE_NEED_MORE),
+        }
+        st(&mut h.taken, 2);
+    } else {
+        match p.u8_at(pos) {
+            Some(b) => {
+                let acc = (ld(&h.acc) << 8) | u32::from(b);
+                st(&mut h.acc, acc);
+            }
+            None => st(&mut h.done, DONE_NEED_MORE),
+        }
+        st(&mut h.taken, 1);
+    }
+}
+
+/// Moves on from the stage whose field is complete (its value in `acc`).
+/// Each arm stores the next stage and what it needs (a zero-length field,
+/// such as an empty extension, is completed by the next step).
+#[inline(always)]
+fn next_stage(h: &mut Hello) {
+    let v = ld(&h.acc);
+    st(&mut h.acc, 0);
+    match ld(&h.stage) {
+        stage::HS_HEADER if v >> 24 == HANDSHAKE_CLIENT_HELLO => go(h, stage::SKIP_VERSION_RANDOM, 34),
+        stage::SKIP_VERSION_RANDOM => go(h, stage::SESSION_ID_LEN, 1),
+        stage::SESSION_ID_LEN => go(h, stage::SKIP_SESSION_ID, v),
+        stage::SKIP_SESSION_ID => go(h, stage::CIPHERS_LEN, 2),
+        stage::CIPHERS_LEN => go(h, stage::SKIP_CIPHERS, v),
+        stage::SKIP_CIPHERS => go(h, stage::COMPRESSION_LEN, 1),
+        stage::COMPRESSION_LEN => go(h, stage::SKIP_COMPRESSION, v),
+        stage::SKIP_COMPRESSION => go(h, stage::EXTENSIONS_LEN, 2),
+        stage::EXTENSIONS_LEN => {
+            st(&mut h.exts_left, v);
+            go(h, stage::EXT_HEADER, 4);
+        }
+        stage::EXT_HEADER if v >> 16 == EXT_SERVER_NAME => {
+            let flags = ld(&h.flags) | Hello::FLAG_SNI;
+            st(&mut h.flags, flags);
+            go(h, stage::SNI_LIST_LEN, 2);
+        }
+        stage::EXT_HEADER => {
+            if v >> 16 == EXT_ECH {
+                let flags = ld(&h.flags) | Hello::FLAG_ECH;
+                st(&mut h.flags, flags);
+            }
+            go(h, stage::SKIP_EXT, v & 0xffff);
+        }
+        stage::SKIP_EXT => go(h, stage::EXT_HEADER, 4),
+        stage::SNI_LIST_LEN => go(h, stage::SNI_NAME_TYPE, 1),
+        stage::SNI_NAME_TYPE if v == NAME_TYPE_HOST => go(h, stage::SNI_NAME_LEN, 2),
+        stage::SNI_NAME_LEN if v >= 1 && v as usize <= MAX_DOTTED_LEN + 1 => {
+            st(&mut h.name_len, v);
+            go(h, stage::NAME, v);
+        }
+        stage::NAME => finish_name(h),
+        _ => st(&mut h.done, DONE_NOT_HELLO),
+    }
+    // The extensions block ended before a server_name extension.
+    if ld(&h.stage) == stage::EXT_HEADER && ld(&h.exts_left) == 0 && ld(&h.done) == DONE_NOT_YET {
+        st(&mut h.done, DONE_NO_NAME);
+    }
+}
+
+#[inline(always)]
+fn go(h: &mut Hello, next: u32, need: u32) {
+    st(&mut h.stage, next);
+    st(&mut h.need, need);
+}
+
+/// One byte of the dotted server name, written in canonical form as
+/// `dotted_to_canon` does: a byte at position `j` lands at `CANON_END - j`,
+/// and a dot writes the length of the label before it.
+#[inline(always)]
+fn name_byte(h: &mut Hello, b: u8) {
+    let j = ld(&h.name_pos);
+    let at = (CANON_END - (j as usize & CANON_END)) & CANON_END;
+    if b == b'.' {
+        let len = j.wrapping_sub(ld(&h.label_start));
+        if len == 0 || len as usize > MAX_LABEL_LEN {
+            st(&mut h.done, DONE_NOT_HELLO);
+            return;
+        }
+        h.name[at] = len as u8;
+        h.name[256 + at] = 1;
+        st(&mut h.label_start, j + 1);
+    } else {
+        h.name[at] = ascii_lower(b);
+        h.name[256 + at] = 0;
+    }
+    st(&mut h.name_pos, j + 1);
+}
+
+/// Closes the last label (a trailing dot is allowed and ignored) and stores
+/// the canonical length.
+#[inline(always)]
+fn finish_name(h: &mut Hello) {
+    let n = ld(&h.name_len);
+    let len = n.wrapping_sub(ld(&h.label_start));
+    if len == 0 {
+        // "name." : the dot already closed the last label.
+        if n < 2 {
+            st(&mut h.done, DONE_NOT_HELLO);
+            return;
+        }
+        st(&mut h.canon_len, n);
+    } else {
+        if n as usize > MAX_DOTTED_LEN || len as usize > MAX_LABEL_LEN {
+            st(&mut h.done, DONE_NOT_HELLO);
+            return;
+        }
+        let at = (CANON_END - (n as usize & CANON_END)) & CANON_END;
+        h.name[at] = len as u8;
+        h.name[256 + at] = 1;
+        st(&mut h.canon_len, n + 1);
+    }
+    st(&mut h.done, DONE_NAME);
+}

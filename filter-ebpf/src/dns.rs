@@ -1,0 +1,86 @@
+//! The DNS stage's verdict: counting, and answering blocked queries.
+
+use aya_ebpf::bindings::xdp_action;
+use filter_common::{
+    counters::{self, Outcome, Proto},
+    inspect::{Env as _, Inspection},
+    name::Decision,
+    reply::{DnsAction, NoReply, QueryAt, build_reply},
+};
+
+use crate::{
+    maps::{CONFIG, LIST_ACTIONS, Maps, STAGES, count, hit},
+    packet::XdpPacket,
+};
+
+/// Counts what the inspection found and turns it into the XDP verdict.
+#[inline(always)]
+pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
+    match *inspection {
+        Inspection::Other => xdp_action::XDP_PASS,
+        Inspection::TcpPayload => {
+            // SAFETY: the stage is an XDP program of this object. On return
+            // the tail call failed (no stage loaded): pass.
+            unsafe { STAGES.tail_call(pkt.ctx, 0) };
+            xdp_action::XDP_PASS
+        }
+        Inspection::Fragment => {
+            count(counters::FRAGMENTS);
+            xdp_action::XDP_PASS
+        }
+        Inspection::Unconfigured => {
+            count(counters::UNCONFIGURED);
+            xdp_action::XDP_PASS
+        }
+        Inspection::Malformed(reason) => {
+            count(counters::malformed_index(reason));
+            xdp_action::XDP_PASS
+        }
+        Inspection::Incomplete { proto, af } => {
+            count(counters::proto_index(proto, af, Outcome::Incomplete));
+            xdp_action::XDP_PASS
+        }
+        Inspection::Decided { proto, af, decision, at } => {
+            count(counters::proto_index(proto, af, Outcome::Inspected));
+            match decision {
+                Decision::NoMatch => xdp_action::XDP_PASS,
+                Decision::Allow(rule) => {
+                    count(counters::proto_index(proto, af, Outcome::Allowed));
+                    hit(rule, counters::LIST_ALLOWED);
+                    xdp_action::XDP_PASS
+                }
+                Decision::Block(rule) => {
+                    count(counters::proto_index(proto, af, Outcome::Blocked));
+                    hit(rule, counters::LIST_BLOCKED);
+                    // TCP/53 queries are dropped: an answer needs a TCP exchange.
+                    let action = match proto {
+                        Proto::DnsUdp => LIST_ACTIONS.get(rule.list()).map_or(DnsAction::Drop, |a| DnsAction::from_u32(*a)),
+                        Proto::DnsTcp | Proto::Tls => DnsAction::Drop,
+                    };
+                    respond(pkt, &at, action)
+                }
+            }
+        }
+    }
+}
+
+/// Answers a blocked query as its list says (XDP_TX), or drops it.
+#[inline(always)]
+fn respond(pkt: &mut XdpPacket, at: &QueryAt, action: DnsAction) -> u32 {
+    let result = match CONFIG.get(0) {
+        Some(cfg) => build_reply(pkt, at, action, cfg, Maps::opaque),
+        None => Err(NoReply::Packet),
+    };
+    match result {
+        Ok(()) => {
+            count(counters::action_index(action));
+            return xdp_action::XDP_TX;
+        }
+        Err(NoReply::Drop) => {}
+        Err(NoReply::NotPlain) => count(counters::REPLY_NOT_PLAIN),
+        Err(NoReply::Packet) => count(counters::REPLY_FAILED),
+    }
+    count(counters::action_index(DnsAction::Drop));
+    xdp_action::XDP_DROP
+}
+

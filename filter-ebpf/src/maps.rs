@@ -1,0 +1,136 @@
+//! The maps the programs share with each other and with the daemon, and
+//! the small helpers that read and count through them.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+};
+use filter_common::{
+    counters,
+    inspect::{Env, OPAQUE_LIMIT},
+    name::CanonBuf,
+    rules::{Config, DEFAULT_RULE_CAPACITY, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef, STAGE_COUNT},
+    tls::{FlowKey, Hello},
+};
+
+#[map(name = "RULES")]
+pub static RULES: HashMap<NameKey, NodeRules> = HashMap::with_max_entries(DEFAULT_RULE_CAPACITY, BPF_F_NO_PREALLOC);
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNTERS, 0);
+
+/// Hits per rule id. Shared, not per-CPU: 8 bytes a rule instead of 8 per
+/// rule per CPU; only blocked or allowed packets touch it. Mmapable, so the
+/// daemon reads all of it without a syscall per rule.
+#[map(name = "RULE_HITS")]
+pub static RULE_HITS: Array<u64> = Array::with_max_entries(DEFAULT_RULE_CAPACITY, BPF_F_MMAPABLE);
+
+#[map(name = "LIST_HITS")]
+pub static LIST_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_LISTS * counters::LIST_COUNTERS, 0);
+
+/// Per-CPU space for the canonical name: too big for the 512-byte stack.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<CanonBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// The DNS action of each list (a `DnsAction`; 0, drop, by default).
+#[map(name = "LIST_ACTIONS")]
+pub static LIST_ACTIONS: Array<u32> = Array::with_max_entries(MAX_LISTS, 0);
+
+/// Round-trip slot for `Env::opaque`.
+#[map(name = "OPAQUE")]
+pub static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flows whose ClientHello is being read, or that are blocked.
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, Hello> = LruHashMap::with_max_entries(filter_common::tls::DEFAULT_FLOW_CAPACITY, 0);
+
+/// Per-CPU staging for a new flow's state (too big for the stack).
+#[map(name = "HELLO_INIT")]
+pub static HELLO_INIT: PerCpuArray<Hello> = PerCpuArray::with_max_entries(1, 0);
+
+/// The stages reached by tail call, each verified on its own budget:
+/// `STAGE_TLS` (ClientHellos) and `STAGE_MATCH` (a finished server name).
+#[map(name = "STAGES")]
+pub static STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_COUNT, 0);
+
+/// What the stream stage hands the match stage (the name itself is in
+/// `SCRATCH`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MatchJob {
+    pub flow: FlowKey,
+    /// Where the canonical name starts in `SCRATCH`.
+    pub start: u32,
+    /// 0 for IPv4, 1 for IPv6.
+    pub v6: u32,
+}
+
+#[map(name = "MATCH_JOB")]
+pub static MATCH_JOB: PerCpuArray<MatchJob> = PerCpuArray::with_max_entries(1, 0);
+
+pub struct Rules;
+
+impl RuleLookup for Rules {
+    #[inline(always)]
+    fn lookup(&self, key: &NameKey) -> Option<NodeRules> {
+        // SAFETY: the value is copied out at once; the map never hands out
+        // memory that is freed under an RCU read section.
+        unsafe { RULES.get(key) }.copied()
+    }
+}
+
+pub struct Maps {
+    pub rules: Rules,
+}
+
+impl Env for Maps {
+    type Rules = Rules;
+
+    #[inline(always)]
+    fn resources(&mut self) -> Option<(&mut CanonBuf, &Config, &Rules)> {
+        let buf = SCRATCH.get_ptr_mut(0)?;
+        let cfg = CONFIG.get(0)?;
+        // SAFETY: per-CPU scratch, and XDP programs do not nest on a CPU.
+        Some((unsafe { &mut *buf }, cfg, &self.rules))
+    }
+
+    #[inline(always)]
+    fn opaque(x: usize) -> usize {
+        match OPAQUE.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot; volatile so the compiler keeps the round trip.
+            Some(p) => unsafe {
+                core::ptr::write_volatile(p, x.min(OPAQUE_LIMIT - 1) as u64);
+                core::ptr::read_volatile(p) as usize & (OPAQUE_LIMIT - 1)
+            },
+            None => x.min(OPAQUE_LIMIT - 1),
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn hit(rule: RuleRef, kind: u32) {
+    if let Some(c) = LIST_HITS.get_ptr_mut(rule.list() * counters::LIST_COUNTERS + kind) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+    if let Some(c) = RULE_HITS.get_ptr_mut(rule.id()) {
+        // SAFETY: a valid, aligned u64 in the map; shared between CPUs, so
+        // added atomically.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(c, 1) };
+    }
+}
+

@@ -1,0 +1,81 @@
+//! The packet, as the shared parsers read and rewrite it.
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use filter_common::packet::{MAX_PACKET_OFFSET, Packet, PacketMut};
+
+/// The packet, bounds-checked on every read as the verifier demands. The
+/// packet pointers are re-read from the context on each access rather than
+/// kept: a kept pointer carries the bounds each header layout proved (they
+/// differ with VLAN tags, IP options, extension headers), which would make the
+/// verifier walk the name loops once per layout.
+pub struct XdpPacket<'a> {
+    pub ctx: &'a XdpContext,
+}
+
+impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.ctx.data_end() - self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn u8_at(&self, off: usize) -> Option<u8> {
+        if off >= MAX_PACKET_OFFSET {
+            return None;
+        }
+        let p = barrier(self.ctx.data() + off);
+        if p + 1 > self.ctx.data_end() {
+            return None;
+        }
+        // SAFETY: `p` is inside the packet, checked above.
+        Some(unsafe { *(p as *const u8) })
+    }
+
+    #[inline(always)]
+    fn be16_at(&self, off: usize) -> Option<u16> {
+        if off >= MAX_PACKET_OFFSET {
+            return None;
+        }
+        let p = barrier(self.ctx.data() + off);
+        if p + 2 > self.ctx.data_end() {
+            return None;
+        }
+        // SAFETY: both bytes are inside the packet, checked above.
+        Some(unsafe { u16::from_be_bytes([*(p as *const u8), *((p + 1) as *const u8)]) })
+    }
+}
+
+impl PacketMut for XdpPacket<'_> {
+    #[inline(always)]
+    fn set_u8(&mut self, off: usize, v: u8) -> Option<()> {
+        if off >= MAX_PACKET_OFFSET {
+            return None;
+        }
+        let p = barrier(self.ctx.data() + off);
+        if p + 1 > self.ctx.data_end() {
+            return None;
+        }
+        // SAFETY: `p` is inside the packet, checked above.
+        unsafe { *(p as *mut u8) = v };
+        Some(())
+    }
+
+    #[inline(always)]
+    fn resize(&mut self, len: usize) -> bool {
+        let delta = len as i64 - self.len() as i64;
+        // SAFETY: the helper checks the new size against the frame.
+        delta == 0 || unsafe { bpf_xdp_adjust_tail(self.ctx.ctx, delta as i32) } == 0
+    }
+}
+
+/// Hides how `x` was computed from LLVM (like libbpf's `barrier_var`), so
+/// the bounds check and the load use the very pointer the verifier checked,
+/// instead of a strength-reduced copy it cannot relate to the check.
+#[inline(always)]
+fn barrier(mut x: usize) -> usize {
+    // SAFETY: a register move to itself. (An empty asm block would leave two
+    // line-info records on one instruction, which the kernel rejects.)
+    unsafe { core::arch::asm!("{0} = {0}", inout(reg) x, options(nomem, nostack, preserves_flags)) };
+    x
+}
+

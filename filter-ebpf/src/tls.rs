@@ -1,0 +1,144 @@
+//! The stream stage: reads TLS ClientHellos across TCP segments with
+//! per-flow state, and blocks the flow from the segment that completes a
+//! listed server name on.
+
+use aya_ebpf::bindings::xdp_action;
+use filter_common::{
+    counters::{self, Outcome, Proto},
+    inspect::Env as _,
+    name::{Decision, canon_start, match_canon},
+    packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
+    rules::{STAGE_MATCH, STAGE_TLS},
+    tls::{FlowKey, Hello, Progress, Resume, feed, resume, starts_hello},
+};
+
+use crate::{
+    maps::{CONFIG, FLOWS, HELLO_INIT, MATCH_JOB, Maps, Rules, SCRATCH, STAGES, count, hit},
+    packet::XdpPacket,
+};
+
+#[inline(always)]
+pub fn stream(pkt: &XdpPacket) -> u32 {
+    let Ok(l3) = parse_l3(pkt) else { return xdp_action::XDP_PASS };
+    if l3.proto != IPPROTO_TCP || l3.later_fragment {
+        return xdp_action::XDP_PASS;
+    }
+    let Ok(l4) = parse_tcp(pkt, &l3) else { return xdp_action::XDP_PASS };
+    let Some(key) = FlowKey::of(pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
+    let af = l3.af;
+    // Stage boundary (see `Env::opaque`).
+    let off = Maps::opaque(l4.payload_off);
+    let end = Maps::opaque(l4.payload_end);
+    let seq = l4.seq;
+    let hello = match FLOWS.get_ptr_mut(&key) {
+        Some(h) => h,
+        None => {
+            if !starts_hello(pkt, off, end) {
+                return xdp_action::XDP_PASS;
+            }
+            let Some(init) = HELLO_INIT.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
+            // SAFETY: per-CPU staging slot.
+            let init = unsafe { &mut *init };
+            init.reset(seq);
+            if FLOWS.insert(&key, init, 0).is_err() {
+                return xdp_action::XDP_PASS;
+            }
+            match FLOWS.get_ptr_mut(&key) {
+                Some(h) => h,
+                None => return xdp_action::XDP_PASS,
+            }
+        }
+    };
+    // SAFETY: the LRU map's value for this flow; one CPU handles a flow's
+    // packets at a time (RSS), and a stale read only delays a verdict.
+    let hello = unsafe { &mut *hello };
+    if hello.is_blocked() {
+        return xdp_action::XDP_DROP;
+    }
+    let start = match resume(hello, seq, off, end) {
+        Resume::At(start) => start,
+        // Already read (a retransmission).
+        Resume::Behind => return xdp_action::XDP_PASS,
+        // Bytes the parser has not reached: the client resends them once
+        // the gap before them is filled, in order.
+        Resume::Ahead => {
+            count(counters::TLS_OUT_OF_ORDER);
+            return xdp_action::XDP_DROP;
+        }
+    };
+    let progress = feed(hello, pkt, start, end);
+    if progress == Progress::StepsExhausted {
+        // Go on with this segment in a fresh round: the parser resumes at
+        // `next_seq`. The call returns only when the chain is at its limit.
+        // SAFETY: the slot holds this program.
+        unsafe { STAGES.tail_call(pkt.ctx, STAGE_TLS) };
+        count(counters::TLS_TOO_COMPLEX);
+        hello.block();
+        return xdp_action::XDP_DROP;
+    }
+    if progress != Progress::NeedMore && hello.flags & Hello::FLAG_ECH != 0 {
+        count(counters::TLS_ECH);
+    }
+    match progress {
+        Progress::NeedMore => xdp_action::XDP_PASS,
+        Progress::Name(len) => to_match(pkt, hello, &key, len, af),
+        Progress::NoName => finish(&key, counters::TLS_NO_SNI),
+        Progress::NotHello => finish(&key, counters::TLS_NOT_HELLO),
+        Progress::StepsExhausted => xdp_action::XDP_DROP,
+    }
+}
+
+/// Hands the finished server name to the match stage.
+#[inline(always)]
+fn to_match(pkt: &XdpPacket, hello: &Hello, key: &FlowKey, len: usize, af: Af) -> u32 {
+    let (Some(buf), Some(job)) = (SCRATCH.get_ptr_mut(0), MATCH_JOB.get_ptr_mut(0)) else { return xdp_action::XDP_PASS };
+    // SAFETY: per-CPU scratch and job slots.
+    let (buf, job) = unsafe { (&mut *buf, &mut *job) };
+    hello.copy_name(buf);
+    (job.flow, job.start, job.v6) = (*key, canon_start(len) as u32, af as u32);
+    // SAFETY: the slot holds the match stage.
+    unsafe { STAGES.tail_call(pkt.ctx, STAGE_MATCH) };
+    // Only if the chain is at its limit, which `MAX_ROUNDS` leaves room for.
+    xdp_action::XDP_PASS
+}
+
+/// The match stage: matches the name the stream stage finished. A blocked
+/// flow keeps its state (so its later segments are dropped); any other
+/// forgets it.
+#[inline(always)]
+pub fn decide() -> u32 {
+    let (Some(buf), Some(job), Some(cfg)) = (SCRATCH.get_ptr_mut(0), MATCH_JOB.get(0), CONFIG.get(0)) else { return xdp_action::XDP_PASS };
+    // SAFETY: per-CPU scratch.
+    let buf = unsafe { &mut *buf };
+    let key = job.flow;
+    let af = if job.v6 == 0 { Af::V4 } else { Af::V6 };
+    count(counters::proto_index(Proto::Tls, af, Outcome::Inspected));
+    match match_canon(buf, Maps::opaque(job.start as usize), cfg, &Rules) {
+        Decision::Block(rule) => {
+            count(counters::proto_index(Proto::Tls, af, Outcome::Blocked));
+            hit(rule, counters::LIST_BLOCKED);
+            if let Some(h) = FLOWS.get_ptr_mut(&key) {
+                // SAFETY: the flow's map value.
+                unsafe { &mut *h }.block();
+            }
+            xdp_action::XDP_DROP
+        }
+        Decision::Allow(rule) => {
+            count(counters::proto_index(Proto::Tls, af, Outcome::Allowed));
+            hit(rule, counters::LIST_ALLOWED);
+            let _ = FLOWS.remove(&key);
+            xdp_action::XDP_PASS
+        }
+        Decision::NoMatch => {
+            let _ = FLOWS.remove(&key);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn finish(key: &FlowKey, counter: u32) -> u32 {
+    count(counter);
+    let _ = FLOWS.remove(key);
+    xdp_action::XDP_PASS
+}
