@@ -96,7 +96,9 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
     }
     // Stage boundary: everything the DNS stage and the verdict after it need,
     // made opaque, so the stage is verified once for all header layouts.
-    let flags = E::opaque(proto as usize | (l3.af as usize) << 1 | (l3.plain as usize) << 2);
+    let tcp = E::opaque(proto as usize);
+    let v6 = E::opaque(l3.af as usize);
+    let plain = E::opaque(l3.plain as usize);
     let l3_off = E::opaque(l3.l3_off);
     let l4_off = E::opaque(l3.l4_off);
     let payload_off = E::opaque(l4.payload_off);
@@ -107,33 +109,45 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
     if !cfg.is_configured() {
         return Inspection::Unconfigured;
     }
-    // DNS over TCP: a 2-byte length prefix, then the message.
-    let msg_off = payload_off + 2 * (flags & 1);
-    let result = dns::parse_query(p, msg_off, payload_end, buf, E::opaque).map(|q| (q, match_canon(buf, E::opaque(canon_start(q.canon_len)), cfg, rules)));
-    let proto = if flags & 1 == 0 { Proto::DnsUdp } else { Proto::DnsTcp };
-    let af = if flags & 2 == 0 { Af::V4 } else { Af::V6 };
+    // DNS over TCP: a 2-byte length prefix, then the message. The question
+    // must lie within that message, not run on into whatever follows it in
+    // the segment.
+    let (msg_end, short) = msg_end(p, tcp, payload_off, payload_end);
+    // Made opaque again: otherwise what the verifier learns about the
+    // offsets while reading the prefix (one state per outcome) carries into
+    // the DNS stage, which is then verified once per outcome (+50k insns).
+    let msg_off = E::opaque(payload_off + 2 * (tcp & 1));
+    let msg_end = E::opaque(msg_end);
+    let short = E::opaque(short as usize);
+    let result = dns::parse_query(p, msg_off, msg_end, buf, E::opaque).map(|q| (q, match_canon(buf, E::opaque(canon_start(q.canon_len)), cfg, rules)));
+    let proto = if tcp == 0 { Proto::DnsUdp } else { Proto::DnsTcp };
+    let af = if v6 == 0 { Af::V4 } else { Af::V6 };
     match result {
         Ok((q, decision)) => {
-            let at = QueryAt { af, l3_off, l4_off, msg_off, question_end: q.end, qtype: q.qtype, plain: flags & 4 != 0 };
+            let at = QueryAt { af, l3_off, l4_off, msg_off, question_end: q.end, qtype: q.qtype, plain: plain != 0 };
             Inspection::Decided { proto, af, decision, at }
         }
         Err(DnsSkip::NotQuery) => Inspection::Other,
         // A TCP segment may end anywhere: a question cut short there is
         // incomplete, not malformed.
-        Err(DnsSkip::Malformed(Malformed::DnsTruncated | Malformed::DnsHeader)) if proto == Proto::DnsTcp && msg_stops_early(p, payload_off, payload_end) => {
-            Inspection::Incomplete { proto, af }
-        }
+        Err(DnsSkip::Malformed(Malformed::DnsTruncated | Malformed::DnsHeader)) if proto == Proto::DnsTcp && short != 0 => Inspection::Incomplete { proto, af },
         Err(DnsSkip::Malformed(m)) => Inspection::Malformed(m),
     }
 }
 
-/// Whether the TCP segment holds less of the DNS message than its length
-/// prefix announces.
+/// Where the DNS message ends: the datagram's end for UDP (`tcp` = 0); for
+/// TCP the end its length prefix announces, or the segment's end if that
+/// comes first. Also whether a TCP segment holds less of the message than
+/// the prefix announces (or no whole prefix).
 #[inline(always)]
-fn msg_stops_early<P: Packet + ?Sized>(p: &P, payload_off: usize, payload_end: usize) -> bool {
+fn msg_end<P: Packet + ?Sized>(p: &P, tcp: usize, payload_off: usize, payload_end: usize) -> (usize, bool) {
+    if tcp & 1 == 0 {
+        return (payload_end, false);
+    }
     match p.be16_at(payload_off) {
-        Some(len) if payload_off + 2 <= payload_end => payload_end - (payload_off + 2) < len as usize,
-        _ => true,
+        Some(len) if payload_off + 2 + (len as usize) < payload_end => (payload_off + 2 + len as usize, false),
+        Some(len) if payload_off + 2 <= payload_end => (payload_end, payload_off + 2 + (len as usize) > payload_end),
+        _ => (payload_end, true),
     }
 }
 
@@ -142,5 +156,81 @@ const fn from_skip(skip: Skip) -> Inspection {
     match skip {
         Skip::Other => Inspection::Other,
         Skip::Malformed(m) => Inspection::Malformed(m),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use crate::{
+        hash::lane_multiplier,
+        name::{dotted_to_canon, full_name_key},
+        rules::{NameKey, NodeRules, RuleRef},
+    };
+    use std::vec::Vec;
+
+    /// A rule map of one node.
+    struct OneNode(NameKey, NodeRules);
+
+    impl RuleLookup for OneNode {
+        fn lookup(&self, key: &NameKey) -> Option<NodeRules> {
+            (*key == self.0).then_some(self.1)
+        }
+    }
+
+    struct HostEnv {
+        buf: CanonBuf,
+        cfg: Config,
+        rules: OneNode,
+    }
+
+    impl Env for HostEnv {
+        type Rules = OneNode;
+        fn resources(&mut self) -> Option<(&mut CanonBuf, &Config, &Self::Rules)> {
+            Some((&mut self.buf, &self.cfg, &self.rules))
+        }
+    }
+
+    /// An environment with an exact block rule on `blocked.example`.
+    fn env() -> HostEnv {
+        let mut cfg = Config { hash_r: [lane_multiplier(1), lane_multiplier(2)], depth_mask: [0, 0] };
+        cfg.add_depth(2);
+        let mut buf = CanonBuf::default();
+        let n = dotted_to_canon(&b"blocked.example"[..], 0, 15, &mut buf).unwrap();
+        let key = full_name_key(&mut buf, n, &cfg.hash_r).unwrap();
+        let rules = OneNode(key, NodeRules { exact: RuleRef::new(1, 0, false), below: RuleRef::NONE });
+        HostEnv { buf, cfg, rules }
+    }
+
+    /// An IPv4/TCP frame to port 53 whose segment is `prefix` then `msg`.
+    fn tcp_frame(prefix: u16, msg: &[u8]) -> Vec<u8> {
+        let mut f = Vec::from([2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]);
+        let total = (20 + 20 + 2 + msg.len()) as u16;
+        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend_from_slice(&prefix.to_be_bytes());
+        f.extend_from_slice(msg);
+        f
+    }
+
+    fn query() -> Vec<u8> {
+        let mut m = Vec::from([0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        m.extend_from_slice(b"\x07blocked\x07example\x00\x00\x01\x00\x01");
+        m
+    }
+
+    #[test]
+    fn tcp_question_must_lie_within_the_announced_message() {
+        let msg = query();
+        let f = tcp_frame(msg.len() as u16, &msg);
+        assert!(inspect(f.as_slice(), &mut env()).blocks());
+        // The prefix announces a message that ends inside the question; the
+        // rest of the segment is not part of it.
+        let f = tcp_frame(17, &msg);
+        assert_eq!(inspect(f.as_slice(), &mut env()), Inspection::Malformed(Malformed::DnsTruncated));
+        // A segment shorter than the announced message is still incomplete.
+        let f = tcp_frame(200, &msg[..17]);
+        assert!(matches!(inspect(f.as_slice(), &mut env()), Inspection::Incomplete { .. }));
     }
 }

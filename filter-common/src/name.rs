@@ -177,6 +177,10 @@ pub const fn canon_start(len: usize) -> usize {
 /// negative variable part the verifier refuses.
 #[inline(always)]
 pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut CanonBuf, start: usize, r: &[u64; 2], mut f: F) {
+    // Zeroed before anything else: the buffer outlives the packet (a per-CPU
+    // map value in the kernel), so an empty name (the root) must not leave
+    // the previous name's result in `found`.
+    CanonBuf::store(&mut buf.found, 0);
     if !(CANON_CAP - MAX_CANON_LEN..=CANON_END).contains(&start) {
         return;
     }
@@ -184,7 +188,6 @@ pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut
     // The depth lives in memory: as a register it would be a different
     // constant on each path and the verifier would track every one.
     CanonBuf::store(&mut buf.depth, 0);
-    CanonBuf::store(&mut buf.found, 0);
     // At most MAX_CANON_LEN iterations: start is at least 2.
     for i in start..CANON_CAP {
         h.push(r, buf.bytes[i & CANON_END]);

@@ -213,6 +213,8 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
     }
     let payload = p.be16_at(off + 4).ok_or(BAD)? as usize;
     let mut next = p.u8_at(off + 6).ok_or(BAD)?;
+    // The whole fixed header must be present (addresses included).
+    p.u8_at(off + 39).ok_or(BAD)?;
     let end = clamp_end(p, off + 40 + payload);
     let mut hdr = off + 40;
     let mut later_fragment = false;

@@ -19,10 +19,12 @@ pub const MAP_LIST_ACTIONS: &str = "LIST_ACTIONS";
 pub const PROGRAM_NAME: &str = "blokir";
 pub const TLS_PROGRAM_NAME: &str = "blokir_tls";
 pub const MATCH_PROGRAM_NAME: &str = "blokir_match";
+pub const REPLY_PROGRAM_NAME: &str = "blokir_reply";
 /// Slots of the `STAGES` program array.
 pub const STAGE_TLS: u32 = 0;
 pub const STAGE_MATCH: u32 = 1;
-pub const STAGE_COUNT: u32 = 2;
+pub const STAGE_REPLY: u32 = 2;
+pub const STAGE_COUNT: u32 = 3;
 pub const MAP_STAGES: &str = "STAGES";
 pub const MAP_FLOWS: &str = "FLOWS";
 

@@ -38,9 +38,10 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 16;
 /// the kernel's stream stage tail-calls itself to go on, so each round is
 /// verified as a short loop.
 pub const MAX_STEPS: usize = 32;
-/// Rounds of `feed` per segment: the kernel allows 33 tail calls in a chain;
-/// one enters the stream stage and one goes on to the match stage.
-pub const MAX_ROUNDS: usize = 31;
+/// Rounds of `feed` per segment. The kernel allows 33 tail calls in a
+/// chain: one enters the stream stage, 31 start further rounds, and the last
+/// goes on to the match stage.
+pub const MAX_ROUNDS: usize = 32;
 
 /// Where the parser is in the hello.
 mod stage {

@@ -6,10 +6,11 @@ use filter_common::{
     inspect::{Env as _, Inspection},
     name::Decision,
     reply::{DnsAction, NoReply, QueryAt, build_reply},
+    rules::STAGE_REPLY,
 };
 
 use crate::{
-    maps::{CONFIG, LIST_ACTIONS, Maps, STAGES, count, hit},
+    maps::{CONFIG, LIST_ACTIONS, Maps, REPLY_JOB, ReplyJob, STAGES, count, hit},
     packet::XdpPacket,
 };
 
@@ -57,21 +58,39 @@ pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
                         Proto::DnsUdp => LIST_ACTIONS.get(rule.list()).map_or(DnsAction::Drop, |a| DnsAction::from_u32(*a)),
                         Proto::DnsTcp | Proto::Tls => DnsAction::Drop,
                     };
-                    respond(pkt, &at, action)
+                    if action == DnsAction::Drop {
+                        count(counters::action_index(DnsAction::Drop));
+                        return xdp_action::XDP_DROP;
+                    }
+                    to_reply(pkt, &at, action)
                 }
             }
         }
     }
 }
 
-/// Answers a blocked query as its list says (XDP_TX), or drops it.
+/// Hands a blocked query to the answer stage.
 #[inline(always)]
-fn respond(pkt: &mut XdpPacket, at: &QueryAt, action: DnsAction) -> u32 {
-    let result = match CONFIG.get(0) {
-        Some(cfg) => build_reply(pkt, at, action, cfg, Maps::opaque),
-        None => Err(NoReply::Packet),
-    };
-    match result {
+fn to_reply(pkt: &XdpPacket, at: &QueryAt, action: DnsAction) -> u32 {
+    if let Some(job) = REPLY_JOB.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe { *job = ReplyJob::new(at, action) };
+        // SAFETY: the slot holds the answer stage.
+        unsafe { STAGES.tail_call(pkt.ctx, STAGE_REPLY) };
+    }
+    // The stage is not there: drop.
+    count(counters::REPLY_FAILED);
+    count(counters::action_index(DnsAction::Drop));
+    xdp_action::XDP_DROP
+}
+
+/// The answer stage: rewrites the blocked query into its answer (XDP_TX),
+/// or drops it.
+#[inline(always)]
+pub fn reply(pkt: &mut XdpPacket) -> u32 {
+    let (Some(job), Some(cfg)) = (REPLY_JOB.get(0), CONFIG.get(0)) else { return xdp_action::XDP_DROP };
+    let (at, action) = job.get();
+    match build_reply(pkt, &at, action, cfg, Maps::opaque) {
         Ok(()) => {
             count(counters::action_index(action));
             return xdp_action::XDP_TX;
@@ -83,4 +102,3 @@ fn respond(pkt: &mut XdpPacket, at: &QueryAt, action: DnsAction) -> u32 {
     count(counters::action_index(DnsAction::Drop));
     xdp_action::XDP_DROP
 }
-

@@ -39,6 +39,12 @@ pub fn blokir_tls(ctx: XdpContext) -> u32 {
     tls::stream(&XdpPacket { ctx: &ctx })
 }
 
+/// The answer stage: a blocked DNS query turned into its answer.
+#[xdp]
+pub fn blokir_reply(ctx: XdpContext) -> u32 {
+    dns::reply(&mut XdpPacket { ctx: &ctx })
+}
+
 /// The match stage: a server name the stream stage finished.
 #[xdp]
 pub fn blokir_match(_ctx: XdpContext) -> u32 {

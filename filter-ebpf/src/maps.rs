@@ -12,6 +12,8 @@ use filter_common::{
     counters,
     inspect::{Env, OPAQUE_LIMIT},
     name::CanonBuf,
+    packet::Af,
+    reply::{DnsAction, QueryAt},
     rules::{Config, DEFAULT_RULE_CAPACITY, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef, STAGE_COUNT},
     tls::{FlowKey, Hello},
 };
@@ -55,7 +57,8 @@ pub static FLOWS: LruHashMap<FlowKey, Hello> = LruHashMap::with_max_entries(filt
 pub static HELLO_INIT: PerCpuArray<Hello> = PerCpuArray::with_max_entries(1, 0);
 
 /// The stages reached by tail call, each verified on its own budget:
-/// `STAGE_TLS` (ClientHellos) and `STAGE_MATCH` (a finished server name).
+/// `STAGE_TLS` (ClientHellos), `STAGE_MATCH` (a finished server name) and
+/// `STAGE_REPLY` (answers to blocked DNS queries).
 #[map(name = "STAGES")]
 pub static STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_COUNT, 0);
 
@@ -70,6 +73,46 @@ pub struct MatchJob {
     /// 0 for IPv4, 1 for IPv6.
     pub v6: u32,
 }
+
+/// What the DNS stage hands the answer stage.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ReplyJob {
+    l3_off: u32,
+    l4_off: u32,
+    msg_off: u32,
+    question_end: u32,
+    qtype: u32,
+    /// Bit 0: IPv6; bit 1: plain (see `QueryAt`).
+    flags: u32,
+    action: u32,
+}
+
+impl ReplyJob {
+    #[inline(always)]
+    pub fn new(at: &QueryAt, action: DnsAction) -> Self {
+        let flags = (at.af == Af::V6) as u32 | (at.plain as u32) << 1;
+        let off = |x: usize| x as u32;
+        ReplyJob { l3_off: off(at.l3_off), l4_off: off(at.l4_off), msg_off: off(at.msg_off), question_end: off(at.question_end), qtype: at.qtype as u32, flags, action: action as u32 }
+    }
+
+    #[inline(always)]
+    pub fn get(&self) -> (QueryAt, DnsAction) {
+        let at = QueryAt {
+            af: if self.flags & 1 != 0 { Af::V6 } else { Af::V4 },
+            l3_off: Maps::opaque(self.l3_off as usize),
+            l4_off: Maps::opaque(self.l4_off as usize),
+            msg_off: Maps::opaque(self.msg_off as usize),
+            question_end: Maps::opaque(self.question_end as usize),
+            qtype: self.qtype as u16,
+            plain: self.flags & 2 != 0,
+        };
+        (at, DnsAction::from_u32(self.action))
+    }
+}
+
+#[map(name = "REPLY_JOB")]
+pub static REPLY_JOB: PerCpuArray<ReplyJob> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "MATCH_JOB")]
 pub static MATCH_JOB: PerCpuArray<MatchJob> = PerCpuArray::with_max_entries(1, 0);

@@ -67,6 +67,9 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         }
     };
     let progress = feed(hello, pkt, start, end);
+    if matches!(progress, Progress::Name(_) | Progress::NoName | Progress::NotHello) && hello.flags & Hello::FLAG_ECH != 0 {
+        count(counters::TLS_ECH);
+    }
     if progress == Progress::StepsExhausted {
         // Go on with this segment in a fresh round: the parser resumes at
         // `next_seq`. The call returns only when the chain is at its limit.
@@ -75,9 +78,6 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         count(counters::TLS_TOO_COMPLEX);
         hello.block();
         return xdp_action::XDP_DROP;
-    }
-    if progress != Progress::NeedMore && hello.flags & Hello::FLAG_ECH != 0 {
-        count(counters::TLS_ECH);
     }
     match progress {
         Progress::NeedMore => xdp_action::XDP_PASS,

@@ -224,7 +224,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.ifaces.is_empty() {
         bail!("no interface given (--iface)");
     }
-    let socket_listener = bind_socket(&opts.socket)?;
+    // Everything that can fail is done before attaching; the socket file is
+    // removed on every way out.
+    let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket)?;
+    let metrics_listener =
+        tokio::net::TcpListener::bind(opts.metrics_addr).await.with_context(|| format!("binding the metrics endpoint {}", opts.metrics_addr))?;
     let opts = Arc::new(opts);
     let o = opts.clone();
     let mut state = tokio::task::spawn_blocking(move || State::new(&o)).await??;
@@ -236,9 +240,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tracing::info!(iface, ?mode, "attached");
     }
     let shared: Shared = Arc::new(Mutex::new(state));
-
-    let metrics_listener =
-        tokio::net::TcpListener::bind(opts.metrics_addr).await.with_context(|| format!("binding the metrics endpoint {}", opts.metrics_addr))?;
     tracing::info!(addr = %opts.metrics_addr, "serving /metrics");
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, shared.clone()));
     let control_task = tokio::spawn(serve_control(socket_listener, shared.clone()));
@@ -251,31 +252,43 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         r = metrics_task => bail!("metrics endpoint stopped: {r:?}"),
     }
     control_task.abort();
-    let _ = std::fs::remove_file(&opts.socket);
     lock(&shared).kernel.detach_all();
     Ok(())
 }
 
-/// Binds the root-only control socket, refusing if a daemon already answers.
-/// A directory it creates is made 0700; an existing one is left as it is.
-fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+/// The control socket's file, removed when this is dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another blokir daemon is listening on {}", path.display());
+}
+
+impl SocketFile {
+    /// Binds the root-only control socket, refusing if a daemon already
+    /// answers. A directory it creates is made 0700; an existing one is left
+    /// as it is.
+    fn bind(path: &Path) -> anyhow::Result<(UnixListener, Self)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
-        std::fs::remove_file(path)?;
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("another blokir daemon is listening on {}", path.display());
+            }
+            std::fs::remove_file(path)?;
+        }
+        // Created 0600 from the start: no window in which others could connect.
+        // SAFETY: umask only changes this process's file-creation mask.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = listener.with_context(|| format!("binding the control socket {}", path.display()))?;
+        Ok((listener, SocketFile(path.to_path_buf())))
     }
-    // Created 0600 from the start: no window in which others could connect.
-    // SAFETY: umask only changes this process's file-creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    listener.with_context(|| format!("binding the control socket {}", path.display()))
 }
 
 async fn serve_control(listener: UnixListener, shared: Shared) {

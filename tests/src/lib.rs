@@ -1,15 +1,24 @@
 //! Helpers for blokir's integration tests: the real XDP object with rules
 //! loaded through the real engine, packet fixtures, and the shared captures.
 
+pub mod model;
+pub mod netns;
 pub mod packets;
 
 use std::path::PathBuf;
 
 use blokir::{
     ebpf::Kernel,
-    rules::{Engine, Rule},
+    rules::{Engine, Rule, engine::Nodes},
 };
-use filter_common::hash::lane_multiplier;
+use filter_common::{
+    counters::{self, Outcome, Proto},
+    hash::lane_multiplier,
+    inspect::{Env, Inspection, inspect},
+    name::{CanonBuf, Decision},
+    packet::{Af, Malformed},
+    rules::Config,
+};
 
 /// The real program, loaded through the verifier, with `rules` applied by the
 /// same engine the daemon uses.
@@ -46,11 +55,133 @@ impl Loaded {
     pub fn counter(&self, index: u32) -> u64 {
         self.kernel.counters().unwrap()[index as usize]
     }
+
+    /// All global counters, summed over CPUs.
+    pub fn counters(&self) -> Vec<u64> {
+        self.kernel.counters().unwrap()
+    }
+
+    /// Runs one packet: the verdict, and how far each counter moved.
+    pub fn run(&mut self, packet: &[u8]) -> (u32, Vec<u64>) {
+        let before = self.counters();
+        let verdict = self.verdict(packet);
+        let delta = self.counters().iter().zip(&before).map(|(a, b)| a - b).collect();
+        (verdict, delta)
+    }
+
+    /// Asserts that `packet` gets `verdict` and that exactly `PACKETS` and
+    /// the `counted` counters (see `counted`) went up by one each.
+    #[track_caller]
+    pub fn expect(&mut self, what: &str, packet: &[u8], verdict: u32, counted: &[u32]) {
+        let (got, delta) = self.run(packet);
+        let mut want = vec![0u64; counters::COUNTERS as usize];
+        for i in std::iter::once(counters::PACKETS).chain(counted.iter().copied()) {
+            want[i as usize] += 1;
+        }
+        assert_eq!(
+            (action_name(got), describe_counters(&delta)),
+            (action_name(verdict), describe_counters(&want)),
+            "{what}: (verdict, counter deltas) differ; packet {packet:02x?}"
+        );
+    }
+
+    /// The shared `inspect` run on the host over `packet`, against exactly
+    /// the rules and settings the kernel holds.
+    pub fn host_inspect(&self, packet: &[u8]) -> Inspection {
+        let mut env = HostEnv { buf: CanonBuf::default(), cfg: self.engine.config(), nodes: self.engine.nodes() };
+        inspect(packet, &mut env)
+    }
+}
+
+/// `inspect`'s environment on the host: a scratch buffer, the engine's
+/// settings and its node map.
+pub struct HostEnv<'a> {
+    pub buf: CanonBuf,
+    pub cfg: Config,
+    pub nodes: Nodes<'a>,
+}
+
+impl<'a> Env for HostEnv<'a> {
+    type Rules = Nodes<'a>;
+    fn resources(&mut self) -> Option<(&mut CanonBuf, &Config, &Nodes<'a>)> {
+        Some((&mut self.buf, &self.cfg, &self.nodes))
+    }
+}
+
+/// The counters the XDP program bumps for `inspection`, besides `PACKETS`
+/// (mirrors `account` in filter-ebpf).
+pub fn counted(inspection: &Inspection) -> Vec<u32> {
+    use counters::proto_index;
+    match *inspection {
+        Inspection::Other | Inspection::TcpPayload => vec![],
+        Inspection::Fragment => vec![counters::FRAGMENTS],
+        Inspection::Unconfigured => vec![counters::UNCONFIGURED],
+        Inspection::Malformed(m) => vec![counters::malformed_index(m)],
+        Inspection::Incomplete { proto, af } => vec![proto_index(proto, af, Outcome::Incomplete)],
+        Inspection::Decided { proto, af, decision, .. } => {
+            let mut v = vec![proto_index(proto, af, Outcome::Inspected)];
+            match decision {
+                Decision::NoMatch => {}
+                Decision::Allow(_) => v.push(proto_index(proto, af, Outcome::Allowed)),
+                Decision::Block(_) => v.push(proto_index(proto, af, Outcome::Blocked)),
+            }
+            v
+        }
+    }
+}
+
+/// A counter's name, as in `/metrics` (`dns_udp_ipv4_blocked`, `malformed_l4`).
+pub fn counter_name(index: u32) -> String {
+    match index {
+        counters::PACKETS => return "packets".into(),
+        counters::FRAGMENTS => return "fragments".into(),
+        counters::UNCONFIGURED => return "unconfigured".into(),
+        _ => {}
+    }
+    for p in Proto::ALL {
+        for a in Af::ALL {
+            for o in Outcome::ALL {
+                if counters::proto_index(p, a, o) == index {
+                    return format!("{}_{}_{}", p.name(), a.name(), o.name());
+                }
+            }
+        }
+    }
+    Malformed::ALL.iter().find(|m| counters::malformed_index(**m) == index).map_or(format!("counter{index}"), |m| format!("malformed_{}", m.name()))
+}
+
+/// The non-zero entries of a counter vector, by name.
+pub fn describe_counters(values: &[u64]) -> Vec<(String, u64)> {
+    values.iter().enumerate().filter(|(_, v)| **v != 0).map(|(i, v)| (counter_name(i as u32), *v)).collect()
+}
+
+pub fn action_name(action: u32) -> &'static str {
+    match action {
+        XDP_ABORTED => "XDP_ABORTED",
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        3 => "XDP_TX",
+        4 => "XDP_REDIRECT",
+        _ => "unknown action",
+    }
 }
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+
+/// Every frame of `real-clients-dev.pcap` (Ethernet), in capture order.
+pub fn capture_frames() -> Vec<Vec<u8>> {
+    let path = pcaps_dir().join("real-clients-dev.pcap");
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = pcap_file::pcap::PcapReader::new(file).unwrap();
+    assert_eq!(reader.header().datalink, pcap_file::DataLink::ETHERNET);
+    let mut frames = Vec::new();
+    while let Some(p) = reader.next_packet() {
+        frames.push(p.unwrap().data.into_owned());
+    }
+    frames
+}
 
 /// `../shared/pcaps/` next to the checkout (or `$BLOKIR_PCAPS`).
 pub fn pcaps_dir() -> PathBuf {
@@ -58,4 +189,20 @@ pub fn pcaps_dir() -> PathBuf {
         return d.into();
     }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/pcaps")
+}
+
+/// The daemon binary the end-to-end tests drive: `$BLOKIR_BIN`, else
+/// `target/debug/blokir` in the workspace.
+pub fn blokir_bin() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("BLOKIR_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/blokir"),
+    };
+    if !path.is_file() {
+        anyhow::bail!(
+            "the blokir daemon binary {} does not exist: run `cargo build --bin blokir` (or `cargo xtask test`, which builds it), or set BLOKIR_BIN",
+            path.display()
+        );
+    }
+    Ok(path)
 }

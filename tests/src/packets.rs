@@ -3,9 +3,13 @@
 //! (with extension headers), and UDP or TCP.
 
 use etherparse::{IpNumber, Ipv4Header, Ipv6Header, TcpHeader, UdpHeader};
+use filter_common::{counters::Proto, packet::Af};
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query},
-    rr::{Name, RecordType},
+    rr::{
+        Name, RecordType,
+        rdata::opt::{EdnsCode, EdnsOption},
+    },
 };
 
 pub const CLIENT4: [u8; 4] = [198, 18, 0, 1];
@@ -66,9 +70,35 @@ impl Frame {
         self.vlans = tags.to_vec();
         self
     }
+    pub fn ports(mut self, src: u16, dst: u16) -> Self {
+        (self.src_port, self.dst_port) = (src, dst);
+        self
+    }
+    pub fn ipv4_options(mut self, options: &[u8]) -> Self {
+        self.ipv4_options = options.to_vec();
+        self
+    }
+    /// Appends one IPv6 extension header (see `ipv6_ext`).
+    pub fn ipv6_ext(mut self, kind: u8, body: &[u8]) -> Self {
+        self.ipv6_ext.push((kind, body.to_vec()));
+        self
+    }
+    /// An IPv4 fragment: offset in 8-byte units, and more-fragments.
+    pub fn fragment(mut self, offset: u16, more: bool) -> Self {
+        self.fragment = Some((offset, more));
+        self
+    }
+    /// The address family and transport, as the counters name them.
+    pub fn proto_af(&self) -> (Proto, Af) {
+        let proto = match self.transport {
+            Transport::Udp => Proto::DnsUdp,
+            Transport::Tcp => Proto::DnsTcp,
+        };
+        (proto, if self.ipv6 { Af::V6 } else { Af::V4 })
+    }
 
-    /// The whole Ethernet frame carrying `payload`. For TCP/53 the payload
-    /// is the DNS message and the 2-byte length prefix is added here.
+    /// The whole Ethernet frame carrying `payload` as is (`dns` and
+    /// `tcp_prefixed` add the TCP/53 length prefix).
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
         let mut l4 = Vec::new();
         let proto = match self.transport {
@@ -126,8 +156,11 @@ impl Frame {
             ip.extend_from_slice(&ext);
         } else {
             let mut h = Ipv4Header::new(l4.len() as u16, 64, proto, CLIENT4, SERVER4).unwrap();
-            h.set_options(&self.ipv4_options).unwrap();
+            h.options = self.ipv4_options.as_slice().try_into().unwrap();
+            // The total length counts the options too.
+            h.set_payload_len(l4.len()).unwrap();
             if let Some((offset, more)) = self.fragment {
+                h.dont_fragment = false;
                 h.fragment_offset = offset.try_into().unwrap();
                 h.more_fragments = more;
             }
@@ -176,3 +209,50 @@ pub fn tcp_prefixed(frame: &Frame, msg: &[u8]) -> Vec<u8> {
         }
     }
 }
+
+/// A query for `name` with EDNS carrying a client cookie (RFC 7873) and the
+/// DO bit, as `dig +cookie +dnssec` sends.
+pub fn query_with_cookie(name: &str, qtype: RecordType) -> Vec<u8> {
+    let mut m = Message::new();
+    m.set_id(0x4321).set_message_type(MessageType::Query).set_op_code(OpCode::Query).set_recursion_desired(true);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    let mut e = Edns::new();
+    e.set_max_payload(1232).set_dnssec_ok(true);
+    e.options_mut().insert(EdnsOption::Unknown(EdnsCode::Cookie.into(), vec![0x5e, 0xc0, 0x0c, 0x1e, 0x11, 0x22, 0x33, 0x44]));
+    m.set_edns(e);
+    m.to_vec().unwrap()
+}
+
+/// The wire form of a dotted name: each label as given (no checks, so
+/// over-long labels and names can be built), then the root byte.
+pub fn wire_name(name: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        v.push(label.len() as u8);
+        v.extend_from_slice(label.as_bytes());
+    }
+    v.push(0);
+    v
+}
+
+/// One question: the name bytes exactly as given, then QTYPE and QCLASS IN.
+pub fn question(name_bytes: &[u8], qtype: u16) -> Vec<u8> {
+    let mut v = name_bytes.to_vec();
+    v.extend_from_slice(&qtype.to_be_bytes());
+    v.extend_from_slice(&1u16.to_be_bytes());
+    v
+}
+
+/// A DNS message from raw parts: the 12-byte header (id 0x1234, `flags`,
+/// `qdcount`, other counts 0), then `body` as is.
+pub fn raw_message(flags: u16, qdcount: u16, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x12, 0x34];
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&qdcount.to_be_bytes());
+    v.extend_from_slice(&[0; 6]);
+    v.extend_from_slice(body);
+    v
+}
+
+/// Flags of a standard recursive query (QR=0, OPCODE=QUERY, RD=1).
+pub const QUERY_FLAGS: u16 = 0x0100;

@@ -79,13 +79,17 @@ pub fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
 }
 
-/// `--locked` under CI, so the committed Cargo.lock is what is tested.
+/// `cargo SUBCOMMAND [--locked] ARGS...`: `--locked` under CI, so the
+/// committed Cargo.lock is what is tested. It goes right after the
+/// subcommand, never after a `--`.
 pub fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.args(args);
+    let (sub, rest) = args.split_first().expect("a cargo subcommand");
+    c.arg(sub);
     if std::env::var_os("CI").is_some() {
         c.arg("--locked");
     }
+    c.args(rest);
     c
 }
 
