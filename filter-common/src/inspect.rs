@@ -67,42 +67,89 @@ impl Inspection {
     }
 }
 
+/// Where a DNS message to port 53 lies: what the entry program hands the
+/// DNS stage (a per-CPU map value in the kernel, hence plain integers).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsAt {
+    /// 1 for TCP/53, 0 for UDP/53.
+    pub tcp: u32,
+    /// 1 for IPv6.
+    pub v6: u32,
+    /// 1 when the packet could be answered in place (see `L3::plain`).
+    pub plain: u32,
+    pub l3_off: u32,
+    pub l4_off: u32,
+    pub payload_off: u32,
+    pub payload_end: u32,
+}
+
+/// What the lower layers (eth -> ip -> l4) make of a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Classified {
+    /// Not a protocol blokir inspects.
+    Other,
+    /// A later IP fragment.
+    Fragment,
+    Malformed(Malformed),
+    /// A TCP segment with payload, not to port 53: for the stream stage.
+    TcpPayload,
+    /// A DNS message to port 53: for the DNS stage.
+    Dns(DnsAt),
+}
+
+/// The entry stage: Ethernet, VLANs, IP and the transport header.
 #[inline(always)]
-pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
+pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
     let l3 = match parse_l3(p) {
         Ok(l3) => l3,
-        Err(skip) => return from_skip(skip),
+        Err(Skip::Other) => return Classified::Other,
+        Err(Skip::Malformed(m)) => return Classified::Malformed(m),
     };
     if l3.later_fragment {
-        return if l3.proto == IPPROTO_UDP || l3.proto == IPPROTO_TCP { Inspection::Fragment } else { Inspection::Other };
+        return if l3.proto == IPPROTO_UDP || l3.proto == IPPROTO_TCP { Classified::Fragment } else { Classified::Other };
     }
-    let (proto, l4) = match l3.proto {
+    let (tcp, l4) = match l3.proto {
         IPPROTO_UDP => match parse_udp(p, &l3) {
-            Ok(l4) if l4.dst_port == dns::DNS_PORT => (Proto::DnsUdp, l4),
-            Ok(_) => return Inspection::Other,
-            Err(skip) => return from_skip(skip),
+            Ok(l4) if l4.dst_port == dns::DNS_PORT => (0, l4),
+            Ok(_) => return Classified::Other,
+            Err(Skip::Malformed(m)) => return Classified::Malformed(m),
+            Err(Skip::Other) => return Classified::Other,
         },
         IPPROTO_TCP => match parse_tcp(p, &l3) {
-            Ok(l4) if l4.dst_port == dns::DNS_PORT => (Proto::DnsTcp, l4),
-            Ok(l4) if l4.payload_off < l4.payload_end => return Inspection::TcpPayload,
-            Ok(_) => return Inspection::Other,
-            Err(skip) => return from_skip(skip),
+            // Segments without payload (handshake, ACKs) are not queries.
+            Ok(l4) if l4.payload_off >= l4.payload_end => return Classified::Other,
+            Ok(l4) if l4.dst_port == dns::DNS_PORT => (1, l4),
+            Ok(_) => return Classified::TcpPayload,
+            Err(Skip::Malformed(m)) => return Classified::Malformed(m),
+            Err(Skip::Other) => return Classified::Other,
         },
-        _ => return Inspection::Other,
+        _ => return Classified::Other,
     };
-    // Segments without payload (handshake, ACKs) are not queries.
-    if proto == Proto::DnsTcp && l4.payload_off >= l4.payload_end {
-        return Inspection::Other;
-    }
-    // Stage boundary: everything the DNS stage and the verdict after it need,
-    // made opaque, so the stage is verified once for all header layouts.
-    let tcp = E::opaque(proto as usize);
-    let v6 = E::opaque(l3.af as usize);
-    let plain = E::opaque(l3.plain as usize);
-    let l3_off = E::opaque(l3.l3_off);
-    let l4_off = E::opaque(l3.l4_off);
-    let payload_off = E::opaque(l4.payload_off);
-    let payload_end = E::opaque(l4.payload_end);
+    let off = |x: usize| x.min(OPAQUE_LIMIT - 1) as u32;
+    Classified::Dns(DnsAt {
+        tcp,
+        v6: (l3.af == Af::V6) as u32,
+        plain: l3.plain as u32,
+        l3_off: off(l3.l3_off),
+        l4_off: off(l3.l4_off),
+        payload_off: off(l4.payload_off),
+        payload_end: off(l4.payload_end),
+    })
+}
+
+/// The DNS stage: reads the query's name and matches it.
+#[inline(always)]
+pub fn dns_stage<P: Packet + ?Sized, E: Env>(p: &P, at: &DnsAt, env: &mut E) -> Inspection {
+    // Stage boundary: in the kernel this stage is its own program, fed from
+    // a map; on the host the values go through `opaque` just the same.
+    let tcp = E::opaque(at.tcp as usize) & 1;
+    let v6 = E::opaque(at.v6 as usize);
+    let plain = E::opaque(at.plain as usize);
+    let l3_off = E::opaque(at.l3_off as usize);
+    let l4_off = E::opaque(at.l4_off as usize);
+    let payload_off = E::opaque(at.payload_off as usize);
+    let payload_end = E::opaque(at.payload_end as usize);
     let Some((buf, cfg, rules)) = env.resources() else {
         return Inspection::Unconfigured;
     };
@@ -115,8 +162,11 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
     let (msg_end, short) = msg_end(p, tcp, payload_off, payload_end);
     // Made opaque again: otherwise what the verifier learns about the
     // offsets while reading the prefix (one state per outcome) carries into
-    // the DNS stage, which is then verified once per outcome (+50k insns).
-    let msg_off = E::opaque(payload_off + 2 * (tcp & 1));
+    // the name loops, which are then verified once per outcome.
+    // `tcp` too: `msg_end` branched on it, and a known value carried
+    // through the matcher's loop would have it verified once per value.
+    let tcp = E::opaque(tcp) & 1;
+    let msg_off = E::opaque(payload_off + 2 * tcp);
     let msg_end = E::opaque(msg_end);
     let short = E::opaque(short as usize);
     let result = dns::parse_query(p, msg_off, msg_end, buf, E::opaque).map(|q| (q, match_canon(buf, E::opaque(canon_start(q.canon_len)), cfg, rules)));
@@ -135,6 +185,20 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
     }
 }
 
+/// The whole per-packet decision on the host: the entry stage and the DNS
+/// stage, as the kernel chains them. (TCP payload is left to the stream
+/// stage, which keeps per-flow state: `Inspection::TcpPayload`.)
+#[inline(always)]
+pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
+    match classify(p) {
+        Classified::Other => Inspection::Other,
+        Classified::Fragment => Inspection::Fragment,
+        Classified::Malformed(m) => Inspection::Malformed(m),
+        Classified::TcpPayload => Inspection::TcpPayload,
+        Classified::Dns(at) => dns_stage(p, &at, env),
+    }
+}
+
 /// Where the DNS message ends: the datagram's end for UDP (`tcp` = 0); for
 /// TCP the end its length prefix announces, or the segment's end if that
 /// comes first. Also whether a TCP segment holds less of the message than
@@ -148,14 +212,6 @@ fn msg_end<P: Packet + ?Sized>(p: &P, tcp: usize, payload_off: usize, payload_en
         Some(len) if payload_off + 2 + (len as usize) < payload_end => (payload_off + 2 + len as usize, false),
         Some(len) if payload_off + 2 <= payload_end => (payload_end, payload_off + 2 + (len as usize) > payload_end),
         _ => (payload_end, true),
-    }
-}
-
-#[inline(always)]
-const fn from_skip(skip: Skip) -> Inspection {
-    match skip {
-        Skip::Other => Inspection::Other,
-        Skip::Malformed(m) => Inspection::Malformed(m),
     }
 }
 

@@ -28,4 +28,5 @@ mod pod {
     unsafe impl aya::Pod for crate::name::CanonBuf {}
     unsafe impl aya::Pod for crate::tls::FlowKey {}
     unsafe impl aya::Pod for crate::tls::Hello {}
+    unsafe impl aya::Pod for crate::inspect::DnsAt {}
 }

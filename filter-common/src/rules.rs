@@ -14,17 +14,19 @@ pub const MAP_RULE_HITS: &str = "RULE_HITS";
 pub const MAP_LIST_HITS: &str = "LIST_HITS";
 pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_LIST_ACTIONS: &str = "LIST_ACTIONS";
-/// The XDP programs' names in the object: the entry program, and the stream
-/// stage it tail-calls (slot 0 of `STAGES`).
+/// The XDP programs' names in the object: the entry program, and the stages
+/// reached by tail call through `STAGES`.
 pub const PROGRAM_NAME: &str = "blokir";
 pub const TLS_PROGRAM_NAME: &str = "blokir_tls";
 pub const MATCH_PROGRAM_NAME: &str = "blokir_match";
 pub const REPLY_PROGRAM_NAME: &str = "blokir_reply";
+pub const DNS_PROGRAM_NAME: &str = "blokir_dns";
 /// Slots of the `STAGES` program array.
 pub const STAGE_TLS: u32 = 0;
 pub const STAGE_MATCH: u32 = 1;
 pub const STAGE_REPLY: u32 = 2;
-pub const STAGE_COUNT: u32 = 3;
+pub const STAGE_DNS: u32 = 3;
+pub const STAGE_COUNT: u32 = 4;
 pub const MAP_STAGES: &str = "STAGES";
 pub const MAP_FLOWS: &str = "FLOWS";
 

@@ -1,4 +1,4 @@
-//! The DNS stage's verdict: counting, and answering blocked queries.
+//! The DNS stage's verdict, and the answer stage.
 
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
@@ -19,12 +19,8 @@ use crate::{
 pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
     match *inspection {
         Inspection::Other => xdp_action::XDP_PASS,
-        Inspection::TcpPayload => {
-            // SAFETY: the stage is an XDP program of this object. On return
-            // the tail call failed (no stage loaded): pass.
-            unsafe { STAGES.tail_call(pkt.ctx, 0) };
-            xdp_action::XDP_PASS
-        }
+        // Decided by the entry program; not a DNS stage outcome.
+        Inspection::TcpPayload => xdp_action::XDP_PASS,
         Inspection::Fragment => {
             count(counters::FRAGMENTS);
             xdp_action::XDP_PASS

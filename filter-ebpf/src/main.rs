@@ -15,21 +15,51 @@ mod maps;
 mod packet;
 mod tls;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
-use filter_common::{counters, inspect::inspect};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use filter_common::{
+    counters,
+    inspect::{Classified, classify, dns_stage},
+    rules::{STAGE_DNS, STAGE_TLS},
+};
 
 use crate::{
-    maps::{Maps, Rules, count},
+    maps::{DNS_JOB, Maps, Rules, STAGES, count},
     packet::XdpPacket,
 };
 
-/// The entry program: every packet. DNS is decided here; TCP segments that
-/// may carry a ClientHello go on to `blokir_tls`.
+/// The entry program: every packet. It reads the lower layers and hands DNS
+/// queries to `blokir_dns` and TCP payload to `blokir_tls` by tail call, so
+/// that each stage is verified on its own.
 #[xdp]
 pub fn blokir(ctx: XdpContext) -> u32 {
-    let mut pkt = XdpPacket { ctx: &ctx };
+    let pkt = XdpPacket { ctx: &ctx };
     count(counters::PACKETS);
-    let inspection = inspect(&pkt, &mut Maps { rules: Rules });
+    match classify(&pkt) {
+        Classified::Other => {}
+        Classified::Fragment => count(counters::FRAGMENTS),
+        Classified::Malformed(m) => count(counters::malformed_index(m)),
+        // SAFETY (both tail calls): the slots hold programs of this object;
+        // the call returns only if a slot is empty, and then the packet passes.
+        Classified::TcpPayload => unsafe { STAGES.tail_call(&ctx, STAGE_TLS) },
+        Classified::Dns(at) => {
+            if let Some(job) = DNS_JOB.get_ptr_mut(0) {
+                // SAFETY: per-CPU slot.
+                unsafe {
+                    *job = at;
+                    STAGES.tail_call(&ctx, STAGE_DNS);
+                }
+            }
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// The DNS stage: the query's name, matched; dropped or answered.
+#[xdp]
+pub fn blokir_dns(ctx: XdpContext) -> u32 {
+    let mut pkt = XdpPacket { ctx: &ctx };
+    let Some(at) = DNS_JOB.get(0).copied() else { return xdp_action::XDP_PASS };
+    let inspection = dns_stage(&pkt, &at, &mut Maps { rules: Rules });
     dns::account(&mut pkt, &inspection)
 }
 

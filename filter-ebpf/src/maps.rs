@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use filter_common::{
     counters,
-    inspect::{Env, OPAQUE_LIMIT},
+    inspect::{DnsAt, Env, OPAQUE_LIMIT},
     name::CanonBuf,
     packet::Af,
     reply::{DnsAction, QueryAt},
@@ -57,8 +57,8 @@ pub static FLOWS: LruHashMap<FlowKey, Hello> = LruHashMap::with_max_entries(filt
 pub static HELLO_INIT: PerCpuArray<Hello> = PerCpuArray::with_max_entries(1, 0);
 
 /// The stages reached by tail call, each verified on its own budget:
-/// `STAGE_TLS` (ClientHellos), `STAGE_MATCH` (a finished server name) and
-/// `STAGE_REPLY` (answers to blocked DNS queries).
+/// `STAGE_DNS` (queries), `STAGE_TLS` (ClientHellos), `STAGE_MATCH` (a
+/// finished server name) and `STAGE_REPLY` (answers to blocked queries).
 #[map(name = "STAGES")]
 pub static STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_COUNT, 0);
 
@@ -93,7 +93,15 @@ impl ReplyJob {
     pub fn new(at: &QueryAt, action: DnsAction) -> Self {
         let flags = (at.af == Af::V6) as u32 | (at.plain as u32) << 1;
         let off = |x: usize| x as u32;
-        ReplyJob { l3_off: off(at.l3_off), l4_off: off(at.l4_off), msg_off: off(at.msg_off), question_end: off(at.question_end), qtype: at.qtype as u32, flags, action: action as u32 }
+        ReplyJob {
+            l3_off: off(at.l3_off),
+            l4_off: off(at.l4_off),
+            msg_off: off(at.msg_off),
+            question_end: off(at.question_end),
+            qtype: at.qtype as u32,
+            flags,
+            action: action as u32,
+        }
     }
 
     #[inline(always)]
@@ -110,6 +118,10 @@ impl ReplyJob {
         (at, DnsAction::from_u32(self.action))
     }
 }
+
+/// What the entry program hands the DNS stage.
+#[map(name = "DNS_JOB")]
+pub static DNS_JOB: PerCpuArray<DnsAt> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "REPLY_JOB")]
 pub static REPLY_JOB: PerCpuArray<ReplyJob> = PerCpuArray::with_max_entries(1, 0);
@@ -176,4 +188,3 @@ pub fn hit(rule: RuleRef, kind: u32) {
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(c, 1) };
     }
 }
-

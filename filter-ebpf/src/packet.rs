@@ -78,4 +78,3 @@ fn barrier(mut x: usize) -> usize {
     unsafe { core::arch::asm!("{0} = {0}", inout(reg) x, options(nomem, nostack, preserves_flags)) };
     x
 }
-

@@ -15,15 +15,15 @@ use filter_common::{
     counters,
     reply::DnsAction,
     rules::{
-        Config, MAP_CONFIG, MAP_COUNTERS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules,
-        PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        Config, DNS_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MATCH_PROGRAM_NAME,
+        MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
 };
 
 use crate::rules::Target;
 
 /// The entry program and the stages it tail-calls.
-const PROGRAMS: [&str; 4] = [PROGRAM_NAME, TLS_PROGRAM_NAME, MATCH_PROGRAM_NAME, REPLY_PROGRAM_NAME];
+const PROGRAMS: [&str; 5] = [PROGRAM_NAME, DNS_PROGRAM_NAME, TLS_PROGRAM_NAME, MATCH_PROGRAM_NAME, REPLY_PROGRAM_NAME];
 
 /// The XDP program, built by build.rs with the pinned BPF toolchain.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blokir"));
@@ -76,7 +76,12 @@ impl Kernel {
             let prog: &Xdp = ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
             Ok(prog.fd()?.try_clone()?)
         };
-        let stages_fds = [(STAGE_TLS, stage_fd(&ebpf, TLS_PROGRAM_NAME)?), (STAGE_MATCH, stage_fd(&ebpf, MATCH_PROGRAM_NAME)?), (STAGE_REPLY, stage_fd(&ebpf, REPLY_PROGRAM_NAME)?)];
+        let stages_fds = [
+            (STAGE_DNS, stage_fd(&ebpf, DNS_PROGRAM_NAME)?),
+            (STAGE_TLS, stage_fd(&ebpf, TLS_PROGRAM_NAME)?),
+            (STAGE_MATCH, stage_fd(&ebpf, MATCH_PROGRAM_NAME)?),
+            (STAGE_REPLY, stage_fd(&ebpf, REPLY_PROGRAM_NAME)?),
+        ];
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"));
         let rules = HashMap::try_from(take(MAP_RULES)?)?;
         let config = Array::try_from(take(MAP_CONFIG)?)?;
@@ -93,7 +98,20 @@ impl Kernel {
         for (slot, fd) in &stages_fds {
             stages.set(*slot, fd, 0).context("installing the tail-called stages")?;
         }
-        Ok(Kernel { ebpf, rules, config, counters, list_hits, list_actions, rule_hits, hits_view, _stages: stages, cfg: Config::default(), attachments: Vec::new(), capacity })
+        Ok(Kernel {
+            ebpf,
+            rules,
+            config,
+            counters,
+            list_hits,
+            list_actions,
+            rule_hits,
+            hits_view,
+            _stages: stages,
+            cfg: Config::default(),
+            attachments: Vec::new(),
+            capacity,
+        })
     }
 
     pub fn capacity(&self) -> u32 {

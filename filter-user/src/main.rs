@@ -137,7 +137,20 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { ifaces, mode, rules, state_dir, metrics_addr, rule_capacity, top_rules, dns_action, list_dns_actions, redirect_ipv4, redirect_ipv6, answer_ttl } => {
+        Command::Run {
+            ifaces,
+            mode,
+            rules,
+            state_dir,
+            metrics_addr,
+            rule_capacity,
+            top_rules,
+            dns_action,
+            list_dns_actions,
+            redirect_ipv4,
+            redirect_ipv6,
+            answer_ttl,
+        } => {
             let dns = DnsPolicy { default: dns_action, per_list: list_dns_actions, answer_ttl, redirect_v4: redirect_ipv4, redirect_v6: redirect_ipv6 };
             let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics_addr, capacity: rule_capacity, top_rules, dns };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;

@@ -82,9 +82,21 @@ impl Collector for Blokir {
         let rows = Malformed::ALL.iter().map(|m| (vec![("reason", m.name())], get(counters::malformed_index(*m))));
         family(&mut enc, "blokir_malformed", "Malformed packets by reason, passed.", MetricType::Counter, rows)?;
         let rows = DnsAction::ALL.iter().map(|a| (vec![("action", a.name())], get(counters::action_index(*a))));
-        family(&mut enc, "blokir_dns_actions", "Blocked DNS queries by what was done: dropped, or answered (nxdomain, refused, nodata, redirect).", MetricType::Counter, rows)?;
+        family(
+            &mut enc,
+            "blokir_dns_actions",
+            "Blocked DNS queries by what was done: dropped, or answered (nxdomain, refused, nodata, redirect).",
+            MetricType::Counter,
+            rows,
+        )?;
         let rows = [("not_plain", counters::REPLY_NOT_PLAIN), ("failed", counters::REPLY_FAILED)].map(|(r, i)| (vec![("reason", r)], get(i)));
-        family(&mut enc, "blokir_dns_answer_fallbacks", "Blocked UDP queries dropped instead of answered: IP options, extension headers or fragments (not_plain), or the packet could not be rewritten (failed).", MetricType::Counter, rows)?;
+        family(
+            &mut enc,
+            "blokir_dns_answer_fallbacks",
+            "Blocked UDP queries dropped instead of answered: IP options, extension headers or fragments (not_plain), or the packet could not be rewritten (failed).",
+            MetricType::Counter,
+            rows,
+        )?;
 
         let lists = state.engine.lists();
         let list_hits: Vec<[u64; 2]> = lists.iter().map(|l| state.kernel.list_hits(l.id).unwrap_or_default()).collect();

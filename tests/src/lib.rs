@@ -17,6 +17,7 @@ use filter_common::{
     inspect::{Env, Inspection, inspect},
     name::{CanonBuf, Decision},
     packet::{Af, Malformed},
+    reply::DnsAction,
     rules::Config,
 };
 
@@ -123,7 +124,8 @@ pub fn counted(inspection: &Inspection) -> Vec<u32> {
             match decision {
                 Decision::NoMatch => {}
                 Decision::Allow(_) => v.push(proto_index(proto, af, Outcome::Allowed)),
-                Decision::Block(_) => v.push(proto_index(proto, af, Outcome::Blocked)),
+                // Every list's action is `drop` unless a test sets one.
+                Decision::Block(_) => v.extend([proto_index(proto, af, Outcome::Blocked), counters::action_index(DnsAction::Drop)]),
             }
             v
         }
@@ -136,7 +138,17 @@ pub fn counter_name(index: u32) -> String {
         counters::PACKETS => return "packets".into(),
         counters::FRAGMENTS => return "fragments".into(),
         counters::UNCONFIGURED => return "unconfigured".into(),
+        counters::REPLY_NOT_PLAIN => return "reply_not_plain".into(),
+        counters::REPLY_FAILED => return "reply_failed".into(),
+        counters::TLS_NO_SNI => return "tls_no_sni".into(),
+        counters::TLS_ECH => return "tls_ech".into(),
+        counters::TLS_OUT_OF_ORDER => return "tls_out_of_order".into(),
+        counters::TLS_TOO_COMPLEX => return "tls_too_complex".into(),
+        counters::TLS_NOT_HELLO => return "tls_not_hello".into(),
         _ => {}
+    }
+    if let Some(a) = DnsAction::ALL.iter().find(|a| counters::action_index(**a) == index) {
+        return format!("dns_action_{}", a.name());
     }
     for p in Proto::ALL {
         for a in Af::ALL {

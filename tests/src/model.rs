@@ -12,7 +12,6 @@ use filter_common::{
     inspect::{Inspection, inspect},
     name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{IPPROTO_TCP, parse_l3, parse_tcp},
-    reply::DnsAction,
     tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, resume, starts_hello},
 };
 
@@ -27,18 +26,13 @@ pub struct Model {
 
 impl Model {
     /// The verdict for `packet` and the counters it moves (besides
-    /// `PACKETS`), with every list's DNS action `drop`.
+    /// `PACKETS`), with every list's DNS action `drop` (see `counted`).
     pub fn run(&mut self, l: &Loaded, packet: &[u8]) -> (u32, Vec<u32>) {
         let mut env = HostEnv { buf: CanonBuf::default(), cfg: l.engine.config(), nodes: l.engine.nodes() };
         let inspection = inspect(packet, &mut env);
         match inspection {
             Inspection::TcpPayload => self.stream(l, packet),
-            Inspection::Decided { decision: Decision::Block(_), .. } => {
-                let mut c = crate::counted(&inspection);
-                c.push(counters::action_index(DnsAction::Drop));
-                (XDP_DROP, c)
-            }
-            other => (XDP_PASS, crate::counted(&other)),
+            other => (if other.blocks() { XDP_DROP } else { XDP_PASS }, crate::counted(&other)),
         }
     }
 

@@ -135,12 +135,7 @@ fn check_answer(query: &Message, resp: &Message, rcode: ResponseCode, answers: &
 }
 
 fn frames() -> Vec<(&'static str, Frame)> {
-    vec![
-        ("ipv4", Frame::udp()),
-        ("ipv6", Frame::udp().v6()),
-        ("ipv4 802.1Q", Frame::udp().vlans(&[100])),
-        ("ipv6 QinQ", Frame::udp().v6().vlans(&[100, 200])),
-    ]
+    vec![("ipv4", Frame::udp()), ("ipv6", Frame::udp().v6()), ("ipv4 802.1Q", Frame::udp().vlans(&[100])), ("ipv6 QinQ", Frame::udp().v6().vlans(&[100, 200]))]
 }
 
 #[test]

@@ -10,9 +10,10 @@ use blokir_tests::{
 };
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use filter_common::{
-    counters::{FRAGMENTS, Outcome, PACKETS, Proto, malformed_index, proto_index},
+    counters::{FRAGMENTS, Outcome, PACKETS, Proto, action_index, malformed_index, proto_index},
     inspect::Inspection,
     packet::{Af, Malformed},
+    reply::DnsAction,
 };
 use hickory_proto::{
     op::{Message, MessageType, OpCode},
@@ -78,7 +79,8 @@ impl Want {
         let (proto, af) = frame.proto_af();
         let mut v = vec![proto_index(proto, af, Outcome::Inspected)];
         match self {
-            Want::Drop => v.push(proto_index(proto, af, Outcome::Blocked)),
+            // Every list's DNS action is `drop` here.
+            Want::Drop => v.extend([proto_index(proto, af, Outcome::Blocked), action_index(DnsAction::Drop)]),
             Want::Allow => v.push(proto_index(proto, af, Outcome::Allowed)),
             Want::Pass => {}
         }
@@ -674,7 +676,7 @@ fn run_capture(rules: &[&str]) -> (usize, Vec<(String, Want)>) {
                 seen.push((q.name.clone(), want));
                 let mut c = vec![proto_index(q.proto, q.af, Outcome::Inspected)];
                 match want {
-                    Want::Drop => c.push(proto_index(q.proto, q.af, Outcome::Blocked)),
+                    Want::Drop => c.extend([proto_index(q.proto, q.af, Outcome::Blocked), action_index(DnsAction::Drop)]),
                     Want::Allow => c.push(proto_index(q.proto, q.af, Outcome::Allowed)),
                     Want::Pass => {}
                 }
