@@ -250,7 +250,7 @@ mod tests {
 
     /// An environment with an exact block rule on `blocked.example`.
     fn env() -> HostEnv {
-        let mut cfg = Config { hash_r: [lane_multiplier(1), lane_multiplier(2)], depth_mask: [0, 0] };
+        let mut cfg = Config { hash_r: [lane_multiplier(1), lane_multiplier(2)], ..Config::default() };
         cfg.add_depth(2);
         let mut buf = CanonBuf::default();
         let n = dotted_to_canon(&b"blocked.example"[..], 0, 15, &mut buf).unwrap();

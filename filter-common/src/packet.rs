@@ -6,7 +6,8 @@
 pub const MAX_PACKET_OFFSET: usize = 4096;
 /// 802.1Q / 802.1ad tags followed (QinQ is two).
 pub const MAX_VLAN_DEPTH: usize = 2;
-/// IPv6 extension headers followed before giving up.
+/// IPv6 extension headers followed before giving up (a transport header
+/// behind more of them is not reached: the packet counts as malformed).
 pub const MAX_IPV6_EXT_HEADERS: usize = 8;
 
 pub const ETH_HLEN: usize = 14;
@@ -219,7 +220,9 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
     let mut hdr = off + 40;
     let mut later_fragment = false;
     let mut fragment = false;
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
+    // One pass per extension header, and one more to reach the transport
+    // header behind the last of them.
+    for _ in 0..=MAX_IPV6_EXT_HEADERS {
         match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {

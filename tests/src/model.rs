@@ -44,13 +44,11 @@ impl Model {
         let Ok(l4) = parse_tcp(p, &l3) else { return (XDP_PASS, vec![]) };
         let Some(key) = FlowKey::of(p, &l3, &l4) else { return (XDP_PASS, vec![]) };
         let (off, end) = (l4.payload_off, l4.payload_end);
-        if !self.flows.contains_key(&key) {
-            if !starts_hello(p, off, end) {
-                return (XDP_PASS, vec![]);
-            }
-            self.flows.insert(key, Box::new(Hello::new(l4.seq)));
-        }
-        let hello = self.flows.get_mut(&key).expect("just inserted");
+        let hello = match self.flows.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) if starts_hello(p, off, end) => e.insert(Box::new(Hello::new(l4.seq))),
+            std::collections::hash_map::Entry::Vacant(_) => return (XDP_PASS, vec![]),
+        };
         if hello.is_blocked() {
             return (XDP_DROP, vec![]);
         }

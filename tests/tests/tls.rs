@@ -28,7 +28,9 @@ struct Hello0 {
 
 /// Every ClientHello in the capture (client and server ports as captured).
 fn captured_hellos() -> Vec<Hello0> {
-    let mut flows: BTreeMap<(Vec<u8>, u16, u16), Vec<(u32, Vec<u8>)>> = BTreeMap::new();
+    // (client address, client port, server port) -> (sequence number, payload)
+    type Flows = BTreeMap<(Vec<u8>, u16, u16), Vec<(u32, Vec<u8>)>>;
+    let mut flows = Flows::new();
     for frame in capture_frames() {
         let Ok(s) = SlicedPacket::from_ethernet(&frame) else { continue };
         let Some(TransportSlice::Tcp(t)) = s.transport else { continue };

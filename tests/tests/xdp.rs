@@ -259,6 +259,7 @@ fn encapsulations_are_seen_through() {
             Frame::udp().v6().ipv6_ext(0, &[]).ipv6_ext(60, &[]).ipv6_ext(43, &[4, 0]).ipv6_ext(44, &fragment_first),
         ),
         ("IPv6 7 extension headers in QinQ", (0..7).fold(Frame::udp().v6().vlans(&[5, 6]), |f, _| f.ipv6_ext(60, &[]))),
+        ("IPv6 8 extension headers (the most followed)", (0..8).fold(Frame::udp().v6(), |f, _| f.ipv6_ext(60, &[]))),
     ];
     for (what, frame) in &encapsulations {
         for frame in [with_transport(frame, Transport::Udp), with_transport(frame, Transport::Tcp)] {

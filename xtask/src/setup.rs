@@ -72,9 +72,11 @@ fn cargo_fuzz() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
-/// Runs every fuzz target for `seconds` with the pinned nightly.
+/// Runs every fuzz target for `seconds` with the pinned nightly, from the
+/// seed corpus the fuzz crate writes (blocks, allows, every malformation).
 pub fn fuzz(seconds: u32) -> anyhow::Result<()> {
     let dir = root().join("fuzz");
+    run(Command::new("cargo").args([&format!("+{BPF_TOOLCHAIN}"), "run", "--quiet", "--example", "make_seeds"]).current_dir(&dir))?;
     let list = Command::new("cargo").args([&format!("+{BPF_TOOLCHAIN}"), "fuzz", "list"]).current_dir(&dir).output().context("cargo fuzz list")?;
     let targets = String::from_utf8_lossy(&list.stdout).lines().map(str::to_string).collect::<Vec<_>>();
     if targets.is_empty() {

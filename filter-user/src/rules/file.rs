@@ -1,18 +1,23 @@
-//! Rule files: one rule per line, `#` comments, blank lines. A file with any
-//! bad line is refused whole, with every bad line reported as `FILE:LINE: why`.
+//! Rule files. blokir's own format is one rule per line, `#` comments, blank
+//! lines; hosts files, RPZ zones and adblock lists are read too, the format
+//! detected from the content (see `formats`). A file with any bad line is
+//! refused whole, with every bad line reported as `FILE:LINE: why`.
 
 use std::{fmt, path::Path};
 
-use super::pattern::{PatternError, Rule};
+use super::{
+    formats::{BadLines, Format, LineProblem, parse_list},
+    pattern::Rule,
+};
 
 /// How many bad lines an error lists before summarizing.
-const MAX_REPORTED: usize = 20;
+pub(super) const MAX_REPORTED: usize = 20;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct LineError {
     pub source: String,
     pub line: usize,
-    pub error: PatternError,
+    pub error: LineProblem,
 }
 
 impl fmt::Display for LineError {
@@ -50,35 +55,16 @@ impl FileError {
     }
 }
 
-/// Parses rule text; `source` names it in errors.
+/// Parses rule text in any format (`Format::Auto`), refusing it if any line
+/// is bad; `source` names it in errors. See `formats::parse_list` for an
+/// explicit format or for skipping bad lines.
 pub fn parse_rules(source: &str, bytes: &[u8]) -> Result<Vec<Rule>, FileError> {
-    let mut rules = Vec::new();
-    let mut errors = Vec::new();
-    let mut bad = 0usize;
-    for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
-        let line = std::str::from_utf8(raw).map_err(|_| FileError::NotUtf8 { file: source.to_string(), line: i + 1 })?;
-        let text = line.split('#').next().unwrap_or("").trim();
-        if text.is_empty() {
-            continue;
-        }
-        match Rule::parse(text) {
-            Ok(rule) => rules.push(rule),
-            Err(error) => {
-                bad += 1;
-                if errors.len() < MAX_REPORTED {
-                    errors.push(LineError { source: source.to_string(), line: i + 1, error });
-                }
-            }
-        }
-    }
-    if bad > 0 {
-        return Err(FileError::Lines(errors, bad));
-    }
-    rules.sort();
-    rules.dedup();
-    Ok(rules)
+    parse_list(source, bytes, Format::Auto, BadLines::Refuse).map(|parsed| parsed.rules)
 }
 
+/// Reads a rule file in any format (`Format::Auto`), refusing it if any line
+/// is bad. See `formats::read_list` for an explicit format or for skipping
+/// bad lines.
 pub fn read_rules(path: &Path) -> Result<Vec<Rule>, FileError> {
     let source = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| FileError::Io(source.clone(), e))?;
@@ -134,6 +120,27 @@ mod tests {
     #[test]
     fn non_utf8_is_refused() {
         assert!(matches!(parse_rules("f", b"ok.example\n\xff\xfe\n"), Err(FileError::NotUtf8 { line: 2, .. })));
+    }
+
+    #[test]
+    fn read_rules_detects_every_format() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        for (file, count) in [("stevenblack.hosts", 7), ("policy.rpz", 11), ("easylist-domains.txt", 6)] {
+            let rules = read_rules(&data.join(file)).unwrap_or_else(|e| panic!("{}", e.report()));
+            assert_eq!(rules.len(), count, "{file}");
+            assert!(rules.iter().any(|r| r.name == "xn--bcher-kva.example"), "{file}");
+        }
+        let err = read_rules(&data.join("missing.hosts")).unwrap_err();
+        assert!(matches!(err, FileError::Io(..)));
+    }
+
+    #[test]
+    fn crlf_line_endings() {
+        for text in ["a.example\r\nallow b.example\r\n", "0.0.0.0 a.example\r\n:: b.example # c\r\n", "||a.example^\r\n@@||b.example^\r\n"] {
+            assert_eq!(parse_rules("f", text.as_bytes()).unwrap().len(), 2, "{text:?}");
+        }
+        let zone = "$ORIGIN rpz.example.\r\n@ SOA ns. a. (\r\n 1 2 3 4 5 )\r\na.example CNAME .\r\nb.example CNAME rpz-passthru.\r\n";
+        assert_eq!(parse_rules("f", zone.as_bytes()).unwrap().len(), 2);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod file;
+pub mod formats;
 pub mod pattern;
 pub mod store;
 

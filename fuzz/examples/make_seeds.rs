@@ -1,0 +1,73 @@
+//! Writes a small seed corpus for the three targets into `corpus/<target>/`
+//! (relative to the current directory): run it from `fuzz/` with
+//! `cargo +nightly-2026-05-20 run --example make_seeds` before the first fuzzing run.
+//! Existing files are left alone.
+
+use std::{fs, path::Path};
+
+use blokir_fuzz::{
+    LONGEST, RULES,
+    seed::{Wrap, frame, query, wire_name},
+};
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new("corpus").join(target);
+    fs::create_dir_all(&dir).expect("corpus dir");
+    let path = dir.join(name);
+    if !path.exists() {
+        fs::write(path, bytes).expect("seed");
+    }
+}
+
+fn main() {
+    let mut names: Vec<String> = RULES.iter().map(|r| r.name.to_string()).collect();
+    names.extend(
+        [
+            "www.blocked.example",
+            "www.bad.test",
+            "a.ok.bad.test",
+            "a.fine.bad.test",
+            "b.a.deep.fine.bad.test",
+            "z.worse.bad.test",
+            "foo.x",
+            "BLOCKED.Example",
+            "example.com",
+            // The root: no labels, no rule applies (whatever the previous
+            // packet left in the scratch buffer).
+            ".",
+        ]
+        .map(String::from),
+    );
+    names.push(format!("e.{LONGEST}"));
+    let wraps = [
+        Wrap::default(),
+        Wrap { tcp: true, ..Wrap::default() },
+        Wrap { v6: true, ..Wrap::default() },
+        Wrap { v6: true, tcp: true, ipv6_ext: vec![0, 60, 44], ..Wrap::default() },
+        Wrap { vlans: vec![0x88a8, 0x8100], ipv4_options: 8, ..Wrap::default() },
+        // As many extension headers as the filter follows.
+        Wrap { v6: true, ipv6_ext: vec![60; blokir_fuzz::IPV6_EXT_FOLLOWED], ..Wrap::default() },
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let wire = wire_name(name);
+        for (k, w) in wraps.iter().enumerate() {
+            write("inspect", &format!("q{i:02}-{k}"), &frame(&query(&wire, 1, k % 2 == 0), w));
+        }
+        // dns_name: control byte 0 (name at offset 0, nothing cut), and
+        // one at offset 12 behind a header.
+        let mut d = vec![0u8];
+        d.extend_from_slice(&wire);
+        write("dns_name", &format!("n{i:02}"), &d);
+        let mut d = vec![12u8];
+        d.extend_from_slice(&query(&wire, 28, false));
+        write("dns_name", &format!("m{i:02}"), &d);
+        let mut d = vec![0u8];
+        d.extend_from_slice(name.as_bytes());
+        write("dotted", &format!("d{i:02}"), &d);
+    }
+    // A compressed name: "www" at offset 13, then a pointer to "example.com" at 0.
+    let mut d = vec![13u8];
+    d.extend_from_slice(&wire_name("example.com"));
+    d.extend_from_slice(&[3, b'w', b'w', b'w', 0xc0, 0x00]);
+    write("dns_name", "pointer", &d);
+}
