@@ -96,12 +96,16 @@ pub struct Hello {
     rec_acc: u32,
     /// Payload bytes left in the current record.
     record_left: u32,
-    /// Bytes left in the extensions block (once it started).
+    /// Bytes left in the ClientHello body, and in the extensions block
+    /// (once it started).
+    hello_left: u32,
     exts_left: u32,
     /// Server-name bytes read, and where the current label began.
     name_pos: u32,
     label_start: u32,
     name_len: u32,
+    /// The server_name extension's length, then its name list's length.
+    sni_len: u32,
     /// `FLAG_*`.
     pub flags: u32,
     /// Per segment, kept here with the rest: the offset being read, bytes the
@@ -144,10 +148,12 @@ impl Hello {
             rec_need: 0,
             rec_acc: 0,
             record_left: 0,
+            hello_left: 0,
             exts_left: 0,
             name_pos: 0,
             label_start: 0,
             name_len: 0,
+            sni_len: 0,
             flags: 0,
             cursor: 0,
             taken: 0,
@@ -166,8 +172,8 @@ impl Hello {
         self.stage = stage::HS_HEADER;
         self.need = 4;
         self.rec_need = 5;
-        (self.acc, self.rec_acc, self.record_left, self.exts_left) = (0, 0, 0, 0);
-        (self.name_pos, self.label_start, self.name_len, self.flags, self.cursor) = (0, 0, 0, 0, 0);
+        (self.acc, self.rec_acc, self.record_left, self.hello_left, self.exts_left) = (0, 0, 0, 0, 0);
+        (self.name_pos, self.label_start, self.name_len, self.sni_len, self.flags, self.cursor) = (0, 0, 0, 0, 0, 0);
         (self.taken, self.done, self.canon_len) = (0, 0, 0);
     }
 
@@ -314,6 +320,14 @@ fn step<P: Packet + ?Sized>(h: &mut Hello, p: &P, end: usize) {
     let taken = ld(&h.taken);
     st(&mut h.cursor, (pos as u32).wrapping_add(taken));
     st(&mut h.record_left, record_left.wrapping_sub(taken));
+    if ld(&h.stage) != stage::HS_HEADER {
+        let hello_left = ld(&h.hello_left);
+        if taken > hello_left {
+            st(&mut h.done, DONE_NOT_HELLO);
+            return;
+        }
+        st(&mut h.hello_left, hello_left - taken);
+    }
     if ld(&h.stage) >= stage::EXT_HEADER {
         let exts_left = ld(&h.exts_left);
         if taken > exts_left {
@@ -402,7 +416,10 @@ fn next_stage(h: &mut Hello) {
     let v = ld(&h.acc);
     st(&mut h.acc, 0);
     match ld(&h.stage) {
-        stage::HS_HEADER if v >> 24 == HANDSHAKE_CLIENT_HELLO => go(h, stage::SKIP_VERSION_RANDOM, 34),
+        stage::HS_HEADER if v >> 24 == HANDSHAKE_CLIENT_HELLO => {
+            st(&mut h.hello_left, v & 0xff_ffff);
+            go(h, stage::SKIP_VERSION_RANDOM, 34);
+        }
         stage::SKIP_VERSION_RANDOM => go(h, stage::SESSION_ID_LEN, 1),
         stage::SESSION_ID_LEN => go(h, stage::SKIP_SESSION_ID, v),
         stage::SKIP_SESSION_ID => go(h, stage::CIPHERS_LEN, 2),
@@ -410,13 +427,15 @@ fn next_stage(h: &mut Hello) {
         stage::SKIP_CIPHERS => go(h, stage::COMPRESSION_LEN, 1),
         stage::COMPRESSION_LEN => go(h, stage::SKIP_COMPRESSION, v),
         stage::SKIP_COMPRESSION => go(h, stage::EXTENSIONS_LEN, 2),
-        stage::EXTENSIONS_LEN => {
+        // The extensions are the hello's last field: they end where it does.
+        stage::EXTENSIONS_LEN if v == ld(&h.hello_left) => {
             st(&mut h.exts_left, v);
             go(h, stage::EXT_HEADER, 4);
         }
         stage::EXT_HEADER if v >> 16 == EXT_SERVER_NAME => {
             let flags = ld(&h.flags) | Hello::FLAG_SNI;
             st(&mut h.flags, flags);
+            st(&mut h.sni_len, v & 0xffff);
             go(h, stage::SNI_LIST_LEN, 2);
         }
         stage::EXT_HEADER => {
@@ -427,9 +446,14 @@ fn next_stage(h: &mut Hello) {
             go(h, stage::SKIP_EXT, v & 0xffff);
         }
         stage::SKIP_EXT => go(h, stage::EXT_HEADER, 4),
-        stage::SNI_LIST_LEN => go(h, stage::SNI_NAME_TYPE, 1),
+        // The extension holds exactly the name list, and the list at least
+        // the first name (RFC 6066): lengths that disagree are no hello.
+        stage::SNI_LIST_LEN if v + 2 == ld(&h.sni_len) => {
+            st(&mut h.sni_len, v);
+            go(h, stage::SNI_NAME_TYPE, 1);
+        }
         stage::SNI_NAME_TYPE if v == NAME_TYPE_HOST => go(h, stage::SNI_NAME_LEN, 2),
-        stage::SNI_NAME_LEN if v >= 1 && v as usize <= MAX_DOTTED_LEN + 1 => {
+        stage::SNI_NAME_LEN if v >= 1 && v as usize <= MAX_DOTTED_LEN + 1 && v + 3 <= ld(&h.sni_len) => {
             st(&mut h.name_len, v);
             go(h, stage::NAME, v);
         }

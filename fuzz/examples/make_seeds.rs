@@ -19,7 +19,37 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
     }
 }
 
+/// The TLS handshake records at the start of each captured TCP payload
+/// (a minimal pcap and header walk: Ethernet, IPv4/IPv6, TCP).
+fn captured_hellos() -> Vec<Vec<u8>> {
+    let Ok(pcap) = fs::read("../../shared/pcaps/real-clients-dev.pcap") else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut p = 24;
+    while p + 16 <= pcap.len() {
+        let len = u32::from_le_bytes(pcap[p + 8..p + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[p + 16..(p + 16 + len).min(pcap.len())];
+        p += 16 + len;
+        let (l4, proto) = match frame.get(12..14) {
+            Some([0x08, 0x00]) => (14 + usize::from(frame[14] & 0x0f) * 4, frame[23]),
+            Some([0x86, 0xdd]) => (14 + 40, frame[20]),
+            _ => continue,
+        };
+        if proto != 6 || frame.len() < l4 + 20 {
+            continue;
+        }
+        let payload = &frame[l4 + usize::from(frame[l4 + 12] >> 4) * 4..];
+        if payload.starts_with(&[22, 3]) {
+            out.push(payload.to_vec());
+        }
+    }
+    out
+}
+
 fn main() {
+    for (i, hello) in captured_hellos().iter().enumerate() {
+        // The first byte of a tls_hello input chooses the segmentation.
+        write("tls_hello", &format!("captured-{i}"), &[&[i as u8][..], hello].concat());
+    }
     let mut names: Vec<String> = RULES.iter().map(|r| r.name.to_string()).collect();
     names.extend(
         [

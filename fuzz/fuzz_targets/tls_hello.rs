@@ -1,0 +1,66 @@
+//! The streaming ClientHello parser on arbitrary streams, cut into segments
+//! chosen by the input, never panics; and whenever it reads a server name,
+//! tls-parser reads the same name from the same bytes (when tls-parser reads
+//! the stream as one record with a well-formed extension list), so the
+//! parser never invents a name.
+
+#![no_main]
+
+use filter_common::{
+    name::{CanonBuf, dotted_to_canon},
+    tls::{Hello, MAX_ROUNDS, Progress, Resume, feed, resume},
+};
+use libfuzzer_sys::fuzz_target;
+use tls_parser::{TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_client_hello_extensions, parse_tls_plaintext};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&cut_seed, stream)) = data.split_first() else { return };
+    // Segment lengths from the seed: 1..=256 bytes, deterministic.
+    let mut cuts = Vec::new();
+    let mut at = 0usize;
+    let mut x = u32::from(cut_seed) | 1;
+    while at < stream.len() {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        at += 1 + (x >> 16) as usize % if cut_seed & 0x80 != 0 { 8 } else { 256 };
+        cuts.push(at.min(stream.len()));
+    }
+    let seq0 = 1u32;
+    let mut h = Box::new(Hello::new(seq0));
+    let mut start = 0;
+    let mut outcome = Progress::NeedMore;
+    'segments: for end in cuts {
+        let seg = &stream[start..end];
+        let seq = seq0.wrapping_add(start as u32);
+        for _ in 0..MAX_ROUNDS {
+            let Resume::At(off) = resume(&h, seq, 0, seg.len()) else { break };
+            outcome = feed(&mut h, seg, off, seg.len());
+            if outcome != Progress::StepsExhausted {
+                break;
+            }
+        }
+        if outcome != Progress::NeedMore {
+            break 'segments;
+        }
+        start = end;
+    }
+    let Progress::Name(len) = outcome else { return };
+    let mut ours = CanonBuf::default();
+    h.copy_name(&mut ours);
+    let ours = ours.canon(len).to_vec();
+    let Ok((_, plain)) = parse_tls_plaintext(stream) else { return };
+    let Some(TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch))) = plain.msg.first() else {
+        panic!("a name from a stream tls-parser reads as {:?}", plain.msg.first());
+    };
+    // Compared only when tls-parser reads the whole extension list: it checks
+    // the contents of extensions this parser skips (and stops at the first
+    // it dislikes).
+    let Ok((rest, exts)) = parse_tls_client_hello_extensions(ch.ext.unwrap_or_default()) else { return };
+    if !rest.is_empty() {
+        return;
+    }
+    let sni = exts.iter().find_map(|e| if let TlsExtension::SNI(v) = e { v.first().map(|(_, n)| *n) } else { None });
+    let Some(sni) = sni else { panic!("we read a name; tls-parser finds no server_name") };
+    let mut theirs = CanonBuf::default();
+    let n = dotted_to_canon(sni, 0, sni.len(), &mut theirs).expect("a name we accepted is a valid dotted name");
+    assert_eq!(ours, theirs.canon(n), "server name differs from tls-parser's");
+});
