@@ -60,9 +60,12 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-/// Runs a command in the workspace root, failing on a non-zero exit.
+/// Runs a command (in the workspace root unless it names a directory),
+/// failing on a non-zero exit.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    cmd.current_dir(root());
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
     eprintln!("+ {}", describe(cmd));
     let status = cmd.status().with_context(|| format!("running {}", describe(cmd)))?;
     if !status.success() {
