@@ -56,6 +56,14 @@ pub trait PacketMut: Packet {
         self.set_u8(off, a)?;
         self.set_u8(off + 1, b)
     }
+
+    /// Grows the packet to `len` bytes, keeping its first `keep` bytes (the
+    /// caller rewrites the rest). Where the tail has no room, the kernel
+    /// grows at the head and moves those bytes.
+    fn grow(&mut self, len: usize, keep: usize) -> bool {
+        let _ = keep;
+        self.resize(len)
+    }
 }
 
 #[cfg(feature = "std")]

@@ -80,6 +80,10 @@ const RCODE_REFUSED: u8 = 5;
 /// Longest UDP datagram an answer can be: header, a 255-byte name, QTYPE and
 /// QCLASS, an AAAA record and an OPT record. Bounds the checksum loop.
 const MAX_REPLY_UDP_LEN: usize = 8 + DNS_HEADER_LEN + 255 + 4 + ANSWER_FIXED_LEN + 16 + OPT_LEN;
+/// The most bytes an answer keeps from its query (headers with two VLAN
+/// tags and IPv6, through the question): bounds the move when it grows at
+/// the head.
+pub const MAX_REPLY_KEEP: usize = 14 + 8 + 40 + 8 + DNS_HEADER_LEN + 255 + 4;
 
 /// Why a blocked query is dropped instead of answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,7 +127,8 @@ pub fn build_reply<P: PacketMut + ?Sized>(p: &mut P, q: &QueryAt, action: DnsAct
     };
     let answer_len = if rdata_len > 0 { ANSWER_FIXED_LEN + rdata_len } else { 0 };
     let dns_len = (qe - m) + answer_len + if has_opt { OPT_LEN } else { 0 };
-    if !p.resize(m + dns_len) {
+    let resized = if m + dns_len > p.len() { p.grow(m + dns_len, qe) } else { p.resize(m + dns_len) };
+    if !resized {
         return Err(E);
     }
 

@@ -1,7 +1,13 @@
 //! The packet, as the shared parsers read and rewrite it.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use filter_common::packet::{MAX_PACKET_OFFSET, Packet, PacketMut};
+use aya_ebpf::{
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use filter_common::{
+    packet::{MAX_PACKET_OFFSET, Packet, PacketMut},
+    reply::MAX_REPLY_KEEP,
+};
 
 /// The packet, bounds-checked on every read as the verifier demands. The
 /// packet pointers are re-read from the context on each access rather than
@@ -58,6 +64,37 @@ impl PacketMut for XdpPacket<'_> {
         // SAFETY: `p` is inside the packet, checked above.
         unsafe { *(p as *mut u8) = v };
         Some(())
+    }
+
+    /// Tail first; where the frame has no tailroom (veth in native mode
+    /// has little), grow at the head and move the kept bytes to the new
+    /// start.
+    #[inline(always)]
+    fn grow(&mut self, len: usize, keep: usize) -> bool {
+        if self.resize(len) {
+            return true;
+        }
+        let cur = self.len();
+        if len <= cur || len - cur > 64 {
+            return false;
+        }
+        let d = len - cur;
+        // SAFETY: the helper checks the new start against the headroom.
+        if unsafe { bpf_xdp_adjust_head(self.ctx.ctx, -(d as i32)) } != 0 {
+            return false;
+        }
+        // Ascending copy to lower addresses: safe for the overlap.
+        for i in 0..MAX_REPLY_KEEP.div_ceil(2) {
+            let k = 2 * i;
+            if k >= keep {
+                break;
+            }
+            let Some(w) = self.be16_at(d + k) else { return false };
+            if self.set_be16(k, w).is_none() {
+                return false;
+            }
+        }
+        true
     }
 
     #[inline(always)]

@@ -170,7 +170,10 @@ impl State {
             .engine
             .lists()
             .iter()
-            .map(|l| json!({"name": l.name, "rules": l.len(), "source": l.source.as_ref().map(|p| p.display().to_string())}))
+            .map(|l| {
+                let source = l.source.as_ref().map(|p| p.display().to_string());
+                json!({"name": l.name, "rules": l.len(), "source": source, "dns_action": self.dns.action_for(&l.name).name()})
+            })
             .collect();
         let attached: Vec<_> = self.kernel.attachments().iter().map(|a| json!({"iface": a.iface, "mode": a.mode})).collect();
         json!({

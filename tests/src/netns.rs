@@ -542,10 +542,17 @@ impl Topology {
     /// Starts the daemon and waits until it answers `blokir status` with the
     /// program attached.
     pub fn start_daemon(&self, rules: &[PathBuf]) -> anyhow::Result<Daemon> {
+        self.start_daemon_with(rules, &[])
+    }
+
+    /// `start_daemon` with more `blokir run` options (`--dns-action
+    /// nxdomain`, ...).
+    pub fn start_daemon_with(&self, rules: &[PathBuf], options: &[&str]) -> anyhow::Result<Daemon> {
         let n = self.daemons_started.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.path().join(format!("blokir-{n}.log"));
         let file = std::fs::File::create(&log)?;
         let mut cmd = self.daemon_command(rules)?;
+        cmd.args(options);
         let bin = self.blokir()?;
         let command = describe(&cmd);
         let child = cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file).spawn().with_context(|| format!("starting `{command}`"))?;
