@@ -26,42 +26,40 @@ impl Packet for XdpPacket<'_> {
 
     #[inline(always)]
     fn u8_at(&self, off: usize) -> Option<u8> {
-        if off >= MAX_PACKET_OFFSET {
-            return None;
-        }
-        let p = barrier(self.ctx.data() + off);
-        if p + 1 > self.ctx.data_end() {
-            return None;
-        }
-        // SAFETY: `p` is inside the packet, checked above.
+        let p = self.at(off, 1)?;
+        // SAFETY: `p` is inside the packet (`at`).
         Some(unsafe { *(p as *const u8) })
     }
 
     #[inline(always)]
     fn be16_at(&self, off: usize) -> Option<u16> {
+        let p = self.at(off, 2)?;
+        // SAFETY: both bytes are inside the packet (`at`).
+        Some(unsafe { u16::from_be_bytes([*(p as *const u8), *((p + 1) as *const u8)]) })
+    }
+}
+
+impl XdpPacket<'_> {
+    /// The address of `len` bytes at `off`, checked against the packet's
+    /// end on the very pointer that is then dereferenced.
+    #[inline(always)]
+    fn at(&self, off: usize, len: usize) -> Option<usize> {
         if off >= MAX_PACKET_OFFSET {
             return None;
         }
         let p = barrier(self.ctx.data() + off);
-        if p + 2 > self.ctx.data_end() {
+        if p + len > self.ctx.data_end() {
             return None;
         }
-        // SAFETY: both bytes are inside the packet, checked above.
-        Some(unsafe { u16::from_be_bytes([*(p as *const u8), *((p + 1) as *const u8)]) })
+        Some(p)
     }
 }
 
 impl PacketMut for XdpPacket<'_> {
     #[inline(always)]
     fn set_u8(&mut self, off: usize, v: u8) -> Option<()> {
-        if off >= MAX_PACKET_OFFSET {
-            return None;
-        }
-        let p = barrier(self.ctx.data() + off);
-        if p + 1 > self.ctx.data_end() {
-            return None;
-        }
-        // SAFETY: `p` is inside the packet, checked above.
+        let p = self.at(off, 1)?;
+        // SAFETY: `p` is inside the packet (`at`).
         unsafe { *(p as *mut u8) = v };
         Some(())
     }

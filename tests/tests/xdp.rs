@@ -6,6 +6,7 @@
 use blokir_tests::{
     Loaded, XDP_DROP, XDP_PASS, action_name, capture_frames, describe_counters,
     model::Model,
+    netns::TELEGRAM_NAMES,
     packets::{Frame, QUERY_FLAGS, Transport, dns, query, query_with_cookie, question, raw_message, tcp_prefixed, wire_name},
 };
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
@@ -20,21 +21,6 @@ use hickory_proto::{
     rr::RecordType,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
-
-/// The names Indonesia ordered blocked in July 2017.
-const TELEGRAM_2017: [&str; 11] = [
-    "t.me",
-    "telegram.me",
-    "telegram.org",
-    "core.telegram.org",
-    "desktop.telegram.org",
-    "macos.telegram.org",
-    "web.telegram.org",
-    "venus.web.telegram.org",
-    "pluto.web.telegram.org",
-    "flora.web.telegram.org",
-    "flora-1.web.telegram.org",
-];
 
 /// Offsets in an untagged frame without IP options or extension headers.
 const ETH: usize = 14;
@@ -128,8 +114,8 @@ fn truncated(mut packet: Vec<u8>, len: usize) -> Vec<u8> {
 
 #[test]
 fn telegram_2017_list_drops_exactly_the_listed_names() {
-    let mut l = Loaded::new(&TELEGRAM_2017);
-    for name in TELEGRAM_2017 {
+    let mut l = Loaded::new(&TELEGRAM_NAMES);
+    for name in TELEGRAM_NAMES {
         check_all(&mut l, name, Want::Drop);
     }
     let unlisted = [
@@ -750,7 +736,7 @@ fn real_client_capture_matches_the_reference_with_finer_rules() {
 fn seed_messages() -> Vec<Vec<u8>> {
     let longest = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61)].join(".");
     let deepest = vec!["a"; 127].join(".");
-    let mut names: Vec<&str> = TELEGRAM_2017.to_vec();
+    let mut names: Vec<&str> = TELEGRAM_NAMES.to_vec();
     names.extend(["WeB.TeLeGrAm.OrG.", "www.telegram.org", "core.telegram.org", "nottelegram.org", "x.blocked.example", ".", &longest, &deepest]);
     let mut msgs = Vec::new();
     for name in names {
@@ -815,7 +801,7 @@ fn mutate(rng: &mut StdRng, data: &mut Vec<u8>, from: usize) {
 #[test]
 fn host_and_kernel_agree_on_real_and_mutated_packets() {
     let rules =
-        [&TELEGRAM_2017[..], &["*.telegram.org", "allow core.telegram.org", ".blocked.example", "blocked.test", "allow allowed.example", ".a", "allow b.a.a"]]
+        [&TELEGRAM_NAMES[..], &["*.telegram.org", "allow core.telegram.org", ".blocked.example", "blocked.test", "allow allowed.example", ".a", "allow b.a.a"]]
             .concat();
     let mut l = Loaded::new(&rules);
     let mut rng = StdRng::seed_from_u64(0x0b10_c1e5);
