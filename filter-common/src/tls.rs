@@ -219,10 +219,15 @@ impl FlowKey {
 }
 
 /// Whether a segment that starts a flow looks like the start of a TLS
-/// handshake (content type 22, major version 3): only then is a parser set up.
+/// ClientHello (content type 22, major version 3, handshake type 1, as far
+/// as the segment goes): only then is a parser set up. (A TLS 1.2 client's
+/// second flight also starts with a handshake record.)
 #[inline(always)]
 pub fn starts_hello<P: Packet + ?Sized>(p: &P, off: usize, end: usize) -> bool {
-    off < end && p.u8_at(off) == Some(CONTENT_HANDSHAKE) && (off + 1 >= end || p.u8_at(off + 1) == Some(3))
+    off < end
+        && p.u8_at(off) == Some(CONTENT_HANDSHAKE)
+        && (off + 1 >= end || p.u8_at(off + 1) == Some(3))
+        && (off + 5 >= end || p.u8_at(off + 5) == Some(HANDSHAKE_CLIENT_HELLO as u8))
 }
 
 #[inline(always)]
