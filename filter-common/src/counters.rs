@@ -93,6 +93,12 @@ pub const TLS_TOO_COMPLEX: u32 = 8;
 /// Streams that started like a TLS record but were not a ClientHello.
 pub const TLS_NOT_HELLO: u32 = 9;
 const PROTO_BASE: u32 = 10;
+
+/// ClientHello events by their `/metrics` label.
+pub const TLS_EVENTS: [(&str, u32); 5] =
+    [("no_sni", TLS_NO_SNI), ("ech", TLS_ECH), ("out_of_order", TLS_OUT_OF_ORDER), ("too_complex", TLS_TOO_COMPLEX), ("not_hello", TLS_NOT_HELLO)];
+/// Why blocked UDP queries were dropped instead of answered, by label.
+pub const ANSWER_FALLBACKS: [(&str, u32); 2] = [("not_plain", REPLY_NOT_PLAIN), ("failed", REPLY_FAILED)];
 const MALFORMED_BASE: u32 = PROTO_BASE + (Proto::COUNT * Af::COUNT * Outcome::COUNT) as u32;
 const ACTION_BASE: u32 = MALFORMED_BASE + Malformed::COUNT as u32;
 /// Entries in the counter array.
@@ -133,9 +139,10 @@ mod tests {
         mark(PACKETS);
         mark(FRAGMENTS);
         mark(UNCONFIGURED);
-        mark(REPLY_NOT_PLAIN);
-        mark(REPLY_FAILED);
-        for i in [TLS_NO_SNI, TLS_ECH, TLS_OUT_OF_ORDER, TLS_TOO_COMPLEX, TLS_NOT_HELLO] {
+        for (_, i) in ANSWER_FALLBACKS {
+            mark(i);
+        }
+        for (_, i) in TLS_EVENTS {
             mark(i);
         }
         for a in DnsAction::ALL {

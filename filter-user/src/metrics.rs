@@ -81,19 +81,12 @@ impl Collector for Blokir {
         }
         let rows = Malformed::ALL.iter().map(|m| (vec![("reason", m.name())], get(counters::malformed_index(*m))));
         family(&mut enc, "blokir_malformed", "Malformed packets by reason, passed.", MetricType::Counter, rows)?;
-        let events = [
-            ("no_sni", counters::TLS_NO_SNI),
-            ("ech", counters::TLS_ECH),
-            ("out_of_order", counters::TLS_OUT_OF_ORDER),
-            ("too_complex", counters::TLS_TOO_COMPLEX),
-            ("not_hello", counters::TLS_NOT_HELLO),
-        ];
         family(
             &mut enc,
             "blokir_tls_hellos",
             "ClientHello events: no server_name (passed), encrypted_client_hello seen, segments dropped for arriving ahead of the hello's bytes, hellos too complex to read (flow blocked), streams that started like TLS but were not a hello.",
             MetricType::Counter,
-            events.map(|(e, i)| (vec![("event", e)], get(i))),
+            counters::TLS_EVENTS.map(|(e, i)| (vec![("event", e)], get(i))),
         )?;
         let rows = DnsAction::ALL.iter().map(|a| (vec![("action", a.name())], get(counters::action_index(*a))));
         family(
@@ -103,7 +96,7 @@ impl Collector for Blokir {
             MetricType::Counter,
             rows,
         )?;
-        let rows = [("not_plain", counters::REPLY_NOT_PLAIN), ("failed", counters::REPLY_FAILED)].map(|(r, i)| (vec![("reason", r)], get(i)));
+        let rows = counters::ANSWER_FALLBACKS.map(|(r, i)| (vec![("reason", r)], get(i)));
         family(
             &mut enc,
             "blokir_dns_answer_fallbacks",

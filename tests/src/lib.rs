@@ -138,14 +138,13 @@ pub fn counter_name(index: u32) -> String {
         counters::PACKETS => return "packets".into(),
         counters::FRAGMENTS => return "fragments".into(),
         counters::UNCONFIGURED => return "unconfigured".into(),
-        counters::REPLY_NOT_PLAIN => return "reply_not_plain".into(),
-        counters::REPLY_FAILED => return "reply_failed".into(),
-        counters::TLS_NO_SNI => return "tls_no_sni".into(),
-        counters::TLS_ECH => return "tls_ech".into(),
-        counters::TLS_OUT_OF_ORDER => return "tls_out_of_order".into(),
-        counters::TLS_TOO_COMPLEX => return "tls_too_complex".into(),
-        counters::TLS_NOT_HELLO => return "tls_not_hello".into(),
         _ => {}
+    }
+    if let Some((name, _)) = counters::TLS_EVENTS.iter().find(|(_, i)| *i == index) {
+        return format!("tls_{name}");
+    }
+    if let Some((name, _)) = counters::ANSWER_FALLBACKS.iter().find(|(_, i)| *i == index) {
+        return format!("reply_{name}");
     }
     if let Some(a) = DnsAction::ALL.iter().find(|a| counters::action_index(**a) == index) {
         return format!("dns_action_{}", a.name());

@@ -46,8 +46,6 @@ pub enum EngineError {
     NodeCapacity { needed: usize, capacity: usize },
     #[error("too many lists (at most {MAX_LISTS})")]
     TooManyLists,
-    #[error("no list named {0:?}")]
-    NoSuchList(String),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -97,7 +95,6 @@ impl Change {
 /// A planned change to one list.
 pub struct Change {
     list: ListInfo,
-    drop_list: bool,
     added: Vec<(u32, Rule)>,
     removed: Vec<u32>,
     nodes: Vec<(NameKey, Option<Node>)>,
@@ -326,7 +323,6 @@ impl Engine {
         let summary = ChangeSummary { added: added.len(), removed: removed.len(), unchanged: kept.len(), writes };
         Ok(Change {
             list: ListInfo { ids: new_ids, ..list },
-            drop_list: false,
             added,
             removed,
             nodes: node_updates,
@@ -337,16 +333,6 @@ impl Engine {
             ids_used,
             summary,
         })
-    }
-
-    /// Plans removing list `name` entirely.
-    pub fn plan_remove_list(&self, name: &str) -> Result<Change, EngineError> {
-        if self.list(name).is_none() {
-            return Err(EngineError::NoSuchList(name.to_string()));
-        }
-        let mut change = self.plan_replace(name, None, &[])?;
-        change.drop_list = true;
-        Ok(change)
     }
 
     /// Writes a planned change to `target` and, once all of it is written,
@@ -383,7 +369,7 @@ impl Engine {
     }
 
     fn commit(&mut self, change: Change) -> anyhow::Result<ChangeSummary> {
-        let Change { list, drop_list, added, removed, nodes, depth_counts, ids_used, summary, .. } = change;
+        let Change { list, added, removed, nodes, depth_counts, ids_used, summary, .. } = change;
         let fresh_from_free = ids_used.min(self.free_ids.len());
         self.free_ids.truncate(self.free_ids.len() - fresh_from_free);
         for (id, rule) in added {
@@ -405,9 +391,7 @@ impl Engine {
             };
         }
         self.depth_counts = depth_counts;
-        if drop_list {
-            self.lists.retain(|l| l.id != list.id);
-        } else if let Some(l) = self.lists.iter_mut().find(|l| l.id == list.id) {
+        if let Some(l) = self.lists.iter_mut().find(|l| l.id == list.id) {
             *l = list;
         } else {
             self.lists.push(list);
