@@ -23,7 +23,7 @@ use crate::{
     ebpf::{Kernel, Mode},
     metrics,
     policy::DnsPolicy,
-    rules::{Engine, LOCAL_LIST, Rule, file::read_rules, store::Store},
+    rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, store::Store},
 };
 
 pub struct Options {
@@ -101,10 +101,7 @@ impl State {
 
     fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> anyhow::Result<String> {
         let started = Instant::now();
-        let change = self.engine.plan_replace(name, source, rules)?;
-        // The list's action is in place before any of its rules.
-        self.kernel.write_list_action(change.list_id(), self.dns.action_for(name))?;
-        let s = self.engine.apply(change, &mut self.kernel)?;
+        let s = apply_list(&mut self.engine, &mut self.kernel, &self.dns, name, source, rules)?;
         let took = started.elapsed();
         tracing::info!(
             list = name,
@@ -221,6 +218,21 @@ impl State {
         let shown: Vec<String> = given.iter().map(ToString::to_string).collect();
         Ok(Response::ok(format!("{verb}: {} (enforced in {:.1} ms)", shown.join(", "), started.elapsed().as_secs_f64() * 1000.0), json!({"rules": shown})))
     }
+}
+
+/// Makes `rules` the contents of list `name` in the engine and the kernel,
+/// with the list's DNS action in place before any of its rules.
+pub fn apply_list(
+    engine: &mut Engine,
+    kernel: &mut Kernel,
+    dns: &DnsPolicy,
+    name: &str,
+    source: Option<PathBuf>,
+    rules: &[Rule],
+) -> anyhow::Result<ChangeSummary> {
+    let change = engine.plan_replace(name, source, rules)?;
+    kernel.write_list_action(change.list_id(), dns.action_for(name))?;
+    engine.apply(change, kernel)
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {

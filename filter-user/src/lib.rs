@@ -5,5 +5,7 @@ pub mod control;
 pub mod daemon;
 pub mod ebpf;
 pub mod metrics;
+pub mod model;
 pub mod policy;
+pub mod replay;
 pub mod rules;

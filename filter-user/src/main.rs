@@ -12,9 +12,11 @@ use blokir::{
     daemon::{self, Options},
     ebpf::Mode,
     policy::{DnsPolicy, parse_action, parse_list_action},
+    replay,
 };
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use filter_common::{reply::DnsAction, rules::DEFAULT_RULE_CAPACITY};
+use std::io::Write as _;
 
 /// Exit codes: 0 done, 1 error (e.g. no daemon), 2 bad command line (clap),
 /// 3 the daemon refused the request.
@@ -54,23 +56,8 @@ enum Command {
         /// Rules exported with their own hit counter on /metrics.
         #[arg(long, default_value_t = 100)]
         top_rules: usize,
-        /// What blocked UDP queries get: drop, nxdomain, refused, nodata, or
-        /// redirect (to --redirect-ipv4/--redirect-ipv6). TCP/53 queries are
-        /// always dropped.
-        #[arg(long, value_parser = parse_action, default_value = "drop")]
-        dns_action: DnsAction,
-        /// The action for one list, overriding --dns-action (repeatable).
-        #[arg(long = "list-dns-action", value_name = "LIST=ACTION", value_parser = parse_list_action)]
-        list_dns_actions: Vec<(String, DnsAction)>,
-        /// The block page's IPv4 address, answered to A queries by `redirect`.
-        #[arg(long)]
-        redirect_ipv4: Option<Ipv4Addr>,
-        /// The block page's IPv6 address, answered to AAAA queries by `redirect`.
-        #[arg(long)]
-        redirect_ipv6: Option<Ipv6Addr>,
-        /// TTL of redirect answers, in seconds.
-        #[arg(long, default_value_t = 60)]
-        answer_ttl: u32,
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Change or inspect the rules of the running daemon.
     Rules {
@@ -84,6 +71,53 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Run every packet of a capture (pcap or pcapng) through the real XDP
+    /// program, in order, with the given rules; print each packet's verdict,
+    /// the name read and the rule that matched. Needs root (it loads the
+    /// program), not a running daemon.
+    Replay {
+        /// The capture: Ethernet, Linux cooked (`tcpdump -i any`) or raw IP.
+        capture: PathBuf,
+        /// Rule files, as for `run` (repeatable).
+        #[arg(long = "rules")]
+        rules: Vec<PathBuf>,
+        /// Name nodes and rule ids the kernel maps hold.
+        #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY)]
+        rule_capacity: u32,
+        #[command(flatten)]
+        dns: DnsArgs,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// What blocked DNS queries get, for `run` and `replay`.
+#[derive(Args)]
+struct DnsArgs {
+    /// What blocked UDP queries get: drop, nxdomain, refused, nodata, or
+    /// redirect (to --redirect-ipv4/--redirect-ipv6). TCP/53 queries are
+    /// always dropped.
+    #[arg(long, value_parser = parse_action, default_value = "drop")]
+    dns_action: DnsAction,
+    /// The action for one list, overriding --dns-action (repeatable).
+    #[arg(long = "list-dns-action", value_name = "LIST=ACTION", value_parser = parse_list_action)]
+    list_dns_actions: Vec<(String, DnsAction)>,
+    /// The block page's IPv4 address, answered to A queries by `redirect`.
+    #[arg(long)]
+    redirect_ipv4: Option<Ipv4Addr>,
+    /// The block page's IPv6 address, answered to AAAA queries by `redirect`.
+    #[arg(long)]
+    redirect_ipv6: Option<Ipv6Addr>,
+    /// TTL of redirect answers, in seconds.
+    #[arg(long, default_value_t = 60)]
+    answer_ttl: u32,
+}
+
+impl DnsArgs {
+    fn policy(self) -> DnsPolicy {
+        let DnsArgs { dns_action, list_dns_actions, redirect_ipv4, redirect_ipv6, answer_ttl } = self;
+        DnsPolicy { default: dns_action, per_list: list_dns_actions, answer_ttl, redirect_v4: redirect_ipv4, redirect_v6: redirect_ipv6 }
+    }
 }
 
 #[derive(Subcommand)]
@@ -137,22 +171,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run {
-            ifaces,
-            mode,
-            rules,
-            state_dir,
-            metrics_addr,
-            rule_capacity,
-            top_rules,
-            dns_action,
-            list_dns_actions,
-            redirect_ipv4,
-            redirect_ipv6,
-            answer_ttl,
-        } => {
-            let dns = DnsPolicy { default: dns_action, per_list: list_dns_actions, answer_ttl, redirect_v4: redirect_ipv4, redirect_v6: redirect_ipv6 };
-            let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics_addr, capacity: rule_capacity, top_rules, dns };
+        Command::Run { ifaces, mode, rules, state_dir, metrics_addr, rule_capacity, top_rules, dns } => {
+            let opts =
+                Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics_addr, capacity: rule_capacity, top_rules, dns: dns.policy() };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -172,7 +193,54 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let response = control::call(&cli.socket, &Request::Status)?;
             Ok(print(&Request::Status, &response, output))
         }
+        Command::Replay { capture, rules, rule_capacity, dns, output } => {
+            let opts = replay::Options { capture, rule_files: rules, capacity: rule_capacity, dns: dns.policy() };
+            replay_capture(&opts, output)
+        }
     }
+}
+
+fn replay_capture(opts: &replay::Options, output: Output) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    let mut failed = None;
+    let mut write = |line: String| {
+        if failed.is_none()
+            && let Err(e) = writeln!(out, "{line}")
+        {
+            failed = Some(e);
+        }
+    };
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    // The header comes with the first packet: a refused replay prints nothing.
+    let mut header = output == Output::Table;
+    let summary = replay::run(opts, |r| {
+        if std::mem::take(&mut header) {
+            write(format!("{:>7}  {:7}  {:7}  {:40}  RULE (LIST)", "PACKET", "VERDICT", "PROTO", "NAME"));
+        }
+        write(match output {
+            Output::Json => serde_json::to_string(r).unwrap_or_default(),
+            Output::Table => {
+                let rule = r.rule.as_ref().map(|rule| format!("{rule} ({})", or_dash(&r.list))).unwrap_or_else(|| "-".into());
+                let note = r.note.as_ref().map(|n| format!("  [{n}]")).unwrap_or_default();
+                format!("{:>7}  {:7}  {:7}  {:40}  {rule}{note}", r.index, r.verdict, r.proto.unwrap_or("-"), or_dash(&r.name))
+            }
+        })
+    })?;
+    match output {
+        Output::Json => write(serde_json::to_string(&serde_json::json!({ "summary": summary })).unwrap_or_default()),
+        Output::Table => write(format!(
+            "{} packets: {} passed, {} dropped, {} answered (tx), {} aborted, {} skipped; {} truncated by the capture",
+            summary.packets, summary.pass, summary.drop, summary.tx, summary.aborted, summary.skipped, summary.truncated
+        )),
+    }
+    if let Some(e) = failed.filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe) {
+        return Err(e).context("writing the output");
+    }
+    if summary.disagreements > 0 {
+        eprintln!("blokir: the kernel and the host model disagreed on {} packets (marked): please report this capture", summary.disagreements);
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print(request: &Request, r: &Response, output: Output) -> ExitCode {

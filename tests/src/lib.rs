@@ -1,24 +1,23 @@
 //! Helpers for blokir's integration tests: the real XDP object with rules
 //! loaded through the real engine, packet fixtures, and the shared captures.
 
-pub mod model;
 pub mod netns;
 pub mod packets;
 
 use std::path::PathBuf;
 
+pub use blokir::model::{self, HostEnv, XDP_DROP, XDP_PASS, counted};
 use blokir::{
     ebpf::Kernel,
-    rules::{Engine, Rule, engine::Nodes},
+    rules::{Engine, Rule},
 };
 use filter_common::{
     counters::{self, Outcome, Proto},
     hash::lane_multiplier,
-    inspect::{Env, Inspection, inspect},
-    name::{CanonBuf, Decision},
+    inspect::{Inspection, inspect},
+    name::CanonBuf,
     packet::{Af, Malformed},
     reply::DnsAction,
-    rules::Config,
 };
 
 /// The real program, loaded through the verifier, with `rules` applied by the
@@ -94,44 +93,6 @@ impl Loaded {
     }
 }
 
-/// `inspect`'s environment on the host: a scratch buffer, the engine's
-/// settings and its node map.
-pub struct HostEnv<'a> {
-    pub buf: CanonBuf,
-    pub cfg: Config,
-    pub nodes: Nodes<'a>,
-}
-
-impl<'a> Env for HostEnv<'a> {
-    type Rules = Nodes<'a>;
-    fn resources(&mut self) -> Option<(&mut CanonBuf, &Config, &Nodes<'a>)> {
-        Some((&mut self.buf, &self.cfg, &self.nodes))
-    }
-}
-
-/// The counters the XDP program bumps for `inspection`, besides `PACKETS`
-/// (mirrors `account` in filter-ebpf).
-pub fn counted(inspection: &Inspection) -> Vec<u32> {
-    use counters::proto_index;
-    match *inspection {
-        Inspection::Other | Inspection::TcpPayload => vec![],
-        Inspection::Fragment => vec![counters::FRAGMENTS],
-        Inspection::Unconfigured => vec![counters::UNCONFIGURED],
-        Inspection::Malformed(m) => vec![counters::malformed_index(m)],
-        Inspection::Incomplete { proto, af } => vec![proto_index(proto, af, Outcome::Incomplete)],
-        Inspection::Decided { proto, af, decision, .. } => {
-            let mut v = vec![proto_index(proto, af, Outcome::Inspected)];
-            match decision {
-                Decision::NoMatch => {}
-                Decision::Allow(_) => v.push(proto_index(proto, af, Outcome::Allowed)),
-                // Every list's action is `drop` unless a test sets one.
-                Decision::Block(_) => v.extend([proto_index(proto, af, Outcome::Blocked), counters::action_index(DnsAction::Drop)]),
-            }
-            v
-        }
-    }
-}
-
 /// A counter's name, as in `/metrics` (`dns_udp_ipv4_blocked`, `malformed_l4`).
 pub fn counter_name(index: u32) -> String {
     match index {
@@ -178,8 +139,6 @@ pub fn action_name(action: u32) -> &'static str {
 }
 
 pub const XDP_ABORTED: u32 = 0;
-pub const XDP_DROP: u32 = 1;
-pub const XDP_PASS: u32 = 2;
 
 /// Every frame of `real-clients-dev.pcap` (Ethernet), in capture order.
 pub fn capture_frames() -> Vec<Vec<u8>> {

@@ -1,0 +1,218 @@
+//! A host model of the kernel's programs, built on the same shared code:
+//! the entry program (`inspect` and its counting), the stream stage (the
+//! per-flow ClientHello parser, with its tail-call rounds) and the match
+//! stage. Fed the same packets as the real object, it must give the same
+//! verdicts and move the same counters (katran's BpfTester, inverted: the
+//! model is the specification of the glue). `blokir replay` uses it to name
+//! what the kernel decided on: the name read and the rule that matched.
+
+use std::collections::{HashMap, hash_map::Entry};
+
+use filter_common::{
+    counters::{self, Outcome, Proto},
+    inspect::{Env, Inspection, inspect},
+    name::{CANON_CAP, CanonBuf, Decision, canon_start, match_canon},
+    packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
+    reply::DnsAction,
+    rules::{Config, RuleRef},
+    tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, resume, starts_hello},
+};
+
+use crate::rules::{Engine, engine::Nodes};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// What the model made of one packet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    pub verdict: u32,
+    /// The counters it moves, besides `PACKETS`.
+    pub counted: Vec<u32>,
+    /// The protocol and family whose name was read (or was to be read).
+    pub proto: Option<(Proto, Af)>,
+    /// The name read, dotted and lower-case.
+    pub name: Option<String>,
+    /// The rule that decided: a block rule, or an allow rule.
+    pub rule: Option<RuleRef>,
+}
+
+/// The flow table (the kernel's LRU map, without eviction: tests stay far
+/// below its capacity).
+#[derive(Default)]
+pub struct Model {
+    flows: HashMap<FlowKey, Flow>,
+}
+
+struct Flow {
+    hello: Box<Hello>,
+    /// The name and rule that blocked the flow.
+    seen: Option<(Option<String>, Option<RuleRef>)>,
+}
+
+impl Model {
+    /// The verdict for `packet` and the counters it moves (besides
+    /// `PACKETS`), with every list's DNS action `drop` (see `counted`).
+    pub fn run(&mut self, engine: &Engine, packet: &[u8]) -> (u32, Vec<u32>) {
+        let step = self.step(engine, packet);
+        (step.verdict, step.counted)
+    }
+
+    /// `run`, with what was read and which rule decided.
+    pub fn step(&mut self, engine: &Engine, packet: &[u8]) -> Step {
+        let mut env = HostEnv { buf: CanonBuf::default(), cfg: engine.config(), nodes: engine.nodes() };
+        match inspect(packet, &mut env) {
+            Inspection::TcpPayload => self.stream(engine, packet),
+            other => {
+                let mut step = Step { verdict: if other.blocks() { XDP_DROP } else { XDP_PASS }, counted: counted(&other), ..Step::default() };
+                match other {
+                    Inspection::Decided { proto, af, decision, .. } => {
+                        step.proto = Some((proto, af));
+                        step.name = Some(canon_to_dotted(&env.buf));
+                        step.rule = rule_of(decision);
+                    }
+                    Inspection::Incomplete { proto, af } => step.proto = Some((proto, af)),
+                    _ => {}
+                }
+                step
+            }
+        }
+    }
+
+    fn stream(&mut self, engine: &Engine, p: &[u8]) -> Step {
+        let pass = Step { verdict: XDP_PASS, ..Step::default() };
+        let Ok(l3) = parse_l3(p) else { return pass };
+        if l3.proto != IPPROTO_TCP || l3.later_fragment {
+            return pass;
+        }
+        let Ok(l4) = parse_tcp(p, &l3) else { return pass };
+        let Some(key) = FlowKey::of(p, &l3, &l4) else { return pass };
+        let (off, end) = (l4.payload_off, l4.payload_end);
+        let flow = match self.flows.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) if starts_hello(p, off, end) => e.insert(Flow { hello: Box::new(Hello::new(l4.seq)), seen: None }),
+            Entry::Vacant(_) => return pass,
+        };
+        let mut step = Step { proto: Some((Proto::Tls, l3.af)), ..pass };
+        let hello = &mut flow.hello;
+        if hello.is_blocked() {
+            // A later segment of a blocked flow: named after its hello.
+            (step.name, step.rule) = flow.seen.clone().unwrap_or_default();
+            return Step { verdict: XDP_DROP, ..step };
+        }
+        let mut progress = Progress::StepsExhausted;
+        for _ in 0..MAX_ROUNDS {
+            let start = match resume(hello, l4.seq, off, end) {
+                Resume::At(start) => start,
+                Resume::Behind => return step,
+                Resume::Ahead => return Step { verdict: XDP_DROP, counted: vec![counters::TLS_OUT_OF_ORDER], ..step },
+            };
+            progress = feed(hello, p, start, end);
+            if progress != Progress::StepsExhausted {
+                break;
+            }
+        }
+        if !matches!(progress, Progress::NeedMore | Progress::StepsExhausted) && hello.flags & Hello::FLAG_ECH != 0 {
+            step.counted.push(counters::TLS_ECH);
+        }
+        let finish = |flows: &mut HashMap<FlowKey, Flow>, mut step: Step, counter: Option<u32>| {
+            flows.remove(&key);
+            step.counted.extend(counter);
+            step
+        };
+        match progress {
+            Progress::NeedMore => step,
+            Progress::StepsExhausted => {
+                hello.block();
+                step.counted.push(counters::TLS_TOO_COMPLEX);
+                Step { verdict: XDP_DROP, ..step }
+            }
+            Progress::NoName => finish(&mut self.flows, step, Some(counters::TLS_NO_SNI)),
+            Progress::NotHello => finish(&mut self.flows, step, Some(counters::TLS_NOT_HELLO)),
+            Progress::Name(len) => {
+                let mut buf = CanonBuf::default();
+                hello.copy_name(&mut buf);
+                step.counted.push(counters::proto_index(Proto::Tls, l3.af, Outcome::Inspected));
+                let decision = match_canon(&mut buf, canon_start(len), &engine.config(), &engine.nodes());
+                step.name = Some(canon_to_dotted(&buf));
+                step.rule = rule_of(decision);
+                match decision {
+                    Decision::Block(_) => {
+                        hello.block();
+                        flow.seen = Some((step.name.clone(), step.rule));
+                        step.counted.push(counters::proto_index(Proto::Tls, l3.af, Outcome::Blocked));
+                        Step { verdict: XDP_DROP, ..step }
+                    }
+                    Decision::Allow(_) => {
+                        step.counted.push(counters::proto_index(Proto::Tls, l3.af, Outcome::Allowed));
+                        finish(&mut self.flows, step, None)
+                    }
+                    Decision::NoMatch => finish(&mut self.flows, step, None),
+                }
+            }
+        }
+    }
+}
+
+/// The rule behind a decision.
+fn rule_of(d: Decision) -> Option<RuleRef> {
+    match d {
+        Decision::Block(r) | Decision::Allow(r) => Some(r),
+        Decision::NoMatch => None,
+    }
+}
+
+/// The dotted form of the canonical name in `buf`, which must hold exactly
+/// one name (as a fresh buffer does after one name was written): it starts
+/// at the first label-start mark and ends at the buffer's end.
+pub fn canon_to_dotted(buf: &CanonBuf) -> String {
+    let Some(start) = buf.starts.iter().position(|s| *s == 1) else { return ".".into() };
+    let canon = &buf.bytes[start..CANON_CAP];
+    let mut labels = Vec::new();
+    let mut i = 0;
+    while i < canon.len() {
+        let len = canon[i] as usize;
+        let label: Vec<u8> = canon[i + 1..(i + 1 + len).min(canon.len())].iter().rev().copied().collect();
+        labels.push(String::from_utf8_lossy(&label).into_owned());
+        i += 1 + len;
+    }
+    labels.reverse();
+    labels.join(".")
+}
+
+/// `inspect`'s environment on the host: a scratch buffer, the engine's
+/// settings and its node map.
+pub struct HostEnv<'a> {
+    pub buf: CanonBuf,
+    pub cfg: Config,
+    pub nodes: Nodes<'a>,
+}
+
+impl<'a> Env for HostEnv<'a> {
+    type Rules = Nodes<'a>;
+    fn resources(&mut self) -> Option<(&mut CanonBuf, &Config, &Nodes<'a>)> {
+        Some((&mut self.buf, &self.cfg, &self.nodes))
+    }
+}
+
+/// The counters the XDP program bumps for `inspection`, besides `PACKETS`
+/// (mirrors `account` in filter-ebpf), with every list's DNS action `drop`.
+pub fn counted(inspection: &Inspection) -> Vec<u32> {
+    use counters::proto_index;
+    match *inspection {
+        Inspection::Other | Inspection::TcpPayload => vec![],
+        Inspection::Fragment => vec![counters::FRAGMENTS],
+        Inspection::Unconfigured => vec![counters::UNCONFIGURED],
+        Inspection::Malformed(m) => vec![counters::malformed_index(m)],
+        Inspection::Incomplete { proto, af } => vec![proto_index(proto, af, Outcome::Incomplete)],
+        Inspection::Decided { proto, af, decision, .. } => {
+            let mut v = vec![proto_index(proto, af, Outcome::Inspected)];
+            match decision {
+                Decision::NoMatch => {}
+                Decision::Allow(_) => v.push(proto_index(proto, af, Outcome::Allowed)),
+                Decision::Block(_) => v.extend([proto_index(proto, af, Outcome::Blocked), counters::action_index(DnsAction::Drop)]),
+            }
+            v
+        }
+    }
+}
