@@ -14,7 +14,7 @@ use blokir::{
     policy::{DnsPolicy, parse_action, parse_list_action},
     replay,
 };
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use filter_common::{reply::DnsAction, rules::DEFAULT_RULE_CAPACITY};
 use std::io::Write as _;
 
@@ -71,6 +71,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Print the shell completion script for SHELL, e.g.
+    /// `blokir completions bash > /etc/bash_completion.d/blokir`.
+    Completions { shell: clap_complete::Shell },
     /// Run every packet of a capture (pcap or pcapng) through the real XDP
     /// program, in order, with the given rules; print each packet's verdict,
     /// the name read and the rule that matched. Needs root (it loads the
@@ -192,6 +195,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { output } => {
             let response = control::call(&cli.socket, &Request::Status)?;
             Ok(print(&Request::Status, &response, output))
+        }
+        Command::Completions { shell } => {
+            // Into memory first: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "blokir", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the script"),
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::Replay { capture, rules, rule_capacity, dns, output } => {
             let opts = replay::Options { capture, rule_files: rules, capacity: rule_capacity, dns: dns.policy() };
