@@ -5,5 +5,6 @@ pub mod control;
 pub mod daemon;
 pub mod ebpf;
 pub mod metrics;
+pub mod pin;
 pub mod policy;
 pub mod rules;
