@@ -73,6 +73,12 @@ impl Attachment {
     }
 }
 
+/// Whether `e` says the link is no longer attached to its interface
+/// (ENOLINK from bpf_link_update).
+fn is_defunct(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOLINK)))
+}
+
 /// A map whose contents carry over from one program to the next, pinned by
 /// the pin directory and reused when its layout is the one expected.
 struct SharedMap {
@@ -309,11 +315,13 @@ impl Kernel {
                     self.attachments.push(a);
                     return Ok(self.attachments.last().expect("just pushed"));
                 }
-                Err(e) => {
-                    // A link whose interface went away cannot be updated.
-                    tracing::warn!(iface, path = %path.display(), "the pinned link cannot be switched ({e:#}); attaching anew");
+                Err(e) if is_defunct(&e) => {
+                    // The link's interface went away (and maybe came back):
+                    // it filters nothing and cannot be updated.
+                    tracing::warn!(iface, path = %path.display(), "the pinned link is no longer attached ({e:#}); attaching anew");
                     pins.remove_link(iface)?;
                 }
+                Err(e) => return Err(e.context(format!("taking over {iface}: the previous program stays attached"))),
             }
         }
         let a = self.attach_new(iface, mode, pins)?;
@@ -323,11 +331,7 @@ impl Kernel {
 
     fn adopt(&mut self, iface: &str, path: &std::path::Path, mode: Mode) -> anyhow::Result<Attachment> {
         let fd_link = FdLink::from(PinnedLink::from_pin(path)?);
-        let info = fd_link.info()?;
-        if info.program_id() == 0 {
-            bail!("the link no longer holds a program");
-        }
-        let previous_program = Some(info.program_id());
+        let previous_program = Some(fd_link.info()?.program_id());
         let xdp_link = XdpLink::try_from(fd_link).context("the pinned object is not an XDP link")?;
         let prog = self.program()?;
         let id = prog.attach_to_link(xdp_link).context("switching the link to the new program (bpf_link_update)")?;

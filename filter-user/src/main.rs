@@ -102,6 +102,9 @@ enum Command {
     Status {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Where to look for pinned links when no daemon answers.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
 }
 
@@ -222,10 +225,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { output } => {
-            let response = control::call(&cli.socket, &Request::Status)?;
-            Ok(print(&Request::Status, &response, output))
-        }
+        Command::Status { output, pin_dir } => match control::call(&cli.socket, &Request::Status) {
+            Ok(response) => Ok(print(&Request::Status, &response, output)),
+            Err(e) => {
+                // No daemon: say what the pinned links still run.
+                let links = if pin_dir.exists() { PinDir::at(&pin_dir).describe_links() } else { Vec::new() };
+                eprintln!("blokir: {e:#}");
+                if output == Output::Json {
+                    let v = serde_json::json!({"daemon": false, "pin_dir": pin_dir.display().to_string(), "attached": links});
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else if links.is_empty() {
+                    println!("no daemon, and nothing pinned in {}: nothing is filtered", pin_dir.display());
+                } else {
+                    println!("no daemon; the pinned program keeps filtering with the rules it had (`blokir run` takes over, `blokir cleanup` detaches):");
+                    for l in &links {
+                        println!(
+                            "  {} ({}): {}",
+                            l["iface"].as_str().unwrap_or_default(),
+                            l["mode"].as_str().unwrap_or_default(),
+                            if l["attached"] == true {
+                                format!("program {}, link {}", l["program_id"], l["link_id"])
+                            } else {
+                                "link no longer attached".to_string()
+                            }
+                        );
+                    }
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        },
     }
 }
 
@@ -265,6 +293,9 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
         Request::Status => {
             let d = &r.data;
             println!("blokir {}", s(&d["version"]));
+            for a in d["attached"].as_array().cloned().unwrap_or_default() {
+                println!("attached: {} ({})", s(&a["iface"]), s(&a["mode"]));
+            }
             println!(
                 "program id {} loaded {} s ago; pins in {}; on exit: {}",
                 d["attached"][0]["program_id"],

@@ -160,6 +160,28 @@ impl PinDir {
         v
     }
 
+    /// What the pinned links run, read from the kernel: for `blokir status`
+    /// when no daemon answers.
+    pub fn describe_links(&self) -> Vec<serde_json::Value> {
+        self.pinned_ifaces()
+            .into_iter()
+            .filter_map(|iface| {
+                let (path, mode) = self.pinned_link(&iface)?;
+                let info = aya::programs::links::PinnedLink::from_pin(&path).ok().map(aya::programs::links::FdLink::from).and_then(|l| l.info().ok());
+                let ids = info.filter(|i| i.program_id() != 0).map(|i| (i.id(), i.program_id()));
+                Some(serde_json::json!({
+                    "iface": iface,
+                    "mode": mode,
+                    "attached": ids.is_some(),
+                    "link_id": ids.map(|i| i.0),
+                    "program_id": ids.map(|i| i.1),
+                    "link_pinned": true,
+                    "link_path": path.display().to_string(),
+                }))
+            })
+            .collect()
+    }
+
     /// Unpins the link of `iface`: once no process holds it either, the
     /// kernel detaches the program. Returns whether there was one.
     pub fn remove_link(&self, iface: &str) -> anyhow::Result<bool> {

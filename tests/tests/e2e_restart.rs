@@ -184,6 +184,8 @@ fn exit_behaviours_default_keeps_filtering_detach_on_exit_and_cleanup() {
     let d = topo.start_daemon_as_given(rules, &[]).unwrap();
     let s = status(&d);
     let mode = s["attached"][0]["mode"].as_str().unwrap().to_string();
+    let table = cli_ok(&d, &["status"]);
+    assert!(table.lines().any(|l| l.split_whitespace().take(3).eq(["c0", "yes", mode.as_str()])), "{table}");
     // A second daemon on the same pin directory is refused.
     let mut cmd = std::process::Command::new(topo.blokir().unwrap());
     cmd.arg("--socket").arg(topo.dir().join("other.sock")).args(["run", "--iface", "c0", "--pin-dir", pin, "--metrics-addr", "127.0.0.1:0"]);
@@ -196,6 +198,16 @@ fn exit_behaviours_default_keeps_filtering_detach_on_exit_and_cleanup() {
     assert!(pinned.contains(&format!("links/c0/{mode}")) && pinned.contains(&"maps/v1/FLOWS".to_string()), "{pinned:?}");
     let a = topo.dig(&Query::udp4("t.me")).unwrap();
     assert!(a.timed_out(), "with no daemon, the pinned program should still block t.me:\n{a}");
+    // `blokir status` without a daemon says what the pins still run.
+    let out = topo.blokir_cli(&["status", "--pin-dir", pin, "--output", "json"]).unwrap();
+    assert_eq!(out.code(), Some(1), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        (v["daemon"].as_bool(), v["attached"][0]["iface"].as_str(), v["attached"][0]["attached"].as_bool()),
+        (Some(false), Some("c0"), Some(true)),
+        "{v}"
+    );
+    assert_eq!(v["attached"][0]["program_id"], s["attached"][0]["program_id"], "{v}");
     assert!(topo.dig(&Query::tcp6("example.test")).unwrap().resolved_to_expected());
 
     // `blokir cleanup` detaches it and removes every pin.
@@ -242,6 +254,20 @@ fn interfaces_no_longer_given_are_detached_by_the_next_daemon() {
     assert!(on_dummy(), "not attached to dum0");
     d.kill().unwrap();
     assert!(on_dummy());
+    // An interface that went away and came back: its pinned link is
+    // defunct, so the next daemon attaches anew.
+    topo.run_in(&edge, &["ip", "link", "del", "dum0"], Duration::from_secs(10)).unwrap().ok().unwrap();
+    topo.run_in(&edge, &["ip", "link", "add", "dum0", "type", "veth", "peer", "name", "dum1"], Duration::from_secs(10)).unwrap().ok().unwrap();
+    topo.run_in(&edge, &["ip", "link", "set", "dum0", "up"], Duration::from_secs(10)).unwrap().ok().unwrap();
+    assert!(!on_dummy());
+    let d = topo.start_daemon_as_given(&[], &["--iface", "dum0", "--mode", "generic"]).unwrap();
+    assert!(on_dummy(), "not attached to the new dum0");
+    assert!(d.log().contains("the pinned link is no longer attached"), "{}", d.log());
+    let s = status(&d);
+    let dum = s["attached"].as_array().unwrap().iter().find(|a| a["iface"] == "dum0").cloned().unwrap();
+    assert_eq!((dum["adopted"].as_bool(), dum["attached"].as_bool()), (Some(false), Some(true)), "{s}");
+    d.kill().unwrap();
+    // Started without dum0: it is detached.
     let d = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
     assert!(!on_dummy(), "dum0 is still filtered though the new daemon was not given it");
     assert!(d.log().contains("detached: pinned by an earlier daemon but not given with --iface"), "{}", d.log());
