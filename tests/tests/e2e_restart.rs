@@ -404,3 +404,83 @@ fn a_tls_flow_blocked_before_an_upgrade_stays_blocked_after_it() {
     let mut fresh = load(None, &["*.blocked.example"]);
     assert_eq!(fresh.test_run(&second, 1).unwrap().0, XDP_PASS);
 }
+
+/// Counts the bytes one connection brings to 198.18.1.1:8443, into a file.
+const COUNTING_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("198.18.1.1", 8443)); s.listen()
+c, _ = s.accept(); n = 0
+while True:
+    d = c.recv(65536)
+    if not d: break
+    n += len(d)
+    with open(sys.argv[1], "w") as f: f.write(str(n))
+"#;
+
+/// Sends a hello in two segments (the name in the second), then holds the
+/// connection while the kernel retransmits the second.
+const TWO_SEGMENT_CLIENT: &str = r#"
+import socket, sys, time
+h = bytes.fromhex(sys.argv[1]); cut = int(sys.argv[2])
+for _ in range(100):
+    try:
+        c = socket.create_connection(("198.18.1.1", 8443), timeout=1); break
+    except OSError: time.sleep(0.05)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c.send(h[:cut]); time.sleep(0.3); c.send(h[cut:]); print("sent", flush=True)
+time.sleep(60)
+"#;
+
+/// Blocks a two-segment hello, SIGKILLs and restarts the daemon while the
+/// client retransmits the name segment; returns the bytes the server got.
+/// `forget_flows` removes the pinned flow state before the restart (the
+/// control: what a restart without it would let through).
+fn hello_across_a_restart(forget_flows: bool) -> (usize, usize) {
+    let topo = Topology::new().unwrap();
+    let rules = write(&topo, "tls.rules", "*.blocked.example\n");
+    let d = topo.start_daemon_as_given(std::slice::from_ref(&rules), &[]).unwrap();
+    let count = topo.dir().join("received");
+    let _server = blokir_tests::netns::start(topo.exec(topo.resolver(), "python3").args(["-c", COUNTING_SERVER]).arg(&count)).unwrap();
+    let hello = client_hello("www.blocked.example");
+    let cut = hello.len() - 8;
+    let hex: String = hello.iter().map(|b| format!("{b:02x}")).collect();
+    let _client = blokir_tests::netns::start(topo.exec(topo.client(), "python3").args(["-c", TWO_SEGMENT_CLIENT, &hex, &cut.to_string()])).unwrap();
+    let received = || std::fs::read_to_string(&count).ok().and_then(|s| s.parse::<usize>().ok());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received() != Some(cut) {
+        assert!(Instant::now() < deadline, "the first segment ({cut} bytes) never reached the server: {:?}", received());
+        thread::sleep(Duration::from_millis(20));
+    }
+    // The second segment (sent 0.3 s after the first) is dropped and
+    // retransmitted with backoff (about 0.2, 0.6, 1.4, 3, 6.2, 12.6 s later).
+    let sent = Instant::now() + Duration::from_millis(300);
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(received(), Some(cut), "the name segment reached the server before any restart");
+    d.kill().unwrap();
+    if forget_flows {
+        std::fs::remove_file(topo.pin_dir().join("maps/v1/FLOWS")).unwrap();
+    }
+    let d = topo.start_daemon_as_given(std::slice::from_ref(&rules), &[]).unwrap();
+    let ready = sent.elapsed();
+    assert!(ready < Duration::from_secs(12), "the new daemon took {ready:?}: no retransmission would meet it");
+    assert_eq!(status(&d)["adopted_maps"].as_array().unwrap().contains(&"FLOWS".into()), !forget_flows);
+    // Past the 12.6 s retransmission, which meets the new program.
+    thread::sleep(Duration::from_secs(14).saturating_sub(sent.elapsed()));
+    let got = received().unwrap_or(0);
+    eprintln!("forget_flows={forget_flows}: new daemon ready {ready:?} after the name segment; the server got {got} of {} bytes", hello.len());
+    d.stop().unwrap();
+    let out = topo.blokir_cli(&["cleanup", "--pin-dir", topo.pin_dir().to_str().unwrap()]).unwrap();
+    assert!(out.success(), "{out}");
+    (got, cut)
+}
+
+#[test]
+fn a_tls_hello_blocked_before_a_restart_stays_blocked_through_it_end_to_end() {
+    let (got, cut) = hello_across_a_restart(false);
+    assert_eq!(got, cut, "the segment with the blocked name reached the server after the restart");
+    // The control: without the carried-over flow state, the retransmitted
+    // name segment starts no flow and passes.
+    let (got, cut) = hello_across_a_restart(true);
+    assert!(got > cut, "without the pinned flow state the retransmission should have passed (the server got {got} bytes)");
+}
