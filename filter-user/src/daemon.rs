@@ -289,11 +289,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Switch only once every rule is in place: from the first packet on,
     // filtering by this program is complete.
     for iface in &opts.ifaces {
+        let started = Instant::now();
         let a = state.kernel.attach(iface, opts.mode, &pins)?;
-        let (mode, path) = (mode_name(a.mode), a.path.display().to_string());
+        let (mode, path, us) = (mode_name(a.mode), a.path.display().to_string(), started.elapsed().as_micros() as u64);
         match a.previous_program {
-            Some(old) => tracing::info!(iface, mode, path, old_program = old, "switched the pinned link to the new program"),
-            None => tracing::info!(iface, mode, path, "attached and pinned"),
+            Some(old) => tracing::info!(iface, mode, path, old_program = old, us, "switched the pinned link to the new program"),
+            None => tracing::info!(iface, mode, path, us, "attached and pinned"),
         }
     }
     // Interfaces an earlier daemon filtered but this one was not given.

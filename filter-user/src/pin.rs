@@ -234,3 +234,26 @@ pub fn lists_tag(names: &[&str]) -> String {
     }
     format!("{h:016x}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_tag_follows_names_and_order() {
+        let a = lists_tag(&["local", "national"]);
+        assert_eq!(a, lists_tag(&["local", "national"]));
+        assert_ne!(a, lists_tag(&["national", "local"]));
+        assert_ne!(a, lists_tag(&["local", "nationa", "l"]));
+        assert_ne!(a, lists_tag(&["local"]));
+        // bpffs refuses names with dots: the tag is plain hex.
+        assert!(a.len() == 16 && a.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn a_pin_dir_off_bpffs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = PinDir::create(dir.path().join("pins")).expect_err("a tmpfs or disk directory is not bpffs");
+        assert!(format!("{e:#}").contains("is not on a BPF file system"), "{e:#}");
+    }
+}
