@@ -1,5 +1,6 @@
-//! `blokir run`: loads the program and the rules, attaches, serves the control
-//! socket and /metrics, and detaches on SIGINT/SIGTERM.
+//! `blokir run`: loads the program and the rules, switches the pinned XDP
+//! links to it, serves the control socket and /metrics, and on SIGINT/SIGTERM
+//! leaves the program attached, detaches it, or removes every pin, as told.
 
 use std::{
     net::SocketAddr,
@@ -22,6 +23,7 @@ use crate::{
     control::{MAX_REQUEST, Request, Response},
     ebpf::{Kernel, Mode},
     metrics,
+    pin::{PinDir, PinLock, mode_name},
     policy::DnsPolicy,
     rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, store::Store},
 };
@@ -36,6 +38,21 @@ pub struct Options {
     pub capacity: u32,
     pub top_rules: usize,
     pub dns: DnsPolicy,
+    pub pin_dir: PathBuf,
+    pub on_exit: OnExit,
+}
+
+/// What a clean stop (SIGINT/SIGTERM) does with the program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExit {
+    /// Leave it attached and pinned: filtering goes on with the last rules.
+    #[default]
+    Keep,
+    /// Detach it (remove the pinned links); keep the pinned maps.
+    Detach,
+    /// Detach it and remove everything pinned under the pin directory.
+    Cleanup,
 }
 
 /// Everything the control socket and the metrics endpoint act on.
@@ -47,6 +64,8 @@ pub struct State {
     files: Vec<(String, PathBuf)>,
     pub top_rules: usize,
     dns: DnsPolicy,
+    pins: PinDir,
+    on_exit: OnExit,
 }
 
 pub type Shared = Arc<Mutex<State>>;
@@ -64,8 +83,9 @@ pub fn list_name(path: &Path) -> String {
 
 impl State {
     /// Loads the program, reads every rule file and the local list (any bad
-    /// line refuses the start), and fills the maps. Nothing is attached yet.
-    pub fn new(opts: &Options) -> anyhow::Result<Self> {
+    /// line refuses the start), and fills the maps. Nothing is attached yet:
+    /// a program left by an earlier daemon keeps running meanwhile.
+    pub fn new(opts: &Options, pins: &PinDir) -> anyhow::Result<Self> {
         let Options { rule_files, state_dir, capacity, top_rules, dns, .. } = opts;
         let (capacity, top_rules) = (*capacity, *top_rules);
         if !(2..=MAX_RULE_ID).contains(&capacity) {
@@ -85,13 +105,16 @@ impl State {
         let store = Store::open(state_dir)?;
         let local = store.load_local().map_err(|e| anyhow::anyhow!(e.report()))?;
 
-        let mut kernel = Kernel::load(capacity)?;
+        let mut kernel = Kernel::load_pinned(capacity, pins, &list_names)?;
+        if !kernel.adopted_maps().is_empty() {
+            tracing::info!(maps = ?kernel.adopted_maps(), "reusing the pinned state of the previous program");
+        }
         let hash_r = [lane_multiplier(rand::random()), lane_multiplier(rand::random())];
         let engine = Engine::new(hash_r, capacity as usize, capacity);
         let mut cfg = engine.config();
         dns.apply_to(&mut cfg);
         kernel.write_config(cfg)?;
-        let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone() };
+        let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone(), pins: pins.clone(), on_exit: opts.on_exit };
         state.replace_list(LOCAL_LIST, None, &local)?;
         for ((name, path), rules) in state.files.clone().iter().zip(parsed) {
             state.replace_list(name, Some(path.clone()), &rules)?;
@@ -172,10 +195,35 @@ impl State {
                 json!({"name": l.name, "rules": l.len(), "source": source, "dns_action": self.dns.action_for(&l.name).name()})
             })
             .collect();
-        let attached: Vec<_> = self.kernel.attachments().iter().map(|a| json!({"iface": a.iface, "mode": a.mode})).collect();
+        let secs = |t: Option<std::time::SystemTime>| t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
+        let loaded_at = secs(self.kernel.loaded_at());
+        let attached: Vec<_> = self
+            .kernel
+            .attachments()
+            .iter()
+            .map(|a| {
+                let ids = a.link_ids();
+                json!({
+                    "iface": a.iface,
+                    "mode": a.mode,
+                    "attached": ids.is_some(),
+                    "program_id": ids.map(|i| i.1),
+                    "link_id": ids.map(|i| i.0),
+                    "link_pinned": a.path.exists(),
+                    "link_path": a.path.display().to_string(),
+                    "adopted": a.adopted,
+                    "previous_program_id": a.previous_program,
+                    "program_loaded_at": loaded_at,
+                })
+            })
+            .collect();
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "attached": attached,
+            "pin_dir": self.pins.root().display().to_string(),
+            "adopted_maps": self.kernel.adopted_maps(),
+            "program_loaded_at": loaded_at,
+            "on_exit": self.on_exit,
             "lists": lists,
             "rules": self.engine.rule_count(),
             "nodes": self.engine.node_count(),
@@ -239,21 +287,41 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.ifaces.is_empty() {
         bail!("no interface given (--iface)");
     }
-    // Everything that can fail is done before attaching; the socket file is
-    // removed on every way out.
+    // Everything that can fail is done before switching the interfaces; the
+    // socket file is removed on every way out.
     let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket)?;
     let metrics_listener =
         tokio::net::TcpListener::bind(opts.metrics_addr).await.with_context(|| format!("binding the metrics endpoint {}", opts.metrics_addr))?;
+    let pins = PinDir::create(&opts.pin_dir)?;
+    let _lock: PinLock = pins.lock()?;
     let opts = Arc::new(opts);
-    let o = opts.clone();
-    let mut state = tokio::task::spawn_blocking(move || State::new(&o)).await??;
+    let (o, p) = (opts.clone(), pins.clone());
+    let mut state = tokio::task::spawn_blocking(move || State::new(&o, &p)).await??;
     tracing::info!(rules = state.engine.rule_count(), nodes = state.engine.node_count(), "rules loaded");
-    // Attach only once every rule is in place: from the first packet on,
-    // filtering is complete.
+    // Switch only once every rule is in place: from the first packet on,
+    // filtering by this program is complete.
     for iface in &opts.ifaces {
-        let mode = state.kernel.attach(iface, opts.mode)?;
-        tracing::info!(iface, ?mode, "attached");
+        let started = Instant::now();
+        let a = state.kernel.attach(iface, opts.mode, &pins)?;
+        let (mode, path, us) = (mode_name(a.mode), a.path.display().to_string(), started.elapsed().as_micros() as u64);
+        match a.previous_program {
+            Some(old) => tracing::info!(iface, mode, path, old_program = old, us, "switched the pinned link to the new program"),
+            None => tracing::info!(iface, mode, path, us, "attached and pinned"),
+        }
     }
+    // Interfaces an earlier daemon filtered but this one was not given.
+    for iface in pins.pinned_ifaces() {
+        if !opts.ifaces.contains(&iface) {
+            pins.remove_link(&iface)?;
+            tracing::warn!(iface, "detached: pinned by an earlier daemon but not given with --iface");
+        }
+    }
+    remove_stale_maps(&pins, &state);
+    // The programs replaced above may still be finishing a packet on another
+    // CPU (a run takes microseconds); their stages stay until they surely
+    // have.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    pins.remove_stages_except(Some(state.kernel.program_id()));
     let shared: Shared = Arc::new(Mutex::new(state));
     tracing::info!(addr = %opts.metrics_addr, "serving /metrics");
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, shared.clone()));
@@ -267,8 +335,42 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         r = metrics_task => bail!("metrics endpoint stopped: {r:?}"),
     }
     control_task.abort();
-    lock(&shared).kernel.detach_all();
+    let mut state = lock(&shared);
+    match opts.on_exit {
+        OnExit::Keep => {
+            for a in state.kernel.attachments() {
+                tracing::info!(
+                    iface = a.iface,
+                    path = %a.path.display(),
+                    "left attached: filtering goes on with the rules in force; the next `blokir run` takes over, `blokir cleanup` detaches"
+                );
+            }
+        }
+        OnExit::Detach => {
+            state.kernel.detach_all(&pins);
+            pins.remove_stages_except(None);
+            tracing::info!(dir = %pins.maps_dir().display(), "pinned maps kept for the next start");
+        }
+        OnExit::Cleanup => {
+            state.kernel.detach_all(&pins);
+            pins.remove_all()?;
+            tracing::info!(dir = %pins.root().display(), "removed everything pinned");
+        }
+    }
     Ok(())
+}
+
+/// Removes per-list counters pinned for other sets of lists: they can never
+/// be reused once this daemon has switched.
+fn remove_stale_maps(pins: &PinDir, state: &State) {
+    let lists: Vec<&str> = state.engine.lists().iter().map(|l| l.name.as_str()).collect();
+    let keep = format!("{}_{}", filter_common::rules::MAP_LIST_HITS, crate::pin::lists_tag(&lists));
+    for e in std::fs::read_dir(pins.maps_dir()).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(filter_common::rules::MAP_LIST_HITS) && name != keep {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// The control socket's file, removed when this is dropped.

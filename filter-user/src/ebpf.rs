@@ -2,25 +2,34 @@
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
     ptr::NonNull,
+    time::SystemTime,
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, ProgramArray},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, ProgramArray},
+    programs::{
+        ProgramError, ProgramInfo, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use filter_common::{
     counters,
     reply::DnsAction,
     rules::{
-        Config, DNS_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MATCH_PROGRAM_NAME,
-        MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        Config, DNS_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES,
+        MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
 };
 
-use crate::rules::Target;
+use crate::{
+    pin::{PinDir, lists_tag, mode_name},
+    rules::Target,
+};
 
 /// The entry program and the stages it tail-calls.
 const PROGRAMS: [&str; 5] = [PROGRAM_NAME, DNS_PROGRAM_NAME, TLS_PROGRAM_NAME, MATCH_PROGRAM_NAME, REPLY_PROGRAM_NAME];
@@ -39,10 +48,86 @@ pub enum Mode {
     Auto,
 }
 
+/// One interface's XDP link, pinned in the pin directory: the program stays
+/// attached when the daemon exits, whatever the way.
 pub struct Attachment {
     pub iface: String,
     pub mode: Mode,
-    link: XdpLinkId,
+    /// The pinned link's path (its file keeps the link, and so the program,
+    /// attached).
+    pub path: PathBuf,
+    /// The link was pinned by an earlier daemon and switched to this
+    /// program atomically (bpf_link_update).
+    pub adopted: bool,
+    /// The program the link ran before the switch, when adopted.
+    pub previous_program: Option<u32>,
+    link: FdLink,
+}
+
+impl Attachment {
+    /// The kernel's view: the link's id and the id of the program it runs;
+    /// `None` when the link no longer holds a program (interface gone).
+    pub fn link_ids(&self) -> Option<(u32, u32)> {
+        let info = self.link.info().ok()?;
+        (info.program_id() != 0).then(|| (info.id(), info.program_id()))
+    }
+}
+
+/// Whether `e` says the link is no longer attached to its interface
+/// (ENOLINK from bpf_link_update).
+fn is_defunct(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOLINK)))
+}
+
+/// A map whose contents carry over from one program to the next, pinned by
+/// the pin directory and reused when its layout is the one expected.
+struct SharedMap {
+    name: &'static str,
+    file: String,
+    ty: MapType,
+    key: u32,
+    value: u32,
+    max_entries: u32,
+}
+
+impl SharedMap {
+    fn all(lists: &[&str]) -> [SharedMap; 3] {
+        let size = |n: usize| n as u32;
+        [
+            SharedMap {
+                name: MAP_FLOWS,
+                file: MAP_FLOWS.to_string(),
+                ty: MapType::LruHash,
+                key: size(size_of::<filter_common::tls::FlowKey>()),
+                value: size(size_of::<filter_common::tls::Hello>()),
+                max_entries: filter_common::tls::DEFAULT_FLOW_CAPACITY,
+            },
+            SharedMap { name: MAP_COUNTERS, file: MAP_COUNTERS.to_string(), ty: MapType::PerCpuArray, key: 4, value: 8, max_entries: counters::COUNTERS },
+            // List ids follow the order of the lists, so per-list counters
+            // carry over only to the same ordered set of lists.
+            SharedMap {
+                name: MAP_LIST_HITS,
+                file: format!("{MAP_LIST_HITS}_{}", lists_tag(lists)),
+                ty: MapType::PerCpuArray,
+                key: 4,
+                value: 8,
+                max_entries: MAX_LISTS * counters::LIST_COUNTERS,
+            },
+        ]
+    }
+
+    /// Why the pinned map at `path` cannot be reused, if it cannot.
+    fn incompatible(&self, info: &MapInfo) -> Option<String> {
+        let ty = info.map_type().ok();
+        let found = (ty, info.key_size(), info.value_size(), info.max_entries(), info.map_flags());
+        let want = (Some(self.ty), self.key, self.value, self.max_entries, 0);
+        (found != want).then(|| {
+            format!(
+                "type {:?}, key {} B, value {} B, {} entries, flags {:#x}; this program needs type {:?}, key {} B, value {} B, {} entries, flags 0",
+                found.0, found.1, found.2, found.3, found.4, want.0, want.1, want.2, want.3
+            )
+        })
+    }
 }
 
 /// The loaded program and typed handles on its maps.
@@ -55,23 +140,69 @@ pub struct Kernel {
     list_actions: Array<MapData, u32>,
     rule_hits: Array<MapData, u64>,
     hits_view: HitsView,
-    /// Kept open: the kernel empties a program array once no file refers to it.
+    /// Kept open (and pinned by the daemon): the kernel empties a program
+    /// array once no file refers to it.
     _stages: ProgramArray<MapData>,
     cfg: Config,
     attachments: Vec<Attachment>,
     capacity: u32,
+    /// Shared maps reused from a previous program (pinned ones only).
+    adopted_maps: Vec<&'static str>,
+    loaded_at: Option<SystemTime>,
+    program_id: u32,
 }
 
 impl Kernel {
     /// Loads the program through the verifier with maps for `capacity` rule
     /// nodes and rule ids.
     pub fn load(capacity: u32) -> anyhow::Result<Self> {
-        let mut ebpf =
-            EbpfLoader::new().map_max_entries(MAP_RULES, capacity).map_max_entries(MAP_RULE_HITS, capacity).load(OBJECT).context("loading the BPF object")?;
+        Self::load_with(capacity, None)
+    }
+
+    /// Loads the program with the maps that carry state across restarts
+    /// (TLS flows, counters) opened from `pins` when a previous program left
+    /// compatible ones there, else created and pinned. The rule maps are
+    /// always new: the program that runs now keeps its own until the switch.
+    /// `lists` are the list names in id order.
+    pub fn load_pinned(capacity: u32, pins: &PinDir, lists: &[&str]) -> anyhow::Result<Self> {
+        Self::load_with(capacity, Some((pins, lists)))
+    }
+
+    fn load_with(capacity: u32, pins: Option<(&PinDir, &[&str])>) -> anyhow::Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_RULES, capacity).map_max_entries(MAP_RULE_HITS, capacity);
+        let mut adopted_maps = Vec::new();
+        if let Some((pins, lists)) = pins {
+            for m in SharedMap::all(lists) {
+                let path = pins.map_path(&m.file);
+                if path.exists() {
+                    match MapInfo::from_pin(&path) {
+                        Ok(info) => match m.incompatible(&info) {
+                            None => adopted_maps.push(m.name),
+                            Some(why) => {
+                                tracing::warn!(map = m.name, path = %path.display(), "the pinned map has another layout ({why}): replacing it with a new one");
+                                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                            }
+                        },
+                        Err(e) => {
+                            tracing::warn!(map = m.name, path = %path.display(), "the pinned object is not a readable map ({e}): replacing it");
+                            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                        }
+                    }
+                }
+                loader.map_pin_path(m.name, path);
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the BPF object")?;
         for name in PROGRAMS {
             let prog: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
             prog.load().with_context(|| format!("the kernel's verifier refused the XDP program {name}"))?;
         }
+        let (program_id, loaded_at) = {
+            let prog: &Xdp = ebpf.program(PROGRAM_NAME).ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?.try_into()?;
+            let info = prog.info()?;
+            (info.id(), info.loaded_at())
+        };
         let stage_fd = |ebpf: &Ebpf, name: &str| -> anyhow::Result<_> {
             let prog: &Xdp = ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
             Ok(prog.fd()?.try_clone()?)
@@ -94,7 +225,14 @@ impl Kernel {
             _ => bail!("{MAP_RULE_HITS} is not an array"),
         };
         let rule_hits = Array::try_from(hits_map)?;
-        let mut stages = ProgramArray::try_from(take(MAP_STAGES)?)?;
+        let stages_map = take(MAP_STAGES)?;
+        if let Some((pins, _)) = pins {
+            // The kernel empties a program array when no file refers to it any
+            // more: pinned, the stages outlive this process with the program.
+            let path = pins.stages_path(program_id);
+            stages_map.pin(&path).with_context(|| format!("pinning the stages at {}", path.display()))?;
+        }
+        let mut stages = ProgramArray::try_from(stages_map)?;
         for (slot, fd) in &stages_fds {
             stages.set(*slot, fd, 0).context("installing the tail-called stages")?;
         }
@@ -111,6 +249,9 @@ impl Kernel {
             cfg: Config::default(),
             attachments: Vec::new(),
             capacity,
+            adopted_maps,
+            loaded_at,
+            program_id,
         })
     }
 
@@ -155,7 +296,50 @@ impl Kernel {
         self.list_actions.set(u32::from(id), action as u32, 0).context("writing a list's DNS action")
     }
 
-    pub fn attach(&mut self, iface: &str, mode: Mode) -> anyhow::Result<Mode> {
+    /// Puts the program on `iface` through the link pinned in `pins`: an
+    /// existing link (left by an earlier daemon) is switched to this program
+    /// atomically, so every packet meets either the old program or the new
+    /// one; otherwise a new link is created and pinned. An existing link keeps
+    /// its mode (changing it needs a detach: `blokir cleanup` first).
+    pub fn attach(&mut self, iface: &str, mode: Mode, pins: &PinDir) -> anyhow::Result<&Attachment> {
+        if let Some((path, pinned_mode)) = pins.pinned_link(iface) {
+            match self.adopt(iface, &path, pinned_mode) {
+                Ok(a) => {
+                    if mode != Mode::Auto && mode != pinned_mode {
+                        tracing::warn!(
+                            iface,
+                            "the pinned link is in {} mode, kept (switching modes would leave the interface unfiltered for a moment); to change it, stop with --detach-on-exit or run `blokir cleanup`, then start",
+                            mode_name(pinned_mode)
+                        );
+                    }
+                    self.attachments.push(a);
+                    return Ok(self.attachments.last().expect("just pushed"));
+                }
+                Err(e) if is_defunct(&e) => {
+                    // The link's interface went away (and maybe came back):
+                    // it filters nothing and cannot be updated.
+                    tracing::warn!(iface, path = %path.display(), "the pinned link is no longer attached ({e:#}); attaching anew");
+                    pins.remove_link(iface)?;
+                }
+                Err(e) => return Err(e.context(format!("taking over {iface}: the previous program stays attached"))),
+            }
+        }
+        let a = self.attach_new(iface, mode, pins)?;
+        self.attachments.push(a);
+        Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    fn adopt(&mut self, iface: &str, path: &std::path::Path, mode: Mode) -> anyhow::Result<Attachment> {
+        let fd_link = FdLink::from(PinnedLink::from_pin(path)?);
+        let previous_program = Some(fd_link.info()?.program_id());
+        let xdp_link = XdpLink::try_from(fd_link).context("the pinned object is not an XDP link")?;
+        let prog = self.program()?;
+        let id = prog.attach_to_link(xdp_link).context("switching the link to the new program (bpf_link_update)")?;
+        let link = FdLink::try_from(prog.take_link(id)?)?;
+        Ok(Attachment { iface: iface.to_string(), mode, path: path.to_path_buf(), adopted: true, previous_program, link })
+    }
+
+    fn attach_new(&mut self, iface: &str, mode: Mode, pins: &PinDir) -> anyhow::Result<Attachment> {
         let prog = self.program()?;
         let attempt = |prog: &mut Xdp, m: XdpMode| prog.attach(iface, m);
         let (link, used) = match mode {
@@ -169,21 +353,49 @@ impl Kernel {
                 }
             },
         };
-        let link = link.map_err(|e: ProgramError| anyhow!(e)).with_context(|| format!("attaching to {iface}"))?;
-        self.attachments.push(Attachment { iface: iface.to_string(), mode: used, link });
-        Ok(used)
+        let id = link.map_err(|e: ProgramError| anyhow!(e)).with_context(|| format!("attaching to {iface}"))?;
+        // A netlink attachment (kernels before 5.9) cannot be pinned: it is
+        // detached again when dropped here.
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .map_err(|_| anyhow!("attaching to {iface}: the kernel has no XDP bpf_link (Linux 5.9 or later is needed)"))?;
+        let path = pins.link_path(iface, used);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let pinned = link.pin(&path).with_context(|| format!("pinning the link of {iface} at {}", path.display()))?;
+        Ok(Attachment { iface: iface.to_string(), mode: used, path, adopted: false, previous_program: None, link: pinned.into() })
     }
 
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
     }
 
-    /// Detaches from every interface.
-    pub fn detach_all(&mut self) {
-        let attachments = std::mem::take(&mut self.attachments);
-        for a in attachments {
-            match self.program().and_then(|p| Ok(p.detach(a.link)?)) {
-                Ok(()) => tracing::info!(iface = a.iface, "detached"),
+    /// Which shared maps (TLS flows, counters) came from a previous program.
+    pub fn adopted_maps(&self) -> &[&'static str] {
+        &self.adopted_maps
+    }
+
+    /// The entry program's kernel id and load time.
+    pub fn program_info(&self) -> anyhow::Result<ProgramInfo> {
+        let prog: &Xdp = self.ebpf.program(PROGRAM_NAME).ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?.try_into()?;
+        Ok(prog.info()?)
+    }
+
+    /// The entry program's kernel id.
+    pub fn program_id(&self) -> u32 {
+        self.program_id
+    }
+
+    /// When the entry program was loaded.
+    pub fn loaded_at(&self) -> Option<SystemTime> {
+        self.loaded_at
+    }
+
+    /// Detaches from every interface: unpins the links and closes them.
+    pub fn detach_all(&mut self, pins: &PinDir) {
+        for a in std::mem::take(&mut self.attachments) {
+            match pins.remove_link(&a.iface) {
+                Ok(_) => tracing::info!(iface = a.iface, "detached"),
                 Err(e) => tracing::error!(iface = a.iface, "detaching: {e:#}"),
             }
         }
@@ -205,12 +417,6 @@ impl Kernel {
     /// Hit counters of all rule ids, read straight from the mapped array.
     pub fn rule_hits(&self) -> &[u64] {
         self.hits_view.as_slice()
-    }
-}
-
-impl Drop for Kernel {
-    fn drop(&mut self) {
-        self.detach_all();
     }
 }
 

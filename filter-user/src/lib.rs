@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod metrics;
 pub mod model;
+pub mod pin;
 pub mod policy;
 pub mod replay;
 pub mod rules;

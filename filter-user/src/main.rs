@@ -9,8 +9,9 @@ use std::{
 use anyhow::Context as _;
 use blokir::{
     control::{self, DEFAULT_SOCKET, Request, Response},
-    daemon::{self, Options},
+    daemon::{self, OnExit, Options},
     ebpf::Mode,
+    pin::{DEFAULT_PIN_DIR, PinDir},
     policy::{DnsPolicy, parse_action, parse_list_action},
     replay,
 };
@@ -58,6 +59,24 @@ enum Command {
         top_rules: usize,
         #[command(flatten)]
         dns: DnsArgs,
+        /// Where the XDP links and the state shared across restarts are
+        /// pinned (on bpffs; mounted at /sys/fs/bpf if missing).
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// On SIGINT/SIGTERM, detach the program (keep the pinned maps). By
+        /// default it stays attached and keeps filtering with the last rules.
+        #[arg(long, conflicts_with = "cleanup")]
+        detach_on_exit: bool,
+        /// On SIGINT/SIGTERM, detach the program and remove everything pinned
+        /// under --pin-dir.
+        #[arg(long)]
+        cleanup: bool,
+    },
+    /// Detach the program and remove everything blokir pinned (for when no
+    /// daemon runs, e.g. after it was killed or stopped without --cleanup).
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Change or inspect the rules of the running daemon.
     Rules {
@@ -70,6 +89,9 @@ enum Command {
     Status {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Where to look for pinned links when no daemon answers.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Print the shell completion script for SHELL, e.g.
     /// `blokir completions bash > /etc/bash_completion.d/blokir`.
@@ -174,9 +196,25 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { ifaces, mode, rules, state_dir, metrics_addr, rule_capacity, top_rules, dns } => {
-            let opts =
-                Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics_addr, capacity: rule_capacity, top_rules, dns: dns.policy() };
+        Command::Run { ifaces, mode, rules, state_dir, metrics_addr, rule_capacity, top_rules, dns, pin_dir, detach_on_exit, cleanup } => {
+            let on_exit = match (detach_on_exit, cleanup) {
+                (_, true) => OnExit::Cleanup,
+                (true, _) => OnExit::Detach,
+                _ => OnExit::Keep,
+            };
+            let opts = Options {
+                ifaces,
+                mode,
+                rule_files: rules,
+                state_dir,
+                socket: cli.socket,
+                metrics_addr,
+                capacity: rule_capacity,
+                top_rules,
+                dns: dns.policy(),
+                pin_dir,
+                on_exit,
+            };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -192,10 +230,50 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let response = control::call(&cli.socket, &request)?;
             Ok(print(&request, &response, output))
         }
-        Command::Status { output } => {
-            let response = control::call(&cli.socket, &Request::Status)?;
-            Ok(print(&Request::Status, &response, output))
+        Command::Cleanup { pin_dir } => {
+            let pins = PinDir::at(&pin_dir);
+            if !pin_dir.exists() {
+                println!("nothing pinned in {}", pin_dir.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let _lock = pins.lock()?;
+            let ifaces = pins.remove_all()?;
+            if ifaces.is_empty() {
+                println!("removed {} (no interface was attached)", pin_dir.display());
+            } else {
+                println!("detached from {}; removed {}", ifaces.join(", "), pin_dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Status { output, pin_dir } => match control::call(&cli.socket, &Request::Status) {
+            Ok(response) => Ok(print(&Request::Status, &response, output)),
+            Err(e) => {
+                // No daemon: say what the pinned links still run.
+                let links = if pin_dir.exists() { PinDir::at(&pin_dir).describe_links() } else { Vec::new() };
+                eprintln!("blokir: {e:#}");
+                if output == Output::Json {
+                    let v = serde_json::json!({"daemon": false, "pin_dir": pin_dir.display().to_string(), "attached": links});
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else if links.is_empty() {
+                    println!("no daemon, and nothing pinned in {}: nothing is filtered", pin_dir.display());
+                } else {
+                    println!("no daemon; the pinned program keeps filtering with the rules it had (`blokir run` takes over, `blokir cleanup` detaches):");
+                    for l in &links {
+                        println!(
+                            "  {} ({}): {}",
+                            l["iface"].as_str().unwrap_or_default(),
+                            l["mode"].as_str().unwrap_or_default(),
+                            if l["attached"] == true {
+                                format!("program {}, link {}", l["program_id"], l["link_id"])
+                            } else {
+                                "link no longer attached".to_string()
+                            }
+                        );
+                    }
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Completions { shell } => {
             // Into memory first: clap_complete panics on a failed write.
             let mut script = Vec::new();
@@ -255,6 +333,10 @@ fn replay_capture(opts: &replay::Options, output: Output) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
     if !r.ok {
         eprintln!("blokir: {}", r.message);
@@ -289,6 +371,29 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
             println!("blokir {}", s(&d["version"]));
             for a in d["attached"].as_array().cloned().unwrap_or_default() {
                 println!("attached: {} ({})", s(&a["iface"]), s(&a["mode"]));
+            }
+            println!(
+                "program id {} loaded {} s ago; pins in {}; on exit: {}",
+                d["attached"][0]["program_id"],
+                d["program_loaded_at"].as_u64().map(|t| now_secs().saturating_sub(t)).map_or("?".into(), |s| s.to_string()),
+                s(&d["pin_dir"]),
+                s(&d["on_exit"])
+            );
+            let adopted: Vec<String> = d["adopted_maps"].as_array().cloned().unwrap_or_default().iter().map(s).collect();
+            println!("state adopted from the previous program: {}", if adopted.is_empty() { "none (fresh)".to_string() } else { adopted.join(", ") });
+            println!("{:16}  {:8}  {:8}  {:7}  {:6}  {:7}  TOOK OVER FROM", "IFACE", "ATTACHED", "MODE", "PROGRAM", "LINK", "PINNED");
+            for a in d["attached"].as_array().cloned().unwrap_or_default() {
+                let yes = |v: &serde_json::Value| if v.as_bool() == Some(true) { "yes" } else { "no" };
+                let from = if a["adopted"].as_bool() == Some(true) { format!("program {}", a["previous_program_id"]) } else { "- (new link)".to_string() };
+                println!(
+                    "{:16}  {:8}  {:8}  {:7}  {:6}  {:7}  {from}",
+                    s(&a["iface"]),
+                    yes(&a["attached"]),
+                    s(&a["mode"]),
+                    s(&a["program_id"]),
+                    s(&a["link_id"]),
+                    yes(&a["link_pinned"])
+                );
             }
             println!("rules: {} in {} name nodes (capacity {})", d["rules"], d["nodes"], d["capacity"]);
             for l in d["lists"].as_array().cloned().unwrap_or_default() {

@@ -271,6 +271,11 @@ impl Topology {
             dir: tempfile::Builder::new().prefix(&format!("{id}-")).tempdir().context("creating a temporary directory")?,
             daemons_started: AtomicU32::new(0),
         };
+        // Daemons pin their links and maps in a bpffs of this topology's own,
+        // visible inside `ip netns exec` (which hides the host's /sys) and
+        // gone, with whatever is pinned in it, when unmounted on drop.
+        std::fs::create_dir_all(t.bpffs())?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(t.bpffs()), Duration::from_secs(10))?.ok().context("mounting a bpffs for the pins")?;
         t.build().with_context(|| format!("building the namespaces {id}-{{c,e,r}} (needs root)"))?;
         t.start_resolver()?;
         Ok(t)
@@ -425,6 +430,40 @@ impl Topology {
         self.dir.path().join("state")
     }
 
+    /// The bpffs mounted for this topology.
+    fn bpffs(&self) -> PathBuf {
+        self.dir.path().join("bpf")
+    }
+
+    /// The daemons' `--pin-dir` (the same for every daemon started here).
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpffs().join("blokir")
+    }
+
+    /// Files pinned under the pin directory, as paths relative to it.
+    pub fn pinned(&self) -> Vec<String> {
+        fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(base, &p, out);
+                } else if let Ok(rel) = p.strip_prefix(base) {
+                    out.push(rel.display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.pin_dir(), &self.pin_dir(), &mut out);
+        out.sort();
+        out
+    }
+
+    /// Runs `blokir ARGS...` on the host (not in a namespace), e.g.
+    /// `cleanup --pin-dir DIR`.
+    pub fn blokir_cli(&self, args: &[&str]) -> anyhow::Result<Captured> {
+        run(Command::new(self.blokir()?).arg("--socket").arg(self.socket()).args(args).env("NO_COLOR", "1"), Duration::from_secs(30))
+    }
+
     /// The daemon's control socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("run/blokir.sock")
@@ -532,6 +571,7 @@ impl Topology {
         let mut cmd = self.exec(&self.edge, self.blokir()?);
         cmd.arg("--socket").arg(self.socket()).args(["run", "--iface", EDGE_CLIENT_IFACE, "--metrics-addr", METRICS_ADDR]);
         cmd.arg("--state-dir").arg(self.state_dir());
+        cmd.arg("--pin-dir").arg(self.pin_dir());
         for r in rules {
             cmd.arg("--rules").arg(r);
         }
@@ -546,8 +586,19 @@ impl Topology {
     }
 
     /// `start_daemon` with more `blokir run` options (`--dns-action
-    /// nxdomain`, ...).
+    /// nxdomain`, ...). Unless `options` say otherwise, the daemon runs with
+    /// `--cleanup`: a stopped daemon leaves nothing attached or pinned.
     pub fn start_daemon_with(&self, rules: &[PathBuf], options: &[&str]) -> anyhow::Result<Daemon> {
+        let mut options = options.to_vec();
+        if !options.iter().any(|o| ["--cleanup", "--detach-on-exit"].contains(o)) {
+            options.push("--cleanup");
+        }
+        self.start_daemon_as_given(rules, &options)
+    }
+
+    /// Starts the daemon with exactly these options (no `--cleanup` added:
+    /// with neither exit option, a stopped daemon leaves the program attached).
+    pub fn start_daemon_as_given(&self, rules: &[PathBuf], options: &[&str]) -> anyhow::Result<Daemon> {
         let n = self.daemons_started.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.path().join(format!("blokir-{n}.log"));
         let file = std::fs::File::create(&log)?;
@@ -571,7 +622,14 @@ impl Drop for Topology {
         for ns in self.created.iter().rev() {
             remove_namespace(ns);
         }
+        unmount(&self.bpffs());
     }
+}
+
+/// Lazily unmounts `dir` if something is mounted there (a bpffs: whatever
+/// is pinned in it goes with it).
+fn unmount(dir: &Path) {
+    let _ = run(Command::new("umount").arg("-l").arg(dir), Duration::from_secs(10));
 }
 
 /// Kills the processes left in `ns` (all started by this harness) and
@@ -609,6 +667,7 @@ fn sweep_stale() {
             let dir_prefix = format!("{PREFIX}-{pid}-{n}-");
             for d in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
                 if d.file_name().to_string_lossy().starts_with(&dir_prefix) {
+                    unmount(&d.path().join("bpf"));
                     let _ = std::fs::remove_dir_all(d.path());
                 }
             }
@@ -852,6 +911,13 @@ impl Daemon {
         )?
         .ok()?;
         Ok(Metrics { text: out.stdout })
+    }
+
+    /// Sends SIGKILL and waits until the process is gone.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     /// Sends SIGTERM and waits for a clean exit.

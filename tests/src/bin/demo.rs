@@ -82,8 +82,8 @@ fn on_interface(blokir: &Path, iface: &str) -> anyhow::Error {
     println!("  {} rules check t.me example.org", blokir.display());
     println!("  {} rules add '*.example.test'", blokir.display());
     println!("  curl -s http://127.0.0.1:9947/metrics | grep blocked");
-    println!("Stop with Ctrl-C: the program is detached on exit.\n");
-    let err = Command::new(blokir).args(["run", "--iface", iface, "--rules"]).arg(&rules).exec();
+    println!("Stop with Ctrl-C: the program is detached and its pins removed on exit (--cleanup).\n");
+    let err = Command::new(blokir).args(["run", "--cleanup", "--iface", iface, "--rules"]).arg(&rules).exec();
     anyhow::Error::new(err).context(format!("running {}", blokir.display()))
 }
 

@@ -1,0 +1,259 @@
+//! What blokir keeps in a BPF file system so that filtering outlives the
+//! daemon: the XDP links (one per interface) and the maps whose contents must
+//! carry over from one program to the next (TLS flow state, counters).
+//!
+//! Layout under the pin directory (default `/sys/fs/bpf/blokir`):
+//!
+//! ```text
+//! links/<iface>/<mode>        the XDP bpf_link of <iface>, attached in <mode> (native|generic)
+//! maps/v<LAYOUT>/FLOWS        TLS per-flow state
+//! maps/v<LAYOUT>/COUNTERS     the global counters
+//! maps/v<LAYOUT>/LIST_HITS_<lists>  per-list counters, for one ordered set of list names
+//! stages/<program id>         the tail-call array of each loaded program (the
+//!                             kernel empties an unreferenced one)
+//! ```
+//!
+//! bpffs holds only BPF objects and directories, so the attach mode is in the
+//! link's path. The directory itself is flock()ed by the daemon that uses it.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::ebpf::Mode;
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/blokir";
+/// Where bpffs is mounted by convention; blokir mounts it there if needed.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The layout of the shared maps. Bump it whenever the meaning of a shared
+/// map's key or value changes (even at the same size): a new daemon then
+/// starts from fresh maps instead of misreading old ones.
+pub const LAYOUT: u32 = 1;
+
+/// A pin directory on bpffs.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+/// The pin directory's lock, held for as long as this lives.
+pub struct PinLock {
+    _dir: File,
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a valid out pointer.
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    r == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+impl PinDir {
+    /// The pin directory at `root`, without touching the file system.
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        PinDir { root: root.into() }
+    }
+
+    /// Makes sure `root` exists on bpffs: mounts bpffs at /sys/fs/bpf when the
+    /// directory is below it and nothing is mounted there yet.
+    pub fn create(root: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let root = root.into();
+        let mount = Path::new(BPFFS_MOUNT);
+        if root.starts_with(mount) && !is_bpffs(mount) {
+            let src = CString::new("bpf")?;
+            let target = CString::new(BPFFS_MOUNT)?;
+            // SAFETY: valid C strings; no mount data.
+            let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+            if r != 0 {
+                bail!("mounting bpffs at {BPFFS_MOUNT}: {}", std::io::Error::last_os_error());
+            }
+            tracing::info!("mounted bpffs at {BPFFS_MOUNT}");
+        }
+        std::fs::create_dir_all(&root).with_context(|| format!("creating the pin directory {}", root.display()))?;
+        if !is_bpffs(&root) {
+            bail!("the pin directory {} is not on a BPF file system: mount one there (`mount -t bpf bpf DIR`) or choose another --pin-dir", root.display());
+        }
+        let dir = PinDir { root };
+        for d in [dir.maps_dir(), dir.links_dir(), dir.stages_dir()] {
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(dir)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Takes the directory's lock, or says who holds it.
+    pub fn lock(&self) -> anyhow::Result<PinLock> {
+        let dir = File::open(&self.root).with_context(|| format!("opening {}", self.root.display()))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                bail!("another blokir daemon is using the pin directory {} (it holds its lock); stop it first", self.root.display());
+            }
+            bail!("locking {}: {e}", self.root.display());
+        }
+        Ok(PinLock { _dir: dir })
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps").join(format!("v{LAYOUT}"))
+    }
+
+    pub fn map_path(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn stages_dir(&self) -> PathBuf {
+        self.root.join("stages")
+    }
+
+    pub fn stages_path(&self, program_id: u32) -> PathBuf {
+        self.stages_dir().join(program_id.to_string())
+    }
+
+    /// Unpins the tail-call arrays of programs other than `keep` (all of
+    /// them for `None`): only call once no link runs those programs.
+    pub fn remove_stages_except(&self, keep: Option<u32>) {
+        let keep = keep.map(|k| k.to_string());
+        for e in std::fs::read_dir(self.stages_dir()).into_iter().flatten().flatten() {
+            if Some(e.file_name().to_string_lossy().as_ref()) != keep.as_deref() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn link_path(&self, iface: &str, mode: Mode) -> PathBuf {
+        self.links_dir().join(iface).join(mode_name(mode))
+    }
+
+    /// The pinned link of `iface`, if any, with its attach mode.
+    pub fn pinned_link(&self, iface: &str) -> Option<(PathBuf, Mode)> {
+        [Mode::Native, Mode::Generic].into_iter().map(|m| (self.link_path(iface, m), m)).find(|(p, _)| p.exists())
+    }
+
+    /// Interfaces with a pinned link.
+    pub fn pinned_ifaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.links_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|i| self.pinned_link(i).is_some())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// What the pinned links run, read from the kernel: for `blokir status`
+    /// when no daemon answers.
+    pub fn describe_links(&self) -> Vec<serde_json::Value> {
+        self.pinned_ifaces()
+            .into_iter()
+            .filter_map(|iface| {
+                let (path, mode) = self.pinned_link(&iface)?;
+                let info = aya::programs::links::PinnedLink::from_pin(&path).ok().map(aya::programs::links::FdLink::from).and_then(|l| l.info().ok());
+                let ids = info.filter(|i| i.program_id() != 0).map(|i| (i.id(), i.program_id()));
+                Some(serde_json::json!({
+                    "iface": iface,
+                    "mode": mode,
+                    "attached": ids.is_some(),
+                    "link_id": ids.map(|i| i.0),
+                    "program_id": ids.map(|i| i.1),
+                    "link_pinned": true,
+                    "link_path": path.display().to_string(),
+                }))
+            })
+            .collect()
+    }
+
+    /// Unpins the link of `iface`: once no process holds it either, the
+    /// kernel detaches the program. Returns whether there was one.
+    pub fn remove_link(&self, iface: &str) -> anyhow::Result<bool> {
+        let mut found = false;
+        while let Some((path, _)) = self.pinned_link(iface) {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            found = true;
+        }
+        let _ = std::fs::remove_dir(self.links_dir().join(iface));
+        Ok(found)
+    }
+
+    /// Unpins every link; returns the interfaces.
+    pub fn remove_links(&self) -> anyhow::Result<Vec<String>> {
+        let ifaces = self.pinned_ifaces();
+        for i in &ifaces {
+            self.remove_link(i)?;
+        }
+        Ok(ifaces)
+    }
+
+    /// Removes everything under the pin directory (links, maps of every
+    /// layout) and the directory itself.
+    pub fn remove_all(&self) -> anyhow::Result<Vec<String>> {
+        let ifaces = self.remove_links()?;
+        if self.root.exists() {
+            std::fs::remove_dir_all(&self.root).with_context(|| format!("removing {}", self.root.display()))?;
+        }
+        Ok(ifaces)
+    }
+}
+
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Native => "native",
+        Mode::Generic => "generic",
+        Mode::Auto => "auto",
+    }
+}
+
+/// A stable name for an ordered set of list names (FNV-1a, 64 bits): the
+/// per-list counters are indexed by list id, and ids follow that order.
+pub fn lists_tag(names: &[&str]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for n in names {
+        for b in n.bytes().chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_tag_follows_names_and_order() {
+        let a = lists_tag(&["local", "national"]);
+        assert_eq!(a, lists_tag(&["local", "national"]));
+        assert_ne!(a, lists_tag(&["national", "local"]));
+        assert_ne!(a, lists_tag(&["local", "nationa", "l"]));
+        assert_ne!(a, lists_tag(&["local"]));
+        // bpffs refuses names with dots: the tag is plain hex.
+        assert!(a.len() == 16 && a.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn a_pin_dir_off_bpffs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = PinDir::create(dir.path().join("pins")).expect_err("a tmpfs or disk directory is not bpffs");
+        assert!(format!("{e:#}").contains("is not on a BPF file system"), "{e:#}");
+    }
+}
