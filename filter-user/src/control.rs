@@ -11,6 +11,8 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+use crate::lists::ListDef;
+
 pub const DEFAULT_SOCKET: &str = "/run/blokir/blokir.sock";
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 1 << 20;
@@ -33,6 +35,24 @@ pub enum Request {
     /// Re-reads every rule file.
     Reload,
     Status,
+    /// Adds a named list: fetched, parsed and in force, or refused.
+    ListsAdd {
+        def: ListDef,
+    },
+    ListsLs,
+    ListsRm {
+        name: String,
+    },
+    /// Fetches a named list's source again (conditionally for URLs).
+    ListsUpdate {
+        name: String,
+    },
+    /// Puts the previous kept version (or version `to`) back in force.
+    ListsRollback {
+        name: String,
+        #[serde(default)]
+        to: Option<u64>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

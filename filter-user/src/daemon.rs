@@ -22,11 +22,13 @@ use tokio::{
 use crate::{
     control::{MAX_REQUEST, Request, Response},
     ebpf::{Kernel, Mode},
+    lists::{self, Registry, ops::Update},
     metrics,
     pin::{PinDir, PinLock, mode_name},
     policy::DnsPolicy,
     rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, store::Store},
 };
+use filter_common::reply::DnsAction;
 
 pub struct Options {
     pub ifaces: Vec<String>,
@@ -61,11 +63,13 @@ pub struct State {
     pub kernel: Kernel,
     store: Store,
     /// Rule files and the list each one feeds.
-    files: Vec<(String, PathBuf)>,
+    pub(crate) files: Vec<(String, PathBuf)>,
     pub top_rules: usize,
-    dns: DnsPolicy,
+    pub(crate) dns: DnsPolicy,
     pins: PinDir,
     on_exit: OnExit,
+    /// Named lists (`blokir lists`).
+    pub(crate) registry: Registry,
 }
 
 pub type Shared = Arc<Mutex<State>>;
@@ -99,11 +103,17 @@ impl State {
             }
             files.push((name, path.clone()));
         }
-        let list_names: Vec<&str> = std::iter::once(LOCAL_LIST).chain(files.iter().map(|(n, _)| n.as_str())).collect();
-        dns.validate(&list_names)?;
         let parsed = files.iter().map(|(_, p)| read_rules(p).map_err(|e| anyhow::anyhow!(e.report()))).collect::<anyhow::Result<Vec<_>>>()?;
         let store = Store::open(state_dir)?;
         let local = store.load_local().map_err(|e| anyhow::anyhow!(e.report()))?;
+        let registry = Registry::open(state_dir)?;
+        let named = lists::ops::load_all(&registry)?;
+        if let Some((def, _)) = named.iter().find(|(d, _)| d.name == LOCAL_LIST || files.iter().any(|(n, _)| *n == d.name)) {
+            bail!("list {} is both a named list (`blokir lists`) and a rule file's; rename the file or remove the named list", def.name);
+        }
+        let list_names: Vec<&str> =
+            std::iter::once(LOCAL_LIST).chain(files.iter().map(|(n, _)| n.as_str())).chain(named.iter().map(|(d, _)| d.name.as_str())).collect();
+        dns.validate(&list_names)?;
 
         let mut kernel = Kernel::load_pinned(capacity, pins, &list_names)?;
         if !kernel.adopted_maps().is_empty() {
@@ -114,35 +124,38 @@ impl State {
         let mut cfg = engine.config();
         dns.apply_to(&mut cfg);
         kernel.write_config(cfg)?;
-        let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone(), pins: pins.clone(), on_exit: opts.on_exit };
-        state.replace_list(LOCAL_LIST, None, &local)?;
+        let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone(), pins: pins.clone(), on_exit: opts.on_exit, registry };
+        state.replace_list_told(LOCAL_LIST, None, &local)?;
         for ((name, path), rules) in state.files.clone().iter().zip(parsed) {
-            state.replace_list(name, Some(path.clone()), &rules)?;
+            state.replace_list_told(name, Some(path.clone()), &rules)?;
+        }
+        for (def, rules) in named {
+            state.replace_list_told(&def.name, None, &rules)?;
         }
         Ok(state)
     }
 
-    fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> anyhow::Result<String> {
+    /// Makes `rules` list `name`'s rules, with the list's DNS action.
+    pub(crate) fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule], action: DnsAction) -> anyhow::Result<ChangeSummary> {
         let started = Instant::now();
-        let s = apply_list(&mut self.engine, &mut self.kernel, &self.dns, name, source, rules)?;
-        let took = started.elapsed();
+        let s = apply_list(&mut self.engine, &mut self.kernel, action, name, source, rules)?;
         tracing::info!(
             list = name,
             added = s.added,
             removed = s.removed,
             unchanged = s.unchanged,
             writes = s.writes,
-            ms = took.as_millis() as u64,
+            ms = started.elapsed().as_millis() as u64,
             "rules applied"
         );
-        Ok(format!(
-            "list {name}: {} added, {} removed, {} unchanged ({} map writes, {:.1} ms)",
-            s.added,
-            s.removed,
-            s.unchanged,
-            s.writes,
-            took.as_secs_f64() * 1000.0
-        ))
+        Ok(s)
+    }
+
+    /// `replace_list`, for a person: what changed and how long it took.
+    fn replace_list_told(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> anyhow::Result<String> {
+        let started = Instant::now();
+        let s = self.replace_list(name, source, rules, self.action_for(name))?;
+        Ok(format!("list {name}: {s} ({:.1} ms)", started.elapsed().as_secs_f64() * 1000.0))
     }
 
     pub fn handle(&mut self, request: Request) -> Response {
@@ -177,11 +190,16 @@ impl State {
                 let parsed = self.files.iter().map(|(_, p)| read_rules(p).map_err(|e| anyhow::anyhow!(e.report()))).collect::<anyhow::Result<Vec<_>>>()?;
                 let mut lines = Vec::new();
                 for ((name, path), rules) in self.files.clone().iter().zip(parsed) {
-                    lines.push(self.replace_list(name, Some(path.clone()), &rules)?);
+                    lines.push(self.replace_list_told(name, Some(path.clone()), &rules)?);
                 }
                 Ok(Response::ok(lines.join("\n"), serde_json::Value::Null))
             }
             Request::Status => Ok(Response::ok(String::new(), self.status())),
+            Request::ListsLs => Ok(self.lists_ls()),
+            Request::ListsRm { name } => self.lists_rm(&name),
+            Request::ListsRollback { name, to } => self.lists_rollback(&name, to),
+            // Fetching is done outside the lock (`handle_connection`).
+            Request::ListsAdd { .. } | Request::ListsUpdate { .. } => bail!("internal: list fetches are not dispatched under the lock"),
         }
     }
 
@@ -191,8 +209,8 @@ impl State {
             .lists()
             .iter()
             .map(|l| {
-                let source = l.source.as_ref().map(|p| p.display().to_string());
-                json!({"name": l.name, "rules": l.len(), "source": source, "dns_action": self.dns.action_for(&l.name).name()})
+                let source = l.source.as_ref().map(|p| p.display().to_string()).or_else(|| self.registry.get(&l.name).map(|e| e.def.source.clone()));
+                json!({"name": l.name, "rules": l.len(), "source": source, "dns_action": self.action_for(&l.name).name()})
             })
             .collect();
         let secs = |t: Option<std::time::SystemTime>| t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
@@ -273,13 +291,17 @@ impl State {
 pub fn apply_list(
     engine: &mut Engine,
     kernel: &mut Kernel,
-    dns: &DnsPolicy,
+    action: DnsAction,
     name: &str,
     source: Option<PathBuf>,
     rules: &[Rule],
 ) -> anyhow::Result<ChangeSummary> {
     let change = engine.plan_replace(name, source, rules)?;
-    kernel.write_list_action(change.list_id(), dns.action_for(name))?;
+    if engine.list(name).is_none() {
+        // A new list may take a freed id: its counters start from zero.
+        kernel.reset_list_hits(change.list_id())?;
+    }
+    kernel.write_list_action(change.list_id(), action)?;
     engine.apply(change, kernel)
 }
 
@@ -326,6 +348,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     tracing::info!(addr = %opts.metrics_addr, "serving /metrics");
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, shared.clone()));
     let control_task = tokio::spawn(serve_control(socket_listener, shared.clone()));
+    let refresh_task = tokio::spawn(lists::ops::refresh_loop(shared.clone()));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -335,6 +358,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         r = metrics_task => bail!("metrics endpoint stopped: {r:?}"),
     }
     control_task.abort();
+    refresh_task.abort();
     let mut state = lock(&shared);
     match opts.on_exit {
         OnExit::Keep => {
@@ -426,6 +450,8 @@ async fn handle_connection(stream: UnixStream, shared: Shared) {
         Err(e) => Response::error(format!("reading the request: {e}")),
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::error(format!("bad request: {e}")),
+            Ok(Request::ListsAdd { def }) => lists::ops::update(&shared, Update::Add(def)).await,
+            Ok(Request::ListsUpdate { name }) => lists::ops::update(&shared, Update::Refresh(name)).await,
             Ok(req) => tokio::task::spawn_blocking(move || lock(&shared).handle(req)).await.unwrap_or_else(|e| Response::error(format!("internal error: {e}"))),
         },
     };

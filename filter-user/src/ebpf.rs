@@ -414,6 +414,16 @@ impl Kernel {
         Ok([get(counters::LIST_BLOCKED)?, get(counters::LIST_ALLOWED)?])
     }
 
+    /// Zeroes list `id`'s counters, for a list that takes a freed id.
+    pub fn reset_list_hits(&mut self, id: u8) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        for k in [counters::LIST_BLOCKED, counters::LIST_ALLOWED] {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?;
+            self.list_hits.set(u32::from(id) * counters::LIST_COUNTERS + k, zeros, 0).context("resetting a list's counters")?;
+        }
+        Ok(())
+    }
+
     /// Hit counters of all rule ids, read straight from the mapped array.
     pub fn rule_hits(&self) -> &[u64] {
         self.hits_view.as_slice()

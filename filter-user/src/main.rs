@@ -11,9 +11,11 @@ use blokir::{
     control::{self, DEFAULT_SOCKET, Request, Response},
     daemon::{self, OnExit, Options},
     ebpf::Mode,
+    lists::{self, ListDef, parse_interval},
     pin::{DEFAULT_PIN_DIR, PinDir},
     policy::{DnsPolicy, parse_action, parse_list_action},
     replay,
+    rules::formats::Format,
 };
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use filter_common::{reply::DnsAction, rules::DEFAULT_RULE_CAPACITY};
@@ -22,6 +24,8 @@ use std::io::Write as _;
 /// Exit codes: 0 done, 1 error (e.g. no daemon), 2 bad command line (clap),
 /// 3 the daemon refused the request.
 const EXIT_REFUSED: u8 = 3;
+/// As clap's own exit code for a bad command line.
+const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(name = "blokir", version, about = "Block listed domains in XDP: DNS queries, at line rate")]
@@ -82,6 +86,14 @@ enum Command {
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+        #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Named lists, each with its own source (file or URL), format, DNS
+    /// action and refresh interval; versions kept for rollback.
+    Lists {
+        #[command(subcommand)]
+        command: ListsCommand,
         #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -173,6 +185,50 @@ enum RulesCommand {
     Reload,
 }
 
+#[derive(Subcommand)]
+enum ListsCommand {
+    /// Add a list: read or downloaded, parsed, and in force, or refused
+    /// with every bad line as SOURCE:LINE.
+    Add {
+        name: String,
+        /// A file, or an http:// or https:// URL.
+        #[arg(long)]
+        source: String,
+        /// auto, plain, hosts, rpz or adblock.
+        #[arg(long, default_value = "auto", value_parser = parse_format)]
+        format: Format,
+        /// What blocked UDP queries of this list get (default: `run`'s --dns-action).
+        #[arg(long, value_parser = parse_action)]
+        action: Option<DnsAction>,
+        /// Check the source this often: 90s, 30m, 1h, 1d (at least 10s).
+        #[arg(long, value_parser = parse_interval)]
+        refresh: Option<u64>,
+        /// The SHA-256 (hex) the source must have, for a pinned source.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Skip bad lines (counted and reported) instead of refusing the list.
+        #[arg(long)]
+        skip_bad_lines: bool,
+    },
+    /// Every named list: version in force, rules, last check.
+    Ls,
+    /// Remove a list and its rules.
+    Rm { name: String },
+    /// Check a list's source now (a conditional GET for URLs); a new
+    /// version is put in force.
+    Update { name: String },
+    /// Put the version before the one in force back (or --to VERSION).
+    Rollback {
+        name: String,
+        #[arg(long)]
+        to: Option<u64>,
+    },
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    s.parse().map_err(|e: blokir::rules::formats::UnknownFormat| e.to_string())
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Table,
@@ -244,6 +300,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("detached from {}; removed {}", ifaces.join(", "), pin_dir.display());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Lists { command, output } => {
+            let request = match command {
+                ListsCommand::Add { name, source, format, action, refresh, sha256, skip_bad_lines } => {
+                    // The daemon reads files from its own directory: send an absolute path.
+                    let source = if lists::fetch::is_url(&source) || source.contains("://") {
+                        source
+                    } else {
+                        std::path::absolute(&source).with_context(|| format!("--source {source:?}"))?.display().to_string()
+                    };
+                    let def = ListDef { name, source, format, action, refresh_secs: refresh, sha256, skip_bad_lines };
+                    if let Err(e) = def.validate() {
+                        eprintln!("blokir: {e}");
+                        return Ok(ExitCode::from(EXIT_USAGE));
+                    }
+                    Request::ListsAdd { def }
+                }
+                ListsCommand::Ls => Request::ListsLs,
+                ListsCommand::Rm { name } => Request::ListsRm { name },
+                ListsCommand::Update { name } => Request::ListsUpdate { name },
+                ListsCommand::Rollback { name, to } => Request::ListsRollback { name, to },
+            };
+            let response = control::call(&cli.socket, &request)?;
+            Ok(print(&request, &response, output))
         }
         Command::Status { output, pin_dir } => match control::call(&cli.socket, &Request::Status) {
             Ok(response) => Ok(print(&Request::Status, &response, output)),
@@ -337,6 +417,16 @@ fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// "5m ago" for a Unix time.
+fn ago(t: u64) -> String {
+    match now_secs().saturating_sub(t) {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s if s < 172800 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86400),
+    }
+}
+
 fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
     if !r.ok {
         eprintln!("blokir: {}", r.message);
@@ -363,6 +453,32 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
                 match x["rule"].as_str() {
                     Some(rule) => println!("{}: {} by `{rule}` (list {})", s(&x["name"]), s(&x["verdict"]), s(&x["list"])),
                     None => println!("{}: {} (no rule)", s(&x["name"]), s(&x["verdict"])),
+                }
+            }
+        }
+        Request::ListsLs => {
+            let rows = r.data.as_array().cloned().unwrap_or_default();
+            let when = |v: &serde_json::Value| v.as_u64().map_or("never".to_string(), ago);
+            println!("{:20}  {:>7}  {:>9}  {:8}  {:8}  {:>7}  {:12}  SOURCE", "LIST", "VERSION", "RULES", "FORMAT", "ACTION", "REFRESH", "CHECKED");
+            for x in rows {
+                let refresh = x["refresh_secs"].as_u64().map_or("-".into(), |s| format!("{s}s"));
+                let format = match (s(&x["format"]), x["read_as"].as_str()) {
+                    (f, Some(r)) if f == "auto" => r.to_string(),
+                    (f, _) => f,
+                };
+                println!(
+                    "{:20}  {:>7}  {:>9}  {:8}  {:8}  {:>7}  {:12}  {}",
+                    s(&x["name"]),
+                    x["version"],
+                    x["rules"],
+                    format,
+                    s(&x["dns_action"]),
+                    refresh,
+                    when(&x["last_check"]),
+                    s(&x["source"])
+                );
+                if let Some(e) = x["last_error"].as_str() {
+                    println!("{:20}  last check failed: {e}", "");
                 }
             }
         }

@@ -103,7 +103,7 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
     opts.dns.apply_to(&mut cfg);
     kernel.write_config(cfg)?;
     for (name, path, rules) in &lists {
-        apply_list(&mut engine, &mut kernel, &opts.dns, name, Some(path.clone()), rules)?;
+        apply_list(&mut engine, &mut kernel, opts.dns.action_for(name), name, Some(path.clone()), rules)?;
     }
 
     let mut model = Model::default();

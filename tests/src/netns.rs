@@ -893,7 +893,7 @@ impl Daemon {
         }
     }
 
-    fn cli_within(&self, args: &[&str], timeout: Duration) -> anyhow::Result<Captured> {
+    pub fn cli_within(&self, args: &[&str], timeout: Duration) -> anyhow::Result<Captured> {
         run(Command::new(&self.bin).arg("--socket").arg(&self.socket).args(args).env("NO_COLOR", "1"), timeout)
     }
 

@@ -44,6 +44,8 @@ pub enum EngineError {
     RuleCapacity { needed: usize, available: usize, capacity: u32 },
     #[error("the change needs {needed} name nodes; the rule map holds {capacity}")]
     NodeCapacity { needed: usize, capacity: usize },
+    #[error("list {0} still has rules")]
+    ListNotEmpty(String),
     #[error("too many lists (at most {MAX_LISTS})")]
     TooManyLists,
 }
@@ -113,6 +115,12 @@ pub struct ChangeSummary {
     pub unchanged: usize,
     /// Kernel map entries written.
     pub writes: usize,
+}
+
+impl std::fmt::Display for ChangeSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} added, {} removed, {} unchanged, {} map writes", self.added, self.removed, self.unchanged, self.writes)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -229,6 +237,16 @@ impl Engine {
         };
         let info = r.and_then(|r| self.rule(r.id()));
         Ok(CheckResult { name, verdict, list: info.and_then(|i| self.list_name(i.list)).map(str::to_string), rule: info.map(|i| i.rule.to_string()) })
+    }
+
+    /// Forgets an empty list (emptied by an applied `plan_replace` with no
+    /// rules), freeing its id. Returns the id it had.
+    pub fn forget_list(&mut self, name: &str) -> Result<Option<u8>, EngineError> {
+        match self.lists.iter().position(|l| l.name == name) {
+            None => Ok(None),
+            Some(i) if !self.lists[i].ids.is_empty() => Err(EngineError::ListNotEmpty(name.to_string())),
+            Some(i) => Ok(Some(self.lists.remove(i).id)),
+        }
     }
 
     /// Plans replacing the rules of list `name` (created if new) by `rules`.

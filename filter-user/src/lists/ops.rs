@@ -1,0 +1,301 @@
+//! The daemon's side of named lists: add, update (now or on schedule),
+//! roll back, remove, list. A source is fetched without holding the daemon's
+//! lock (a slow server never stalls the control socket or /metrics); the new
+//! version is then parsed and swapped in under it. Every swap goes through
+//! the engine's ordered writes, so at no moment is a name in both versions
+//! let through or a name in neither blocked; a version is recorded on disk
+//! only once it is in force.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, anyhow, bail};
+use filter_common::reply::DnsAction;
+use serde_json::json;
+
+use super::{
+    ListDef, Registry, Version,
+    fetch::{FetchError, Fetched, check_hash, fetch},
+    registry::now,
+};
+use crate::{
+    control::Response,
+    daemon::{Shared, State, lock},
+    rules::{
+        LOCAL_LIST, Rule,
+        formats::{Parsed, parse_list},
+    },
+};
+
+/// One list update at a time: two updates of one list must not interleave.
+static UPDATES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What to fetch: a new list, or a new version of one.
+pub enum Update {
+    Add(ListDef),
+    Refresh(String),
+}
+
+/// A list's copy on disk, parsed with the list's format.
+fn parse_copy(registry: &Registry, def: &ListDef, v: &Version) -> anyhow::Result<Parsed> {
+    let bytes = registry.read_copy(&def.name, v)?;
+    parse_list(&def.source, &bytes, def.format, def.bad_lines()).map_err(|e| anyhow!("list {}: {}", def.name, e.report()))
+}
+
+/// Every named list's version in force, parsed (for the start: any error
+/// refuses it, as a bad rule file does).
+pub fn load_all(registry: &Registry) -> anyhow::Result<Vec<(ListDef, Vec<Rule>)>> {
+    registry
+        .entries()
+        .map(|e| {
+            let v = e.active_version().ok_or_else(|| anyhow!("list {}: the registry names no version in force", e.def.name))?;
+            Ok((e.def.clone(), parse_copy(registry, &e.def, v)?.rules))
+        })
+        .collect()
+}
+
+impl State {
+    /// The DNS action of list `name`: a named list's own, or the daemon's.
+    pub(crate) fn action_for(&self, name: &str) -> DnsAction {
+        match self.registry.get(name) {
+            Some(e) => self.named_action(&e.def),
+            None => self.dns.action_for(name),
+        }
+    }
+
+    fn named_action(&self, def: &ListDef) -> DnsAction {
+        def.action.unwrap_or_else(|| self.dns.action_for(&def.name))
+    }
+
+    /// Whether `name` is taken by the local list or a rule file.
+    fn is_static_list(&self, name: &str) -> bool {
+        name == LOCAL_LIST || self.files.iter().any(|(n, _)| n == name)
+    }
+
+    /// Checks a request before anything is fetched; returns the definition
+    /// and the version in force (for a conditional GET).
+    fn begin(&self, update: &Update) -> anyhow::Result<(ListDef, Option<Version>)> {
+        match update {
+            Update::Add(def) => {
+                def.validate().map_err(|e| anyhow!(e))?;
+                if self.is_static_list(&def.name) {
+                    bail!(
+                        "list {} is {}; choose another name",
+                        def.name,
+                        if def.name == LOCAL_LIST { "the CLI's own list" } else { "fed by a rule file (--rules)" }
+                    );
+                }
+                if self.registry.get(&def.name).is_some() {
+                    bail!("list {} exists; `blokir lists update {}` fetches it again, `lists rm` removes it", def.name, def.name);
+                }
+                Ok((def.clone(), None))
+            }
+            Update::Refresh(name) => {
+                let Some(entry) = self.registry.get(name) else { bail!("no list {name} (see `blokir lists ls`)") };
+                Ok((entry.def.clone(), entry.active_version().cloned()))
+            }
+        }
+    }
+
+    /// Puts a fetched version in force, or says why not (the rules in force
+    /// stay as they are).
+    fn finish(&mut self, def: ListDef, current: Option<Version>, fetched: Result<Fetched, FetchError>, started: Instant) -> anyhow::Result<Response> {
+        let name = def.name.clone();
+        let result = self.put_in_force(def, current, fetched, started);
+        if let Err(e) = &result
+            && self.registry.get(&name).is_some()
+        {
+            self.registry.checked(&name, Some(format!("{e:#}")))?;
+        }
+        result
+    }
+
+    fn put_in_force(&mut self, def: ListDef, current: Option<Version>, fetched: Result<Fetched, FetchError>, started: Instant) -> anyhow::Result<Response> {
+        let name = def.name.clone();
+        let (bytes, etag, last_modified) = match fetched? {
+            Fetched::NotModified => {
+                self.registry.checked(&name, None)?;
+                let v = current.map_or(0, |v| v.number);
+                return Ok(Response::ok(
+                    format!("list {name}: not modified (HTTP 304), version {v} stays in force"),
+                    json!({"list": name, "version": v, "changed": false}),
+                ));
+            }
+            Fetched::Body { bytes, etag, last_modified } => (bytes, etag, last_modified),
+        };
+        let fetch_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let sha256 = check_hash(&def.source, &bytes, def.sha256.as_deref())?;
+        if let Some(v) = current.as_ref().filter(|v| v.sha256 == sha256) {
+            self.registry.checked(&name, None)?;
+            return Ok(Response::ok(
+                format!("list {name}: unchanged, version {} stays in force", v.number),
+                json!({"list": name, "version": v.number, "changed": false}),
+            ));
+        }
+        let parse_started = Instant::now();
+        let parsed = parse_list(&def.source, &bytes, def.format, def.bad_lines()).map_err(|e| anyhow!("list {name}: {}", e.report()))?;
+        let parse_ms = parse_started.elapsed().as_secs_f64() * 1000.0;
+        if let Some(report) = parsed.skip_report() {
+            tracing::warn!(list = name, "{report}");
+        }
+        let version = Version {
+            number: 0,
+            sha256,
+            rules: parsed.rules.len(),
+            skipped: parsed.skipped,
+            format: parsed.format.as_str().into(),
+            fetched_at: now(),
+            etag,
+            last_modified,
+        };
+        let old_rules: Vec<Rule> = self.engine.list_rules(&name).into_iter().cloned().collect();
+        let existed = self.registry.get(&name).is_some();
+        let summary = self.replace_list(&name, None, &parsed.rules, self.named_action(&def))?;
+        let number = match self.registry.put_version(&def, &bytes, version) {
+            Ok(n) => n,
+            Err(e) => {
+                // Not on disk, so not in force either: a restart would not have it.
+                let restore = match existed {
+                    true => self.replace_list(&name, None, &old_rules, self.named_action(&def)).map(drop),
+                    false => self.drop_list(&name),
+                };
+                if let Err(r) = restore {
+                    tracing::error!(list = name, "restoring the rules in force after a failed save: {r:#}");
+                }
+                return Err(e.context(format!("list {name}: saving the new version")));
+            }
+        };
+        let skipped = if parsed.skipped > 0 { format!(", {} bad lines skipped", parsed.skipped) } else { String::new() };
+        Ok(Response::ok(
+            format!(
+                "list {name}: version {number} in force, {} rules ({summary}){skipped}; fetched in {fetch_ms:.0} ms, parsed in {parse_ms:.0} ms",
+                parsed.rules.len()
+            ),
+            json!({"list": name, "version": number, "changed": true, "rules": parsed.rules.len(), "skipped": parsed.skipped, "fetch_ms": fetch_ms, "parse_ms": parse_ms}),
+        ))
+    }
+
+    /// Removes a list's rules from the kernel and forgets the list.
+    fn drop_list(&mut self, name: &str) -> anyhow::Result<()> {
+        if self.engine.list(name).is_some() {
+            self.replace_list(name, None, &[], self.action_for(name))?;
+            self.engine.forget_list(name)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn lists_rm(&mut self, name: &str) -> anyhow::Result<Response> {
+        if self.registry.get(name).is_none() {
+            if self.is_static_list(name) {
+                bail!("list {name} is not a named list (it is the CLI's list or fed by --rules)");
+            }
+            bail!("no list {name} (see `blokir lists ls`)");
+        }
+        let rules = self.engine.list(name).map_or(0, |l| l.len());
+        self.drop_list(name)?;
+        self.registry.remove(name)?;
+        Ok(Response::ok(format!("list {name} removed ({rules} rules)"), json!({"list": name, "removed": rules})))
+    }
+
+    /// Puts the version before the one in force (or version `to`) back in
+    /// force, from its copy on disk.
+    pub(crate) fn lists_rollback(&mut self, name: &str, to: Option<u64>) -> anyhow::Result<Response> {
+        let Some(entry) = self.registry.get(name).cloned() else { bail!("no list {name} (see `blokir lists ls`)") };
+        let target = match to {
+            Some(n) => entry.versions.iter().find(|v| v.number == n).ok_or_else(|| {
+                let kept: Vec<String> = entry.versions.iter().map(|v| v.number.to_string()).collect();
+                anyhow!("list {name} has no version {n} on disk (kept: {})", kept.join(", "))
+            })?,
+            None => entry.previous_version().ok_or_else(|| anyhow!("list {name}: no version before {} is kept", entry.active))?,
+        }
+        .clone();
+        if target.number == entry.active {
+            bail!("list {name}: version {} is already in force", target.number);
+        }
+        let started = Instant::now();
+        let parsed = parse_copy(&self.registry, &entry.def, &target)?;
+        let summary = self.replace_list(name, None, &parsed.rules, self.named_action(&entry.def))?;
+        self.registry.set_active(name, target.number)?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(Response::ok(
+            format!("list {name}: version {} back in force (was {}), {} rules ({summary}) in {ms:.0} ms", target.number, entry.active, parsed.rules.len()),
+            json!({"list": name, "version": target.number, "was": entry.active, "rules": parsed.rules.len(), "ms": ms}),
+        ))
+    }
+
+    pub(crate) fn lists_ls(&self) -> Response {
+        let rows: Vec<_> = self
+            .registry
+            .entries()
+            .map(|e| {
+                let v = e.active_version();
+                json!({
+                    "name": e.def.name,
+                    "source": e.def.source,
+                    "format": e.def.format.as_str(),
+                    "read_as": v.map(|v| v.format.as_str()),
+                    "dns_action": self.action_for(&e.def.name).name(),
+                    "refresh_secs": e.def.refresh_secs,
+                    "sha256": e.def.sha256,
+                    "version": e.active,
+                    "versions": e.versions.iter().map(|v| v.number).collect::<Vec<_>>(),
+                    "rules": self.engine.list(&e.def.name).map_or(0, |l| l.len()),
+                    "skipped": v.map_or(0, |v| v.skipped),
+                    "fetched_at": v.map(|v| v.fetched_at),
+                    "last_check": e.last_check,
+                    "last_error": e.last_error,
+                })
+            })
+            .collect();
+        Response::ok(format!("{} named lists", rows.len()), json!(rows))
+    }
+
+    /// Lists whose refresh interval has passed since their last check.
+    fn due(&self) -> Vec<String> {
+        let t = now();
+        self.registry
+            .entries()
+            .filter(|e| e.def.refresh_secs.is_some_and(|r| e.last_check.is_none_or(|c| t >= c.saturating_add(r))))
+            .map(|e| e.def.name.clone())
+            .collect()
+    }
+}
+
+/// Fetches (unlocked) and puts in force (locked) a new list or version.
+pub async fn update(shared: &Shared, update: Update) -> Response {
+    let _one_at_a_time = UPDATES.lock().await;
+    let started = Instant::now();
+    let begun = lock(shared).begin(&update);
+    let (def, current) = match begun {
+        Ok(x) => x,
+        Err(e) => return Response::error(format!("{e:#}")),
+    };
+    let (source, validators) = (def.source.clone(), current.clone());
+    let fetched = match tokio::task::spawn_blocking(move || fetch(&source, validators.as_ref())).await {
+        Ok(f) => f,
+        Err(e) => return Response::error(format!("fetching: {e}")),
+    };
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || lock(&shared).finish(def, current, fetched, started))
+        .await
+        .context("applying")
+        .and_then(|r| r)
+        .unwrap_or_else(|e| Response::error(format!("{e:#}")))
+}
+
+/// Checks each list with a refresh interval when it is due; failures are
+/// logged and recorded (`lists ls`), and the version in force stays.
+pub async fn refresh_loop(shared: Shared) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let due = lock(&shared).due();
+        for name in due {
+            let r = update(&shared, Update::Refresh(name.clone())).await;
+            if r.ok {
+                tracing::info!(list = name, "{}", r.message);
+            } else {
+                tracing::warn!(list = name, "refresh failed, the version in force stays: {}", r.message);
+            }
+        }
+    }
+}

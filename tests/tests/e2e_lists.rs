@@ -1,0 +1,277 @@
+//! Named lists, the way an operator runs them: `blokir lists add|ls|update|
+//! rollback|rm` against a running daemon, real `dig` queries through the
+//! attached program, sources in every format from files and from a URL
+//! served by a small HTTP server inside the edge namespace (ETag and 304,
+//! the server down, a bad hash), versions kept across restarts.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::TcpListener,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use blokir_tests::netns::{Captured, Daemon, Query, TELEGRAM_NAMES, Topology};
+
+#[track_caller]
+fn ok(d: &Daemon, args: &[&str]) -> String {
+    let out = d.cli(args).unwrap();
+    assert!(out.success(), "blokir {args:?} failed:\n{out}");
+    out.stdout
+}
+
+#[track_caller]
+fn refused(d: &Daemon, args: &[&str]) -> Captured {
+    let out = d.cli(args).unwrap();
+    assert_eq!(out.code(), Some(3), "blokir {args:?} should be refused:\n{out}");
+    out
+}
+
+#[track_caller]
+fn assert_blocked(topo: &Topology, names: &[&str]) {
+    let queries: Vec<Query> = names.iter().map(|n| Query::udp4(n)).collect();
+    for a in topo.dig_all(&queries).unwrap() {
+        assert!(a.timed_out(), "{} should be blocked:\n{a}", a.query);
+    }
+}
+
+#[track_caller]
+fn assert_resolves(topo: &Topology, names: &[&str]) {
+    let queries: Vec<Query> = names.iter().map(|n| Query::udp4(n)).collect();
+    for a in topo.dig_all(&queries).unwrap() {
+        assert!(a.resolved_to_expected(), "{} should resolve:\n{a}", a.query);
+    }
+}
+
+/// `blokir lists ls --output json`, by list name.
+fn ls(d: &Daemon) -> serde_json::Map<String, serde_json::Value> {
+    let out = ok(d, &["lists", "ls", "--output", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    rows.into_iter().map(|r| (r["name"].as_str().unwrap().to_string(), r)).collect()
+}
+
+fn write(topo: &Topology, name: &str, text: &str) -> PathBuf {
+    let path = topo.dir().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn named_lists_in_every_format_are_enforced_listed_refused_when_bad_and_removed() {
+    let topo = Topology::new().unwrap();
+    let daemon = topo.start_daemon(&[]).unwrap();
+
+    // A hosts file, the way vendors ship them.
+    let hosts: String = TELEGRAM_NAMES[..6].iter().map(|n| format!("0.0.0.0 {n}\n")).collect();
+    let hosts = write(&topo, "telegram.hosts", &format!("# Kominfo, July 2017\n127.0.0.1 localhost\n{hosts}"));
+    let out = ok(&daemon, &["lists", "add", "kominfo", "--source", hosts.to_str().unwrap()]);
+    assert!(out.contains("version 1 in force, 6 rules"), "{out}");
+    assert_blocked(&topo, &TELEGRAM_NAMES[..6]);
+    assert_resolves(&topo, &TELEGRAM_NAMES[6..]);
+
+    // Adblock syntax, with an exception, and an RPZ zone.
+    let adblock = write(&topo, "ads.txt", "[Adblock Plus 2.0]\n||example.test^\n@@||www.example.test^\n");
+    ok(&daemon, &["lists", "add", "ads", "--source", adblock.to_str().unwrap(), "--format", "adblock"]);
+    let rpz = write(&topo, "web.rpz", "$ORIGIN rpz.example.\n@ SOA ns hostmaster 1 3600 600 86400 60\n*.web.telegram.org CNAME .\n");
+    ok(&daemon, &["lists", "add", "web", "--source", rpz.to_str().unwrap()]);
+    assert_blocked(&topo, &["example.test", "mail.example.test", "venus.web.telegram.org", "flora-1.web.telegram.org"]);
+    assert_resolves(&topo, &["www.example.test", "web.telegram.org"]);
+
+    let lists = ls(&daemon);
+    assert_eq!((&lists["kominfo"]["format"], &lists["kominfo"]["read_as"]), (&"auto".into(), &"hosts".into()));
+    assert_eq!(lists["kominfo"]["rules"], 6);
+    assert_eq!(lists["kominfo"]["version"], 1);
+    assert_eq!(lists["ads"]["format"], "adblock");
+    assert_eq!(lists["web"]["read_as"], "rpz");
+    let table = ok(&daemon, &["lists", "ls"]);
+    assert!(table.lines().any(|l| l.starts_with("kominfo") && l.contains("hosts") && l.ends_with(hosts.to_str().unwrap())), "{table}");
+
+    // A bad list is refused with every bad line, and nothing changes.
+    let bad = write(&topo, "bad.rpz", "$ORIGIN rpz.example.\nmy.telegram.org CNAME .\nexample.test A 192.0.2.1\nnottelegram.org CNAME walled.garden.\n");
+    let out = refused(&daemon, &["lists", "add", "bad", "--source", bad.to_str().unwrap()]);
+    let at = |line: usize| format!("{}:{line}:", bad.display());
+    assert!(out.stderr.contains(&at(3)) && out.stderr.contains(&at(4)), "both bad lines reported:\n{out}");
+    assert!(!ls(&daemon).contains_key("bad"));
+    assert_resolves(&topo, &["nottelegram.org", "my.telegram.org"]);
+    // Names, sources and taken names are checked.
+    let out = daemon.cli(&["lists", "add", "Bad Name", "--source", "/x"]).unwrap();
+    assert_eq!(out.code(), Some(2), "{out}");
+    let out = refused(&daemon, &["lists", "add", "local", "--source", hosts.to_str().unwrap()]);
+    assert!(out.stderr.contains("the CLI's own list"), "{out}");
+    let out = refused(&daemon, &["lists", "add", "kominfo", "--source", hosts.to_str().unwrap()]);
+    assert!(out.stderr.contains("exists"), "{out}");
+    let out = refused(&daemon, &["lists", "add", "gone", "--source", "/nonexistent/list.txt"]);
+    assert!(out.stderr.contains("/nonexistent/list.txt"), "{out}");
+
+    // Sources are copied: a restart uses the kept copy even if the file is gone.
+    std::fs::remove_file(&adblock).unwrap();
+    daemon.stop().unwrap();
+    let daemon = topo.start_daemon(&[]).unwrap();
+    assert_blocked(&topo, &["mail.example.test", "t.me"]);
+    assert_resolves(&topo, &["www.example.test"]);
+
+    let out = ok(&daemon, &["lists", "rm", "kominfo"]);
+    assert!(out.contains("removed (6 rules)"), "{out}");
+    assert_resolves(&topo, &TELEGRAM_NAMES[..6]);
+    assert!(!ls(&daemon).contains_key("kominfo"));
+    refused(&daemon, &["lists", "rm", "kominfo"]);
+    // Its id is free again; a new list starts with its own counters at 0.
+    ok(&daemon, &["lists", "add", "again", "--source", hosts.to_str().unwrap()]);
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("blokir_list_blocked_total", &[("list", "again")]), Some(0), "{}", m.lines_of("blokir_list_blocked").join("\n"));
+    daemon.stop().unwrap();
+}
+
+/// What the list server was asked.
+#[derive(Default)]
+struct Served {
+    /// (status, If-None-Match sent)
+    requests: Vec<(u16, Option<String>)>,
+}
+
+/// An HTTP/1.1 list server on 127.0.0.1 in the edge namespace (where the
+/// daemon runs): serves `body` with an ETag (its version), answers 304 to a
+/// matching If-None-Match, or `fail` (a 500) when set.
+struct ListServer {
+    state: Arc<Mutex<(String, u32, bool, Served)>>,
+    port: u16,
+}
+
+impl ListServer {
+    fn start(topo: &Topology) -> Self {
+        let state = Arc::new(Mutex::new((String::new(), 0u32, false, Served::default())));
+        let (tx, rx) = mpsc::channel();
+        let netns = std::fs::File::open(format!("/run/netns/{}", topo.edge())).unwrap();
+        let st = state.clone();
+        thread::spawn(move || {
+            // SAFETY: moves only this thread into the edge namespace.
+            assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut inm = None;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':')
+                        && k.eq_ignore_ascii_case("if-none-match")
+                    {
+                        inm = Some(v.trim().to_string());
+                    }
+                }
+                let mut s = st.lock().unwrap();
+                let etag = format!("\"v{}\"", s.1);
+                let (status, body) = if s.2 {
+                    (500, String::from("down for maintenance\n"))
+                } else if inm.as_deref() == Some(etag.as_str()) {
+                    (304, String::new())
+                } else {
+                    (200, s.0.clone())
+                };
+                s.3.requests.push((status, inm));
+                drop(s);
+                let reason = match status {
+                    200 => "OK",
+                    304 => "Not Modified",
+                    _ => "Internal Server Error",
+                };
+                let _ = write!(stream, "HTTP/1.1 {status} {reason}\r\nETag: {etag}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            }
+        });
+        ListServer { state, port: rx.recv_timeout(Duration::from_secs(5)).unwrap() }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/trustpositif.txt", self.port)
+    }
+
+    fn publish(&self, body: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = body.to_string();
+        s.1 += 1;
+    }
+
+    fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().2 = down;
+    }
+
+    fn last_request(&self) -> (u16, Option<String>) {
+        self.state.lock().unwrap().3.requests.last().cloned().expect("a request")
+    }
+}
+
+#[test]
+fn url_lists_refresh_with_conditional_gets_survive_the_server_going_down_verify_hashes_and_roll_back() {
+    let topo = Topology::new().unwrap();
+    let server = ListServer::start(&topo);
+    let url = server.url();
+    // Generic XDP: its XDP_TX answers reach a veth peer without help (see
+    // e2e_answers.rs).
+    let generic = ["--mode", "generic"];
+    let daemon = topo.start_daemon_with(&[], &generic).unwrap();
+
+    server.publish("t.me\ntelegram.org\n");
+    let out = ok(&daemon, &["lists", "add", "tp", "--source", &url, "--action", "nxdomain"]);
+    assert!(out.contains("version 1 in force, 2 rules"), "{out}");
+    let a = topo.dig(&Query::udp4("t.me")).unwrap();
+    assert_eq!(a.status.as_deref(), Some("NXDOMAIN"), "the list's own action:\n{a}");
+
+    // Nothing new: a conditional GET, answered 304, and nothing changes.
+    let out = ok(&daemon, &["lists", "update", "tp"]);
+    assert!(out.contains("not modified"), "{out}");
+    assert_eq!(server.last_request(), (304, Some("\"v1\"".into())));
+
+    // A new version: in force at once; the old one is kept.
+    server.publish("web.telegram.org\ntelegram.org\n");
+    let out = ok(&daemon, &["lists", "update", "tp"]);
+    assert!(out.contains("version 2 in force"), "{out}");
+    assert_eq!(topo.dig(&Query::udp4("web.telegram.org")).unwrap().status.as_deref(), Some("NXDOMAIN"));
+    assert_resolves(&topo, &["t.me"]);
+    assert_eq!(ls(&daemon)["tp"]["versions"], serde_json::json!([1, 2]));
+
+    // The server goes down: the update fails with the reason, the rules in
+    // force stay, and a restart uses the last good copy.
+    server.set_down(true);
+    let out = refused(&daemon, &["lists", "update", "tp"]);
+    assert!(out.stderr.contains("HTTP 500"), "{out}");
+    let row = &ls(&daemon)["tp"];
+    assert!(row["last_error"].as_str().is_some_and(|e| e.contains("HTTP 500")), "{row}");
+    assert_eq!(row["version"], 2);
+    daemon.stop().unwrap();
+    let daemon = topo.start_daemon_with(&[], &generic).unwrap();
+    assert_eq!(topo.dig(&Query::udp4("web.telegram.org")).unwrap().status.as_deref(), Some("NXDOMAIN"));
+    server.set_down(false);
+
+    // Rollback: version 1 again, from its copy, without the server.
+    let out = ok(&daemon, &["lists", "rollback", "tp"]);
+    assert!(out.contains("version 1 back in force (was 2)"), "{out}");
+    assert_eq!(topo.dig(&Query::udp4("t.me")).unwrap().status.as_deref(), Some("NXDOMAIN"));
+    assert_resolves(&topo, &["web.telegram.org"]);
+    let out = refused(&daemon, &["lists", "rollback", "tp"]);
+    assert!(out.stderr.contains("no version before 1"), "{out}");
+    ok(&daemon, &["lists", "rollback", "tp", "--to", "2"]);
+    assert_resolves(&topo, &["t.me"]);
+
+    // A pinned hash that does not match refuses the download.
+    let out = refused(&daemon, &["lists", "add", "pinned", "--source", &url, "--sha256", &"0".repeat(64)]);
+    assert!(out.stderr.contains("SHA-256") && out.stderr.contains("refused"), "{out}");
+    assert!(!ls(&daemon).contains_key("pinned"));
+
+    // On a schedule: a new version is picked up without anyone asking.
+    ok(&daemon, &["lists", "add", "auto", "--source", &url, "--refresh", "10s"]);
+    server.publish("core.telegram.org\n");
+    let started = Instant::now();
+    while ls(&daemon)["auto"]["version"] != 2 {
+        assert!(started.elapsed() < Duration::from_secs(30), "not refreshed: {}", ls(&daemon)["auto"]);
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_blocked(&topo, &["core.telegram.org"]);
+    daemon.stop().unwrap();
+}
