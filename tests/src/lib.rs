@@ -3,6 +3,7 @@
 
 pub mod model;
 pub mod netns;
+pub mod noop;
 pub mod packets;
 
 use std::path::PathBuf;
