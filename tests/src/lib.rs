@@ -2,6 +2,7 @@
 //! loaded through the real engine, packet fixtures, and the shared captures.
 
 pub mod netns;
+pub mod noop;
 pub mod packets;
 
 use std::path::PathBuf;

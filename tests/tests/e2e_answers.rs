@@ -24,8 +24,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blokir_tests::netns::{
-    self, Captured, Daemon, Metrics, Query, RESOLVER_IFACE, RESOLVER4, RESOLVER6, Running, TELEGRAM_NAMES, Topology, UNLISTED_NAMES, address_of, telegram_rules,
+use blokir_tests::{
+    netns::{
+        self, Captured, Daemon, Metrics, Query, RESOLVER_IFACE, RESOLVER4, RESOLVER6, Running, TELEGRAM_NAMES, Topology, UNLISTED_NAMES, address_of,
+        telegram_rules,
+    },
+    noop,
 };
 
 /// A dig run that gets an answer from blokir, `ip netns exec` and dig's
@@ -208,15 +212,15 @@ impl ClientWire {
             // SAFETY: plain system calls on valid arguments; the thread ends
             // right after (setns changes only this thread's namespace).
             unsafe {
-                if sys::setns(ns.as_raw_fd(), sys::CLONE_NEWNET) != 0 {
+                if noop::setns(ns.as_raw_fd(), noop::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                let ifindex = sys::if_nametoindex(c"eth0".as_ptr());
+                let ifindex = noop::if_nametoindex(c"eth0".as_ptr());
                 if ifindex == 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                let prog = sys::load_xdp_pass()?;
-                sys::xdp_link(&prog, ifindex)
+                let prog = noop::load_xdp_pass()?;
+                noop::xdp_link(&prog, ifindex)
             }
         })
         .join()
@@ -226,78 +230,6 @@ impl ClientWire {
         let out = topo.run_in(topo.client(), &["ip", "link", "show", netns::CLIENT_IFACE], Duration::from_secs(5)).unwrap();
         assert!(out.stdout.split_whitespace().any(|w| w == "xdp"), "no native XDP program on the client's interface:\n{out}");
         wire
-    }
-}
-
-/// The bpf(2) and setns(2) calls `ClientWire` needs.
-mod sys {
-    use std::{
-        ffi::c_char,
-        os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    };
-
-    unsafe extern "C" {
-        fn syscall(number: i64, ...) -> i64;
-        pub fn setns(fd: i32, nstype: i32) -> i32;
-        pub fn if_nametoindex(name: *const c_char) -> u32;
-    }
-
-    pub const CLONE_NEWNET: i32 = 0x4000_0000;
-    #[cfg(target_arch = "x86_64")]
-    const SYS_BPF: i64 = 321;
-    #[cfg(target_arch = "aarch64")]
-    const SYS_BPF: i64 = 280;
-    const BPF_PROG_LOAD: i64 = 5;
-    const BPF_LINK_CREATE: i64 = 28;
-    const BPF_PROG_TYPE_XDP: u32 = 6;
-    const BPF_XDP: u32 = 37;
-    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-
-    /// `union bpf_attr`, zero-padded; fields written by offset.
-    #[repr(C, align(8))]
-    struct Attr([u8; 128]);
-
-    impl Attr {
-        fn put(&mut self, off: usize, bytes: &[u8]) -> &mut Self {
-            self.0[off..off + bytes.len()].copy_from_slice(bytes);
-            self
-        }
-    }
-
-    unsafe fn bpf(cmd: i64, attr: &Attr) -> std::io::Result<OwnedFd> {
-        // SAFETY: `attr` is a valid, fully initialized bpf_attr of its size.
-        let fd = unsafe { syscall(SYS_BPF, cmd, attr as *const Attr, std::mem::size_of::<Attr>() as u32) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a new file descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    /// Loads `r0 = XDP_PASS; exit`.
-    pub unsafe fn load_xdp_pass() -> std::io::Result<OwnedFd> {
-        let insns: [u64; 2] = [0xb7 | (2 << 32), 0x95];
-        let license = c"GPL";
-        let mut attr = Attr([0; 128]);
-        attr.put(0, &BPF_PROG_TYPE_XDP.to_ne_bytes())
-            .put(4, &(insns.len() as u32).to_ne_bytes())
-            .put(8, &(insns.as_ptr() as u64).to_ne_bytes())
-            .put(16, &(license.as_ptr() as u64).to_ne_bytes())
-            .put(48, b"blokir_wire");
-        // SAFETY: the pointers in `attr` outlive the call.
-        unsafe { bpf(BPF_PROG_LOAD, &attr) }
-    }
-
-    /// Attaches `prog` in native mode to `ifindex` (of the calling thread's
-    /// namespace) until the returned link is closed.
-    pub unsafe fn xdp_link(prog: &OwnedFd, ifindex: u32) -> std::io::Result<OwnedFd> {
-        let mut attr = Attr([0; 128]);
-        attr.put(0, &(prog.as_raw_fd() as u32).to_ne_bytes())
-            .put(4, &ifindex.to_ne_bytes())
-            .put(8, &BPF_XDP.to_ne_bytes())
-            .put(12, &XDP_FLAGS_DRV_MODE.to_ne_bytes());
-        // SAFETY: no pointers in `attr`.
-        unsafe { bpf(BPF_LINK_CREATE, &attr) }
     }
 }
 

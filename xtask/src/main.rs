@@ -1,6 +1,7 @@
-//! `cargo xtask setup|demo|test`: everything a fresh machine needs, from
+//! `cargo xtask setup|demo|test|bench`: everything a fresh machine needs, from
 //! clone to green.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -39,6 +40,15 @@ enum Task {
         #[arg(long, default_value_t = 20)]
         fuzz_seconds: u32,
     },
+    /// Set up and run the benchmark suite (release build, as root): the
+    /// per-packet cost of each packet class against a no-op XDP program,
+    /// scaling to 2M rules, memory and load times, and iptables string
+    /// matching side by side. Writes bench/results/.
+    Bench {
+        /// Smaller counts: the same figures in under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +61,10 @@ fn main() -> anyhow::Result<()> {
         Task::Test { fuzz_seconds } => {
             setup::all()?;
             test(fuzz_seconds)
+        }
+        Task::Bench { quick } => {
+            setup::all()?;
+            bench::run(quick)
         }
     }
 }
