@@ -1,7 +1,8 @@
 //! A no-op XDP program (`r0 = XDP_PASS; exit`) loaded with raw bpf(2)
 //! calls: the end-to-end tests attach it to a veth peer (see e2e_answers.rs),
 //! and the benchmark runs it under BPF_PROG_TEST_RUN next to blokir's so the
-//! fixed cost of a test run cancels out.
+//! fixed cost of a test run cancels out. Also BPF_PROG_TEST_RUN on any
+//! program by id (the daemon's, from outside it).
 
 use std::{
     ffi::c_char,
@@ -22,6 +23,7 @@ const SYS_BPF: i64 = 321;
 const SYS_BPF: i64 = 280;
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_PROG_TEST_RUN: i64 = 10;
+const BPF_PROG_GET_FD_BY_ID: i64 = 13;
 const BPF_LINK_CREATE: i64 = 28;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
@@ -100,4 +102,13 @@ pub fn test_run(prog: &OwnedFd, packet: &[u8], repeat: u32) -> std::io::Result<(
     // SAFETY: `packet` and `out` outlive the call and have the sizes given.
     unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr)? };
     Ok((attr.u32_at(4), Duration::from_nanos(u64::from(attr.u32_at(36)))))
+}
+
+/// A file descriptor of the loaded program `id` (another process's, such
+/// as the daemon's attached program), for `test_run`.
+pub fn prog_fd_by_id(id: u32) -> std::io::Result<OwnedFd> {
+    let mut attr = Attr([0; 128]);
+    attr.put(0, &id.to_ne_bytes());
+    // SAFETY: no pointers in `attr`.
+    unsafe { bpf_fd(BPF_PROG_GET_FD_BY_ID, &mut attr) }
 }

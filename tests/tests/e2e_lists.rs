@@ -14,7 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blokir_tests::netns::{Captured, Daemon, Query, TELEGRAM_NAMES, Topology};
+use blokir_tests::{
+    XDP_DROP, XDP_PASS,
+    netns::{Captured, Daemon, Query, TELEGRAM_NAMES, Topology},
+    noop::{prog_fd_by_id, test_run},
+    packets::{Frame, dns},
+};
 
 #[track_caller]
 fn ok(d: &Daemon, args: &[&str]) -> String {
@@ -273,5 +278,124 @@ fn url_lists_refresh_with_conditional_gets_survive_the_server_going_down_verify_
         thread::sleep(Duration::from_millis(500));
     }
     assert_blocked(&topo, &["core.telegram.org"]);
+    daemon.stop().unwrap();
+}
+
+/// Names of a generated national list: `n<i>.<one of 500 domains>.test`.
+fn generated(range: std::ops::Range<usize>) -> impl Iterator<Item = String> {
+    range.map(|i| format!("n{i}.d{}.test", i % 500))
+}
+
+/// The probes a swap is watched with, each checked on every pass: in both
+/// versions (always blocked), in neither (never), only in the old one
+/// (blocked, then passed for good), only in the new one (the reverse).
+struct Probes {
+    both: Vec<Vec<u8>>,
+    neither: Vec<Vec<u8>>,
+    leaving: Vec<Vec<u8>>,
+    arriving: Vec<Vec<u8>>,
+}
+
+/// Runs every probe through the daemon's own program (BPF_PROG_TEST_RUN on
+/// its fd) until `done`; returns the wrong verdicts and the passes made.
+fn watch(program: u32, probes: &Probes, done: &std::sync::atomic::AtomicBool) -> (Vec<String>, usize) {
+    let prog = prog_fd_by_id(program).unwrap();
+    let mut wrong = Vec::new();
+    let (mut left, mut arrived) = (vec![false; probes.leaving.len()], vec![false; probes.arriving.len()]);
+    let mut passes = 0;
+    while passes < 2 || !done.load(std::sync::atomic::Ordering::Acquire) {
+        let verdict = |p: &[u8]| test_run(&prog, p, 1).unwrap().0;
+        for (i, p) in probes.both.iter().enumerate() {
+            if verdict(p) != XDP_DROP {
+                wrong.push(format!("pass {passes}: a name in both versions (probe {i}) was let through"));
+            }
+        }
+        for (i, p) in probes.neither.iter().enumerate() {
+            if verdict(p) != XDP_PASS {
+                wrong.push(format!("pass {passes}: a name in neither version (probe {i}) was blocked"));
+            }
+        }
+        for (i, p) in probes.leaving.iter().enumerate() {
+            match (verdict(p), left[i]) {
+                (XDP_PASS, _) => left[i] = true,
+                (_, true) => wrong.push(format!("pass {passes}: a name leaving the list (probe {i}) was blocked again")),
+                _ => {}
+            }
+        }
+        for (i, p) in probes.arriving.iter().enumerate() {
+            match (verdict(p), arrived[i]) {
+                (XDP_DROP, _) => arrived[i] = true,
+                (_, true) => wrong.push(format!("pass {passes}: a name joining the list (probe {i}) was let through again")),
+                _ => {}
+            }
+        }
+        passes += 1;
+    }
+    if !left.iter().all(|l| *l) || !arrived.iter().all(|a| *a) {
+        wrong.push("after the swap, not every leaving name passes and every arriving name is blocked".into());
+    }
+    (wrong, passes)
+}
+
+/// Swaps `big` to the contents of `file` (`lists update`, or `rollback`
+/// with `args`) while the probes run; returns the command's output.
+fn swap_watched(topo: &Topology, daemon: &Daemon, args: &[&str], probes: &Probes) -> String {
+    let status: serde_json::Value = serde_json::from_str(&ok(daemon, &["status", "--output", "json"])).unwrap();
+    let program = status["attached"][0]["program_id"].as_u64().unwrap() as u32;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (out, (wrong, passes)) = thread::scope(|s| {
+        let watcher = s.spawn(|| watch(program, probes, &done));
+        let out = daemon.cli_within(args, Duration::from_secs(600)).unwrap();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        (out, watcher.join().unwrap())
+    });
+    assert!(out.success(), "blokir {args:?}:\n{out}");
+    eprintln!("{args:?}: {} ({passes} passes over the probes)", out.stdout.trim());
+    assert!(wrong.is_empty(), "{} wrong verdicts during `{args:?}`, e.g.:\n{}", wrong.len(), wrong[..wrong.len().min(10)].join("\n"));
+    assert!(passes >= 3, "the probes ran {passes} times: the swap was not watched");
+    let _ = topo;
+    out.stdout
+}
+
+/// The scale: a 2,000,000-name list is added, swapped for a version
+/// that differs in 5% of its names while every kind of name is queried
+/// through the live program in a loop, and rolled back the same way; not
+/// one verdict is wrong at any moment.
+#[test]
+fn a_two_million_name_list_swaps_atomically_under_queries_and_rolls_back() {
+    const N: usize = 2_000_000;
+    const CHURN: usize = N / 20;
+    let topo = Topology::new().unwrap();
+    let daemon = topo.start_daemon(&[]).unwrap();
+    let write_version = |names: &mut dyn Iterator<Item = String>| {
+        let mut text = String::with_capacity(N * 24);
+        for n in names {
+            text.push_str(&n);
+            text.push('\n');
+        }
+        std::fs::write(topo.dir().join("national.txt"), text).unwrap();
+    };
+    // Version 1: names 0..N; version 2: names CHURN..N+CHURN.
+    write_version(&mut generated(0..N));
+    let source = topo.dir().join("national.txt");
+    let started = Instant::now();
+    let out = daemon.cli_within(&["lists", "add", "national", "--source", source.to_str().unwrap()], Duration::from_secs(600)).unwrap();
+    assert!(out.success(), "{out}");
+    eprintln!("2M names added in {:?}: {}", started.elapsed(), out.stdout.trim());
+
+    let probe = |names: Vec<String>| names.iter().map(|n| dns(&Frame::udp(), n)).collect::<Vec<_>>();
+    let probes = Probes {
+        both: probe(generated(CHURN..N).step_by(N / 64).collect()),
+        neither: probe(generated(N + CHURN..N + CHURN + 16).chain(["d1.test".into(), "x.n5.d5.test".into()]).collect()),
+        leaving: probe(generated(0..CHURN).step_by(CHURN / 32).collect()),
+        arriving: probe(generated(N..N + CHURN).step_by(CHURN / 32).collect()),
+    };
+    write_version(&mut generated(CHURN..N + CHURN));
+    let out = swap_watched(&topo, &daemon, &["lists", "update", "national"], &probes);
+    assert!(out.contains("version 2 in force"), "{out}");
+
+    let back = Probes { both: probes.both.clone(), neither: probes.neither.clone(), leaving: probes.arriving.clone(), arriving: probes.leaving.clone() };
+    let out = swap_watched(&topo, &daemon, &["lists", "rollback", "national"], &back);
+    assert!(out.contains("version 1 back in force"), "{out}");
     daemon.stop().unwrap();
 }
