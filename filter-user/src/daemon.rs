@@ -2,11 +2,11 @@
 //! socket and /metrics, and detaches on SIGINT/SIGTERM.
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -32,7 +32,7 @@ pub struct Options {
     pub rule_files: Vec<PathBuf>,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
-    pub metrics_addr: SocketAddr,
+    pub metrics: metrics::Endpoint,
     pub capacity: u32,
     pub top_rules: usize,
     pub dns: DnsPolicy,
@@ -47,6 +47,37 @@ pub struct State {
     files: Vec<(String, PathBuf)>,
     pub top_rules: usize,
     dns: DnsPolicy,
+    /// Freshness of each list, by name (for /metrics and alerts).
+    pub list_status: BTreeMap<String, ListStatus>,
+}
+
+/// Bookkeeping of one list's updates. Every source of a list's rules (a
+/// rule file on reload, the CLI's edits, later a URL fetch) records each
+/// attempt here: `updated` after the new rules are in force, `failed` when
+/// they were refused (the rules in force stay as they were).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListStatus {
+    /// 1 after the first load; incremented by each update that changed rules.
+    pub version: u64,
+    /// When the list was last read and applied successfully, changed or not.
+    pub last_update: Option<SystemTime>,
+    /// Updates refused (unreadable or bad file, capacity, a kernel write).
+    pub failures: u64,
+    pub last_failure: Option<SystemTime>,
+}
+
+impl ListStatus {
+    pub fn updated(&mut self, changed: bool) {
+        if changed || self.version == 0 {
+            self.version += 1;
+        }
+        self.last_update = Some(SystemTime::now());
+    }
+
+    pub fn failed(&mut self) {
+        self.failures += 1;
+        self.last_failure = Some(SystemTime::now());
+    }
 }
 
 pub type Shared = Arc<Mutex<State>>;
@@ -91,7 +122,7 @@ impl State {
         let mut cfg = engine.config();
         dns.apply_to(&mut cfg);
         kernel.write_config(cfg)?;
-        let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone() };
+        let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone(), list_status: BTreeMap::new() };
         state.replace_list(LOCAL_LIST, None, &local)?;
         for ((name, path), rules) in state.files.clone().iter().zip(parsed) {
             state.replace_list(name, Some(path.clone()), &rules)?;
@@ -100,6 +131,16 @@ impl State {
     }
 
     fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> anyhow::Result<String> {
+        let result = self.replace_list_inner(name, source, rules);
+        let status = self.list_status.entry(name.to_string()).or_default();
+        match &result {
+            Ok((_, changed)) => status.updated(*changed),
+            Err(_) => status.failed(),
+        }
+        result.map(|(message, _)| message)
+    }
+
+    fn replace_list_inner(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> anyhow::Result<(String, bool)> {
         let started = Instant::now();
         let change = self.engine.plan_replace(name, source, rules)?;
         // The list's action is in place before any of its rules.
@@ -115,14 +156,15 @@ impl State {
             ms = took.as_millis() as u64,
             "rules applied"
         );
-        Ok(format!(
+        let message = format!(
             "list {name}: {} added, {} removed, {} unchanged ({} map writes, {:.1} ms)",
             s.added,
             s.removed,
             s.unchanged,
             s.writes,
             took.as_secs_f64() * 1000.0
-        ))
+        );
+        Ok((message, s.added + s.removed > 0))
     }
 
     pub fn handle(&mut self, request: Request) -> Response {
@@ -153,8 +195,22 @@ impl State {
                 Ok(Response::ok(String::new(), serde_json::to_value(rows)?))
             }
             Request::Reload => {
-                // All files parse, or nothing changes.
-                let parsed = self.files.iter().map(|(_, p)| read_rules(p).map_err(|e| anyhow::anyhow!(e.report()))).collect::<anyhow::Result<Vec<_>>>()?;
+                // All files parse, or nothing changes; each refused file
+                // counts as a failed update of its list.
+                let mut parsed = Vec::new();
+                let mut errors = Vec::new();
+                for (name, path) in &self.files {
+                    match read_rules(path) {
+                        Ok(rules) => parsed.push(rules),
+                        Err(e) => {
+                            self.list_status.entry(name.clone()).or_default().failed();
+                            errors.push(e.report());
+                        }
+                    }
+                }
+                if !errors.is_empty() {
+                    bail!("{}", errors.join("\n"));
+                }
                 let mut lines = Vec::new();
                 for ((name, path), rules) in self.files.clone().iter().zip(parsed) {
                     lines.push(self.replace_list(name, Some(path.clone()), &rules)?);
@@ -172,7 +228,8 @@ impl State {
             .iter()
             .map(|l| {
                 let source = l.source.as_ref().map(|p| p.display().to_string());
-                json!({"name": l.name, "rules": l.len(), "source": source, "dns_action": self.dns.action_for(&l.name).name()})
+                let version = self.list_status.get(&l.name).map_or(0, |s| s.version);
+                json!({"name": l.name, "rules": l.len(), "source": source, "dns_action": self.dns.action_for(&l.name).name(), "version": version})
             })
             .collect();
         let attached: Vec<_> = self.kernel.attachments().iter().map(|a| json!({"iface": a.iface, "mode": a.mode})).collect();
@@ -210,16 +267,30 @@ impl State {
                 }
             }
         }
-        let change = self.engine.plan_replace(LOCAL_LIST, None, &new)?;
-        self.store.save_local(&new)?;
         let started = Instant::now();
-        if let Err(e) = self.engine.apply(change, &mut self.kernel) {
-            self.store.save_local(&old)?;
-            return Err(e);
+        let result = self.apply_local(&old, &new);
+        let status = self.list_status.entry(LOCAL_LIST.to_string()).or_default();
+        match &result {
+            Ok(changed) => status.updated(*changed),
+            Err(_) => status.failed(),
         }
+        result?;
         let verb = if add { "added" } else { "removed" };
         let shown: Vec<String> = given.iter().map(ToString::to_string).collect();
         Ok(Response::ok(format!("{verb}: {} (enforced in {:.1} ms)", shown.join(", "), started.elapsed().as_secs_f64() * 1000.0), json!({"rules": shown})))
+    }
+
+    /// Saves and applies the local list's new rules; restores the file if
+    /// the kernel refuses. Returns whether any rule changed.
+    fn apply_local(&mut self, old: &[Rule], new: &[Rule]) -> anyhow::Result<bool> {
+        let change = self.engine.plan_replace(LOCAL_LIST, None, new)?;
+        let changed = change.summary.added + change.summary.removed > 0;
+        self.store.save_local(new)?;
+        if let Err(e) = self.engine.apply(change, &mut self.kernel) {
+            self.store.save_local(old)?;
+            return Err(e);
+        }
+        Ok(changed)
     }
 }
 
@@ -230,8 +301,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Everything that can fail is done before attaching; the socket file is
     // removed on every way out.
     let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket)?;
-    let metrics_listener =
-        tokio::net::TcpListener::bind(opts.metrics_addr).await.with_context(|| format!("binding the metrics endpoint {}", opts.metrics_addr))?;
+    let metrics_endpoint = metrics::bind(&opts.metrics).await?;
+    // /healthz and /readyz answer while the rules load (readyz: 503).
+    let metrics_ctx = metrics::Context::new(opts.ifaces.clone());
+    tracing::info!(endpoint = metrics_endpoint.describe, "serving /metrics, /healthz, /readyz");
+    let mut metrics_task = tokio::spawn(metrics_endpoint.serve(metrics_ctx.clone()));
     let opts = Arc::new(opts);
     let o = opts.clone();
     let mut state = tokio::task::spawn_blocking(move || State::new(&o)).await??;
@@ -243,8 +317,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tracing::info!(iface, ?mode, "attached");
     }
     let shared: Shared = Arc::new(Mutex::new(state));
-    tracing::info!(addr = %opts.metrics_addr, "serving /metrics");
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, shared.clone()));
+    metrics_ctx.set_ready(shared.clone());
     let control_task = tokio::spawn(serve_control(socket_listener, shared.clone()));
 
     let mut term = signal(SignalKind::terminate())?;
@@ -252,7 +325,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        r = metrics_task => bail!("metrics endpoint stopped: {r:?}"),
+        r = &mut metrics_task => bail!("metrics endpoint stopped: {r:?}"),
     }
     control_task.abort();
     lock(&shared).kernel.detach_all();

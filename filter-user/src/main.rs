@@ -1,7 +1,7 @@
 //! The `blokir` command: `run` is the daemon, `rules` and `status` talk to it.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::ExitCode,
 };
@@ -11,6 +11,7 @@ use blokir::{
     control::{self, DEFAULT_SOCKET, Request, Response},
     daemon::{self, Options},
     ebpf::Mode,
+    metrics::{Endpoint, Listen},
     policy::{DnsPolicy, parse_action, parse_list_action},
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -22,6 +23,8 @@ const EXIT_REFUSED: u8 = 3;
 
 #[derive(Parser)]
 #[command(name = "blokir", version, about = "Block listed domains in XDP: DNS queries, at line rate")]
+// The last of a repeated option wins (wrappers may append overrides).
+#[command(args_override_self = true)]
 struct Cli {
     /// The daemon's control socket.
     #[arg(long, global = true, default_value = DEFAULT_SOCKET, env = "BLOKIR_SOCKET")]
@@ -30,6 +33,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load the XDP program and the rules, attach, and serve until stopped.
@@ -45,9 +50,21 @@ enum Command {
         /// Where the local list (`blokir rules add`) is kept.
         #[arg(long, default_value = "/var/lib/blokir")]
         state_dir: PathBuf,
-        /// Address of the Prometheus endpoint.
+        /// Where /metrics, /healthz and /readyz are served: HOST:PORT, or
+        /// unix:/path (a socket created mode 0600).
         #[arg(long, default_value = "127.0.0.1:9947")]
-        metrics_addr: SocketAddr,
+        metrics_addr: Listen,
+        /// Serve the endpoint over TLS with this PEM certificate chain
+        /// (needs --metrics-tls-key).
+        #[arg(long, requires = "metrics_tls_key")]
+        metrics_tls_cert: Option<PathBuf>,
+        /// The PEM private key for --metrics-tls-cert.
+        #[arg(long, requires = "metrics_tls_cert")]
+        metrics_tls_key: Option<PathBuf>,
+        /// Require HTTP basic auth: a file of `user:bcrypt-hash` lines (as in
+        /// Prometheus's web config).
+        #[arg(long)]
+        metrics_basic_auth_file: Option<PathBuf>,
         /// Name nodes and rule ids the kernel maps hold.
         #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY)]
         rule_capacity: u32,
@@ -143,6 +160,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rules,
             state_dir,
             metrics_addr,
+            metrics_tls_cert,
+            metrics_tls_key,
+            metrics_basic_auth_file,
             rule_capacity,
             top_rules,
             dns_action,
@@ -152,7 +172,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             answer_ttl,
         } => {
             let dns = DnsPolicy { default: dns_action, per_list: list_dns_actions, answer_ttl, redirect_v4: redirect_ipv4, redirect_v6: redirect_ipv6 };
-            let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics_addr, capacity: rule_capacity, top_rules, dns };
+            let metrics = Endpoint { listen: metrics_addr, tls: metrics_tls_cert.zip(metrics_tls_key), basic_auth_file: metrics_basic_auth_file };
+            let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics, capacity: rule_capacity, top_rules, dns };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }
