@@ -21,6 +21,7 @@ use tokio::{
 use crate::{
     control::{MAX_REQUEST, Request, Response},
     ebpf::{Kernel, Mode},
+    events::{self, EventLog},
     metrics,
     policy::DnsPolicy,
     rules::{Engine, LOCAL_LIST, Rule, file::read_rules, store::Store},
@@ -36,6 +37,8 @@ pub struct Options {
     pub capacity: u32,
     pub top_rules: usize,
     pub dns: DnsPolicy,
+    /// The opt-in event log of blocked names.
+    pub events: Option<EventLog>,
 }
 
 /// Everything the control socket and the metrics endpoint act on.
@@ -121,6 +124,7 @@ impl State {
         let engine = Engine::new(hash_r, capacity as usize, capacity);
         let mut cfg = engine.config();
         dns.apply_to(&mut cfg);
+        cfg.event_sample = opts.events.map_or(0, |e| e.sample);
         kernel.write_config(cfg)?;
         let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone(), list_status: BTreeMap::new() };
         state.replace_list(LOCAL_LIST, None, &local)?;
@@ -317,6 +321,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tracing::info!(iface, ?mode, "attached");
     }
     let shared: Shared = Arc::new(Mutex::new(state));
+    if let Some(log) = opts.events {
+        let ring = lock(&shared).kernel.take_events()?;
+        let counts = metrics_ctx.event_counts();
+        tracing::info!(sample = log.sample, rate = log.rate, "event log of blocked names on");
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = events::run(ring, shared, log, counts).await {
+                tracing::error!("event log stopped: {e:#}");
+            }
+        });
+    }
     metrics_ctx.set_ready(shared.clone());
     let control_task = tokio::spawn(serve_control(socket_listener, shared.clone()));
 

@@ -15,7 +15,7 @@ use filter_common::{
     counters,
     reply::DnsAction,
     rules::{
-        Config, DNS_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES,
+        Config, DNS_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES,
         MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::{FlowKey, Hello},
@@ -240,6 +240,12 @@ impl Kernel {
             out.push((info.name_as_str().unwrap_or("").to_string(), bytes));
         }
         Ok(out)
+    }
+
+    /// The event ring buffer (for the one reader of the event log).
+    pub fn take_events(&mut self) -> anyhow::Result<aya::maps::RingBuf<MapData>> {
+        let map = self.ebpf.take_map(MAP_EVENTS).ok_or_else(|| anyhow!("map {MAP_EVENTS} missing (or already taken)"))?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
     }
 
     /// A map of the loaded object (for tests that fill or inspect it).

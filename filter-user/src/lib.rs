@@ -4,6 +4,7 @@
 pub mod control;
 pub mod daemon;
 pub mod ebpf;
+pub mod events;
 pub mod metrics;
 pub mod policy;
 pub mod rules;

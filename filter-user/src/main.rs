@@ -11,6 +11,7 @@ use blokir::{
     control::{self, DEFAULT_SOCKET, Request, Response},
     daemon::{self, Options},
     ebpf::Mode,
+    events::{self, EventLog},
     metrics::{Endpoint, Listen},
     policy::{DnsPolicy, parse_action, parse_list_action},
 };
@@ -65,6 +66,16 @@ enum Command {
         /// Prometheus's web config).
         #[arg(long)]
         metrics_basic_auth_file: Option<PathBuf>,
+        /// Log blocked names (target blokir::events): protocol, family, list,
+        /// rule and name, never an address. Off by default.
+        #[arg(long)]
+        event_log: bool,
+        /// With --event-log: events logged per second at most (N or N/s).
+        #[arg(long, value_parser = events::parse_rate, default_value = "100/s", requires = "event_log")]
+        event_log_rate: u32,
+        /// With --event-log: one event per N blocks of each rule (1/N).
+        #[arg(long, value_parser = events::parse_sample, default_value = "1/1", requires = "event_log")]
+        event_log_sample: u32,
         /// Name nodes and rule ids the kernel maps hold.
         #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY)]
         rule_capacity: u32,
@@ -163,6 +174,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics_tls_cert,
             metrics_tls_key,
             metrics_basic_auth_file,
+            event_log,
+            event_log_rate,
+            event_log_sample,
             rule_capacity,
             top_rules,
             dns_action,
@@ -173,7 +187,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let dns = DnsPolicy { default: dns_action, per_list: list_dns_actions, answer_ttl, redirect_v4: redirect_ipv4, redirect_v6: redirect_ipv6 };
             let metrics = Endpoint { listen: metrics_addr, tls: metrics_tls_cert.zip(metrics_tls_key), basic_auth_file: metrics_basic_auth_file };
-            let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics, capacity: rule_capacity, top_rules, dns };
+            let events = event_log.then_some(EventLog { sample: event_log_sample, rate: event_log_rate });
+            let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics, capacity: rule_capacity, top_rules, dns, events };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -10,7 +10,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::{Arc, OnceLock},
+    sync::{Arc, OnceLock, atomic::Ordering},
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
@@ -41,6 +41,7 @@ use tokio_rustls::{TlsAcceptor, rustls, server::TlsStream};
 use crate::{
     daemon::{Shared, State, lock},
     ebpf::FlowTable,
+    events::EventCounts,
 };
 
 /// What the endpoint serves from: the daemon's state once the rules are
@@ -49,6 +50,7 @@ pub struct Context {
     state: OnceLock<Shared>,
     ifaces: Vec<String>,
     flows: std::sync::Mutex<Option<FlowCount>>,
+    events: OnceLock<Arc<EventCounts>>,
 }
 
 /// Counting the flow table walks all of it (see `FlowTable`): done at most
@@ -63,7 +65,12 @@ const FLOW_COUNT_MAX_AGE: Duration = Duration::from_secs(10);
 
 impl Context {
     pub fn new(ifaces: Vec<String>) -> Arc<Self> {
-        Arc::new(Context { state: OnceLock::new(), ifaces, flows: std::sync::Mutex::new(None) })
+        Arc::new(Context { state: OnceLock::new(), ifaces, flows: std::sync::Mutex::new(None), events: OnceLock::new() })
+    }
+
+    /// The event log's counters, served from now on.
+    pub fn event_counts(&self) -> Arc<EventCounts> {
+        self.events.get_or_init(Default::default).clone()
     }
 
     /// Called once the rules are in the maps and the program is attached.
@@ -110,6 +117,7 @@ struct Blokir {
     shared: Shared,
     ifaces: Vec<String>,
     flows: Option<(u64, u32)>,
+    events: Option<Arc<EventCounts>>,
 }
 
 impl Debug for Blokir {
@@ -262,6 +270,16 @@ impl Collector for Blokir {
             [(vec![], u64::from(state.kernel.capacity()))],
         )?;
         encode_state(&mut enc, &state, &self.ifaces, self.flows)?;
+        if let Some(ev) = &self.events {
+            let rows = [("logged", ev.logged.load(Ordering::Relaxed)), ("suppressed", ev.suppressed.load(Ordering::Relaxed))];
+            family(
+                &mut enc,
+                "blokir_events",
+                "Blocked-name events of the opt-in event log: logged, or held back by --event-log-rate.",
+                MetricType::Counter,
+                rows.map(|(o, v)| (vec![("outcome", o)], v)),
+            )?;
+        }
         family(&mut enc, "blokir_build_info", "Build information.", MetricType::Gauge, [(vec![("version", env!("CARGO_PKG_VERSION"))], 1)])?;
         Ok(())
     }
@@ -342,7 +360,7 @@ fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], f
 fn render(ctx: &Context, shared: &Shared, openmetrics: bool) -> Result<String, fmt::Error> {
     let flows = ctx.flows(shared);
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Blokir { shared: shared.clone(), ifaces: ctx.ifaces.clone(), flows }));
+    registry.register_collector(Box::new(Blokir { shared: shared.clone(), ifaces: ctx.ifaces.clone(), flows, events: ctx.events.get().cloned() }));
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(if openmetrics { out } else { to_text_format(&out) })

@@ -408,7 +408,9 @@ fn readyz_is_503_while_loading_and_200_once_attached() {
         }
         if code == 503 {
             assert_eq!(http(&topo, &[&url("healthz")]), (200, "ok\n".to_string()));
-            assert_eq!(http(&topo, &[&url("metrics")]).0, 503);
+            // 503 too, unless the daemon became ready in between.
+            let metrics = http(&topo, &[&url("metrics")]).0;
+            assert!(metrics == 503 || http(&topo, &[&url("readyz")]).0 == 200, "/metrics answered {metrics} before /readyz said ready");
         }
         if code == 200 {
             break;
@@ -446,4 +448,95 @@ fn no_queried_name_or_client_address_in_logs_or_metrics_by_default() {
         assert!(!log.contains(secret), "the daemon's log contains {secret}:\n{log}");
         assert!(!m.text.contains(secret), "/metrics contains {secret}:\n{}", m.text);
     }
+}
+
+/// Lines of the daemon's log that are events (`blokir::events`) naming a
+/// blocked name.
+fn event_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("blokir::events") && l.contains("name=")).collect()
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}.example.test")).collect()
+}
+
+/// The event log: off by default (the kernel writes nothing, no event in
+/// the log); on, each blocked name is logged with its protocol, family,
+/// list and rule and no address; sampled per rule in the kernel; held to
+/// its rate.
+#[test]
+fn event_log_is_opt_in_sampled_per_rule_and_rate_limited() {
+    let topo = Topology::new().unwrap();
+    let rules = topo.dir().join("wild.rules");
+    std::fs::write(&rules, "*.example.test\n").unwrap();
+    let tg = telegram_file(&topo);
+
+    // Off by default.
+    let d = topo.start_daemon(&[rules.clone(), tg.clone()]).unwrap();
+    dig(&topo, &[Query::udp4("www.example.test"), Query::tcp6("t.me")], true);
+    let m = d.metrics().unwrap();
+    assert_eq!(m.value("blokir_list_blocked_total", &[("list", "wild")]), Some(1));
+    assert!(m.lines_of("blokir_events").is_empty(), "{}", m.text);
+    d.stop().unwrap();
+
+    // On: every block (sample 1/1) within the default rate.
+    let d = topo.start_daemon_with(&[rules.clone(), tg.clone()], &["--event-log"]).unwrap();
+    dig(&topo, &[Query::udp4("www.example.test"), Query::tcp6("mail.example.test"), Query::udp6("web.telegram.org"), Query::tcp4("t.me")], true);
+    dig(&topo, &[Query::udp4("my.telegram.org")], false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while event_lines(&d.log()).len() < 4 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let log = d.log();
+    let events = event_lines(&log);
+    assert_eq!(events.len(), 4, "{log}");
+    for (name, proto, af, list, rule) in [
+        ("www.example.test", "dns_udp", "ipv4", "wild", "*.example.test"),
+        ("mail.example.test", "dns_tcp", "ipv6", "wild", "*.example.test"),
+        ("web.telegram.org", "dns_udp", "ipv6", "telegram", "web.telegram.org"),
+        ("t.me", "dns_tcp", "ipv4", "telegram", "t.me"),
+    ] {
+        let line = events
+            .iter()
+            .find(|l| l.contains(&format!("name={name}")) || l.contains(&format!("name=\"{name}\"")))
+            .unwrap_or_else(|| panic!("no event for {name}:\n{log}"));
+        for field in [proto, af, list, rule] {
+            assert!(line.contains(field), "{field} missing in {line}");
+        }
+    }
+    assert!(!log.contains("my.telegram.org"), "a passed name was logged:\n{log}");
+    for addr in ["198.18.0.1", "2001:db8::1"] {
+        assert!(!log.contains(addr), "a client address was logged:\n{log}");
+    }
+    let m = d.metrics().unwrap();
+    assert_eq!(m.value("blokir_events_total", &[("outcome", "logged")]), Some(4));
+    d.stop().unwrap();
+
+    // Sampled per rule: 1/3 of 7 blocks by one rule are its 1st, 4th, 7th.
+    let d = topo.start_daemon_with(std::slice::from_ref(&rules), &["--event-log", "--event-log-sample", "1/3"]).unwrap();
+    let sampled = names("s", 7);
+    dig(&topo, &sampled.iter().map(|n| Query::udp4(n)).collect::<Vec<_>>(), true);
+    thread::sleep(Duration::from_millis(500));
+    let m = d.metrics().unwrap();
+    assert_eq!(m.value("blokir_rule_hits_total", &[("list", "wild"), ("rule", "*.example.test")]), Some(7));
+    assert_eq!(event_lines(&d.log()).len(), 3, "{}", d.log());
+    assert_eq!(m.value("blokir_events_total", &[("outcome", "logged")]), Some(3));
+    d.stop().unwrap();
+
+    // Held to 2 a second: a burst of 8 logs 2 (3 if the burst spans a
+    // refill), the rest is counted and reported with the next event.
+    let d = topo.start_daemon_with(&[rules], &["--event-log", "--event-log-rate", "2/s"]).unwrap();
+    dig(&topo, &names("r", 8).iter().map(|n| Query::udp4(n)).collect::<Vec<_>>(), true);
+    thread::sleep(Duration::from_millis(300));
+    let burst = event_lines(&d.log()).len();
+    let m = d.metrics().unwrap();
+    let suppressed = m.value("blokir_events_total", &[("outcome", "suppressed")]).unwrap();
+    assert!((2..=3).contains(&burst), "{burst} events logged of a burst of 8 at 2/s:\n{}", d.log());
+    assert_eq!(burst as u64 + suppressed, 8);
+    thread::sleep(Duration::from_millis(1500));
+    dig(&topo, &[Query::udp4("late.example.test")], true);
+    thread::sleep(Duration::from_millis(300));
+    let log = d.log();
+    assert!(log.contains("late.example.test") && log.contains(&format!("suppressed={suppressed}")), "{log}");
+    d.stop().unwrap();
 }
