@@ -20,7 +20,7 @@ use std::{
 
 use blokir_tests::{
     Loaded,
-    netns::{self, Captured, EDGE_CLIENT_IFACE, Family, METRICS_ADDR, Metrics, Query, TELEGRAM_NAMES, Topology, Transport, telegram_rules},
+    netns::{self, Captured, EDGE_CLIENT_IFACE, Family, METRICS_ADDR, Metrics, Query, RESOLVER4, TELEGRAM_NAMES, Topology, Transport, telegram_rules},
 };
 use filter_common::{
     rules::MAP_FLOWS,
@@ -538,5 +538,43 @@ fn event_log_is_opt_in_sampled_per_rule_and_rate_limited() {
     thread::sleep(Duration::from_millis(300));
     let log = d.log();
     assert!(log.contains("late.example.test") && log.contains(&format!("suppressed={suppressed}")), "{log}");
+    d.stop().unwrap();
+}
+
+/// A TLS connection to a listed name, blocked by its ClientHello: the event
+/// log names it (protocol tls), /metrics counts it, and its blocked flow is
+/// in the flow table.
+#[test]
+fn blocked_tls_hellos_are_logged_and_their_flows_counted() {
+    let topo = Topology::new().unwrap();
+    let d = topo.start_daemon_with(&[telegram_file(&topo)], &["--event-log"]).unwrap();
+    // Any TCP listener will do: curl sends its ClientHello once connected.
+    let server = RESOLVER4.to_string();
+    let mut cmd = topo.exec(topo.resolver(), "python3");
+    cmd.args(["-m", "http.server", "--bind", &server, "443"]);
+    let _server = netns::start(&mut cmd).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !topo.run_in(topo.resolver(), &["ss", "-ltn", "sport = :443"], Duration::from_secs(5)).unwrap().stdout.contains(&server) {
+        assert!(Instant::now() < deadline, "the TCP listener did not start");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let resolve = format!("web.telegram.org:443:{server}");
+    let out = topo
+        .run_in(topo.client(), &["curl", "-sS", "-k", "--max-time", "3", "--resolve", &resolve, "https://web.telegram.org/"], Duration::from_secs(10))
+        .unwrap();
+    assert!(!out.success() && out.stderr.contains("timed out"), "the hello should stall: {out}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while event_lines(&d.log()).is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let log = d.log();
+    let events = event_lines(&log);
+    assert_eq!(events.len(), 1, "{log}");
+    for field in ["\"tls\"", "\"ipv4\"", "\"telegram\"", "web.telegram.org"] {
+        assert!(events[0].contains(field), "{field} missing in {}", events[0]);
+    }
+    let m = d.metrics().unwrap();
+    assert_eq!(m.value("blokir_blocked_total", &[("proto", "tls"), ("af", "ipv4")]), Some(1));
+    assert_eq!(m.value("blokir_tls_flows", &[]), Some(1), "the blocked flow keeps its state");
     d.stop().unwrap();
 }
