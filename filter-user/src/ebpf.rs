@@ -286,8 +286,9 @@ impl Target for Kernel {
 }
 
 /// The TLS flow table, counted by walking its keys (BPF_MAP_GET_NEXT_KEY,
-/// one syscall per entry: about 250 ms for 64K entries in a debug build,
-/// measured by tests/tests/e2e_metrics.rs; /metrics caches the count). A key
+/// one syscall per entry: 150 ms for 64K entries in a release build, 250 ms
+/// in a debug one, measured by tests/tests/e2e_metrics.rs; /metrics caches
+/// the count). A key
 /// deleted during the walk restarts it from the first key, so under heavy
 /// churn the count can overshoot: it is capped at the capacity.
 pub struct FlowTable {
