@@ -29,4 +29,5 @@ mod pod {
     unsafe impl aya::Pod for crate::tls::FlowKey {}
     unsafe impl aya::Pod for crate::tls::Hello {}
     unsafe impl aya::Pod for crate::inspect::DnsAt {}
+    unsafe impl aya::Pod for crate::rules::BlockEvent {}
 }

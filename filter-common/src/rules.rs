@@ -29,6 +29,28 @@ pub const STAGE_DNS: u32 = 3;
 pub const STAGE_COUNT: u32 = 4;
 pub const MAP_STAGES: &str = "STAGES";
 pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Size of the event ring buffer (a power of two, whole pages): room for
+/// about 900 events the daemon has not read yet; more are lost.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// One blocked name, as the kernel writes it to the event ring buffer (opt-in,
+/// see `Config::event_sample`). No address, no port: only what was blocked
+/// and by which rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockEvent {
+    /// A `counters::Proto`.
+    pub proto: u32,
+    /// An `packet::Af`.
+    pub af: u32,
+    /// The rule that blocked the name.
+    pub rule: RuleRef,
+    /// Where the canonical name starts in `name` (`name::canon_start`).
+    pub start: u32,
+    /// The canonical name, right-aligned, as the stage matched it.
+    pub name: [u8; crate::name::CANON_CAP],
+}
 
 /// Default number of domain nodes the rule map holds (the loader may size it
 /// differently); the national list is ~2M names.
@@ -110,7 +132,9 @@ pub struct Config {
     /// The block page's addresses, for the `redirect` action.
     pub redirect_v4: [u8; 4],
     pub redirect_v6: [u8; 16],
-    pub _reserved: u32,
+    /// The event log of blocked names: 0 off (no event is written); N: one
+    /// event for every N blocks by each rule (its 1st, N+1th, ...).
+    pub event_sample: u32,
 }
 
 impl Config {

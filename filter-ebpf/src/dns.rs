@@ -4,13 +4,13 @@ use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters::{self, Outcome, Proto},
     inspect::{Env as _, Inspection},
-    name::Decision,
+    name::{Decision, canon_start},
     reply::{DnsAction, NoReply, QueryAt, build_reply},
     rules::STAGE_REPLY,
 };
 
 use crate::{
-    maps::{CONFIG, LIST_ACTIONS, Maps, REPLY_JOB, ReplyJob, STAGES, count, hit},
+    maps::{CONFIG, LIST_ACTIONS, Maps, REPLY_JOB, ReplyJob, STAGES, block_event, count, hit},
     packet::XdpPacket,
 };
 
@@ -49,6 +49,7 @@ pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
                 Decision::Block(rule) => {
                     count(counters::proto_index(proto, af, Outcome::Blocked));
                     hit(rule, counters::LIST_BLOCKED);
+                    block_event(proto, af, rule, name_start(&at));
                     // TCP/53 queries are dropped: an answer needs a TCP exchange.
                     let action = match proto {
                         Proto::DnsUdp => LIST_ACTIONS.get(rule.list()).map_or(DnsAction::Drop, |a| DnsAction::from_u32(*a)),
@@ -63,6 +64,14 @@ pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
             }
         }
     }
+}
+
+/// Where the question's name starts in `SCRATCH`: its canonical form is the
+/// wire name (from the header's end to QTYPE) less its root byte.
+#[inline(always)]
+fn name_start(at: &QueryAt) -> usize {
+    let wire = at.question_end.wrapping_sub(at.msg_off + 12 + 4);
+    canon_start(wire.wrapping_sub(1))
 }
 
 /// Hands a blocked query to the answer stage.

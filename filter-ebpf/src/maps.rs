@@ -6,15 +6,15 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use filter_common::{
-    counters,
+    counters::{self, Proto},
     inspect::{DnsAt, Env, OPAQUE_LIMIT},
-    name::CanonBuf,
+    name::{CANON_CAP, CanonBuf},
     packet::Af,
     reply::{DnsAction, QueryAt},
-    rules::{Config, DEFAULT_RULE_CAPACITY, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef, STAGE_COUNT},
+    rules::{BlockEvent, Config, DEFAULT_RULE_CAPACITY, EVENTS_BYTES, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef, STAGE_COUNT},
     tls::{FlowKey, Hello},
 };
 
@@ -187,4 +187,47 @@ pub fn hit(rule: RuleRef, kind: u32) {
         // added atomically.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(c, 1) };
     }
+}
+
+/// Blocked names for the daemon's opt-in event log (Linux 5.8+ ring buffer).
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Writes the name a stage just blocked (in `SCRATCH`, from `start`) to the
+/// event ring buffer, when the event log is on and this is the rule's
+/// sampled block; called after `hit`, which counted this block. Costs one
+/// config read when the log is off. A full ring buffer loses the event.
+/// Callers pass `start` from memory read after the match (not a value kept
+/// live across the matcher's loop, which doubles the verifier's work).
+#[inline(always)]
+pub fn block_event(proto: Proto, af: Af, rule: RuleRef, start: usize) {
+    let Some(cfg) = CONFIG.get(0) else { return };
+    let every = cfg.event_sample as u64;
+    if every == 0 {
+        return;
+    }
+    let Some(hits) = RULE_HITS.get_ptr(rule.id()) else { return };
+    // SAFETY: a u64 of the map; shared between CPUs, so read once.
+    let hits = unsafe { core::ptr::read_volatile(hits) };
+    if hits.wrapping_sub(1).checked_rem(every) != Some(0) {
+        return;
+    }
+    let Some(buf) = SCRATCH.get_ptr(0) else { return };
+    let Some(mut entry) = EVENTS.reserve::<BlockEvent>(0) else { return };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved record, `buf` the per-CPU scratch; the
+    // name is copied a word at a time (volatile, so that it is not turned
+    // into a memcpy call the BPF target cannot make).
+    unsafe {
+        (*ev).proto = proto as u32;
+        (*ev).af = af as u32;
+        (*ev).rule = rule;
+        (*ev).start = start.min(CANON_CAP) as u32;
+        let src = (*buf).bytes.as_ptr() as *const u64;
+        let dst = core::ptr::addr_of_mut!((*ev).name) as *mut u64;
+        for i in 0..CANON_CAP / 8 {
+            core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i)));
+        }
+    }
+    entry.submit(0);
 }

@@ -13,7 +13,7 @@ use filter_common::{
 };
 
 use crate::{
-    maps::{CONFIG, FLOWS, HELLO_INIT, MATCH_JOB, Maps, Rules, SCRATCH, STAGES, count, hit},
+    maps::{CONFIG, FLOWS, HELLO_INIT, MATCH_JOB, Maps, Rules, SCRATCH, STAGES, block_event, count, hit},
     packet::XdpPacket,
 };
 
@@ -117,6 +117,11 @@ pub fn decide() -> u32 {
         Decision::Block(rule) => {
             count(counters::proto_index(Proto::Tls, af, Outcome::Blocked));
             hit(rule, counters::LIST_BLOCKED);
+            // The job is read again here: keeping `job.start` live across the
+            // matcher's loop doubles the states the verifier walks.
+            if let Some(j) = MATCH_JOB.get(0) {
+                block_event(Proto::Tls, af, rule, j.start as usize);
+            }
             if let Some(h) = FLOWS.get_ptr_mut(&key) {
                 // SAFETY: the flow's map value.
                 unsafe { &mut *h }.block();

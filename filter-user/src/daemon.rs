@@ -3,11 +3,11 @@
 //! leaves the program attached, detaches it, or removes every pin, as told.
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -22,6 +22,7 @@ use tokio::{
 use crate::{
     control::{MAX_REQUEST, Request, Response},
     ebpf::{Kernel, Mode},
+    events::{self, EventLog},
     lists::{self, Registry, ops::Update},
     metrics,
     pin::{PinDir, PinLock, mode_name},
@@ -36,10 +37,12 @@ pub struct Options {
     pub rule_files: Vec<PathBuf>,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
-    pub metrics_addr: SocketAddr,
+    pub metrics: metrics::Endpoint,
     pub capacity: u32,
     pub top_rules: usize,
     pub dns: DnsPolicy,
+    /// The opt-in event log of blocked names.
+    pub events: Option<EventLog>,
     pub pin_dir: PathBuf,
     pub on_exit: OnExit,
 }
@@ -70,6 +73,37 @@ pub struct State {
     on_exit: OnExit,
     /// Named lists (`blokir lists`).
     pub(crate) registry: Registry,
+    /// Freshness of each list, by name (for /metrics and alerts).
+    pub list_status: BTreeMap<String, ListStatus>,
+}
+
+/// Bookkeeping of one list's updates. Every source of a list's rules (a
+/// rule file on reload, the CLI's edits, later a URL fetch) records each
+/// attempt here: `updated` after the new rules are in force, `failed` when
+/// they were refused (the rules in force stay as they were).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListStatus {
+    /// 1 after the first load; incremented by each update that changed rules.
+    pub version: u64,
+    /// When the list was last read and applied successfully, changed or not.
+    pub last_update: Option<SystemTime>,
+    /// Updates refused (unreadable or bad file, capacity, a kernel write).
+    pub failures: u64,
+    pub last_failure: Option<SystemTime>,
+}
+
+impl ListStatus {
+    pub fn updated(&mut self, changed: bool) {
+        if changed || self.version == 0 {
+            self.version += 1;
+        }
+        self.last_update = Some(SystemTime::now());
+    }
+
+    pub fn failed(&mut self) {
+        self.failures += 1;
+        self.last_failure = Some(SystemTime::now());
+    }
 }
 
 pub type Shared = Arc<Mutex<State>>;
@@ -123,22 +157,43 @@ impl State {
         let engine = Engine::new(hash_r, capacity as usize, capacity);
         let mut cfg = engine.config();
         dns.apply_to(&mut cfg);
+        cfg.event_sample = opts.events.map_or(0, |e| e.sample);
         kernel.write_config(cfg)?;
-        let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone(), pins: pins.clone(), on_exit: opts.on_exit, registry };
+        let mut state = State {
+            engine,
+            kernel,
+            store,
+            files,
+            top_rules,
+            dns: dns.clone(),
+            pins: pins.clone(),
+            on_exit: opts.on_exit,
+            registry,
+            list_status: BTreeMap::new(),
+        };
         state.replace_list_told(LOCAL_LIST, None, &local)?;
         for ((name, path), rules) in state.files.clone().iter().zip(parsed) {
             state.replace_list_told(name, Some(path.clone()), &rules)?;
         }
         for (def, rules) in named {
             state.replace_list_told(&def.name, None, &rules)?;
+            let active = state.registry.get(&def.name).map_or(0, |e| e.active);
+            state.note_version(&def.name, active);
         }
         Ok(state)
     }
 
-    /// Makes `rules` list `name`'s rules, with the list's DNS action.
+    /// Makes `rules` list `name`'s rules, with the list's DNS action; the
+    /// list's status records the update, or its failure.
     pub(crate) fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule], action: DnsAction) -> anyhow::Result<ChangeSummary> {
         let started = Instant::now();
-        let s = apply_list(&mut self.engine, &mut self.kernel, action, name, source, rules)?;
+        let result = apply_list(&mut self.engine, &mut self.kernel, action, name, source, rules);
+        let status = self.list_status.entry(name.to_string()).or_default();
+        match &result {
+            Ok(s) => status.updated(s.added + s.removed > 0),
+            Err(_) => status.failed(),
+        }
+        let s = result?;
         tracing::info!(
             list = name,
             added = s.added,
@@ -186,8 +241,22 @@ impl State {
                 Ok(Response::ok(String::new(), serde_json::to_value(rows)?))
             }
             Request::Reload => {
-                // All files parse, or nothing changes.
-                let parsed = self.files.iter().map(|(_, p)| read_rules(p).map_err(|e| anyhow::anyhow!(e.report()))).collect::<anyhow::Result<Vec<_>>>()?;
+                // All files parse, or nothing changes; each refused file
+                // counts as a failed update of its list.
+                let mut parsed = Vec::new();
+                let mut errors = Vec::new();
+                for (name, path) in &self.files {
+                    match read_rules(path) {
+                        Ok(rules) => parsed.push(rules),
+                        Err(e) => {
+                            self.list_status.entry(name.clone()).or_default().failed();
+                            errors.push(e.report());
+                        }
+                    }
+                }
+                if !errors.is_empty() {
+                    bail!("{}", errors.join("\n"));
+                }
                 let mut lines = Vec::new();
                 for ((name, path), rules) in self.files.clone().iter().zip(parsed) {
                     lines.push(self.replace_list_told(name, Some(path.clone()), &rules)?);
@@ -210,7 +279,8 @@ impl State {
             .iter()
             .map(|l| {
                 let source = l.source.as_ref().map(|p| p.display().to_string()).or_else(|| self.registry.get(&l.name).map(|e| e.def.source.clone()));
-                json!({"name": l.name, "rules": l.len(), "source": source, "dns_action": self.action_for(&l.name).name()})
+                let version = self.list_status.get(&l.name).map_or(0, |s| s.version);
+                json!({"name": l.name, "rules": l.len(), "source": source, "dns_action": self.action_for(&l.name).name(), "version": version})
             })
             .collect();
         let secs = |t: Option<std::time::SystemTime>| t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
@@ -273,16 +343,30 @@ impl State {
                 }
             }
         }
-        let change = self.engine.plan_replace(LOCAL_LIST, None, &new)?;
-        self.store.save_local(&new)?;
         let started = Instant::now();
-        if let Err(e) = self.engine.apply(change, &mut self.kernel) {
-            self.store.save_local(&old)?;
-            return Err(e);
+        let result = self.apply_local(&old, &new);
+        let status = self.list_status.entry(LOCAL_LIST.to_string()).or_default();
+        match &result {
+            Ok(changed) => status.updated(*changed),
+            Err(_) => status.failed(),
         }
+        result?;
         let verb = if add { "added" } else { "removed" };
         let shown: Vec<String> = given.iter().map(ToString::to_string).collect();
         Ok(Response::ok(format!("{verb}: {} (enforced in {:.1} ms)", shown.join(", "), started.elapsed().as_secs_f64() * 1000.0), json!({"rules": shown})))
+    }
+
+    /// Saves and applies the local list's new rules; restores the file if
+    /// the kernel refuses. Returns whether any rule changed.
+    fn apply_local(&mut self, old: &[Rule], new: &[Rule]) -> anyhow::Result<bool> {
+        let change = self.engine.plan_replace(LOCAL_LIST, None, new)?;
+        let changed = change.summary.added + change.summary.removed > 0;
+        self.store.save_local(new)?;
+        if let Err(e) = self.engine.apply(change, &mut self.kernel) {
+            self.store.save_local(old)?;
+            return Err(e);
+        }
+        Ok(changed)
     }
 }
 
@@ -312,8 +396,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Everything that can fail is done before switching the interfaces; the
     // socket file is removed on every way out.
     let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket)?;
-    let metrics_listener =
-        tokio::net::TcpListener::bind(opts.metrics_addr).await.with_context(|| format!("binding the metrics endpoint {}", opts.metrics_addr))?;
+    let metrics_endpoint = metrics::bind(&opts.metrics).await?;
+    // /healthz and /readyz answer while the rules load (readyz: 503).
+    let metrics_ctx = metrics::Context::new(opts.ifaces.clone());
+    tracing::info!(endpoint = metrics_endpoint.describe, "serving /metrics, /healthz, /readyz");
+    let mut metrics_task = tokio::spawn(metrics_endpoint.serve(metrics_ctx.clone()));
     let pins = PinDir::create(&opts.pin_dir)?;
     let _lock: PinLock = pins.lock()?;
     let opts = Arc::new(opts);
@@ -345,8 +432,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     std::thread::sleep(std::time::Duration::from_millis(200));
     pins.remove_stages_except(Some(state.kernel.program_id()));
     let shared: Shared = Arc::new(Mutex::new(state));
-    tracing::info!(addr = %opts.metrics_addr, "serving /metrics");
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, shared.clone()));
+    if let Some(log) = opts.events {
+        let ring = lock(&shared).kernel.take_events()?;
+        let counts = metrics_ctx.event_counts();
+        tracing::info!(sample = log.sample, rate = log.rate, "event log of blocked names on");
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = events::run(ring, shared, log, counts).await {
+                tracing::error!("event log stopped: {e:#}");
+            }
+        });
+    }
+    metrics_ctx.set_ready(shared.clone());
     let control_task = tokio::spawn(serve_control(socket_listener, shared.clone()));
     let refresh_task = tokio::spawn(lists::ops::refresh_loop(shared.clone()));
 
@@ -355,7 +452,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        r = metrics_task => bail!("metrics endpoint stopped: {r:?}"),
+        r = &mut metrics_task => bail!("metrics endpoint stopped: {r:?}"),
     }
     control_task.abort();
     refresh_task.abort();

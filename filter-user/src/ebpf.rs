@@ -21,9 +21,10 @@ use filter_common::{
     counters,
     reply::DnsAction,
     rules::{
-        Config, DNS_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_FLOWS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES,
+        Config, DNS_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES,
         MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
+    tls::{FlowKey, Hello},
 };
 
 use crate::{
@@ -428,6 +429,54 @@ impl Kernel {
     pub fn rule_hits(&self) -> &[u64] {
         self.hits_view.as_slice()
     }
+
+    /// Entries in the TLS flow table and its capacity (see `FlowTable`).
+    pub fn flow_entries(&self) -> anyhow::Result<(u64, u32)> {
+        let t = self.flow_table()?;
+        Ok((t.count()?, t.capacity))
+    }
+
+    /// A handle of its own on the TLS flow table, to count it without
+    /// holding the daemon's lock.
+    pub fn flow_table(&self) -> anyhow::Result<FlowTable> {
+        let Some(Map::LruHashMap(data)) = self.ebpf.map(MAP_FLOWS) else { bail!("{MAP_FLOWS} is missing or not an LRU hash map") };
+        let info = data.info()?;
+        let map = Map::from_map_data(MapData::from_id(info.id())?)?;
+        Ok(FlowTable { map, capacity: info.max_entries() })
+    }
+
+    /// The kernel's memory accounting (`memlock` in fdinfo) of every map the
+    /// programs use, by map name.
+    pub fn map_memory(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut ids = std::collections::BTreeSet::new();
+        for name in PROGRAMS {
+            let prog: &Xdp = self.ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
+            ids.extend(prog.info()?.map_ids()?.unwrap_or_default());
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            let info = aya::maps::MapInfo::from_id(id)?;
+            let fd = info.fd()?;
+            let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
+            let bytes = fdinfo.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            out.push((info.name_as_str().unwrap_or("").to_string(), bytes));
+        }
+        Ok(out)
+    }
+
+    /// The event ring buffer (for the one reader of the event log).
+    pub fn take_events(&mut self) -> anyhow::Result<aya::maps::RingBuf<MapData>> {
+        let map = self.ebpf.take_map(MAP_EVENTS).ok_or_else(|| anyhow!("map {MAP_EVENTS} missing (or already taken)"))?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
+    }
+
+    /// A map of the loaded object (for tests that fill or inspect it).
+    pub fn map(&self, name: &str) -> Option<&Map> {
+        self.ebpf.map(name)
+    }
+    pub fn map_mut(&mut self, name: &str) -> Option<&mut Map> {
+        self.ebpf.map_mut(name)
+    }
 }
 
 impl Target for Kernel {
@@ -449,6 +498,24 @@ impl Target for Kernel {
 
     fn reset_hits(&mut self, id: u32) -> anyhow::Result<()> {
         self.rule_hits.set(id, 0, 0).context("resetting a rule's hit counter")
+    }
+}
+
+/// The TLS flow table, counted by walking its keys (BPF_MAP_GET_NEXT_KEY,
+/// one syscall per entry: 150 ms for 64K entries in a release build, 250 ms
+/// in a debug one, measured by tests/tests/e2e_metrics.rs; /metrics caches
+/// the count). A key
+/// deleted during the walk restarts it from the first key, so under heavy
+/// churn the count can overshoot: it is capped at the capacity.
+pub struct FlowTable {
+    map: Map,
+    pub capacity: u32,
+}
+
+impl FlowTable {
+    pub fn count(&self) -> anyhow::Result<u64> {
+        let flows: HashMap<&MapData, FlowKey, Hello> = HashMap::try_from(&self.map)?;
+        Ok(flows.keys().take(self.capacity as usize).filter(Result::is_ok).count() as u64)
     }
 }
 

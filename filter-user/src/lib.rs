@@ -4,6 +4,7 @@
 pub mod control;
 pub mod daemon;
 pub mod ebpf;
+pub mod events;
 pub mod lists;
 pub mod metrics;
 pub mod model;

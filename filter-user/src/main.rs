@@ -1,7 +1,7 @@
 //! The `blokir` command: `run` is the daemon, `rules` and `status` talk to it.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::ExitCode,
 };
@@ -11,7 +11,9 @@ use blokir::{
     control::{self, DEFAULT_SOCKET, Request, Response},
     daemon::{self, OnExit, Options},
     ebpf::Mode,
+    events::{self, EventLog},
     lists::{self, ListDef, parse_interval},
+    metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
     policy::{DnsPolicy, parse_action, parse_list_action},
     replay,
@@ -29,6 +31,8 @@ const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
 #[command(name = "blokir", version, about = "Block listed domains in XDP: DNS queries, at line rate")]
+// The last of a repeated option wins (wrappers may append overrides).
+#[command(args_override_self = true)]
 struct Cli {
     /// The daemon's control socket.
     #[arg(long, global = true, default_value = DEFAULT_SOCKET, env = "BLOKIR_SOCKET")]
@@ -37,6 +41,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load the XDP program and the rules, attach, and serve until stopped.
@@ -52,9 +58,31 @@ enum Command {
         /// Where the local list (`blokir rules add`) is kept.
         #[arg(long, default_value = "/var/lib/blokir")]
         state_dir: PathBuf,
-        /// Address of the Prometheus endpoint.
+        /// Where /metrics, /healthz and /readyz are served: HOST:PORT, or
+        /// unix:/path (a socket created mode 0600).
         #[arg(long, default_value = "127.0.0.1:9947")]
-        metrics_addr: SocketAddr,
+        metrics_addr: Listen,
+        /// Serve the endpoint over TLS with this PEM certificate chain
+        /// (needs --metrics-tls-key).
+        #[arg(long, requires = "metrics_tls_key")]
+        metrics_tls_cert: Option<PathBuf>,
+        /// The PEM private key for --metrics-tls-cert.
+        #[arg(long, requires = "metrics_tls_cert")]
+        metrics_tls_key: Option<PathBuf>,
+        /// Require HTTP basic auth: a file of `user:bcrypt-hash` lines (as in
+        /// Prometheus's web config).
+        #[arg(long)]
+        metrics_basic_auth_file: Option<PathBuf>,
+        /// Log blocked names (target blokir::events): protocol, family, list,
+        /// rule and name, never an address. Off by default.
+        #[arg(long)]
+        event_log: bool,
+        /// With --event-log: events logged per second at most (N or N/s).
+        #[arg(long, value_parser = events::parse_rate, default_value = "100/s", requires = "event_log")]
+        event_log_rate: u32,
+        /// With --event-log: one event per N blocks of each rule (1/N).
+        #[arg(long, value_parser = events::parse_sample, default_value = "1/1", requires = "event_log")]
+        event_log_sample: u32,
         /// Name nodes and rule ids the kernel maps hold.
         #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY)]
         rule_capacity: u32,
@@ -252,22 +280,43 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { ifaces, mode, rules, state_dir, metrics_addr, rule_capacity, top_rules, dns, pin_dir, detach_on_exit, cleanup } => {
+        Command::Run {
+            ifaces,
+            mode,
+            rules,
+            state_dir,
+            metrics_addr,
+            metrics_tls_cert,
+            metrics_tls_key,
+            metrics_basic_auth_file,
+            event_log,
+            event_log_rate,
+            event_log_sample,
+            rule_capacity,
+            top_rules,
+            dns,
+            pin_dir,
+            detach_on_exit,
+            cleanup,
+        } => {
             let on_exit = match (detach_on_exit, cleanup) {
                 (_, true) => OnExit::Cleanup,
                 (true, _) => OnExit::Detach,
                 _ => OnExit::Keep,
             };
+            let metrics = Endpoint { listen: metrics_addr, tls: metrics_tls_cert.zip(metrics_tls_key), basic_auth_file: metrics_basic_auth_file };
+            let events = event_log.then_some(EventLog { sample: event_log_sample, rate: event_log_rate });
             let opts = Options {
                 ifaces,
                 mode,
                 rule_files: rules,
                 state_dir,
                 socket: cli.socket,
-                metrics_addr,
+                metrics,
                 capacity: rule_capacity,
                 top_rules,
                 dns: dns.policy(),
+                events,
                 pin_dir,
                 on_exit,
             };

@@ -1,11 +1,29 @@
 //! /metrics in the Prometheus text format, read from the BPF maps at scrape
-//! time. No subscriber address or queried name is ever a label: rule labels
-//! are the operator's own patterns, and only the top N rules by hits are
-//! exported, so millions of rules never become millions of series.
+//! time, and /healthz, /readyz; over TCP, TLS or a Unix socket, optionally
+//! behind basic auth. No subscriber address or queried name is ever a label:
+//! rule labels are the operator's own patterns, and only the top N rules by
+//! hits are exported, so millions of rules never become millions of series.
 
-use std::fmt::{self, Debug};
+use std::{
+    fmt::{self, Debug},
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, OnceLock, atomic::Ordering},
+    time::{Duration, Instant, UNIX_EPOCH},
+};
 
-use axum::{Router, extract::State as AxumState, http::header, response::IntoResponse, routing::get};
+use anyhow::{Context as _, bail};
+use axum::{
+    Router,
+    extract::{Request, State as AxumState},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use base64::Engine as _;
 use filter_common::{
     counters::{self, Outcome, Proto},
     packet::{Af, Malformed},
@@ -15,12 +33,92 @@ use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, NoLabelSet, text::encode},
     metrics::MetricType,
-    registry::Registry,
+    registry::{Registry, Unit},
+};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio_rustls::{TlsAcceptor, rustls, server::TlsStream};
+
+use crate::{
+    daemon::{Shared, State, lock},
+    ebpf::FlowTable,
+    events::EventCounts,
 };
 
-use crate::daemon::{Shared, lock};
+/// What the endpoint serves from: the daemon's state once the rules are
+/// loaded and the program attached, and the interfaces it should be on.
+pub struct Context {
+    state: OnceLock<Shared>,
+    ifaces: Vec<String>,
+    flows: std::sync::Mutex<Option<FlowCount>>,
+    events: OnceLock<Arc<EventCounts>>,
+}
 
-struct Blokir(Shared);
+/// Counting the flow table walks all of it (see `FlowTable`): done at most
+/// once per `FLOW_COUNT_MAX_AGE`, outside the daemon's lock.
+struct FlowCount {
+    table: FlowTable,
+    at: Instant,
+    value: u64,
+}
+
+const FLOW_COUNT_MAX_AGE: Duration = Duration::from_secs(10);
+
+impl Context {
+    pub fn new(ifaces: Vec<String>) -> Arc<Self> {
+        Arc::new(Context { state: OnceLock::new(), ifaces, flows: std::sync::Mutex::new(None), events: OnceLock::new() })
+    }
+
+    /// The event log's counters, served from now on.
+    pub fn event_counts(&self) -> Arc<EventCounts> {
+        self.events.get_or_init(Default::default).clone()
+    }
+
+    /// Called once the rules are in the maps and the program is attached.
+    pub fn set_ready(&self, shared: Shared) {
+        let _ = self.state.set(shared);
+    }
+
+    /// Flows in the TLS flow table (at most `FLOW_COUNT_MAX_AGE` old) and its
+    /// capacity.
+    fn flows(&self, shared: &Shared) -> Option<(u64, u32)> {
+        let mut cache = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.as_ref().is_none_or(|c| c.at.elapsed() >= FLOW_COUNT_MAX_AGE) {
+            let table = match cache.take() {
+                Some(c) => c.table,
+                None => match lock(shared).kernel.flow_table() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!("opening the TLS flow table: {e:#}");
+                        return None;
+                    }
+                },
+            };
+            match table.count() {
+                Ok(value) => *cache = Some(FlowCount { table, at: Instant::now(), value }),
+                Err(e) => {
+                    tracing::warn!("counting TLS flows: {e:#}");
+                    return None;
+                }
+            }
+        }
+        cache.as_ref().map(|c| (c.value, c.table.capacity))
+    }
+
+    /// Why the daemon is not ready to filter, if it is not.
+    fn not_ready(&self) -> Option<String> {
+        let Some(shared) = self.state.get() else { return Some("loading the rules".into()) };
+        let state = lock(shared);
+        let missing: Vec<&str> = self.ifaces.iter().filter(|i| !state.kernel.attachments().iter().any(|a| &a.iface == *i)).map(String::as_str).collect();
+        (!missing.is_empty()).then(|| format!("not attached to {}", missing.join(", ")))
+    }
+}
+
+struct Blokir {
+    shared: Shared,
+    ifaces: Vec<String>,
+    flows: Option<(u64, u32)>,
+    events: Option<Arc<EventCounts>>,
+}
 
 impl Debug for Blokir {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -42,9 +140,18 @@ fn family<'a>(enc: &mut DescriptorEncoder, name: &str, help: &str, kind: MetricT
     Ok(())
 }
 
+/// A gauge in a base unit (`_bytes`, `_seconds`), possibly fractional.
+fn gauge_in<'a>(enc: &mut DescriptorEncoder, name: &str, help: &str, unit: Unit, rows: impl IntoIterator<Item = (Labels<'a>, f64)>) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, Some(&unit), MetricType::Gauge)?;
+    for (labels, v) in rows {
+        m.encode_family(&labels)?.encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
 impl Collector for Blokir {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        let state = lock(&self.0);
+        let state = lock(&self.shared);
         let c = match state.kernel.counters() {
             Ok(c) => c,
             Err(e) => {
@@ -162,37 +269,448 @@ impl Collector for Blokir {
             MetricType::Gauge,
             [(vec![], u64::from(state.kernel.capacity()))],
         )?;
-        let attached: Vec<(String, &'static str)> =
-            state.kernel.attachments().iter().map(|a| (a.iface.clone(), if a.mode == crate::ebpf::Mode::Native { "native" } else { "generic" })).collect();
-        family(
-            &mut enc,
-            "blokir_attached",
-            "1 for each interface the program is attached to, with its XDP mode.",
-            MetricType::Gauge,
-            attached.iter().map(|(i, m)| (vec![("iface", i.as_str()), ("mode", *m)], 1)),
-        )?;
+        encode_state(&mut enc, &state, &self.ifaces, self.flows)?;
+        if let Some(ev) = &self.events {
+            let rows = [("logged", ev.logged.load(Ordering::Relaxed)), ("suppressed", ev.suppressed.load(Ordering::Relaxed))];
+            family(
+                &mut enc,
+                "blokir_events",
+                "Blocked-name events of the opt-in event log: logged, or held back by --event-log-rate.",
+                MetricType::Counter,
+                rows.map(|(o, v)| (vec![("outcome", o)], v)),
+            )?;
+        }
         family(&mut enc, "blokir_build_info", "Build information.", MetricType::Gauge, [(vec![("version", env!("CARGO_PKG_VERSION"))], 1)])?;
         Ok(())
     }
 }
 
-/// Renders the metrics page.
-pub fn render(shared: &Shared) -> Result<String, fmt::Error> {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(Blokir(shared.clone())));
-    let mut out = String::new();
-    encode(&mut out, &registry)?;
-    Ok(out)
+/// The families that read the daemon's bookkeeping and map metadata.
+fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], flows: Option<(u64, u32)>) -> fmt::Result {
+    // Each configured interface: 1 with the mode in use, or 0 (mode "none")
+    // when the program is not attached there.
+    let mut attached: Vec<(String, &'static str, u64)> =
+        state.kernel.attachments().iter().map(|a| (a.iface.clone(), if a.mode == crate::ebpf::Mode::Native { "native" } else { "generic" }, 1)).collect();
+    for i in ifaces {
+        if !attached.iter().any(|(a, _, _)| a == i) {
+            attached.push((i.clone(), "none", 0));
+        }
+    }
+    family(
+        enc,
+        "blokir_attached",
+        "1 for each interface the program is attached to, with its XDP mode; 0 (mode none) for a configured interface it is not attached to.",
+        MetricType::Gauge,
+        attached.iter().map(|(i, m, v)| (vec![("iface", i.as_str()), ("mode", *m)], *v)),
+    )?;
+
+    let status = &state.list_status;
+    family(
+        enc,
+        "blokir_list_version",
+        "Version of each list: 1 after the first load, incremented by each update that changed its rules.",
+        MetricType::Gauge,
+        status.iter().map(|(l, s)| (vec![("list", l.as_str())], s.version)),
+    )?;
+    let seconds = |t: Option<std::time::SystemTime>| t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs_f64());
+    gauge_in(
+        enc,
+        "blokir_list_last_update_timestamp",
+        "When each list was last read and applied successfully (changed or not), in Unix time.",
+        Unit::Seconds,
+        status.iter().filter_map(|(l, s)| Some((vec![("list", l.as_str())], seconds(s.last_update)?))),
+    )?;
+    family(
+        enc,
+        "blokir_list_update_failures",
+        "Updates of each list that were refused (unreadable or bad file, capacity, kernel write); the rules in force stayed as they were.",
+        MetricType::Counter,
+        status.iter().map(|(l, s)| (vec![("list", l.as_str())], s.failures)),
+    )?;
+
+    if let Some((n, cap)) = flows {
+        family(enc, "blokir_tls_flows", "TLS flows in the flow table (hellos being read, and blocked flows).", MetricType::Gauge, [(vec![], n)])?;
+        family(
+            enc,
+            "blokir_tls_flow_capacity",
+            "Flows the TLS flow table holds (least recently used ones are evicted).",
+            MetricType::Gauge,
+            [(vec![], u64::from(cap))],
+        )?;
+    }
+    match state.kernel.map_memory() {
+        Ok(maps) => {
+            let names: Vec<(String, f64)> = maps.into_iter().map(|(n, b)| (n.to_ascii_lowercase(), b as f64)).collect();
+            gauge_in(
+                enc,
+                "blokir_map_memory",
+                "Memory the kernel accounts to each BPF map of the program (memlock in fdinfo).",
+                Unit::Bytes,
+                names.iter().map(|(n, b)| (vec![("map", n.as_str())], *b)),
+            )?;
+        }
+        Err(e) => tracing::warn!("reading map memory: {e:#}"),
+    }
+    Ok(())
 }
 
-async fn metrics_page(AxumState(shared): AxumState<Shared>) -> impl IntoResponse {
-    match tokio::task::spawn_blocking(move || render(&shared)).await {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response(),
-        _ => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "reading the BPF maps failed\n").into_response(),
+/// Renders the metrics page in OpenMetrics (`openmetrics`) or in the
+/// Prometheus text format 0.0.4 (for clients that do not ask for OpenMetrics,
+/// such as curl and `promtool check metrics`).
+fn render(ctx: &Context, shared: &Shared, openmetrics: bool) -> Result<String, fmt::Error> {
+    let flows = ctx.flows(shared);
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Blokir { shared: shared.clone(), ifaces: ctx.ifaces.clone(), flows, events: ctx.events.get().cloned() }));
+    let mut out = String::new();
+    encode(&mut out, &registry)?;
+    Ok(if openmetrics { out } else { to_text_format(&out) })
+}
+
+/// OpenMetrics to the Prometheus text format: the family of a counter is
+/// named with its `_total` suffix, and `# UNIT` and `# EOF` go.
+fn to_text_format(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+async fn metrics_page(AxumState(ctx): AxumState<Arc<Context>>, headers: HeaderMap) -> Response {
+    let Some(shared) = ctx.state.get().cloned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: loading the rules\n").into_response();
+    };
+    let openmetrics = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("application/openmetrics-text"));
+    match tokio::task::spawn_blocking(move || render(&ctx, &shared, openmetrics)).await {
+        Ok(Ok(body)) => {
+            let kind = if openmetrics { "application/openmetrics-text; version=1.0.0; charset=utf-8" } else { "text/plain; version=0.0.4; charset=utf-8" };
+            ([(header::CONTENT_TYPE, kind)], body).into_response()
+        }
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "reading the BPF maps failed\n").into_response(),
     }
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, shared: Shared) -> std::io::Result<()> {
-    let app = Router::new().route("/metrics", get(metrics_page)).route("/healthz", get(|| async { "ok\n" })).with_state(shared);
-    axum::serve(listener, app).await
+async fn readyz(AxumState(ctx): AxumState<Arc<Context>>) -> Response {
+    match tokio::task::spawn_blocking(move || ctx.not_ready()).await {
+        Ok(None) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Where and how the endpoint listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    /// A Unix socket, created mode 0600 (root only) and removed on exit.
+    Unix(PathBuf),
+}
+
+impl FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a path (unix:/run/blokir/metrics.sock)".into()),
+            Some(path) => Ok(Listen::Unix(PathBuf::from(path))),
+            None => s.parse().map(Listen::Tcp).map_err(|e| format!("{e}: expected HOST:PORT ([::1]:9947 for IPv6) or unix:/path")),
+        }
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub listen: Listen,
+    /// PEM certificate chain and private key: serve HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// `user:bcrypt-hash` lines: require basic auth.
+    pub basic_auth_file: Option<PathBuf>,
+}
+
+/// The endpoint's listener, bound and configured, not serving yet.
+pub struct Bound {
+    listener: Listener,
+    tls: Option<TlsAcceptor>,
+    users: Option<Arc<Users>>,
+    _socket: Option<SocketFile>,
+    pub describe: String,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// Reads the TLS and auth settings and binds; every error is reported here,
+/// before anything is loaded.
+pub async fn bind(ep: &Endpoint) -> anyhow::Result<Bound> {
+    let tls = ep.tls.as_ref().map(|(cert, key)| tls_acceptor(cert, key)).transpose()?;
+    let users = ep.basic_auth_file.as_ref().map(|p| Users::read(p).map(Arc::new)).transpose()?;
+    let (listener, socket) = match &ep.listen {
+        Listen::Tcp(a) => (Listener::Tcp(TcpListener::bind(a).await.with_context(|| format!("binding the metrics endpoint {a}"))?), None),
+        Listen::Unix(p) => {
+            if tls.is_some() {
+                bail!("--metrics-tls-cert needs a TCP --metrics-addr, not a Unix socket");
+            }
+            let (l, f) = SocketFile::bind(p)?;
+            (Listener::Unix(l), Some(f))
+        }
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let auth = if users.is_some() { ", basic auth" } else { "" };
+    let describe = format!("{scheme} {}{auth}", ep.listen);
+    Ok(Bound { listener, tls, users, _socket: socket, describe })
+}
+
+impl Bound {
+    pub async fn serve(self, ctx: Arc<Context>) -> std::io::Result<()> {
+        let mut app =
+            Router::new().route("/metrics", get(metrics_page)).route("/readyz", get(readyz)).route("/healthz", get(|| async { "ok\n" })).with_state(ctx);
+        if let Some(users) = self.users {
+            app = app.layer(middleware::from_fn_with_state(users, basic_auth));
+        }
+        let _socket = self._socket;
+        match (self.listener, self.tls) {
+            (Listener::Tcp(l), None) => axum::serve(l, app).await,
+            (Listener::Tcp(l), Some(tls)) => axum::serve(TlsListener::spawn(l, tls)?, app).await,
+            (Listener::Unix(l), _) => axum::serve(l, app).await,
+        }
+    }
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading the certificate chain {}", cert.display()))?;
+    if certs.is_empty() {
+        bail!("{}: no certificate in it", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the certificate and key do not make a TLS configuration")?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts TCP connections and completes their TLS handshakes in tasks of
+/// their own, so one slow or silent client never holds up the others.
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+}
+
+/// Handshakes in progress at once, and how long one may take.
+const MAX_HANDSHAKES: usize = 64;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsListener {
+    fn spawn(tcp: TcpListener, tls: TlsAcceptor) -> std::io::Result<Self> {
+        let addr = tcp.local_addr()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else { return };
+                let (stream, peer) = match tcp.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("metrics endpoint: accepting: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (tls, tx) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    // A failed handshake is the client's problem; not logged
+                    // with its address (no subscriber data in logs).
+                    if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                        let _ = tx.send((s, peer)).await;
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Ok(TlsListener { rx, addr })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(x) => x,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+/// Basic-auth users, as in Prometheus's web config: `user:bcrypt-hash`.
+pub struct Users {
+    users: Vec<(String, String)>,
+    /// Checked when the user is unknown, so that the answer takes as long as
+    /// for a known user with a wrong password.
+    dummy: String,
+}
+
+impl Users {
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut users = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let at = || format!("{}:{}", path.display(), n + 1);
+            let Some((user, hash)) = line.split_once(':') else { bail!("{}: expected user:bcrypt-hash", at()) };
+            if user.is_empty() {
+                bail!("{}: empty user name", at());
+            }
+            let parts: bcrypt::HashParts = hash.parse().map_err(|e| anyhow::anyhow!("{}: not a bcrypt hash: {e}", at()))?;
+            users.push((user.to_string(), parts.to_string()));
+        }
+        if users.is_empty() {
+            bail!("{}: no user in it", path.display());
+        }
+        let cost = users[0].1.parse::<bcrypt::HashParts>().map(|p| p.get_cost()).unwrap_or(bcrypt::DEFAULT_COST);
+        let dummy = bcrypt::hash(rand::random::<[u8; 16]>(), cost)?;
+        Ok(Users { users, dummy })
+    }
+
+    /// Whether `header` (an Authorization value) names a user with the
+    /// right password. Every user name is compared in full, and one bcrypt
+    /// check is made whether or not the user exists.
+    fn check(&self, header: &str) -> bool {
+        let Some(b64) = header.strip_prefix("Basic ") else { return false };
+        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else { return false };
+        let Some(colon) = raw.iter().position(|b| *b == b':') else { return false };
+        let (user, password) = (&raw[..colon], &raw[colon + 1..]);
+        let mut found: Option<&str> = None;
+        for (u, hash) in &self.users {
+            if ct_eq(u.as_bytes(), user) && found.is_none() {
+                found = Some(hash);
+            }
+        }
+        let ok = bcrypt::verify(password, found.unwrap_or(&self.dummy)).unwrap_or(false);
+        ok && found.is_some()
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+async fn basic_auth(AxumState(users): AxumState<Arc<Users>>, request: Request, next: Next) -> Response {
+    let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    // bcrypt takes tens of milliseconds by design: off the async workers.
+    let ok = match header {
+        Some(h) => tokio::task::spawn_blocking(move || users.check(&h)).await.unwrap_or(false),
+        None => false,
+    };
+    if !ok {
+        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"blokir\", charset=\"UTF-8\"")], "unauthorized\n").into_response();
+    }
+    next.run(request).await
+}
+
+/// The Unix socket's file, removed when this is dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl SocketFile {
+    /// Binds a socket created 0600; a stale socket file is replaced, a live
+    /// one (another daemon) refused.
+    fn bind(path: &Path) -> anyhow::Result<(UnixListener, Self)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("something is already listening on {}", path.display());
+            }
+            std::fs::remove_file(path)?;
+        }
+        // SAFETY: umask only changes this process's file-creation mask.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = listener.with_context(|| format!("binding the metrics socket {}", path.display()))?;
+        Ok((listener, SocketFile(path.to_path_buf())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse() {
+        assert_eq!("127.0.0.1:9947".parse(), Ok(Listen::Tcp("127.0.0.1:9947".parse().unwrap())));
+        assert_eq!("[::1]:9947".parse(), Ok(Listen::Tcp("[::1]:9947".parse().unwrap())));
+        assert_eq!("unix:/run/m.sock".parse(), Ok(Listen::Unix("/run/m.sock".into())));
+        assert!("unix:".parse::<Listen>().is_err());
+        assert!("localhost".parse::<Listen>().is_err());
+    }
+
+    #[test]
+    fn text_format_names_counters_with_total() {
+        let om = "# HELP a_b X.\n# TYPE a_b counter\na_b_total 1\n# HELP m Mem.\n# TYPE m_bytes gauge\n# UNIT m_bytes bytes\nm_bytes 3\n# EOF\n";
+        assert_eq!(to_text_format(om), "# HELP a_b_total X.\n# TYPE a_b_total counter\na_b_total 1\n# HELP m Mem.\n# TYPE m_bytes gauge\nm_bytes 3\n");
+    }
+
+    #[test]
+    fn basic_auth_checks_user_and_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        std::fs::write(&path, format!("# scrapers\nprom:{hash}\n")).unwrap();
+        let users = Users::read(&path).unwrap();
+        let b = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
+        assert!(users.check(&b("prom:s3cret")));
+        assert!(!users.check(&b("prom:wrong")));
+        assert!(!users.check(&b("other:s3cret")));
+        assert!(!users.check(&b("pro:s3cret")));
+        assert!(!users.check("Bearer x"));
+        std::fs::write(&path, "prom:notahash\n").unwrap();
+        assert!(Users::read(&path).is_err());
+    }
 }

@@ -249,6 +249,9 @@ fn url_lists_refresh_with_conditional_gets_survive_the_server_going_down_verify_
     let row = &ls(&daemon)["tp"];
     assert!(row["last_error"].as_str().is_some_and(|e| e.contains("HTTP 500")), "{row}");
     assert_eq!(row["version"], 2);
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("blokir_list_version", &[("list", "tp")]), Some(2), "{}", m.lines_of("blokir_list").join("\n"));
+    assert_eq!(m.value("blokir_list_update_failures_total", &[("list", "tp")]), Some(1));
     daemon.stop().unwrap();
     let daemon = topo.start_daemon_with(&[], &generic).unwrap();
     assert_eq!(topo.dig(&Query::udp4("web.telegram.org")).unwrap().status.as_deref(), Some("NXDOMAIN"));
@@ -259,6 +262,8 @@ fn url_lists_refresh_with_conditional_gets_survive_the_server_going_down_verify_
     assert!(out.contains("version 1 back in force (was 2)"), "{out}");
     assert_eq!(topo.dig(&Query::udp4("t.me")).unwrap().status.as_deref(), Some("NXDOMAIN"));
     assert_resolves(&topo, &["web.telegram.org"]);
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("blokir_list_version", &[("list", "tp")]), Some(1));
     let out = refused(&daemon, &["lists", "rollback", "tp"]);
     assert!(out.stderr.contains("no version before 1"), "{out}");
     ok(&daemon, &["lists", "rollback", "tp", "--to", "2"]);

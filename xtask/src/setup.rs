@@ -16,8 +16,8 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Debian packages: LLVM for bpf-linker, and the real programs the tests and
 /// the demo run (dig, dnsmasq, ip, ss, ethtool, tcpdump, curl, openssl,
-/// Chromium), and what the benchmark needs (iptables to compare with, a font
-/// for its plot).
+/// Chromium), Prometheus with promtool for the metrics tests, and what the
+/// benchmark needs (iptables to compare with, a font for its plot).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -32,6 +32,7 @@ const PACKAGES: &[&str] = &[
     "chromium",
     "iptables",
     "fonts-dejavu-core",
+    "prometheus",
 ];
 
 pub fn all() -> anyhow::Result<()> {

@@ -100,13 +100,30 @@ impl State {
     /// stay as they are).
     fn finish(&mut self, def: ListDef, current: Option<Version>, fetched: Result<Fetched, FetchError>, started: Instant) -> anyhow::Result<Response> {
         let name = def.name.clone();
+        let failures = self.list_status.get(&name).map_or(0, |s| s.failures);
         let result = self.put_in_force(def, current, fetched, started);
-        if let Err(e) = &result
-            && self.registry.get(&name).is_some()
-        {
-            self.registry.checked(&name, Some(format!("{e:#}")))?;
+        if let Err(e) = &result {
+            if self.registry.get(&name).is_some() {
+                self.registry.checked(&name, Some(format!("{e:#}")))?;
+                // Unless the swap itself failed (and counted it), count it.
+                let status = self.list_status.entry(name).or_default();
+                if status.failures == failures {
+                    status.failed();
+                }
+            } else {
+                // A list that was never added has no status to keep.
+                self.list_status.remove(&name);
+            }
         }
         result
+    }
+
+    /// The list's status on /metrics: checked now, with version `number`
+    /// in force (the registry's numbering, not a count of changes).
+    pub(crate) fn note_version(&mut self, name: &str, number: u64) {
+        let status = self.list_status.entry(name.to_string()).or_default();
+        status.updated(false);
+        status.version = number;
     }
 
     fn put_in_force(&mut self, def: ListDef, current: Option<Version>, fetched: Result<Fetched, FetchError>, started: Instant) -> anyhow::Result<Response> {
@@ -115,6 +132,7 @@ impl State {
             Fetched::NotModified => {
                 self.registry.checked(&name, None)?;
                 let v = current.map_or(0, |v| v.number);
+                self.note_version(&name, v);
                 return Ok(Response::ok(
                     format!("list {name}: not modified (HTTP 304), version {v} stays in force"),
                     json!({"list": name, "version": v, "changed": false}),
@@ -126,6 +144,7 @@ impl State {
         let sha256 = check_hash(&def.source, &bytes, def.sha256.as_deref())?;
         if let Some(v) = current.as_ref().filter(|v| v.sha256 == sha256) {
             self.registry.checked(&name, None)?;
+            self.note_version(&name, v.number);
             return Ok(Response::ok(
                 format!("list {name}: unchanged, version {} stays in force", v.number),
                 json!({"list": name, "version": v.number, "changed": false}),
@@ -164,6 +183,7 @@ impl State {
                 return Err(e.context(format!("list {name}: saving the new version")));
             }
         };
+        self.note_version(&name, number);
         let skipped = if parsed.skipped > 0 { format!(", {} bad lines skipped", parsed.skipped) } else { String::new() };
         Ok(Response::ok(
             format!(
@@ -193,6 +213,7 @@ impl State {
         let rules = self.engine.list(name).map_or(0, |l| l.len());
         self.drop_list(name)?;
         self.registry.remove(name)?;
+        self.list_status.remove(name);
         Ok(Response::ok(format!("list {name} removed ({rules} rules)"), json!({"list": name, "removed": rules})))
     }
 
@@ -215,6 +236,7 @@ impl State {
         let parsed = parse_copy(&self.registry, &entry.def, &target)?;
         let summary = self.replace_list(name, None, &parsed.rules, self.named_action(&entry.def))?;
         self.registry.set_active(name, target.number)?;
+        self.note_version(name, target.number);
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         Ok(Response::ok(
             format!("list {name}: version {} back in force (was {}), {} rules ({summary}) in {ms:.0} ms", target.number, entry.active, parsed.rules.len()),
