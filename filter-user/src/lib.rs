@@ -1,6 +1,7 @@
 //! blokir's userspace: the daemon that loads the XDP program and the rules,
 //! the control socket the CLI talks to, and the Prometheus endpoint.
 
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod ebpf;

@@ -8,6 +8,7 @@ use std::{
 
 use anyhow::Context as _;
 use blokir::{
+    config,
     control::{self, DEFAULT_SOCKET, Request, Response},
     daemon::{self, OnExit, Options},
     ebpf::Mode,
@@ -47,6 +48,10 @@ struct Cli {
 enum Command {
     /// Load the XDP program and the rules, attach, and serve until stopped.
     Run {
+        /// Read settings from this TOML file: keys are these flags' names
+        /// (`dns-action = "nxdomain"`, `iface = ["eth1"]`); flags given here win.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Interface to filter (repeat for several).
         #[arg(long = "iface", required = true)]
         ifaces: Vec<String>,
@@ -268,7 +273,14 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let args = match config::expand(std::env::args_os().collect(), &Cli::command()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("blokir: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let cli = Cli::parse_from(args);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -298,6 +310,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pin_dir,
             detach_on_exit,
             cleanup,
+            config: _,
         } => {
             let on_exit = match (detach_on_exit, cleanup) {
                 (_, true) => OnExit::Cleanup,
@@ -569,4 +582,25 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
         _ => println!("{}", r.message),
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example settings and unit shipped in packaging/ are valid.
+    #[test]
+    fn the_shipped_config_file_is_valid_and_means_what_it_says() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/blokir.toml");
+        let args = ["blokir", "run", "--config", path, "--answer-ttl", "30"].map(std::ffi::OsString::from).to_vec();
+        let cli = Cli::try_parse_from(config::expand(args, &Cli::command()).unwrap()).unwrap();
+        let Command::Run { ifaces, rules, dns, metrics_addr, pin_dir, detach_on_exit, cleanup, .. } = cli.command else { panic!("not run") };
+        assert_eq!(ifaces, ["eth1"]);
+        assert_eq!(rules, [PathBuf::from("/etc/blokir/national.rules")]);
+        let policy = dns.policy();
+        assert_eq!((policy.default, policy.answer_ttl), (DnsAction::Nxdomain, 30));
+        assert_eq!(metrics_addr.to_string(), "127.0.0.1:9947");
+        assert_eq!(pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert!(!detach_on_exit && !cleanup);
+    }
 }

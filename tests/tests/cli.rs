@@ -1,9 +1,13 @@
-//! The command line as a shell user meets it: completion scripts that a
-//! real bash loads and completes from.
+//! The command line and packaging as an operator meets them: completion
+//! scripts that a real bash loads and completes from, the daemon set up from
+//! a config file, and the shipped systemd unit checked by systemd itself.
 
 use std::{process::Command, time::Duration};
 
-use blokir_tests::{blokir_bin, netns};
+use blokir_tests::{
+    blokir_bin,
+    netns::{self, Query, Topology, telegram_rules},
+};
 
 /// What bash's completion function offers for `line` (the word being
 /// completed is the last one, possibly empty).
@@ -48,4 +52,49 @@ fn every_shell_gets_a_script_and_an_unknown_shell_is_refused() {
     let out = netns::run(Command::new(blokir_bin().unwrap()).args(["completions", "tcsh"]), Duration::from_secs(10)).unwrap();
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("possible values"), "{out}");
+}
+
+#[test]
+fn the_daemon_takes_its_settings_from_a_config_file_and_refuses_a_bad_one() {
+    let topo = Topology::new().unwrap();
+    let rules = topo.dir().join("telegram.rules");
+    std::fs::write(&rules, telegram_rules()).unwrap();
+    let config = topo.dir().join("blokir.toml");
+    // Generic mode: its XDP_TX answers reach a veth peer (see e2e_answers.rs).
+    let text = format!("# test box\nmode = \"generic\"\nrules = [{:?}]\ndns_action = \"nxdomain\"\nanswer-ttl = 42\n", rules.display().to_string());
+    std::fs::write(&config, text).unwrap();
+    let daemon = topo.start_daemon_with(&[], &["--config", config.to_str().unwrap()]).unwrap();
+    let a = topo.dig(&Query::udp4("t.me")).unwrap();
+    assert_eq!(a.status.as_deref(), Some("NXDOMAIN"), "the file's action:\n{a}");
+    let status: serde_json::Value = serde_json::from_str(&daemon.cli(&["status", "--output", "json"]).unwrap().ok().unwrap().stdout).unwrap();
+    assert_eq!(status["attached"][0]["mode"], "generic", "{status}");
+    assert!(status["lists"].as_array().unwrap().iter().any(|l| l["name"] == "telegram" && l["dns_action"] == "nxdomain"), "{status}");
+    daemon.stop().unwrap();
+
+    std::fs::write(&config, "mode = \"generic\"\n\ndns-action = \"nxdomian\"\n").unwrap();
+    let out = netns::run(&mut topo.daemon_command(&[]).unwrap().arg("--config").arg(&config), Duration::from_secs(15)).unwrap();
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains(&format!("{}:3: dns-action: invalid value 'nxdomian'", config.display())), "{out}");
+    assert!(!topo.xdp_attached().unwrap(), "nothing attached after a refused start");
+}
+
+/// The unit in packaging/ passes `systemd-analyze verify` and keeps a low
+/// exposure score (systemd's own hardening review).
+#[test]
+fn the_systemd_unit_verifies_and_is_hardened() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/systemd/blokir.service")).unwrap();
+    let bin = blokir_bin().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blokir.service");
+    // verify checks that the binary exists: point the unit at the one built.
+    std::fs::write(&path, unit.replace("/usr/bin/blokir", bin.to_str().unwrap())).unwrap();
+    let out = netns::run(Command::new("systemd-analyze").arg("verify").arg(&path), Duration::from_secs(30)).unwrap();
+    assert!(out.success() && out.stderr.trim().is_empty(), "{out}");
+    let out = netns::run(Command::new("systemd-analyze").args(["security", "--offline=yes"]).arg(&path), Duration::from_secs(30)).unwrap().ok().unwrap();
+    let score: f64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for blokir.service:").map(|(_, r)| r.split_whitespace().next().unwrap().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no exposure level:\n{out}"));
+    assert!(score <= 3.0, "exposure {score} (systemd rates up to 3.9 as OK, lower is better):\n{out}");
 }

@@ -17,7 +17,8 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages: LLVM for bpf-linker, and the real programs the tests and
 /// the demo run (dig, dnsmasq, ip, ss, ethtool, tcpdump, curl, openssl,
 /// Chromium), Prometheus with promtool for the metrics tests, and what the
-/// benchmark needs (iptables to compare with, a font for its plot).
+/// benchmark needs (iptables to compare with, a font for its plot), and
+/// systemd-analyze to check the shipped unit.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -33,6 +34,7 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "fonts-dejavu-core",
     "prometheus",
+    "systemd",
 ];
 
 pub fn all() -> anyhow::Result<()> {
