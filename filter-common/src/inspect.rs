@@ -39,7 +39,8 @@ pub enum Inspection {
     /// Not a protocol blokir inspects.
     Other,
     /// A TCP segment with payload, not to port 53: it may carry a TLS
-    /// ClientHello, read by the stream stage (`tls`) with per-flow state.
+    /// ClientHello or an HTTP request, read by the stream stages (`tls`,
+    /// `http`) with per-flow state.
     TcpPayload,
     /// A later IP fragment: passed, it has no transport header.
     Fragment,
@@ -92,8 +93,9 @@ pub enum Classified {
     /// A later IP fragment.
     Fragment,
     Malformed(Malformed),
-    /// A TCP segment with payload, not to port 53: for the stream stage.
-    TcpPayload,
+    /// A TCP segment with payload, not to port 53, to this port: for the
+    /// HTTP stage if it is one of `Config::http_ports`, else the TLS stage.
+    TcpPayload(u16),
     /// A DNS message to port 53: for the DNS stage.
     Dns(DnsAt),
 }
@@ -120,7 +122,7 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
             // Segments without payload (handshake, ACKs) are not queries.
             Ok(l4) if l4.payload_off >= l4.payload_end => return Classified::Other,
             Ok(l4) if l4.dst_port == dns::DNS_PORT => (1, l4),
-            Ok(_) => return Classified::TcpPayload,
+            Ok(l4) => return Classified::TcpPayload(l4.dst_port),
             Err(Skip::Malformed(m)) => return Classified::Malformed(m),
             Err(Skip::Other) => return Classified::Other,
         },
@@ -194,7 +196,7 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
         Classified::Other => Inspection::Other,
         Classified::Fragment => Inspection::Fragment,
         Classified::Malformed(m) => Inspection::Malformed(m),
-        Classified::TcpPayload => Inspection::TcpPayload,
+        Classified::TcpPayload(_) => Inspection::TcpPayload,
         Classified::Dns(at) => dns_stage(p, &at, env),
     }
 }

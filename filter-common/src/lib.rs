@@ -10,7 +10,9 @@ extern crate std;
 
 pub mod counters;
 pub mod dns;
+pub mod flow;
 pub mod hash;
+pub mod http;
 pub mod inspect;
 pub mod name;
 pub mod packet;
@@ -28,5 +30,6 @@ mod pod {
     unsafe impl aya::Pod for crate::name::CanonBuf {}
     unsafe impl aya::Pod for crate::tls::FlowKey {}
     unsafe impl aya::Pod for crate::tls::Hello {}
+    unsafe impl aya::Pod for crate::flow::Flow {}
     unsafe impl aya::Pod for crate::inspect::DnsAt {}
 }

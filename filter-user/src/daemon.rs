@@ -22,7 +22,7 @@ use crate::{
     control::{MAX_REQUEST, Request, Response},
     ebpf::{Kernel, Mode},
     metrics,
-    policy::DnsPolicy,
+    policy::{DnsPolicy, TrafficPolicy},
     rules::{Engine, LOCAL_LIST, Rule, file::read_rules, store::Store},
 };
 
@@ -36,6 +36,7 @@ pub struct Options {
     pub capacity: u32,
     pub top_rules: usize,
     pub dns: DnsPolicy,
+    pub traffic: TrafficPolicy,
 }
 
 /// Everything the control socket and the metrics endpoint act on.
@@ -90,6 +91,7 @@ impl State {
         let engine = Engine::new(hash_r, capacity as usize, capacity);
         let mut cfg = engine.config();
         dns.apply_to(&mut cfg);
+        opts.traffic.apply_to(&mut cfg)?;
         kernel.write_config(cfg)?;
         let mut state = State { engine, kernel, store, files, top_rules, dns: dns.clone() };
         state.replace_list(LOCAL_LIST, None, &local)?;

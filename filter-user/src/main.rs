@@ -11,7 +11,7 @@ use blokir::{
     control::{self, DEFAULT_SOCKET, Request, Response},
     daemon::{self, Options},
     ebpf::Mode,
-    policy::{DnsPolicy, parse_action, parse_list_action},
+    policy::{DnsPolicy, TrafficPolicy, parse_action, parse_list_action, parse_port},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use filter_common::{reply::DnsAction, rules::DEFAULT_RULE_CAPACITY};
@@ -71,6 +71,11 @@ enum Command {
         /// TTL of redirect answers, in seconds.
         #[arg(long, default_value_t = 60)]
         answer_ttl: u32,
+        /// TCP ports whose payload is read as HTTP requests (their Host
+        /// blocked like a server name): comma-separated or repeated, at most
+        /// 16. Other ports' payload is read as TLS.
+        #[arg(long = "http-ports", value_name = "PORT[,PORT...]", value_parser = parse_port, value_delimiter = ',', default_value = "80")]
+        http_ports: Vec<u16>,
     },
     /// Change or inspect the rules of the running daemon.
     Rules {
@@ -150,9 +155,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             redirect_ipv4,
             redirect_ipv6,
             answer_ttl,
+            http_ports,
         } => {
             let dns = DnsPolicy { default: dns_action, per_list: list_dns_actions, answer_ttl, redirect_v4: redirect_ipv4, redirect_v6: redirect_ipv6 };
-            let opts = Options { ifaces, mode, rule_files: rules, state_dir, socket: cli.socket, metrics_addr, capacity: rule_capacity, top_rules, dns };
+            let opts = Options {
+                ifaces,
+                mode,
+                rule_files: rules,
+                state_dir,
+                socket: cli.socket,
+                metrics_addr,
+                capacity: rule_capacity,
+                top_rules,
+                dns,
+                traffic: TrafficPolicy { http_ports },
+            };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -16,9 +16,9 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Debian packages: LLVM for bpf-linker, and the real programs the tests and
 /// the demo run (dig, dnsmasq, ip, ss, ethtool, tcpdump, curl, openssl,
-/// Chromium).
+/// Chromium, Python: its `ssl` client and `http.server`).
 const PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "dnsutils", "dnsmasq-base", "iproute2", "ethtool", "tcpdump", "curl", "openssl", "chromium"];
+    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "dnsutils", "dnsmasq-base", "iproute2", "ethtool", "tcpdump", "curl", "openssl", "chromium", "python3"];
 
 pub fn all() -> anyhow::Result<()> {
     packages()?;
