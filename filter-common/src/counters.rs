@@ -17,11 +17,14 @@ pub enum Proto {
     Tls = 2,
     /// HTTP request Host names.
     Http = 3,
+    /// QUIC Initial packets (UDP/443): `inspected` counts those seen,
+    /// `blocked` those dropped by the `drop` policy.
+    Quic = 4,
 }
 
 impl Proto {
-    pub const COUNT: usize = 4;
-    pub const ALL: [Proto; Self::COUNT] = [Proto::DnsUdp, Proto::DnsTcp, Proto::Tls, Proto::Http];
+    pub const COUNT: usize = 5;
+    pub const ALL: [Proto; Self::COUNT] = [Proto::DnsUdp, Proto::DnsTcp, Proto::Tls, Proto::Http, Proto::Quic];
     /// The stream protocols the match stage handles, from their number.
     #[inline(always)]
     pub const fn from_stream(v: u32) -> Proto {
@@ -33,6 +36,7 @@ impl Proto {
             Proto::DnsTcp => "dns_tcp",
             Proto::Tls => "tls",
             Proto::Http => "http",
+            Proto::Quic => "quic",
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::{
     dns::{self, DnsSkip},
     name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, IPPROTO_UDP, Malformed, Packet, Skip, parse_l3, parse_tcp, parse_udp},
+    quic,
     reply::QueryAt,
     rules::{Config, RuleLookup},
 };
@@ -38,6 +39,11 @@ pub const OPAQUE_LIMIT: usize = 1 << 15;
 pub enum Inspection {
     /// Not a protocol blokir inspects.
     Other,
+    /// A QUIC Initial; `drop` if the policy drops it.
+    Quic {
+        af: Af,
+        drop: bool,
+    },
     /// A TCP segment with payload, not to port 53: it may carry a TLS
     /// ClientHello or an HTTP request, read by the stream stages (`tls`,
     /// `http`) with per-flow state.
@@ -64,7 +70,7 @@ pub enum Inspection {
 impl Inspection {
     /// Whether the packet is to be dropped.
     pub const fn blocks(&self) -> bool {
-        matches!(self, Inspection::Decided { decision: Decision::Block(_), .. })
+        matches!(self, Inspection::Decided { decision: Decision::Block(_), .. } | Inspection::Quic { drop: true, .. })
     }
 }
 
@@ -96,6 +102,9 @@ pub enum Classified {
     /// A TCP segment with payload, not to port 53, to this port: for the
     /// HTTP stage if it is one of `Config::http_ports`, else the TLS stage.
     TcpPayload(u16),
+    /// A QUIC Initial (see `quic::is_initial`), counted and subject to the
+    /// QUIC policy in the entry program.
+    Quic(Af),
     /// A DNS message to port 53: for the DNS stage.
     Dns(DnsAt),
 }
@@ -114,6 +123,7 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
     let (tcp, l4) = match l3.proto {
         IPPROTO_UDP => match parse_udp(p, &l3) {
             Ok(l4) if l4.dst_port == dns::DNS_PORT => (0, l4),
+            Ok(l4) if l4.dst_port == quic::QUIC_PORT && quic::is_initial(p, l4.payload_off, l4.payload_end) => return Classified::Quic(l3.af),
             Ok(_) => return Classified::Other,
             Err(Skip::Malformed(m)) => return Classified::Malformed(m),
             Err(Skip::Other) => return Classified::Other,
@@ -197,6 +207,10 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
         Classified::Fragment => Inspection::Fragment,
         Classified::Malformed(m) => Inspection::Malformed(m),
         Classified::TcpPayload(_) => Inspection::TcpPayload,
+        Classified::Quic(af) => {
+            let drop = env.resources().is_some_and(|(_, cfg, _)| cfg.is_configured() && cfg.quic_policy == quic::POLICY_DROP);
+            Inspection::Quic { af, drop }
+        }
         Classified::Dns(at) => dns_stage(p, &at, env),
     }
 }

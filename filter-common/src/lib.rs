@@ -16,6 +16,7 @@ pub mod http;
 pub mod inspect;
 pub mod name;
 pub mod packet;
+pub mod quic;
 pub mod reply;
 pub mod rules;
 pub mod tls;

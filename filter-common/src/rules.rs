@@ -118,7 +118,8 @@ pub struct Config {
     /// The block page's addresses, for the `redirect` action.
     pub redirect_v4: [u8; 4],
     pub redirect_v6: [u8; 16],
-    pub _reserved: u32,
+    /// What QUIC Initials get (`quic::POLICY_PASS` or `POLICY_DROP`).
+    pub quic_policy: u32,
     /// TCP destination ports whose payload is read as HTTP requests (0:
     /// an unused slot); other ports' payload goes to the TLS stage.
     pub http_ports: [u16; MAX_HTTP_PORTS],
@@ -129,7 +130,16 @@ impl Default for Config {
     fn default() -> Self {
         let mut http_ports = [0; MAX_HTTP_PORTS];
         http_ports[0] = crate::http::HTTP_PORT;
-        Config { hash_r: [0; 2], depth_mask: [0; 2], answer_ttl: 0, redirect_flags: 0, redirect_v4: [0; 4], redirect_v6: [0; 16], _reserved: 0, http_ports }
+        Config {
+            hash_r: [0; 2],
+            depth_mask: [0; 2],
+            answer_ttl: 0,
+            redirect_flags: 0,
+            redirect_v4: [0; 4],
+            redirect_v6: [0; 16],
+            quic_policy: crate::quic::POLICY_PASS,
+            http_ports,
+        }
     }
 }
 

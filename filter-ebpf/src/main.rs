@@ -18,13 +18,14 @@ mod tls;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use filter_common::{
-    counters,
+    counters::{self, Outcome, Proto},
     inspect::{Classified, classify, dns_stage},
+    quic::POLICY_DROP,
     rules::{STAGE_DNS, STAGE_HTTP, STAGE_TLS},
 };
 
 use crate::{
-    maps::{DNS_JOB, HTTP_PORTS, Maps, Rules, STAGES, count},
+    maps::{CONFIG, DNS_JOB, HTTP_PORTS, Maps, Rules, STAGES, count},
     packet::XdpPacket,
 };
 
@@ -45,6 +46,13 @@ pub fn blokir(ctx: XdpContext) -> u32 {
         Classified::TcpPayload(port) => {
             let http = HTTP_PORTS.get(u32::from(port) >> 6).is_some_and(|w| (*w >> (port & 63)) & 1 != 0);
             unsafe { STAGES.tail_call(&ctx, if http { STAGE_HTTP } else { STAGE_TLS }) }
+        }
+        Classified::Quic(af) => {
+            count(counters::proto_index(Proto::Quic, af, Outcome::Inspected));
+            if CONFIG.get(0).is_some_and(|c| c.is_configured() && c.quic_policy == POLICY_DROP) {
+                count(counters::proto_index(Proto::Quic, af, Outcome::Blocked));
+                return xdp_action::XDP_DROP;
+            }
         }
         Classified::Dns(at) => {
             if let Some(job) = DNS_JOB.get_ptr_mut(0) {

@@ -11,7 +11,7 @@ use blokir::{
     control::{self, DEFAULT_SOCKET, Request, Response},
     daemon::{self, Options},
     ebpf::Mode,
-    policy::{DnsPolicy, TrafficPolicy, parse_action, parse_list_action, parse_port},
+    policy::{DnsPolicy, QuicPolicy, TrafficPolicy, parse_action, parse_list_action, parse_port},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use filter_common::{reply::DnsAction, rules::DEFAULT_RULE_CAPACITY};
@@ -76,6 +76,10 @@ enum Command {
         /// 16. Other ports' payload is read as TLS.
         #[arg(long = "http-ports", value_name = "PORT[,PORT...]", value_parser = parse_port, value_delimiter = ',', default_value = "80")]
         http_ports: Vec<u16>,
+        /// What QUIC Initials (UDP/443) get: pass (counted), or drop (browsers
+        /// fall back to TCP, where the TLS server name is read).
+        #[arg(long, value_enum, default_value_t = QuicPolicy::Pass)]
+        quic: QuicPolicy,
     },
     /// Change or inspect the rules of the running daemon.
     Rules {
@@ -156,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             redirect_ipv6,
             answer_ttl,
             http_ports,
+            quic,
         } => {
             let dns = DnsPolicy { default: dns_action, per_list: list_dns_actions, answer_ttl, redirect_v4: redirect_ipv4, redirect_v6: redirect_ipv6 };
             let opts = Options {
@@ -168,7 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 capacity: rule_capacity,
                 top_rules,
                 dns,
-                traffic: TrafficPolicy { http_ports },
+                traffic: TrafficPolicy { http_ports, quic },
             };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
             Ok(ExitCode::SUCCESS)

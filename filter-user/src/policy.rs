@@ -79,16 +79,27 @@ pub fn parse_list_action(s: &str) -> Result<(String, DnsAction), String> {
     Ok((list.to_string(), parse_action(action)?))
 }
 
+/// What QUIC Initials (UDP/443) get: counted and passed, or dropped (browsers
+/// then fall back to TCP, where the TLS server name is read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuicPolicy {
+    #[default]
+    Pass,
+    Drop,
+}
+
 /// Which traffic besides DNS is read: the TCP ports whose payload is read as
-/// HTTP requests (other ports' payload is read as TLS).
+/// HTTP requests (other ports' payload is read as TLS), and the QUIC policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrafficPolicy {
     pub http_ports: Vec<u16>,
+    pub quic: QuicPolicy,
 }
 
 impl Default for TrafficPolicy {
     fn default() -> Self {
-        TrafficPolicy { http_ports: vec![filter_common::http::HTTP_PORT] }
+        TrafficPolicy { http_ports: vec![filter_common::http::HTTP_PORT], quic: QuicPolicy::Pass }
     }
 }
 
@@ -104,6 +115,10 @@ impl TrafficPolicy {
         }
         cfg.http_ports = [0; MAX_HTTP_PORTS];
         cfg.http_ports[..ports.len()].copy_from_slice(&ports);
+        cfg.quic_policy = match self.quic {
+            QuicPolicy::Pass => filter_common::quic::POLICY_PASS,
+            QuicPolicy::Drop => filter_common::quic::POLICY_DROP,
+        };
         Ok(())
     }
 }
@@ -147,9 +162,9 @@ mod tests {
         assert!(parse_port("65536").is_err());
         let mut cfg = Config::default();
         assert_eq!(cfg.http_ports[..2], [80, 0]);
-        TrafficPolicy { http_ports: vec![8080, 80, 8080] }.apply_to(&mut cfg).unwrap();
-        assert_eq!(cfg.http_ports[..3], [80, 8080, 0]);
-        let many = TrafficPolicy { http_ports: (1..=17).collect() };
+        TrafficPolicy { http_ports: vec![8080, 80, 8080], quic: QuicPolicy::Drop }.apply_to(&mut cfg).unwrap();
+        assert_eq!((cfg.http_ports[..3].to_vec(), cfg.quic_policy), (vec![80, 8080, 0], filter_common::quic::POLICY_DROP));
+        let many = TrafficPolicy { http_ports: (1..=17).collect(), ..TrafficPolicy::default() };
         assert!(many.apply_to(&mut cfg).unwrap_err().to_string().contains("at most 16"));
     }
 }

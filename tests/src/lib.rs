@@ -116,6 +116,13 @@ pub fn counted(inspection: &Inspection) -> Vec<u32> {
     match *inspection {
         Inspection::Other | Inspection::TcpPayload => vec![],
         Inspection::Fragment => vec![counters::FRAGMENTS],
+        Inspection::Quic { af, drop } => {
+            let mut v = vec![proto_index(Proto::Quic, af, Outcome::Inspected)];
+            if drop {
+                v.push(proto_index(Proto::Quic, af, Outcome::Blocked));
+            }
+            v
+        }
         Inspection::Unconfigured => vec![counters::UNCONFIGURED],
         Inspection::Malformed(m) => vec![counters::malformed_index(m)],
         Inspection::Incomplete { proto, af } => vec![proto_index(proto, af, Outcome::Incomplete)],
