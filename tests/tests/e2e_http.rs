@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blokir_tests::netns::{RESOLVER4, RESOLVER6, Running, Topology, start};
+use blokir_tests::netns::{EDGE_RESOLVER4, EDGE_RESOLVER6, RESOLVER4, RESOLVER6, Running, Topology, start};
 
 const RULES: &str = "# HTTP end to end\n.blocked.example\nblocked.test\nallow open.blocked.example\n";
 
@@ -89,30 +89,51 @@ impl Drop for Server {
     }
 }
 
-fn wait_listening(topo: &Topology, want: &[String]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+fn wait_listening(topo: &Topology, want: &[String], servers: &[Server]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = topo.run_in(topo.resolver(), &["ss", "-H", "-n", "-l", "-t"], Duration::from_secs(5)).unwrap().ok().unwrap().stdout;
         let listening: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().nth(3)).collect();
         if want.iter().all(|w| listening.contains(&w.as_str())) {
             return;
         }
-        assert!(Instant::now() < deadline, "http.server is not listening on all of {want:?} after 10 s:\n{out}");
+        let logs: String = servers.iter().map(Server::log).collect();
+        assert!(Instant::now() < deadline, "http.server is not listening on all of {want:?} after 30 s:\n{out}\nserver logs:\n{logs}");
         thread::sleep(Duration::from_millis(20));
     }
 }
 
 #[test]
 fn curl_requests_to_listed_hosts_never_reach_the_server_and_others_are_served() {
+    bench(false);
+}
+
+/// The resolver announces a 64-byte MSS, so curl cuts each request into
+/// 52-byte segments (64 less the timestamp option): the Host header, and
+/// often the name itself, is split across segments.
+#[test]
+fn requests_in_tiny_segments_from_a_small_server_mss_are_read_whole() {
+    bench(true);
+}
+
+fn bench(tiny: bool) {
     let started = Instant::now();
     let topo = Topology::new().unwrap();
+    if tiny {
+        for (ip, via) in [("-4", EDGE_RESOLVER4.to_string()), ("-6", EDGE_RESOLVER6.to_string())] {
+            topo.run_in(topo.resolver(), &["ip", ip, "route", "change", "default", "via", &via, "advmss", "64"], Duration::from_secs(10))
+                .unwrap()
+                .ok()
+                .unwrap();
+        }
+    }
     let rules = topo.dir().join("http.rules");
     std::fs::write(&rules, RULES).unwrap();
     let daemon = topo.start_daemon_with(&[rules], &["--http-ports", "80,8080"]).expect("starting blokir in the edge namespace");
     assert!(topo.xdp_attached().unwrap());
     let (v4, v6) = (IpAddr::from(RESOLVER4), IpAddr::from(RESOLVER6));
     let servers = [Server::start(&topo, v4, 80), Server::start(&topo, v6, 80), Server::start(&topo, v4, 8080)];
-    wait_listening(&topo, &[format!("{RESOLVER4}:80"), format!("[{RESOLVER6}]:80"), format!("{RESOLVER4}:8080")]);
+    wait_listening(&topo, &[format!("{RESOLVER4}:80"), format!("[{RESOLVER6}]:80"), format!("{RESOLVER4}:8080")], &servers);
 
     let a = |host, server, port, blocked| Attempt { host, explicit_host: false, server, port, blocked };
     let attempts = [
@@ -131,6 +152,19 @@ fn curl_requests_to_listed_hosts_never_reach_the_server_and_others_are_served() 
     ];
     // All at once: the blocked ones each wait out curl's --max-time.
     let running: Vec<Running> = attempts.iter().enumerate().map(|(n, at)| start(&mut at.command(&topo, n)).unwrap()).collect();
+    if tiny {
+        // While the blocked connections stall: the client sends 52-byte
+        // segments on them.
+        thread::sleep(Duration::from_millis(1500));
+        let out = topo
+            .run_in(topo.client(), &["ss", "-H", "-t", "-i", "state", "established", "( dport = :80 or dport = :8080 )"], Duration::from_secs(5))
+            .unwrap()
+            .ok()
+            .unwrap()
+            .stdout;
+        let mss: Vec<&str> = out.split_whitespace().filter(|w| w.starts_with("mss:")).collect();
+        assert!(!mss.is_empty() && mss.iter().all(|m| *m == "mss:52"), "the client's segment size on its stalled connections: {mss:?}\n{out}");
+    }
     let results: Vec<_> = running.into_iter().map(|r| r.finish(Duration::from_secs(20)).unwrap()).collect();
     thread::sleep(Duration::from_millis(300));
     let log: String = servers.iter().map(Server::log).collect();
