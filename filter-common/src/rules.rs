@@ -170,6 +170,28 @@ impl Config {
         port != 0 && self.http_ports.contains(&port)
     }
 
+    /// Whether `dst` (a `FlowKey` address: family 4 or 6, IPv4 in the first
+    /// 4 bytes) is the block page's address of that family. Requests to the
+    /// block page are never blocked: the names redirected there are listed.
+    #[inline(always)]
+    pub fn is_block_page(&self, family: u32, dst: &[u8; 16]) -> bool {
+        let word = |b: &[u8], i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        if family == 4 {
+            return self.redirect_flags & Config::REDIRECT_V4 != 0 && word(dst, 0) == word(&self.redirect_v4, 0);
+        }
+        // Early exits, one word at a time: no flag per word for the verifier
+        // to combine.
+        if self.redirect_flags & Config::REDIRECT_V6 == 0 {
+            return false;
+        }
+        for i in 0..4 {
+            if word(dst, 4 * i) != word(&self.redirect_v6, 4 * i) {
+                return false;
+            }
+        }
+        true
+    }
+
     pub fn add_depth(&mut self, depth: u32) {
         let d = depth.wrapping_sub(1);
         if d < MAX_DEPTH {

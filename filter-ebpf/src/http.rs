@@ -16,7 +16,7 @@ use filter_common::{
 };
 
 use crate::{
-    maps::{FLOW_INIT, FLOWS, Maps, STAGES, count},
+    maps::{CONFIG, FLOW_INIT, FLOWS, Maps, STAGES, count},
     packet::XdpPacket,
     tls::{finish, to_match},
 };
@@ -34,6 +34,11 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     let off = Maps::opaque(l4.payload_off);
     let end = Maps::opaque(l4.payload_end);
     let seq = l4.seq;
+    // Requests to the block page (the DNS `redirect` action's address) are
+    // for listed names by design: they pass unread.
+    if CONFIG.get(0).is_some_and(|c| c.is_block_page(key.family, &key.dst)) {
+        return xdp_action::XDP_PASS;
+    }
     let flow = match FLOWS.get_ptr_mut(&key) {
         Some(f) => f,
         None => {

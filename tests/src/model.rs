@@ -48,6 +48,9 @@ impl Model {
         let Ok(l4) = parse_tcp(p, &l3) else { return (XDP_PASS, vec![]) };
         let Some(key) = FlowKey::of(p, &l3, &l4) else { return (XDP_PASS, vec![]) };
         let (off, end) = (l4.payload_off, l4.payload_end);
+        if cfg.is_block_page(key.family, &key.dst) {
+            return (XDP_PASS, vec![]);
+        }
         if self.flows.contains_key(&key) || (!self.requests.contains_key(&key) && starts_hello(p, off, end)) {
             return self.stream(l, p);
         }

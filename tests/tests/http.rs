@@ -386,6 +386,27 @@ fn keep_alive_requests_are_each_read_and_ports_are_configurable() {
     assert_eq!(run(&mut l, &mut model, &[Flow::v4(44003).frame(&second, 1)], "port 80, removed"), [XDP_PASS]);
 }
 
+#[test]
+fn requests_to_the_block_page_pass_unread() {
+    // The DNS `redirect` action sends listed names to the block page: the
+    // requests that follow carry those names and must reach it.
+    let mut l = Loaded::new(&LISTED);
+    let mut model = Model::default();
+    let req = request("www.blocked.example");
+    let mut cfg = l.kernel.config();
+    (cfg.redirect_v4, cfg.redirect_flags) = ([198, 18, 0, 2], filter_common::rules::Config::REDIRECT_V4);
+    l.kernel.write_config(cfg).unwrap();
+    assert_eq!(run(&mut l, &mut model, &[Flow::v4(46000).frame(&req, 1)], "to the IPv4 block page"), [XDP_PASS]);
+    assert_eq!(run(&mut l, &mut model, &[Flow { v6: true, ..Flow::v4(46001) }.frame(&req, 1)], "IPv6, no IPv6 block page"), [XDP_DROP]);
+    cfg.redirect_v6 = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    cfg.redirect_flags |= filter_common::rules::Config::REDIRECT_V6;
+    l.kernel.write_config(cfg).unwrap();
+    assert_eq!(run(&mut l, &mut model, &[Flow { v6: true, ..Flow::v4(46002) }.frame(&req, 1)], "to the IPv6 block page"), [XDP_PASS]);
+    cfg.redirect_v4 = [198, 18, 0, 3];
+    l.kernel.write_config(cfg).unwrap();
+    assert_eq!(run(&mut l, &mut model, &[Flow::v4(46003).frame(&req, 1)], "another IPv4 address"), [XDP_DROP]);
+}
+
 /// A minimal ClientHello with a server_name extension.
 fn client_hello(sni: &str) -> Vec<u8> {
     let name = sni.as_bytes();
