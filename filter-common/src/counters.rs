@@ -15,16 +15,28 @@ pub enum Proto {
     DnsTcp = 1,
     /// TLS ClientHello server names.
     Tls = 2,
+    /// HTTP request Host names.
+    Http = 3,
+    /// QUIC Initial packets (UDP/443): `inspected` counts those seen,
+    /// `blocked` those dropped by the `drop` policy.
+    Quic = 4,
 }
 
 impl Proto {
-    pub const COUNT: usize = 3;
-    pub const ALL: [Proto; Self::COUNT] = [Proto::DnsUdp, Proto::DnsTcp, Proto::Tls];
+    pub const COUNT: usize = 5;
+    pub const ALL: [Proto; Self::COUNT] = [Proto::DnsUdp, Proto::DnsTcp, Proto::Tls, Proto::Http, Proto::Quic];
+    /// The stream protocols the match stage handles, from their number.
+    #[inline(always)]
+    pub const fn from_stream(v: u32) -> Proto {
+        if v == Proto::Http as u32 { Proto::Http } else { Proto::Tls }
+    }
     pub const fn name(self) -> &'static str {
         match self {
             Proto::DnsUdp => "dns_udp",
             Proto::DnsTcp => "dns_tcp",
             Proto::Tls => "tls",
+            Proto::Http => "http",
+            Proto::Quic => "quic",
         }
     }
 }
@@ -92,11 +104,34 @@ pub const TLS_OUT_OF_ORDER: u32 = 7;
 pub const TLS_TOO_COMPLEX: u32 = 8;
 /// Streams that started like a TLS record but were not a ClientHello.
 pub const TLS_NOT_HELLO: u32 = 9;
-const PROTO_BASE: u32 = 10;
+/// HTTP requests whose head ended without a Host header (HTTP/1.0;
+/// passed).
+pub const HTTP_NO_HOST: u32 = 10;
+/// HTTP requests whose Host (or absolute-form target) is empty or not a
+/// domain name, such as an IP literal (passed).
+pub const HTTP_BAD_HOST: u32 = 11;
+/// Streams to an HTTP port that started like a method but were not a
+/// request (passed).
+pub const HTTP_NOT_REQUEST: u32 = 12;
+/// Requests without a name within `http::MAX_HEAD_BYTES`: the flow is
+/// blocked.
+pub const HTTP_TOO_LONG: u32 = 13;
+/// Segments of a request being read that arrived ahead of the bytes before
+/// them: dropped, so the client resends in order.
+pub const HTTP_OUT_OF_ORDER: u32 = 14;
+const PROTO_BASE: u32 = 15;
 
 /// ClientHello events by their `/metrics` label.
 pub const TLS_EVENTS: [(&str, u32); 5] =
     [("no_sni", TLS_NO_SNI), ("ech", TLS_ECH), ("out_of_order", TLS_OUT_OF_ORDER), ("too_complex", TLS_TOO_COMPLEX), ("not_hello", TLS_NOT_HELLO)];
+/// HTTP request events by their `/metrics` label.
+pub const HTTP_EVENTS: [(&str, u32); 5] = [
+    ("no_host", HTTP_NO_HOST),
+    ("bad_host", HTTP_BAD_HOST),
+    ("not_request", HTTP_NOT_REQUEST),
+    ("too_long", HTTP_TOO_LONG),
+    ("out_of_order", HTTP_OUT_OF_ORDER),
+];
 /// Why blocked UDP queries were dropped instead of answered, by label.
 pub const ANSWER_FALLBACKS: [(&str, u32); 2] = [("not_plain", REPLY_NOT_PLAIN), ("failed", REPLY_FAILED)];
 const MALFORMED_BASE: u32 = PROTO_BASE + (Proto::COUNT * Af::COUNT * Outcome::COUNT) as u32;
@@ -142,8 +177,8 @@ mod tests {
         for (_, i) in ANSWER_FALLBACKS {
             mark(i);
         }
-        for (_, i) in TLS_EVENTS {
-            mark(i);
+        for (_, i) in TLS_EVENTS.iter().chain(&HTTP_EVENTS) {
+            mark(*i);
         }
         for a in DnsAction::ALL {
             mark(action_index(a));

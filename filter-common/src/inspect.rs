@@ -8,6 +8,7 @@ use crate::{
     dns::{self, DnsSkip},
     name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, IPPROTO_UDP, Malformed, Packet, Skip, parse_l3, parse_tcp, parse_udp},
+    quic,
     reply::QueryAt,
     rules::{Config, RuleLookup},
 };
@@ -38,8 +39,14 @@ pub const OPAQUE_LIMIT: usize = 1 << 15;
 pub enum Inspection {
     /// Not a protocol blokir inspects.
     Other,
+    /// A QUIC Initial; `drop` if the policy drops it.
+    Quic {
+        af: Af,
+        drop: bool,
+    },
     /// A TCP segment with payload, not to port 53: it may carry a TLS
-    /// ClientHello, read by the stream stage (`tls`) with per-flow state.
+    /// ClientHello or an HTTP request, read by the stream stages (`tls`,
+    /// `http`) with per-flow state.
     TcpPayload,
     /// A later IP fragment: passed, it has no transport header.
     Fragment,
@@ -63,7 +70,7 @@ pub enum Inspection {
 impl Inspection {
     /// Whether the packet is to be dropped.
     pub const fn blocks(&self) -> bool {
-        matches!(self, Inspection::Decided { decision: Decision::Block(_), .. })
+        matches!(self, Inspection::Decided { decision: Decision::Block(_), .. } | Inspection::Quic { drop: true, .. })
     }
 }
 
@@ -92,8 +99,12 @@ pub enum Classified {
     /// A later IP fragment.
     Fragment,
     Malformed(Malformed),
-    /// A TCP segment with payload, not to port 53: for the stream stage.
-    TcpPayload,
+    /// A TCP segment with payload, not to port 53, to this port: for the
+    /// HTTP stage if it is one of `Config::http_ports`, else the TLS stage.
+    TcpPayload(u16),
+    /// A QUIC Initial (see `quic::is_initial`), counted and subject to the
+    /// QUIC policy in the entry program.
+    Quic(Af),
     /// A DNS message to port 53: for the DNS stage.
     Dns(DnsAt),
 }
@@ -112,6 +123,7 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
     let (tcp, l4) = match l3.proto {
         IPPROTO_UDP => match parse_udp(p, &l3) {
             Ok(l4) if l4.dst_port == dns::DNS_PORT => (0, l4),
+            Ok(l4) if l4.dst_port == quic::QUIC_PORT && quic::is_initial(p, l4.payload_off, l4.payload_end) => return Classified::Quic(l3.af),
             Ok(_) => return Classified::Other,
             Err(Skip::Malformed(m)) => return Classified::Malformed(m),
             Err(Skip::Other) => return Classified::Other,
@@ -120,7 +132,7 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
             // Segments without payload (handshake, ACKs) are not queries.
             Ok(l4) if l4.payload_off >= l4.payload_end => return Classified::Other,
             Ok(l4) if l4.dst_port == dns::DNS_PORT => (1, l4),
-            Ok(_) => return Classified::TcpPayload,
+            Ok(l4) => return Classified::TcpPayload(l4.dst_port),
             Err(Skip::Malformed(m)) => return Classified::Malformed(m),
             Err(Skip::Other) => return Classified::Other,
         },
@@ -194,7 +206,11 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
         Classified::Other => Inspection::Other,
         Classified::Fragment => Inspection::Fragment,
         Classified::Malformed(m) => Inspection::Malformed(m),
-        Classified::TcpPayload => Inspection::TcpPayload,
+        Classified::TcpPayload(_) => Inspection::TcpPayload,
+        Classified::Quic(af) => {
+            let drop = env.resources().is_some_and(|(_, cfg, _)| cfg.is_configured() && cfg.quic_policy == quic::POLICY_DROP);
+            Inspection::Quic { af, drop }
+        }
         Classified::Dns(at) => dns_stage(p, &at, env),
     }
 }

@@ -10,10 +10,13 @@ extern crate std;
 
 pub mod counters;
 pub mod dns;
+pub mod flow;
 pub mod hash;
+pub mod http;
 pub mod inspect;
 pub mod name;
 pub mod packet;
+pub mod quic;
 pub mod reply;
 pub mod rules;
 pub mod tls;
@@ -28,6 +31,7 @@ mod pod {
     unsafe impl aya::Pod for crate::name::CanonBuf {}
     unsafe impl aya::Pod for crate::tls::FlowKey {}
     unsafe impl aya::Pod for crate::tls::Hello {}
+    unsafe impl aya::Pod for crate::flow::Flow {}
     unsafe impl aya::Pod for crate::inspect::DnsAt {}
     unsafe impl aya::Pod for crate::rules::BlockEvent {}
 }

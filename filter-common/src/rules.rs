@@ -21,12 +21,14 @@ pub const TLS_PROGRAM_NAME: &str = "blokir_tls";
 pub const MATCH_PROGRAM_NAME: &str = "blokir_match";
 pub const REPLY_PROGRAM_NAME: &str = "blokir_reply";
 pub const DNS_PROGRAM_NAME: &str = "blokir_dns";
+pub const HTTP_PROGRAM_NAME: &str = "blokir_http";
 /// Slots of the `STAGES` program array.
 pub const STAGE_TLS: u32 = 0;
 pub const STAGE_MATCH: u32 = 1;
 pub const STAGE_REPLY: u32 = 2;
 pub const STAGE_DNS: u32 = 3;
-pub const STAGE_COUNT: u32 = 4;
+pub const STAGE_HTTP: u32 = 4;
+pub const STAGE_COUNT: u32 = 5;
 pub const MAP_STAGES: &str = "STAGES";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_EVENTS: &str = "EVENTS";
@@ -52,6 +54,11 @@ pub struct BlockEvent {
     pub name: [u8; crate::name::CANON_CAP],
 }
 
+/// The HTTP ports as a bitmap of 64-bit words (written from
+/// `Config::http_ports` with the settings).
+pub const MAP_HTTP_PORTS: &str = "HTTP_PORTS";
+pub const HTTP_PORT_WORDS: u32 = 65536 / 64;
+
 /// Default number of domain nodes the rule map holds (the loader may size it
 /// differently); the national list is ~2M names.
 pub const DEFAULT_RULE_CAPACITY: u32 = 1 << 22;
@@ -59,6 +66,8 @@ pub const DEFAULT_RULE_CAPACITY: u32 = 1 << 22;
 pub const MAX_RULE_ID: u32 = (1 << 24) - 1;
 /// Lists are numbered 0..MAX_LISTS.
 pub const MAX_LISTS: u32 = 128;
+/// TCP ports whose payload is read as HTTP requests (`Config::http_ports`).
+pub const MAX_HTTP_PORTS: usize = 16;
 /// Label depths tracked by `Config::depth_mask` (a name has at most 127).
 pub const MAX_DEPTH: u32 = 128;
 
@@ -117,7 +126,7 @@ impl NodeRules {
 
 /// The program's settings: one entry of an array map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Secret lane multipliers of the name hash; all zero means "not
     /// configured yet", and the program then passes everything.
@@ -135,6 +144,30 @@ pub struct Config {
     /// The event log of blocked names: 0 off (no event is written); N: one
     /// event for every N blocks by each rule (its 1st, N+1th, ...).
     pub event_sample: u32,
+    /// What QUIC Initials get (`quic::POLICY_PASS` or `POLICY_DROP`).
+    pub quic_policy: u32,
+    /// TCP destination ports whose payload is read as HTTP requests (0:
+    /// an unused slot); other ports' payload goes to the TLS stage.
+    pub http_ports: [u16; MAX_HTTP_PORTS],
+}
+
+impl Default for Config {
+    /// Unconfigured, HTTP on port 80.
+    fn default() -> Self {
+        let mut http_ports = [0; MAX_HTTP_PORTS];
+        http_ports[0] = crate::http::HTTP_PORT;
+        Config {
+            hash_r: [0; 2],
+            depth_mask: [0; 2],
+            answer_ttl: 0,
+            redirect_flags: 0,
+            redirect_v4: [0; 4],
+            redirect_v6: [0; 16],
+            event_sample: 0,
+            quic_policy: crate::quic::POLICY_PASS,
+            http_ports,
+        }
+    }
 }
 
 impl Config {
@@ -158,6 +191,34 @@ impl Config {
         let word = (self.depth_mask[0] & hi.wrapping_sub(1)) | (self.depth_mask[1] & 0u64.wrapping_sub(hi));
         (word >> (d & 63)) & valid != 0
     }
+    /// Whether TCP payload to `port` is read as HTTP (on the host; the
+    /// kernel reads the `HTTP_PORTS` bitmap).
+    pub fn is_http_port(&self, port: u16) -> bool {
+        port != 0 && self.http_ports.contains(&port)
+    }
+
+    /// Whether `dst` (a `FlowKey` address: family 4 or 6, IPv4 in the first
+    /// 4 bytes) is the block page's address of that family. Requests to the
+    /// block page are never blocked: the names redirected there are listed.
+    #[inline(always)]
+    pub fn is_block_page(&self, family: u32, dst: &[u8; 16]) -> bool {
+        let word = |b: &[u8], i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        if family == 4 {
+            return self.redirect_flags & Config::REDIRECT_V4 != 0 && word(dst, 0) == word(&self.redirect_v4, 0);
+        }
+        // Early exits, one word at a time: no flag per word for the verifier
+        // to combine.
+        if self.redirect_flags & Config::REDIRECT_V6 == 0 {
+            return false;
+        }
+        for i in 0..4 {
+            if word(dst, 4 * i) != word(&self.redirect_v6, 4 * i) {
+                return false;
+            }
+        }
+        true
+    }
+
     pub fn add_depth(&mut self, depth: u32) {
         let d = depth.wrapping_sub(1);
         if d < MAX_DEPTH {

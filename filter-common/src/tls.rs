@@ -86,6 +86,8 @@ pub enum Progress {
 pub struct Hello {
     /// TCP sequence number of the next byte the parser expects.
     pub next_seq: u32,
+    /// `flow::KIND_TLS` (see `flow::Flow`).
+    pub kind: u32,
     stage: u32,
     /// Bytes still to read (fields) or skip in the current stage.
     need: u32,
@@ -142,6 +144,7 @@ impl Hello {
     pub fn new(seq: u32) -> Self {
         let mut h = Hello {
             next_seq: 0,
+            kind: 0,
             stage: 0,
             need: 0,
             acc: 0,
@@ -169,6 +172,7 @@ impl Hello {
     /// for a stream whose first segment starts at `seq`.
     pub fn reset(&mut self, seq: u32) {
         self.next_seq = seq;
+        self.kind = crate::flow::KIND_TLS;
         self.stage = stage::HS_HEADER;
         self.need = 4;
         self.rec_need = 5;
@@ -257,7 +261,13 @@ pub enum Resume {
 
 #[inline(always)]
 pub fn resume(h: &Hello, seq: u32, off: usize, end: usize) -> Resume {
-    let read = ld(&h.next_seq).wrapping_sub(seq) as i32;
+    resume_at(ld(&h.next_seq), seq, off, end)
+}
+
+/// `resume` for a parser expecting sequence number `next_seq`.
+#[inline(always)]
+pub fn resume_at(next_seq: u32, seq: u32, off: usize, end: usize) -> Resume {
+    let read = next_seq.wrapping_sub(seq) as i32;
     if read < 0 {
         return Resume::Ahead;
     }

@@ -20,7 +20,7 @@ pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
     match *inspection {
         Inspection::Other => xdp_action::XDP_PASS,
         // Decided by the entry program; not a DNS stage outcome.
-        Inspection::TcpPayload => xdp_action::XDP_PASS,
+        Inspection::TcpPayload | Inspection::Quic { .. } => xdp_action::XDP_PASS,
         Inspection::Fragment => {
             count(counters::FRAGMENTS);
             xdp_action::XDP_PASS
@@ -53,7 +53,7 @@ pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
                     // TCP/53 queries are dropped: an answer needs a TCP exchange.
                     let action = match proto {
                         Proto::DnsUdp => LIST_ACTIONS.get(rule.list()).map_or(DnsAction::Drop, |a| DnsAction::from_u32(*a)),
-                        Proto::DnsTcp | Proto::Tls => DnsAction::Drop,
+                        Proto::DnsTcp | Proto::Tls | Proto::Http | Proto::Quic => DnsAction::Drop,
                     };
                     if action == DnsAction::Drop {
                         count(counters::action_index(DnsAction::Drop));

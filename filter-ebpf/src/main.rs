@@ -11,25 +11,28 @@
 #![allow(internal_features)]
 
 mod dns;
+mod http;
 mod maps;
 mod packet;
 mod tls;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use filter_common::{
-    counters,
+    counters::{self, Outcome, Proto},
     inspect::{Classified, classify, dns_stage},
-    rules::{STAGE_DNS, STAGE_TLS},
+    quic::POLICY_DROP,
+    rules::{STAGE_DNS, STAGE_HTTP, STAGE_TLS},
 };
 
 use crate::{
-    maps::{DNS_JOB, Maps, Rules, STAGES, count},
+    maps::{CONFIG, DNS_JOB, HTTP_PORTS, Maps, Rules, STAGES, count},
     packet::XdpPacket,
 };
 
 /// The entry program: every packet. It reads the lower layers and hands DNS
-/// queries to `blokir_dns` and TCP payload to `blokir_tls` by tail call, so
-/// that each stage is verified on its own.
+/// queries to `blokir_dns`, TCP payload to the HTTP ports to `blokir_http`
+/// and other TCP payload to `blokir_tls` by tail call, so that each stage is
+/// verified on its own.
 #[xdp]
 pub fn blokir(ctx: XdpContext) -> u32 {
     let pkt = XdpPacket { ctx: &ctx };
@@ -40,7 +43,17 @@ pub fn blokir(ctx: XdpContext) -> u32 {
         Classified::Malformed(m) => count(counters::malformed_index(m)),
         // SAFETY (both tail calls): the slots hold programs of this object;
         // the call returns only if a slot is empty, and then the packet passes.
-        Classified::TcpPayload => unsafe { STAGES.tail_call(&ctx, STAGE_TLS) },
+        Classified::TcpPayload(port) => {
+            let http = HTTP_PORTS.get(u32::from(port) >> 6).is_some_and(|w| (*w >> (port & 63)) & 1 != 0);
+            unsafe { STAGES.tail_call(&ctx, if http { STAGE_HTTP } else { STAGE_TLS }) }
+        }
+        Classified::Quic(af) => {
+            count(counters::proto_index(Proto::Quic, af, Outcome::Inspected));
+            if CONFIG.get(0).is_some_and(|c| c.is_configured() && c.quic_policy == POLICY_DROP) {
+                count(counters::proto_index(Proto::Quic, af, Outcome::Blocked));
+                return xdp_action::XDP_DROP;
+            }
+        }
         Classified::Dns(at) => {
             if let Some(job) = DNS_JOB.get_ptr_mut(0) {
                 // SAFETY: per-CPU slot.
@@ -67,6 +80,12 @@ pub fn blokir_dns(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn blokir_tls(ctx: XdpContext) -> u32 {
     tls::stream(&XdpPacket { ctx: &ctx })
+}
+
+/// The HTTP stage: HTTP request Host names, with per-flow state.
+#[xdp]
+pub fn blokir_http(ctx: XdpContext) -> u32 {
+    http::stream(&XdpPacket { ctx: &ctx })
 }
 
 /// The answer stage: a blocked DNS query turned into its answer.

@@ -10,12 +10,13 @@ use aya_ebpf::{
 };
 use filter_common::{
     counters::{self, Proto},
+    flow::Flow,
     inspect::{DnsAt, Env, OPAQUE_LIMIT},
     name::{CANON_CAP, CanonBuf},
     packet::Af,
     reply::{DnsAction, QueryAt},
-    rules::{BlockEvent, Config, DEFAULT_RULE_CAPACITY, EVENTS_BYTES, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef, STAGE_COUNT},
-    tls::{FlowKey, Hello},
+    rules::{BlockEvent, Config, DEFAULT_RULE_CAPACITY, EVENTS_BYTES, HTTP_PORT_WORDS, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef, STAGE_COUNT},
+    tls::FlowKey,
 };
 
 #[map(name = "RULES")]
@@ -44,21 +45,28 @@ pub static SCRATCH: PerCpuArray<CanonBuf> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "LIST_ACTIONS")]
 pub static LIST_ACTIONS: Array<u32> = Array::with_max_entries(MAX_LISTS, 0);
 
+/// The HTTP ports (`Config::http_ports`) as a bitmap: bit `port % 64` of
+/// word `port / 64`; one lookup instead of a loop over the list.
+#[map(name = "HTTP_PORTS")]
+pub static HTTP_PORTS: Array<u64> = Array::with_max_entries(HTTP_PORT_WORDS, 0);
+
 /// Round-trip slot for `Env::opaque`.
 #[map(name = "OPAQUE")]
 pub static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Flows whose ClientHello is being read, or that are blocked.
+/// Flows whose ClientHello or HTTP request head is being read, or that are
+/// blocked.
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, Hello> = LruHashMap::with_max_entries(filter_common::tls::DEFAULT_FLOW_CAPACITY, 0);
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(filter_common::tls::DEFAULT_FLOW_CAPACITY, 0);
 
 /// Per-CPU staging for a new flow's state (too big for the stack).
-#[map(name = "HELLO_INIT")]
-pub static HELLO_INIT: PerCpuArray<Hello> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "FLOW_INIT")]
+pub static FLOW_INIT: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
 /// The stages reached by tail call, each verified on its own budget:
-/// `STAGE_DNS` (queries), `STAGE_TLS` (ClientHellos), `STAGE_MATCH` (a
-/// finished server name) and `STAGE_REPLY` (answers to blocked queries).
+/// `STAGE_DNS` (queries), `STAGE_TLS` (ClientHellos), `STAGE_HTTP` (HTTP
+/// requests), `STAGE_MATCH` (a finished server or Host name) and
+/// `STAGE_REPLY` (answers to blocked queries).
 #[map(name = "STAGES")]
 pub static STAGES: ProgramArray = ProgramArray::with_max_entries(STAGE_COUNT, 0);
 
@@ -72,6 +80,8 @@ pub struct MatchJob {
     pub start: u32,
     /// 0 for IPv4, 1 for IPv6.
     pub v6: u32,
+    /// The stream protocol (`Proto::Tls` or `Proto::Http`).
+    pub proto: u32,
 }
 
 /// What the DNS stage hands the answer stage.

@@ -5,15 +5,16 @@
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters::{self, Outcome, Proto},
+    flow::KIND_TLS,
     inspect::Env as _,
-    name::{Decision, canon_start, match_canon},
+    name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
     rules::{STAGE_MATCH, STAGE_TLS},
     tls::{FlowKey, Hello, Progress, Resume, feed, resume, starts_hello},
 };
 
 use crate::{
-    maps::{CONFIG, FLOWS, HELLO_INIT, MATCH_JOB, Maps, Rules, SCRATCH, STAGES, block_event, count, hit},
+    maps::{CONFIG, FLOW_INIT, FLOWS, MATCH_JOB, Maps, Rules, SCRATCH, STAGES, block_event, count, hit},
     packet::XdpPacket,
 };
 
@@ -30,16 +31,17 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     let off = Maps::opaque(l4.payload_off);
     let end = Maps::opaque(l4.payload_end);
     let seq = l4.seq;
-    let hello = match FLOWS.get_ptr_mut(&key) {
+    let flow = match FLOWS.get_ptr_mut(&key) {
         Some(h) => h,
         None => {
             if !starts_hello(pkt, off, end) {
                 return xdp_action::XDP_PASS;
             }
-            let Some(init) = HELLO_INIT.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
-            // SAFETY: per-CPU staging slot.
+            let Some(init) = FLOW_INIT.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
+            // SAFETY: per-CPU staging slot; `reset` writes the variant whole
+            // but for the name bytes, which are written before read.
             let init = unsafe { &mut *init };
-            init.reset(seq);
+            unsafe { init.hello.reset(seq) };
             if FLOWS.insert(&key, init, 0).is_err() {
                 return xdp_action::XDP_PASS;
             }
@@ -51,7 +53,13 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     };
     // SAFETY: the LRU map's value for this flow; one CPU handles a flow's
     // packets at a time (RSS), and a stale read only delays a verdict.
-    let hello = unsafe { &mut *hello };
+    let flow = unsafe { &mut *flow };
+    // An HTTP flow (only if the HTTP ports changed under it): not ours.
+    if flow.kind() != KIND_TLS {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the variant `kind` names.
+    let hello = unsafe { &mut flow.hello };
     if hello.is_blocked() {
         return xdp_action::XDP_DROP;
     }
@@ -81,30 +89,40 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     }
     match progress {
         Progress::NeedMore => xdp_action::XDP_PASS,
-        Progress::Name(len) => to_match(pkt, hello, &key, len, af),
+        Progress::Name(len) => {
+            if to_match(pkt, |buf| hello.copy_name(buf), &key, len, af, Proto::Tls) {
+                return xdp_action::XDP_PASS;
+            }
+            count(counters::TLS_TOO_COMPLEX);
+            hello.block();
+            xdp_action::XDP_DROP
+        }
         Progress::NoName => finish(&key, counters::TLS_NO_SNI),
         Progress::NotHello => finish(&key, counters::TLS_NOT_HELLO),
         Progress::StepsExhausted => xdp_action::XDP_DROP,
     }
 }
 
-/// Hands the finished server name to the match stage.
+/// Hands a finished name (`copy` writes it into the scratch buffer) to the
+/// match stage. Returns only if that failed: `false` if the tail-call chain
+/// was at its limit (which `MAX_ROUNDS` leaves room for, unless a hop came
+/// before: a hello on an HTTP port), and the caller fails closed; `true` if
+/// the per-CPU slots were missing (never: they are arrays).
 #[inline(always)]
-fn to_match(pkt: &XdpPacket, hello: &Hello, key: &FlowKey, len: usize, af: Af) -> u32 {
-    let (Some(buf), Some(job)) = (SCRATCH.get_ptr_mut(0), MATCH_JOB.get_ptr_mut(0)) else { return xdp_action::XDP_PASS };
+pub fn to_match(pkt: &XdpPacket, copy: impl FnOnce(&mut CanonBuf), key: &FlowKey, len: usize, af: Af, proto: Proto) -> bool {
+    let (Some(buf), Some(job)) = (SCRATCH.get_ptr_mut(0), MATCH_JOB.get_ptr_mut(0)) else { return true };
     // SAFETY: per-CPU scratch and job slots.
     let (buf, job) = unsafe { (&mut *buf, &mut *job) };
-    hello.copy_name(buf);
-    (job.flow, job.start, job.v6) = (*key, canon_start(len) as u32, af as u32);
+    copy(buf);
+    (job.flow, job.start, job.v6, job.proto) = (*key, canon_start(len) as u32, af as u32, proto as u32);
     // SAFETY: the slot holds the match stage.
     unsafe { STAGES.tail_call(pkt.ctx, STAGE_MATCH) };
-    // Only if the chain is at its limit, which `MAX_ROUNDS` leaves room for.
-    xdp_action::XDP_PASS
+    false
 }
 
-/// The match stage: matches the name the stream stage finished. A blocked
-/// flow keeps its state (so its later segments are dropped); any other
-/// forgets it.
+/// The match stage: matches the name a stream stage (TLS or HTTP)
+/// finished. A blocked flow keeps its state (so its later segments are
+/// dropped); any other forgets it.
 #[inline(always)]
 pub fn decide() -> u32 {
     let (Some(buf), Some(job), Some(cfg)) = (SCRATCH.get_ptr_mut(0), MATCH_JOB.get(0), CONFIG.get(0)) else { return xdp_action::XDP_PASS };
@@ -112,15 +130,16 @@ pub fn decide() -> u32 {
     let buf = unsafe { &mut *buf };
     let key = job.flow;
     let af = if job.v6 == 0 { Af::V4 } else { Af::V6 };
-    count(counters::proto_index(Proto::Tls, af, Outcome::Inspected));
+    let proto = Proto::from_stream(job.proto);
+    count(counters::proto_index(proto, af, Outcome::Inspected));
     match match_canon(buf, Maps::opaque(job.start as usize), cfg, &Rules) {
         Decision::Block(rule) => {
-            count(counters::proto_index(Proto::Tls, af, Outcome::Blocked));
+            count(counters::proto_index(proto, af, Outcome::Blocked));
             hit(rule, counters::LIST_BLOCKED);
             // The job is read again here: keeping `job.start` live across the
             // matcher's loop doubles the states the verifier walks.
             if let Some(j) = MATCH_JOB.get(0) {
-                block_event(Proto::Tls, af, rule, j.start as usize);
+                block_event(proto, af, rule, j.start as usize);
             }
             if let Some(h) = FLOWS.get_ptr_mut(&key) {
                 // SAFETY: the flow's map value.
@@ -129,7 +148,7 @@ pub fn decide() -> u32 {
             xdp_action::XDP_DROP
         }
         Decision::Allow(rule) => {
-            count(counters::proto_index(Proto::Tls, af, Outcome::Allowed));
+            count(counters::proto_index(proto, af, Outcome::Allowed));
             hit(rule, counters::LIST_ALLOWED);
             let _ = FLOWS.remove(&key);
             xdp_action::XDP_PASS
@@ -142,7 +161,7 @@ pub fn decide() -> u32 {
 }
 
 #[inline(always)]
-fn finish(key: &FlowKey, counter: u32) -> u32 {
+pub fn finish(key: &FlowKey, counter: u32) -> u32 {
     count(counter);
     let _ = FLOWS.remove(key);
     xdp_action::XDP_PASS

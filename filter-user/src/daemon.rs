@@ -26,7 +26,7 @@ use crate::{
     lists::{self, Registry, ops::Update},
     metrics,
     pin::{PinDir, PinLock, mode_name},
-    policy::DnsPolicy,
+    policy::{DnsPolicy, TrafficPolicy},
     rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, store::Store},
 };
 use filter_common::reply::DnsAction;
@@ -45,6 +45,7 @@ pub struct Options {
     pub events: Option<EventLog>,
     pub pin_dir: PathBuf,
     pub on_exit: OnExit,
+    pub traffic: TrafficPolicy,
 }
 
 /// What a clean stop (SIGINT/SIGTERM) does with the program.
@@ -158,6 +159,7 @@ impl State {
         let mut cfg = engine.config();
         dns.apply_to(&mut cfg);
         cfg.event_sample = opts.events.map_or(0, |e| e.sample);
+        opts.traffic.apply_to(&mut cfg)?;
         kernel.write_config(cfg)?;
         let mut state = State {
             engine,

@@ -21,8 +21,9 @@ use filter_common::{
     counters,
     reply::DnsAction,
     rules::{
-        Config, DNS_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES,
-        MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        Config, DNS_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS,
+        MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS,
+        STAGE_HTTP, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::{FlowKey, Hello},
 };
@@ -33,7 +34,7 @@ use crate::{
 };
 
 /// The entry program and the stages it tail-calls.
-const PROGRAMS: [&str; 5] = [PROGRAM_NAME, DNS_PROGRAM_NAME, TLS_PROGRAM_NAME, MATCH_PROGRAM_NAME, REPLY_PROGRAM_NAME];
+const PROGRAMS: [&str; 6] = [PROGRAM_NAME, DNS_PROGRAM_NAME, TLS_PROGRAM_NAME, HTTP_PROGRAM_NAME, MATCH_PROGRAM_NAME, REPLY_PROGRAM_NAME];
 
 /// The XDP program, built by build.rs with the pinned BPF toolchain.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blokir"));
@@ -145,6 +146,7 @@ pub struct Kernel {
     /// array once no file refers to it.
     _stages: ProgramArray<MapData>,
     cfg: Config,
+    http_ports_written: bool,
     attachments: Vec<Attachment>,
     capacity: u32,
     /// Shared maps reused from a previous program (pinned ones only).
@@ -211,6 +213,7 @@ impl Kernel {
         let stages_fds = [
             (STAGE_DNS, stage_fd(&ebpf, DNS_PROGRAM_NAME)?),
             (STAGE_TLS, stage_fd(&ebpf, TLS_PROGRAM_NAME)?),
+            (STAGE_HTTP, stage_fd(&ebpf, HTTP_PROGRAM_NAME)?),
             (STAGE_MATCH, stage_fd(&ebpf, MATCH_PROGRAM_NAME)?),
             (STAGE_REPLY, stage_fd(&ebpf, REPLY_PROGRAM_NAME)?),
         ];
@@ -248,6 +251,7 @@ impl Kernel {
             hits_view,
             _stages: stages,
             cfg: Config::default(),
+            http_ports_written: false,
             attachments: Vec::new(),
             capacity,
             adopted_maps,
@@ -286,9 +290,36 @@ impl Kernel {
         Ok((result.return_value, out, result.duration))
     }
 
+    /// The settings last written.
+    pub fn config(&self) -> Config {
+        self.cfg
+    }
+
     pub fn write_config(&mut self, cfg: Config) -> anyhow::Result<()> {
+        if cfg.http_ports != self.cfg.http_ports || !self.http_ports_written {
+            self.write_http_ports(&cfg)?;
+        }
         self.config.set(0, cfg, 0).context("writing the program's settings")?;
         self.cfg = cfg;
+        Ok(())
+    }
+
+    /// The HTTP ports' bitmap: the ports added first, then the others
+    /// removed, so a port kept in the set never leaves it.
+    fn write_http_ports(&mut self, cfg: &Config) -> anyhow::Result<()> {
+        let mut words = [0u64; HTTP_PORT_WORDS as usize];
+        for p in cfg.http_ports.iter().filter(|p| **p != 0) {
+            words[usize::from(*p) / 64] |= 1 << (p % 64);
+        }
+        let mut map: Array<&mut MapData, u64> = Array::try_from(self.ebpf.map_mut(MAP_HTTP_PORTS).ok_or_else(|| anyhow!("map {MAP_HTTP_PORTS} missing"))?)?;
+        for (i, w) in words.iter().enumerate() {
+            let old = map.get(&(i as u32), 0)?;
+            if old != *w {
+                map.set(i as u32, old | w, 0).context("writing the HTTP ports")?;
+                map.set(i as u32, w, 0).context("writing the HTTP ports")?;
+            }
+        }
+        self.http_ports_written = true;
         Ok(())
     }
 

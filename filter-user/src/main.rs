@@ -16,7 +16,7 @@ use blokir::{
     lists::{self, ListDef, parse_interval},
     metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
-    policy::{DnsPolicy, parse_action, parse_list_action},
+    policy::{DnsPolicy, QuicPolicy, TrafficPolicy, parse_action, parse_list_action, parse_port},
     replay,
     rules::formats::Format,
 };
@@ -104,6 +104,15 @@ enum Command {
         /// default it stays attached and keeps filtering with the last rules.
         #[arg(long, conflicts_with = "cleanup")]
         detach_on_exit: bool,
+        /// TCP ports whose payload is read as HTTP requests (their Host
+        /// blocked like a server name): comma-separated or repeated, at most
+        /// 16. Other ports' payload is read as TLS.
+        #[arg(long = "http-ports", value_name = "PORT[,PORT...]", value_parser = parse_port, value_delimiter = ',', default_value = "80")]
+        http_ports: Vec<u16>,
+        /// What QUIC Initials (UDP/443) get: pass (counted), or drop (browsers
+        /// fall back to TCP, where the TLS server name is read).
+        #[arg(long, value_enum, default_value_t = QuicPolicy::Pass)]
+        quic: QuicPolicy,
         /// On SIGINT/SIGTERM, detach the program and remove everything pinned
         /// under --pin-dir.
         #[arg(long)]
@@ -311,6 +320,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detach_on_exit,
             cleanup,
             config: _,
+            http_ports,
+            quic,
         } => {
             let on_exit = match (detach_on_exit, cleanup) {
                 (_, true) => OnExit::Cleanup,
@@ -332,6 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 events,
                 pin_dir,
                 on_exit,
+                traffic: TrafficPolicy { http_ports, quic },
             };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
             Ok(ExitCode::SUCCESS)

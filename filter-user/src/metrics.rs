@@ -195,6 +195,13 @@ impl Collector for Blokir {
             MetricType::Counter,
             counters::TLS_EVENTS.map(|(e, i)| (vec![("event", e)], get(i))),
         )?;
+        family(
+            &mut enc,
+            "blokir_http_requests",
+            "HTTP request events: no Host header (passed), a Host that is not a domain name (passed), streams that started like a method but were not a request (passed), no name within the head limit (flow blocked), segments dropped for arriving ahead of the request's bytes.",
+            MetricType::Counter,
+            counters::HTTP_EVENTS.map(|(e, i)| (vec![("event", e)], get(i))),
+        )?;
         let rows = DnsAction::ALL.iter().map(|a| (vec![("action", a.name())], get(counters::action_index(*a))));
         family(
             &mut enc,

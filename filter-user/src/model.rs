@@ -1,7 +1,7 @@
 //! A host model of the kernel's programs, built on the same shared code:
-//! the entry program (`inspect` and its counting), the stream stage (the
-//! per-flow ClientHello parser, with its tail-call rounds) and the match
-//! stage. Fed the same packets as the real object, it must give the same
+//! the entry program (`inspect` and its counting), the stream stages (the
+//! per-flow ClientHello and HTTP request parsers, with their tail-call
+//! rounds) and the match stage. Fed the same packets as the real object, it must give the same
 //! verdicts and move the same counters (katran's BpfTester, inverted: the
 //! model is the specification of the glue). `blokir replay` uses it to name
 //! what the kernel decided on: the name read and the rule that matched.
@@ -10,6 +10,7 @@ use std::collections::{HashMap, hash_map::Entry};
 
 use filter_common::{
     counters::{self, Outcome, Proto},
+    http::{self, Request, starts_request},
     inspect::{Env, Inspection, inspect},
     name::{CANON_CAP, CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
@@ -42,27 +43,39 @@ pub struct Step {
 #[derive(Default)]
 pub struct Model {
     flows: HashMap<FlowKey, Flow>,
+    requests: HashMap<FlowKey, HttpFlow>,
 }
+
+/// The name and rule that blocked a flow, for its later segments.
+type Seen = Option<(Option<String>, Option<RuleRef>)>;
 
 struct Flow {
     hello: Box<Hello>,
-    /// The name and rule that blocked the flow.
-    seen: Option<(Option<String>, Option<RuleRef>)>,
+    seen: Seen,
+}
+
+struct HttpFlow {
+    request: Box<Request>,
+    seen: Seen,
 }
 
 impl Model {
     /// The verdict for `packet` and the counters it moves (besides
-    /// `PACKETS`), with every list's DNS action `drop` (see `counted`).
-    pub fn run(&mut self, engine: &Engine, packet: &[u8]) -> (u32, Vec<u32>) {
-        let step = self.step(engine, packet);
+    /// `PACKETS`), with every list's DNS action `drop` (see `counted`),
+    /// under the program's settings `cfg` (HTTP ports, block page, QUIC).
+    pub fn run(&mut self, engine: &Engine, cfg: &Config, packet: &[u8]) -> (u32, Vec<u32>) {
+        let step = self.step(engine, cfg, packet);
         (step.verdict, step.counted)
     }
 
     /// `run`, with what was read and which rule decided.
-    pub fn step(&mut self, engine: &Engine, packet: &[u8]) -> Step {
-        let mut env = HostEnv { buf: CanonBuf::default(), cfg: engine.config(), nodes: engine.nodes() };
+    pub fn step(&mut self, engine: &Engine, cfg: &Config, packet: &[u8]) -> Step {
+        let mut env = HostEnv { buf: CanonBuf::default(), cfg: *cfg, nodes: engine.nodes() };
         match inspect(packet, &mut env) {
-            Inspection::TcpPayload => self.stream(engine, packet),
+            Inspection::TcpPayload => {
+                let http_port = parse_l3(packet).ok().and_then(|l3| parse_tcp(packet, &l3).ok()).is_some_and(|l4| cfg.is_http_port(l4.dst_port));
+                if http_port { self.http(engine, cfg, packet) } else { self.stream(engine, cfg, packet) }
+            }
             other => {
                 let mut step = Step { verdict: if other.blocks() { XDP_DROP } else { XDP_PASS }, counted: counted(&other), ..Step::default() };
                 match other {
@@ -72,6 +85,7 @@ impl Model {
                         step.rule = rule_of(decision);
                     }
                     Inspection::Incomplete { proto, af } => step.proto = Some((proto, af)),
+                    Inspection::Quic { af, .. } => step.proto = Some((Proto::Quic, af)),
                     _ => {}
                 }
                 step
@@ -79,7 +93,77 @@ impl Model {
         }
     }
 
-    fn stream(&mut self, engine: &Engine, p: &[u8]) -> Step {
+    /// The HTTP stage: a TLS flow on an HTTP port goes on to the TLS stage;
+    /// requests to the block page pass unread.
+    fn http(&mut self, engine: &Engine, cfg: &Config, p: &[u8]) -> Step {
+        let pass = Step { verdict: XDP_PASS, ..Step::default() };
+        let Ok(l3) = parse_l3(p) else { return pass };
+        let Ok(l4) = parse_tcp(p, &l3) else { return pass };
+        let Some(key) = FlowKey::of(p, &l3, &l4) else { return pass };
+        let (off, end) = (l4.payload_off, l4.payload_end);
+        if cfg.is_block_page(key.family, &key.dst) {
+            return pass;
+        }
+        if self.flows.contains_key(&key) || (!self.requests.contains_key(&key) && starts_hello(p, off, end)) {
+            return self.stream(engine, cfg, p);
+        }
+        let flow = match self.requests.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) if starts_request(p, off, end) => e.insert(HttpFlow { request: Box::new(Request::new(l4.seq)), seen: None }),
+            Entry::Vacant(_) => return pass,
+        };
+        let mut step = Step { proto: Some((Proto::Http, l3.af)), ..pass };
+        let req = &mut flow.request;
+        if req.is_blocked() {
+            (step.name, step.rule) = flow.seen.clone().unwrap_or_default();
+            return Step { verdict: XDP_DROP, ..step };
+        }
+        let mut progress = http::Progress::StepsExhausted;
+        for _ in 0..http::MAX_ROUNDS {
+            let start = match http::resume(req, l4.seq, off, end) {
+                Resume::At(start) => start,
+                Resume::Behind => return step,
+                Resume::Ahead => return Step { verdict: XDP_DROP, counted: vec![counters::HTTP_OUT_OF_ORDER], ..step },
+            };
+            progress = http::feed(req, p, start, end);
+            if progress != http::Progress::StepsExhausted {
+                break;
+            }
+        }
+        // The verdict's counters, and whether the flow is kept.
+        let ended = |counter: u32, step: &mut Step| {
+            step.counted.push(counter);
+            false
+        };
+        let keep = match progress {
+            http::Progress::NeedMore => true,
+            http::Progress::NoHost => ended(counters::HTTP_NO_HOST, &mut step),
+            http::Progress::BadHost => ended(counters::HTTP_BAD_HOST, &mut step),
+            http::Progress::NotRequest => ended(counters::HTTP_NOT_REQUEST, &mut step),
+            http::Progress::TooLong | http::Progress::StepsExhausted => {
+                req.block();
+                step.counted.push(counters::HTTP_TOO_LONG);
+                step.verdict = XDP_DROP;
+                true
+            }
+            http::Progress::Name(len) => {
+                let mut buf = CanonBuf::default();
+                req.copy_name(&mut buf);
+                let blocked = matched(engine, cfg, &mut buf, len, Proto::Http, l3.af, &mut step);
+                if blocked {
+                    req.block();
+                    flow.seen = Some((step.name.clone(), step.rule));
+                }
+                blocked
+            }
+        };
+        if !keep {
+            self.requests.remove(&key);
+        }
+        step
+    }
+
+    fn stream(&mut self, engine: &Engine, cfg: &Config, p: &[u8]) -> Step {
         let pass = Step { verdict: XDP_PASS, ..Step::default() };
         let Ok(l3) = parse_l3(p) else { return pass };
         if l3.proto != IPPROTO_TCP || l3.later_fragment {
@@ -132,25 +216,36 @@ impl Model {
             Progress::Name(len) => {
                 let mut buf = CanonBuf::default();
                 hello.copy_name(&mut buf);
-                step.counted.push(counters::proto_index(Proto::Tls, l3.af, Outcome::Inspected));
-                let decision = match_canon(&mut buf, canon_start(len), &engine.config(), &engine.nodes());
-                step.name = Some(canon_to_dotted(&buf));
-                step.rule = rule_of(decision);
-                match decision {
-                    Decision::Block(_) => {
-                        hello.block();
-                        flow.seen = Some((step.name.clone(), step.rule));
-                        step.counted.push(counters::proto_index(Proto::Tls, l3.af, Outcome::Blocked));
-                        Step { verdict: XDP_DROP, ..step }
-                    }
-                    Decision::Allow(_) => {
-                        step.counted.push(counters::proto_index(Proto::Tls, l3.af, Outcome::Allowed));
-                        finish(&mut self.flows, step, None)
-                    }
-                    Decision::NoMatch => finish(&mut self.flows, step, None),
+                if matched(engine, cfg, &mut buf, len, Proto::Tls, l3.af, &mut step) {
+                    hello.block();
+                    flow.seen = Some((step.name.clone(), step.rule));
+                    step
+                } else {
+                    finish(&mut self.flows, step, None)
                 }
             }
         }
+    }
+}
+
+/// The match stage: adds its counters, name and rule to `step`, sets its
+/// verdict, and says whether the flow is blocked.
+fn matched(engine: &Engine, cfg: &Config, buf: &mut CanonBuf, len: usize, proto: Proto, af: Af, step: &mut Step) -> bool {
+    step.counted.push(counters::proto_index(proto, af, Outcome::Inspected));
+    let decision = match_canon(buf, canon_start(len), cfg, &engine.nodes());
+    step.name = Some(canon_to_dotted(buf));
+    step.rule = rule_of(decision);
+    match decision {
+        Decision::Block(_) => {
+            step.counted.push(counters::proto_index(proto, af, Outcome::Blocked));
+            step.verdict = XDP_DROP;
+            true
+        }
+        Decision::Allow(_) => {
+            step.counted.push(counters::proto_index(proto, af, Outcome::Allowed));
+            false
+        }
+        Decision::NoMatch => false,
     }
 }
 
@@ -202,6 +297,13 @@ pub fn counted(inspection: &Inspection) -> Vec<u32> {
     match *inspection {
         Inspection::Other | Inspection::TcpPayload => vec![],
         Inspection::Fragment => vec![counters::FRAGMENTS],
+        Inspection::Quic { af, drop } => {
+            let mut v = vec![proto_index(Proto::Quic, af, Outcome::Inspected)];
+            if drop {
+                v.push(proto_index(Proto::Quic, af, Outcome::Blocked));
+            }
+            v
+        }
         Inspection::Unconfigured => vec![counters::UNCONFIGURED],
         Inspection::Malformed(m) => vec![counters::malformed_index(m)],
         Inspection::Incomplete { proto, af } => vec![proto_index(proto, af, Outcome::Incomplete)],

@@ -5,7 +5,10 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::bail;
-use filter_common::{reply::DnsAction, rules::Config};
+use filter_common::{
+    reply::DnsAction,
+    rules::{Config, MAX_HTTP_PORTS},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsPolicy {
@@ -76,6 +79,59 @@ pub fn parse_list_action(s: &str) -> Result<(String, DnsAction), String> {
     Ok((list.to_string(), parse_action(action)?))
 }
 
+/// What QUIC Initials (UDP/443) get: counted and passed, or dropped (browsers
+/// then fall back to TCP, where the TLS server name is read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuicPolicy {
+    #[default]
+    Pass,
+    Drop,
+}
+
+/// Which traffic besides DNS is read: the TCP ports whose payload is read as
+/// HTTP requests (other ports' payload is read as TLS), and the QUIC policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficPolicy {
+    pub http_ports: Vec<u16>,
+    pub quic: QuicPolicy,
+}
+
+impl Default for TrafficPolicy {
+    fn default() -> Self {
+        TrafficPolicy { http_ports: vec![filter_common::http::HTTP_PORT], quic: QuicPolicy::Pass }
+    }
+}
+
+impl TrafficPolicy {
+    /// Writes the settings into the program's settings; refuses more than
+    /// `MAX_HTTP_PORTS` distinct ports.
+    pub fn apply_to(&self, cfg: &mut Config) -> anyhow::Result<()> {
+        let mut ports = self.http_ports.clone();
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.len() > MAX_HTTP_PORTS {
+            bail!("--http-ports names {} ports; at most {MAX_HTTP_PORTS} are supported", ports.len());
+        }
+        cfg.http_ports = [0; MAX_HTTP_PORTS];
+        cfg.http_ports[..ports.len()].copy_from_slice(&ports);
+        cfg.quic_policy = match self.quic {
+            QuicPolicy::Pass => filter_common::quic::POLICY_PASS,
+            QuicPolicy::Drop => filter_common::quic::POLICY_DROP,
+        };
+        Ok(())
+    }
+}
+
+/// A TCP port, 1 to 65535.
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(0) => Err("port 0 cannot carry traffic (expected 1 to 65535)".into()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("{s:?} is not a port number (expected 1 to 65535)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +152,19 @@ mod tests {
         let mut cfg = Config::default();
         p.apply_to(&mut cfg);
         assert_eq!((cfg.redirect_flags, cfg.answer_ttl), (Config::REDIRECT_V6, 60));
+    }
+
+    #[test]
+    fn http_ports() {
+        assert_eq!(parse_port("8080"), Ok(8080));
+        assert!(parse_port("0").unwrap_err().contains("port 0"));
+        assert!(parse_port("http").unwrap_err().contains("\"http\" is not a port number"));
+        assert!(parse_port("65536").is_err());
+        let mut cfg = Config::default();
+        assert_eq!(cfg.http_ports[..2], [80, 0]);
+        TrafficPolicy { http_ports: vec![8080, 80, 8080], quic: QuicPolicy::Drop }.apply_to(&mut cfg).unwrap();
+        assert_eq!((cfg.http_ports[..3].to_vec(), cfg.quic_policy), (vec![80, 8080, 0], filter_common::quic::POLICY_DROP));
+        let many = TrafficPolicy { http_ports: (1..=17).collect(), ..TrafficPolicy::default() };
+        assert!(many.apply_to(&mut cfg).unwrap_err().to_string().contains("at most 16"));
     }
 }

@@ -124,7 +124,7 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
             continue;
         }
         let (action, _, _) = kernel.test_run(&frame.data, 1).with_context(|| format!("running packet {}", record.index))?;
-        let step = model.step(&engine, &frame.data);
+        let step = model.step(&engine, &kernel.config(), &frame.data);
         record.verdict = match action {
             0 => "aborted",
             1 => "drop",

@@ -46,6 +46,16 @@ fn captured_hellos() -> Vec<Vec<u8>> {
 }
 
 fn main() {
+    // The first byte of an http_request input chooses the segmentation.
+    let requests: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\nHost: www.blocked.example\r\nUser-Agent: curl/8.14.1\r\nAccept: */*\r\n\r\n",
+        b"POST /form HTTP/1.1\r\nUser-Agent: x\r\nhost:  WWW.Bad.Test.:8080 \r\nContent-Length: 0\r\n\r\n",
+        b"GET / HTTP/1.0\nAccept: */*\n\n",
+        b"GET http://proxy.example/ HTTP/1.1\r\nHost: other.example\r\n\r\n",
+    ];
+    for (i, r) in requests.iter().enumerate() {
+        write("http_request", &format!("request-{i}"), &[&[(i as u8) * 67][..], r].concat());
+    }
     for (i, hello) in captured_hellos().iter().enumerate() {
         // The first byte of a tls_hello input chooses the segmentation.
         write("tls_hello", &format!("captured-{i}"), &[&[i as u8][..], hello].concat());

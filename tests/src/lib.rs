@@ -105,6 +105,9 @@ pub fn counter_name(index: u32) -> String {
     if let Some((name, _)) = counters::TLS_EVENTS.iter().find(|(_, i)| *i == index) {
         return format!("tls_{name}");
     }
+    if let Some((name, _)) = counters::HTTP_EVENTS.iter().find(|(_, i)| *i == index) {
+        return format!("http_{name}");
+    }
     if let Some((name, _)) = counters::ANSWER_FALLBACKS.iter().find(|(_, i)| *i == index) {
         return format!("reply_{name}");
     }

@@ -72,7 +72,7 @@ fn the_daemon_takes_its_settings_from_a_config_file_and_refuses_a_bad_one() {
     daemon.stop().unwrap();
 
     std::fs::write(&config, "mode = \"generic\"\n\ndns-action = \"nxdomian\"\n").unwrap();
-    let out = netns::run(&mut topo.daemon_command(&[]).unwrap().arg("--config").arg(&config), Duration::from_secs(15)).unwrap();
+    let out = netns::run(topo.daemon_command(&[]).unwrap().arg("--config").arg(&config), Duration::from_secs(15)).unwrap();
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains(&format!("{}:3: dns-action: invalid value 'nxdomian'", config.display())), "{out}");
     assert!(!topo.xdp_attached().unwrap(), "nothing attached after a refused start");

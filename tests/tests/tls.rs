@@ -285,7 +285,7 @@ fn run(l: &mut Loaded, model: &mut Model, frames: &[Vec<u8>], what: &str) -> Vec
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let (want, counted) = model.run(&l.engine, f);
+            let (want, counted) = model.run(&l.engine, &l.kernel.config(), f);
             let (got, delta) = l.run(f);
             let mut want_delta = vec![0u64; delta.len()];
             want_delta[counters::PACKETS as usize] = 1;

@@ -671,7 +671,7 @@ fn run_capture(rules: &[&str]) -> (usize, Vec<(String, Want)>) {
             }
             // TLS (read by the stream stage, modelled), QUIC, responses,
             // ICMPv6, TCP handshakes.
-            None => model.run(&l.engine, packet),
+            None => model.run(&l.engine, &l.kernel.config(), packet),
         };
         l.expect(&format!("packet {i} of the capture"), packet, verdict, &want_counted);
         dropped += usize::from(verdict == XDP_DROP);
@@ -842,7 +842,7 @@ fn host_and_kernel_agree_on_real_and_mutated_packets() {
     let mut model = Model::default();
     for (i, packet) in packets.iter().enumerate() {
         let host = l.host_inspect(packet);
-        let (want_verdict, counted) = model.run(&l.engine, packet);
+        let (want_verdict, counted) = model.run(&l.engine, &l.kernel.config(), packet);
         let (verdict, delta) = l.run(packet);
         let mut want = vec![0u64; delta.len()];
         want[PACKETS as usize] = 1;

@@ -16,9 +16,10 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Debian packages: LLVM for bpf-linker, and the real programs the tests and
 /// the demo run (dig, dnsmasq, ip, ss, ethtool, tcpdump, curl, openssl,
-/// Chromium), Prometheus with promtool for the metrics tests, and what the
-/// benchmark needs (iptables to compare with, a font for its plot), and
-/// systemd-analyze to check the shipped unit.
+/// Chromium, Python: its `ssl` client and `http.server`), Prometheus with
+/// promtool for the metrics tests, what the benchmark needs (iptables to
+/// compare with, a font for its plot), and systemd-analyze to check the
+/// shipped unit.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -35,6 +36,7 @@ const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "prometheus",
     "systemd",
+    "python3",
 ];
 
 pub fn all() -> anyhow::Result<()> {

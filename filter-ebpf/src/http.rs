@@ -1,0 +1,118 @@
+//! The HTTP stage: reads HTTP request Host names across TCP segments with
+//! per-flow state (the TLS stage's flow map), and blocks the flow from the
+//! segment that completes a listed name on. Reached for TCP payload to the
+//! configured HTTP ports; a TLS ClientHello on such a port goes on to the
+//! TLS stage.
+
+use aya_ebpf::bindings::xdp_action;
+use filter_common::{
+    counters::{self, Proto},
+    flow::{KIND_HTTP, KIND_TLS},
+    http::{Progress, feed, resume, starts_request},
+    inspect::Env as _,
+    packet::{IPPROTO_TCP, parse_l3, parse_tcp},
+    rules::{STAGE_HTTP, STAGE_TLS},
+    tls::{FlowKey, Resume, starts_hello},
+};
+
+use crate::{
+    maps::{CONFIG, FLOW_INIT, FLOWS, Maps, STAGES, count},
+    packet::XdpPacket,
+    tls::{finish, to_match},
+};
+
+#[inline(always)]
+pub fn stream(pkt: &XdpPacket) -> u32 {
+    let Ok(l3) = parse_l3(pkt) else { return xdp_action::XDP_PASS };
+    if l3.proto != IPPROTO_TCP || l3.later_fragment {
+        return xdp_action::XDP_PASS;
+    }
+    let Ok(l4) = parse_tcp(pkt, &l3) else { return xdp_action::XDP_PASS };
+    let Some(key) = FlowKey::of(pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
+    let af = l3.af;
+    // Stage boundary (see `Env::opaque`).
+    let off = Maps::opaque(l4.payload_off);
+    let end = Maps::opaque(l4.payload_end);
+    let seq = l4.seq;
+    // Requests to the block page (the DNS `redirect` action's address) are
+    // for listed names by design: they pass unread.
+    if CONFIG.get(0).is_some_and(|c| c.is_block_page(key.family, &key.dst)) {
+        return xdp_action::XDP_PASS;
+    }
+    let flow = match FLOWS.get_ptr_mut(&key) {
+        Some(f) => f,
+        None => {
+            if starts_hello(pkt, off, end) {
+                return to_tls(pkt);
+            }
+            if !starts_request(pkt, off, end) {
+                return xdp_action::XDP_PASS;
+            }
+            let Some(init) = FLOW_INIT.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
+            // SAFETY: per-CPU staging slot; `reset` writes the variant whole
+            // but for the name bytes, which are written before read.
+            let init = unsafe { &mut *init };
+            unsafe { init.request.reset(seq) };
+            if FLOWS.insert(&key, init, 0).is_err() {
+                return xdp_action::XDP_PASS;
+            }
+            match FLOWS.get_ptr_mut(&key) {
+                Some(f) => f,
+                None => return xdp_action::XDP_PASS,
+            }
+        }
+    };
+    // SAFETY: the LRU map's value for this flow (see the TLS stage).
+    let flow = unsafe { &mut *flow };
+    match flow.kind() {
+        KIND_HTTP => {}
+        KIND_TLS => return to_tls(pkt),
+        _ => return xdp_action::XDP_PASS,
+    }
+    // SAFETY: the variant `kind` names.
+    let req = unsafe { &mut flow.request };
+    if req.is_blocked() {
+        return xdp_action::XDP_DROP;
+    }
+    let start = match resume(req, seq, off, end) {
+        Resume::At(start) => start,
+        Resume::Behind => return xdp_action::XDP_PASS,
+        Resume::Ahead => {
+            count(counters::HTTP_OUT_OF_ORDER);
+            return xdp_action::XDP_DROP;
+        }
+    };
+    let progress = feed(req, pkt, start, end);
+    if progress == Progress::StepsExhausted {
+        // Go on with this segment in a fresh round (see the TLS stage).
+        // SAFETY: the slot holds this program.
+        unsafe { STAGES.tail_call(pkt.ctx, STAGE_HTTP) };
+    }
+    match progress {
+        Progress::NeedMore => xdp_action::XDP_PASS,
+        Progress::Name(len) => {
+            if to_match(pkt, |buf| req.copy_name(buf), &key, len, af, Proto::Http) {
+                return xdp_action::XDP_PASS;
+            }
+            count(counters::HTTP_TOO_LONG);
+            req.block();
+            xdp_action::XDP_DROP
+        }
+        Progress::NoHost => finish(&key, counters::HTTP_NO_HOST),
+        Progress::BadHost => finish(&key, counters::HTTP_BAD_HOST),
+        Progress::NotRequest => finish(&key, counters::HTTP_NOT_REQUEST),
+        Progress::TooLong | Progress::StepsExhausted => {
+            count(counters::HTTP_TOO_LONG);
+            req.block();
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// A TLS flow on an HTTP port: the TLS stage reads it.
+#[inline(always)]
+fn to_tls(pkt: &XdpPacket) -> u32 {
+    // SAFETY: the slot holds the TLS stage.
+    unsafe { STAGES.tail_call(pkt.ctx, STAGE_TLS) };
+    xdp_action::XDP_PASS
+}
