@@ -40,7 +40,7 @@ use tokio_rustls::{TlsAcceptor, rustls, server::TlsStream};
 
 use crate::{
     daemon::{Shared, State, lock},
-    ebpf::FlowTable,
+    ebpf::{FlowCensus, FlowTable},
     events::EventCounts,
 };
 
@@ -58,7 +58,7 @@ pub struct Context {
 struct FlowCount {
     table: FlowTable,
     at: Instant,
-    value: u64,
+    value: FlowCensus,
 }
 
 const FLOW_COUNT_MAX_AGE: Duration = Duration::from_secs(10);
@@ -78,9 +78,9 @@ impl Context {
         let _ = self.state.set(shared);
     }
 
-    /// Flows in the TLS flow table (at most `FLOW_COUNT_MAX_AGE` old) and its
+    /// The flows in the flow table (at most `FLOW_COUNT_MAX_AGE` old) and its
     /// capacity.
-    fn flows(&self, shared: &Shared) -> Option<(u64, u32)> {
+    fn flows(&self, shared: &Shared) -> Option<(FlowCensus, u32)> {
         let mut cache = self.flows.lock().unwrap_or_else(|e| e.into_inner());
         if cache.as_ref().is_none_or(|c| c.at.elapsed() >= FLOW_COUNT_MAX_AGE) {
             let table = match cache.take() {
@@ -93,7 +93,7 @@ impl Context {
                     }
                 },
             };
-            match table.count() {
+            match table.census() {
                 Ok(value) => *cache = Some(FlowCount { table, at: Instant::now(), value }),
                 Err(e) => {
                     tracing::warn!("counting TLS flows: {e:#}");
@@ -116,7 +116,7 @@ impl Context {
 struct Blokir {
     shared: Shared,
     ifaces: Vec<String>,
-    flows: Option<(u64, u32)>,
+    flows: Option<(FlowCensus, u32)>,
     events: Option<Arc<EventCounts>>,
 }
 
@@ -293,7 +293,7 @@ impl Collector for Blokir {
 }
 
 /// The families that read the daemon's bookkeeping and map metadata.
-fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], flows: Option<(u64, u32)>) -> fmt::Result {
+fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], flows: Option<(FlowCensus, u32)>) -> fmt::Result {
     // Each configured interface: 1 with the mode in use, or 0 (mode "none")
     // when the program is not attached there.
     let mut attached: Vec<(String, &'static str, u64)> =
@@ -335,8 +335,26 @@ fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], f
         status.iter().map(|(l, s)| (vec![("list", l.as_str())], s.failures)),
     )?;
 
-    if let Some((n, cap)) = flows {
-        family(enc, "blokir_tls_flows", "TLS flows in the flow table (hellos being read, and blocked flows).", MetricType::Gauge, [(vec![], n)])?;
+    if let Some((c, cap)) = flows {
+        family(
+            enc,
+            "blokir_tls_flows",
+            "Flows in the flow table the TLS and HTTP stages share (names being read, and blocked flows).",
+            MetricType::Gauge,
+            [(vec![], c.total)],
+        )?;
+        family(
+            enc,
+            "blokir_flows",
+            "Flows in the flow table by protocol and state: reading (a ClientHello or request head not complete yet) or blocked.",
+            MetricType::Gauge,
+            [
+                (vec![("proto", "tls"), ("state", "reading")], c.tls_reading),
+                (vec![("proto", "tls"), ("state", "blocked")], c.tls_blocked),
+                (vec![("proto", "http"), ("state", "reading")], c.http_reading),
+                (vec![("proto", "http"), ("state", "blocked")], c.http_blocked),
+            ],
+        )?;
         family(
             enc,
             "blokir_tls_flow_capacity",

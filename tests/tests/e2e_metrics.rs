@@ -23,6 +23,7 @@ use blokir_tests::{
     netns::{self, Captured, EDGE_CLIENT_IFACE, Family, METRICS_ADDR, Metrics, Query, RESOLVER4, TELEGRAM_NAMES, Topology, Transport, telegram_rules},
 };
 use filter_common::{
+    flow::Flow,
     rules::MAP_FLOWS,
     tls::{FlowKey, Hello},
 };
@@ -104,29 +105,35 @@ fn alert_rules_pass_promtool_and_each_fires_on_its_condition() {
     }
 }
 
-/// Counting the flow table at its capacity: how long the scrape-time walk
-/// takes.
+/// Counting the flow table at its capacity: every flow is found, in the
+/// state it is in (the walk's time is printed, for the record).
 #[test]
-fn counting_a_full_flow_table_is_cheap() {
+fn counting_a_full_flow_table_finds_every_flow_in_its_state() {
     let mut l = Loaded::new(&["t.me"]);
-    let (empty, capacity) = l.kernel.flow_entries().unwrap();
-    assert_eq!((empty, capacity), (0, filter_common::tls::DEFAULT_FLOW_CAPACITY));
+    let (empty, capacity) = l.kernel.flow_census().unwrap();
+    assert_eq!((empty.total, capacity), (0, filter_common::tls::DEFAULT_FLOW_CAPACITY));
     {
         let map = l.kernel.map_mut(MAP_FLOWS).unwrap();
-        let mut flows: aya::maps::HashMap<&mut aya::maps::MapData, FlowKey, Hello> = aya::maps::HashMap::try_from(map).unwrap();
+        let mut flows: aya::maps::HashMap<&mut aya::maps::MapData, FlowKey, Flow> = aya::maps::HashMap::try_from(map).unwrap();
         for i in 0..capacity {
             let mut key = FlowKey { family: 6, src_port: 443, ..FlowKey::default() };
             key.src[..4].copy_from_slice(&i.to_be_bytes());
-            flows.insert(key, Hello::new(1), 0).unwrap();
+            let mut hello = Hello::new(1);
+            if i % 4 == 0 {
+                hello.block();
+            }
+            flows.insert(key, Flow { hello }, 0).unwrap();
         }
     }
     let started = Instant::now();
-    let (n, _) = l.kernel.flow_entries().unwrap();
-    let took = started.elapsed();
-    eprintln!("counted {n} of {capacity} TLS flows in {took:?}");
+    let (c, _) = l.kernel.flow_census().unwrap();
+    eprintln!("counted {} of {capacity} flows in {:?}", c.total, started.elapsed());
     // The LRU map may have evicted a few while it was filled.
-    assert!(n > u64::from(capacity) * 9 / 10 && n <= u64::from(capacity), "{n} flows of {capacity}");
-    assert!(took < Duration::from_millis(500), "counting {n} flows took {took:?}");
+    assert!(c.total > u64::from(capacity) * 9 / 10 && c.total <= u64::from(capacity), "{c:?} of {capacity}");
+    assert_eq!(c.tls_reading + c.tls_blocked, c.total, "{c:?}");
+    assert_eq!((c.http_reading, c.http_blocked), (0, 0));
+    let quarter = c.total / 4;
+    assert!(c.tls_blocked.abs_diff(quarter) < quarter / 10, "a quarter are blocked: {c:?}");
 }
 
 #[test]
@@ -576,5 +583,7 @@ fn blocked_tls_hellos_are_logged_and_their_flows_counted() {
     let m = d.metrics().unwrap();
     assert_eq!(m.value("blokir_blocked_total", &[("proto", "tls"), ("af", "ipv4")]), Some(1));
     assert_eq!(m.value("blokir_tls_flows", &[]), Some(1), "the blocked flow keeps its state");
+    assert_eq!(m.value("blokir_flows", &[("proto", "tls"), ("state", "blocked")]), Some(1));
+    assert_eq!(m.value("blokir_flows", &[("proto", "tls"), ("state", "reading")]), Some(0));
     d.stop().unwrap();
 }

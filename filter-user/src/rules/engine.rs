@@ -33,6 +33,14 @@ use super::pattern::{Action, PatternError, Rule, Scope, normalize_name};
 pub trait Target {
     /// Sets (or with `None` removes) one node.
     fn write_node(&mut self, key: &NameKey, value: Option<&NodeRules>) -> anyhow::Result<()>;
+    /// Writes `nodes` in any order (a phase's writes need none); on an
+    /// error, says how many of the first ones were written.
+    fn write_nodes(&mut self, nodes: &[(NameKey, Option<NodeRules>)]) -> Result<(), (usize, anyhow::Error)> {
+        for (i, (key, value)) in nodes.iter().enumerate() {
+            self.write_node(key, value.as_ref()).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
     fn write_depth_mask(&mut self, mask: [u64; 2]) -> anyhow::Result<()>;
     /// Zeroes a rule id's hit counter before the id is (re)used.
     fn reset_hits(&mut self, id: u32) -> anyhow::Result<()>;
@@ -361,15 +369,17 @@ impl Engine {
         let old_mask = mask_of(&self.depth_counts);
         let mut written: Vec<NameKey> = Vec::new();
         let result = (|| -> anyhow::Result<()> {
-            for (id, _) in &change.added {
+            // Ids never used before have a zero counter already (the rule
+            // map and its counters are created with the engine).
+            for (id, _) in change.added.iter().filter(|(id, _)| (*id as usize) < self.rules.len()) {
                 target.reset_hits(*id)?;
             }
             target.write_depth_mask(change.depth_union)?;
             for phase in &change.phases {
-                for (key, value) in phase {
-                    target.write_node(key, value.as_ref())?;
-                    written.push(*key);
-                }
+                let done = target.write_nodes(phase);
+                let n = done.as_ref().err().map_or(phase.len(), |(n, _)| *n);
+                written.extend(phase[..n].iter().map(|(key, _)| *key));
+                done.map_err(|(_, e)| e)?;
             }
             target.write_depth_mask(change.depth_final)
         })();
