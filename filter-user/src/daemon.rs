@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeMap,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Instant, SystemTime},
@@ -19,6 +18,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use crate::socket::SocketFile;
 use crate::{
     control::{MAX_REQUEST, Request, Response},
     ebpf::{Kernel, Mode},
@@ -397,7 +397,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     // Everything that can fail is done before switching the interfaces; the
     // socket file is removed on every way out.
-    let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket)?;
+    let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket, "control socket")?;
     let metrics_endpoint = metrics::bind(&opts.metrics).await?;
     // /healthz and /readyz answer while the rules load (readyz: 503).
     let metrics_ctx = metrics::Context::new(opts.ifaces.clone());
@@ -493,41 +493,6 @@ fn remove_stale_maps(pins: &PinDir, state: &State) {
         if name.starts_with(filter_common::rules::MAP_LIST_HITS) && name != keep {
             let _ = std::fs::remove_file(e.path());
         }
-    }
-}
-
-/// The control socket's file, removed when this is dropped.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-impl SocketFile {
-    /// Binds the root-only control socket, refusing if a daemon already
-    /// answers. A directory it creates is made 0700; an existing one is left
-    /// as it is.
-    fn bind(path: &Path) -> anyhow::Result<(UnixListener, Self)> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!("another blokir daemon is listening on {}", path.display());
-            }
-            std::fs::remove_file(path)?;
-        }
-        // Created 0600 from the start: no window in which others could connect.
-        // SAFETY: umask only changes this process's file-creation mask.
-        let old = unsafe { libc::umask(0o177) };
-        let listener = UnixListener::bind(path);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        let listener = listener.with_context(|| format!("binding the control socket {}", path.display()))?;
-        Ok((listener, SocketFile(path.to_path_buf())))
     }
 }
 

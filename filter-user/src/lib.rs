@@ -13,3 +13,4 @@ pub mod pin;
 pub mod policy;
 pub mod replay;
 pub mod rules;
+pub mod socket;

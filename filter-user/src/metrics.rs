@@ -7,7 +7,6 @@
 use std::{
     fmt::{self, Debug},
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     str::FromStr,
     sync::{Arc, OnceLock, atomic::Ordering},
@@ -38,6 +37,7 @@ use prometheus_client::{
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_rustls::{TlsAcceptor, rustls, server::TlsStream};
 
+use crate::socket::SocketFile;
 use crate::{
     daemon::{Shared, State, lock},
     ebpf::{FlowCensus, FlowTable},
@@ -495,7 +495,7 @@ pub async fn bind(ep: &Endpoint) -> anyhow::Result<Bound> {
             if tls.is_some() {
                 bail!("--metrics-tls-cert needs a TCP --metrics-addr, not a Unix socket");
             }
-            let (l, f) = SocketFile::bind(p)?;
+            let (l, f) = SocketFile::bind(p, "metrics socket")?;
             (Listener::Unix(l), Some(f))
         }
     };
@@ -668,39 +668,6 @@ async fn basic_auth(AxumState(users): AxumState<Arc<Users>>, request: Request, n
         return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"blokir\", charset=\"UTF-8\"")], "unauthorized\n").into_response();
     }
     next.run(request).await
-}
-
-/// The Unix socket's file, removed when this is dropped.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-impl SocketFile {
-    /// Binds a socket created 0600; a stale socket file is replaced, a live
-    /// one (another daemon) refused.
-    fn bind(path: &Path) -> anyhow::Result<(UnixListener, Self)> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!("something is already listening on {}", path.display());
-            }
-            std::fs::remove_file(path)?;
-        }
-        // SAFETY: umask only changes this process's file-creation mask.
-        let old = unsafe { libc::umask(0o177) };
-        let listener = UnixListener::bind(path);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        let listener = listener.with_context(|| format!("binding the metrics socket {}", path.display()))?;
-        Ok((listener, SocketFile(path.to_path_buf())))
-    }
 }
 
 #[cfg(test)]
