@@ -227,8 +227,10 @@ impl Net {
             if Instant::now() > deadline {
                 bail!("blokir was not ready within 120 s");
             }
-            let out = run_cmd(Command::new(blokir).arg("--socket").arg(&socket).args(["status", "--output", "json"]), Duration::from_secs(10))?;
-            if out.success()
+            // A daemon still loading its rules may not answer yet: only a
+            // timely, attached status counts.
+            if let Ok(out) = run_cmd(Command::new(blokir).arg("--socket").arg(&socket).args(["status", "--output", "json"]), Duration::from_secs(30))
+                && out.success()
                 && let Ok(v) = serde_json::from_str::<serde_json::Value>(&out.stdout)
                 && v["attached"].as_array().is_some_and(|a| !a.is_empty())
             {
@@ -593,12 +595,13 @@ pub fn run(list: &List, index: &ListIndex, p: &Params) -> anyhow::Result<Veth> {
         drop(link);
     }
 
-    // blokir with the comparison list, then with the whole list.
-    let k = *SIZES.last().expect("sizes");
-    let file = p.dir.join("compare.rules");
-    std::fs::write(&file, comparison_names(list, k).join("\n") + "\n")?;
-    let (pid, _) = net.start_daemon(&p.blokir, &file, &p.dir)?;
-    runs.push(measure(&net, &t, &format!("blokir, {k} rules"), k, seconds, Some(pid))?);
+    // blokir with the comparison lists, then with the whole list.
+    for k in SIZES {
+        let file = p.dir.join(format!("compare-{k}.rules"));
+        std::fs::write(&file, comparison_names(list, k).join("\n") + "\n")?;
+        let (pid, _) = net.start_daemon(&p.blokir, &file, &p.dir)?;
+        runs.push(measure(&net, &t, &format!("blokir, {k} rules"), k, seconds, Some(pid))?);
+    }
 
     let file = p.dir.join("all.rules");
     std::fs::write(&file, format!("telegram.org\n{}", list.file_text(p.max_rules - 1)))?;
