@@ -66,8 +66,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let name = value.split(|b| matches!(b, b':' | b'/' | b'?' | b'#' | b' ' | b'\t')).next().unwrap_or_default();
     let name = name.strip_suffix(b".").unwrap_or(name);
-    let valid = !name.is_empty()
-        && name.split(|b| *b == b'.').all(|l| !l.is_empty() && l.len() <= 63 && l.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'));
+    let valid = !name.is_empty() && name.split(|b| *b == b'.').all(|l| !l.is_empty() && l.len() <= 63 && l.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'));
     let want = valid.then(|| {
         let mut buf = CanonBuf::default();
         dotted_to_canon(&name.to_ascii_lowercase()[..], 0, name.len(), &mut buf).ok().map(|n| buf.canon(n).to_vec())
