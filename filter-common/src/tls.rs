@@ -328,6 +328,12 @@ pub fn feed<P: Packet + ?Sized>(h: &mut Hello, p: &P, off: usize, end: usize) ->
             break;
         }
     }
+    // Steps that ran out just as the segment did: the segment is read (a
+    // name it completed is reported now, not lost to a next round that
+    // finds nothing left to read).
+    if ld(&h.done) == DONE_NOT_YET && ld(&h.cursor) as usize >= end {
+        st(&mut h.done, DONE_NEED_MORE);
+    }
     let consumed = ld(&h.cursor).wrapping_sub(off as u32);
     let next_seq = ld(&h.next_seq).wrapping_add(consumed);
     st(&mut h.next_seq, next_seq);

@@ -676,3 +676,29 @@ fn a_name_before_a_walk_too_long_for_the_budget_keeps_its_verdict() {
         assert_eq!(l.counter(counters::TLS_TOO_COMPLEX), too_complex, "{name}");
     }
 }
+
+#[test]
+fn a_name_completed_by_a_segments_last_step_is_reported_with_that_segment() {
+    // Python's 517-byte hello in 52-byte segments (a 64-byte server MSS): the
+    // third segment completes the name with the 32nd step of a round and
+    // ends there. Its verdict must come with it, not with the next segment.
+    let name = "mac.blocked.example";
+    let padding = (21, vec![0; 218]);
+    let hello = crafted_hello(&[sni_ext(name), (11, vec![3, 0, 1, 2]), (10, vec![0; 22]), padding]);
+    let at = hello.windows(name.len()).position(|w| w == name.as_bytes()).unwrap();
+    let mut l = Loaded::new(&["*.blocked.example"]);
+    let mut model = Model::default();
+    let mut checked = 0;
+    // Segment lengths that end a segment at each point just past the name.
+    for seg in 40..70 {
+        let cuts: Vec<usize> = (seg..hello.len()).step_by(seg).collect();
+        let first = cuts.iter().position(|c| *c >= at + name.len()).unwrap_or(cuts.len());
+        for v6 in [false, true] {
+            let frames: Vec<Vec<u8>> = segments(&hello, &cuts, v6, 46000 + 2 * seg as u16 + v6 as u16).into_iter().map(|(_, f)| f).collect();
+            let v = run(&mut l, &mut model, &frames, &format!("{seg}-byte segments, v6={v6}"));
+            assert_eq!(v.iter().position(|v| *v == XDP_DROP), Some(first), "{seg}-byte segments: {v:?}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 60);
+}
