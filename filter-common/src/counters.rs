@@ -122,8 +122,14 @@ pub const HTTP_OUT_OF_ORDER: u32 = 14;
 const PROTO_BASE: u32 = 15;
 
 /// ClientHello events by their `/metrics` label.
-pub const TLS_EVENTS: [(&str, u32); 5] =
-    [("no_sni", TLS_NO_SNI), ("ech", TLS_ECH), ("out_of_order", TLS_OUT_OF_ORDER), ("too_complex", TLS_TOO_COMPLEX), ("not_hello", TLS_NOT_HELLO)];
+pub const TLS_EVENTS: [(&str, u32); 6] = [
+    ("no_sni", TLS_NO_SNI),
+    ("ech", TLS_ECH),
+    ("out_of_order", TLS_OUT_OF_ORDER),
+    ("too_complex", TLS_TOO_COMPLEX),
+    ("not_hello", TLS_NOT_HELLO),
+    ("ech_outer_blocked", TLS_ECH_OUTER_BLOCKED),
+];
 /// HTTP request events by their `/metrics` label.
 pub const HTTP_EVENTS: [(&str, u32); 5] = [
     ("no_host", HTTP_NO_HOST),
@@ -136,8 +142,11 @@ pub const HTTP_EVENTS: [(&str, u32); 5] = [
 pub const ANSWER_FALLBACKS: [(&str, u32); 2] = [("not_plain", REPLY_NOT_PLAIN), ("failed", REPLY_FAILED)];
 const MALFORMED_BASE: u32 = PROTO_BASE + (Proto::COUNT * Af::COUNT * Outcome::COUNT) as u32;
 const ACTION_BASE: u32 = MALFORMED_BASE + Malformed::COUNT as u32;
+/// ClientHellos blocked by an ECH-outer rule (`--ech-outer-list`): the name
+/// is on such a list and the hello carries ECH (also counted as blocked).
+pub const TLS_ECH_OUTER_BLOCKED: u32 = ACTION_BASE + DnsAction::COUNT as u32;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = ACTION_BASE + DnsAction::COUNT as u32;
+pub const COUNTERS: u32 = TLS_ECH_OUTER_BLOCKED + 1;
 
 #[inline(always)]
 pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {

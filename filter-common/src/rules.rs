@@ -6,6 +6,13 @@
 //! name from the top-level label down, so the lookup cost is one hash-map probe
 //! per label, whatever the number of rules.
 
+/// A `LIST_ACTIONS` entry: the list's `DnsAction` in the low byte, and
+/// `LIST_ECH_OUTER` if the list names ECH outer names (`blokir run
+/// --ech-outer-list`): its rules block only ClientHellos that carry the
+/// encrypted_client_hello extension, and no DNS query or HTTP request.
+pub const LIST_ACTION_MASK: u32 = 0xff;
+pub const LIST_ECH_OUTER: u32 = 1 << 8;
+
 /// Map names, shared by the object and the loader.
 pub const MAP_RULES: &str = "RULES";
 pub const MAP_CONFIG: &str = "CONFIG";

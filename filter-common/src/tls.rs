@@ -70,8 +70,14 @@ mod stage {
 pub enum Progress {
     /// The hello continues in later segments.
     NeedMore,
-    /// The server name is complete: its canonical length is given.
+    /// The server name is complete: its canonical length is given. Reported
+    /// once, at the end of the segment that completed it (the parser walks
+    /// on to the end of the extensions for ECH): `Hello::ended` says whether
+    /// the hello ended there too.
     Name(usize),
+    /// The hello ended after a name reported for an earlier segment (or
+    /// broke the format after it).
+    End,
     /// The hello ended without a server_name extension.
     NoName,
     /// Not a ClientHello, or one that breaks the format.
@@ -117,6 +123,11 @@ pub struct Hello {
     taken: u32,
     done: u32,
     canon_len: u32,
+    /// The ECH-outer rule (a `RuleRef`) waiting for the hello's end (with
+    /// `FLAG_ECH_PENDING`; set by the kernel's match stage).
+    pub pending: u32,
+    /// Rounds of `feed` (tail calls) spent on the current segment.
+    pub rounds: u32,
     /// The server name in canonical form as it is read (`bytes`, `starts`).
     pub name: [u8; 2 * 256],
 }
@@ -128,6 +139,34 @@ impl Hello {
     pub const FLAG_SNI: u32 = 2;
     /// The flow is blocked: its later segments are dropped.
     pub const FLAG_BLOCKED: u32 = 4;
+    /// The server name is complete.
+    pub const FLAG_NAME: u32 = 8;
+    /// The name was reported (`Progress::Name`).
+    pub const FLAG_REPORTED: u32 = 16;
+    /// The hello ended (or broke the format) after the name.
+    pub const FLAG_END: u32 = 32;
+    /// The name matched an ECH-outer rule (`pending`): the flow is blocked
+    /// if the rest of the hello carries ECH.
+    pub const FLAG_ECH_PENDING: u32 = 64;
+    /// The walk after the name ran out of budget (`name_so_far`): whether
+    /// ECH follows is unknown.
+    pub const FLAG_CUT: u32 = 128;
+
+    /// Whether the hello ended (after its name).
+    pub fn ended(&self) -> bool {
+        ld(&self.flags) & Hello::FLAG_END != 0
+    }
+
+    /// Whether an encrypted_client_hello extension was seen so far.
+    pub fn has_ech(&self) -> bool {
+        ld(&self.flags) & Hello::FLAG_ECH != 0
+    }
+
+    /// Sets `FLAG_*` bits.
+    pub fn set(&mut self, bits: u32) {
+        let flags = ld(&self.flags) | bits;
+        st(&mut self.flags, flags);
+    }
 
     /// Marks the flow blocked.
     pub fn block(&mut self) {
@@ -162,6 +201,8 @@ impl Hello {
             taken: 0,
             done: 0,
             canon_len: 0,
+            pending: 0,
+            rounds: 0,
             name: [0; 512],
         };
         h.reset(seq);
@@ -178,7 +219,7 @@ impl Hello {
         self.rec_need = 5;
         (self.acc, self.rec_acc, self.record_left, self.hello_left, self.exts_left) = (0, 0, 0, 0, 0);
         (self.name_pos, self.label_start, self.name_len, self.sni_len, self.flags, self.cursor) = (0, 0, 0, 0, 0, 0);
-        (self.taken, self.done, self.canon_len) = (0, 0, 0);
+        (self.taken, self.done, self.canon_len, self.pending, self.rounds) = (0, 0, 0, 0, 0);
     }
 
     /// Copies the finished name into a matcher buffer.
@@ -287,23 +328,57 @@ pub fn feed<P: Packet + ?Sized>(h: &mut Hello, p: &P, off: usize, end: usize) ->
             break;
         }
     }
+    // Steps that ran out just as the segment did: the segment is read (a
+    // name it completed is reported now, not lost to a next round that
+    // finds nothing left to read).
+    if ld(&h.done) == DONE_NOT_YET && ld(&h.cursor) as usize >= end {
+        st(&mut h.done, DONE_NEED_MORE);
+    }
     let consumed = ld(&h.cursor).wrapping_sub(off as u32);
     let next_seq = ld(&h.next_seq).wrapping_add(consumed);
     st(&mut h.next_seq, next_seq);
-    match ld(&h.done) {
-        DONE_NOT_YET => Progress::StepsExhausted,
-        DONE_NEED_MORE => Progress::NeedMore,
-        DONE_NAME => Progress::Name(ld(&h.canon_len) as usize),
-        DONE_NO_NAME => Progress::NoName,
-        _ => Progress::NotHello,
+    let done = ld(&h.done);
+    let flags = ld(&h.flags);
+    if flags & Hello::FLAG_NAME == 0 {
+        return match done {
+            DONE_NOT_YET => Progress::StepsExhausted,
+            DONE_NEED_MORE => Progress::NeedMore,
+            DONE_END => Progress::NoName,
+            _ => Progress::NotHello,
+        };
     }
+    // After the name: a format error ends the walk, and the name's verdict
+    // stands (the name was read whole and checked).
+    match done {
+        DONE_NOT_YET => return Progress::StepsExhausted,
+        DONE_END | DONE_NOT_HELLO => h.set(Hello::FLAG_END),
+        _ => {}
+    }
+    if ld(&h.flags) & Hello::FLAG_REPORTED == 0 {
+        h.set(Hello::FLAG_REPORTED);
+        return Progress::Name(ld(&h.canon_len) as usize);
+    }
+    if done == DONE_NEED_MORE { Progress::NeedMore } else { Progress::End }
+}
+
+/// Reports a name complete in a call that ran out of steps (the kernel's
+/// tail-call chain is at its end): the name's verdict applies, the walk
+/// after it (ECH) stays unfinished. `None` if no name is complete, or it was
+/// reported already.
+pub fn name_so_far(h: &mut Hello) -> Option<usize> {
+    let flags = ld(&h.flags);
+    if flags & Hello::FLAG_NAME == 0 || flags & Hello::FLAG_REPORTED != 0 {
+        return None;
+    }
+    h.set(Hello::FLAG_REPORTED | Hello::FLAG_END | Hello::FLAG_CUT);
+    Some(ld(&h.canon_len) as usize)
 }
 
 // Outcomes, kept in `Hello::done`.
 const DONE_NOT_YET: u32 = 0;
 const DONE_NEED_MORE: u32 = 1;
-const DONE_NAME: u32 = 2;
-const DONE_NO_NAME: u32 = 3;
+/// The extensions (the hello) ended.
+const DONE_END: u32 = 3;
 const DONE_NOT_HELLO: u32 = 4;
 
 /// One parser step. Every branch ends by storing what it decided, and what
@@ -447,7 +522,9 @@ fn next_stage(h: &mut Hello) {
             st(&mut h.exts_left, v);
             go(h, stage::EXT_HEADER, 4);
         }
-        stage::EXT_HEADER if v >> 16 == EXT_SERVER_NAME => {
+        // Only the first server_name extension is read (a second one, which
+        // RFC 8446 forbids, is skipped like any other).
+        stage::EXT_HEADER if v >> 16 == EXT_SERVER_NAME && ld(&h.flags) & Hello::FLAG_NAME == 0 => {
             let flags = ld(&h.flags) | Hello::FLAG_SNI;
             st(&mut h.flags, flags);
             st(&mut h.sni_len, v & 0xffff);
@@ -455,10 +532,11 @@ fn next_stage(h: &mut Hello) {
         }
         stage::EXT_HEADER => {
             if v >> 16 == EXT_ECH {
-                let flags = ld(&h.flags) | Hello::FLAG_ECH;
-                st(&mut h.flags, flags);
+                h.set(Hello::FLAG_ECH);
             }
-            go(h, stage::SKIP_EXT, v & 0xffff);
+            // An empty extension is skipped at once, so that the end of
+            // the block is seen in the segment that ends with it.
+            if v & 0xffff == 0 { go(h, stage::EXT_HEADER, 4) } else { go(h, stage::SKIP_EXT, v & 0xffff) }
         }
         stage::SKIP_EXT => go(h, stage::EXT_HEADER, 4),
         // The extension holds exactly the name list, and the list at least
@@ -475,9 +553,9 @@ fn next_stage(h: &mut Hello) {
         stage::NAME => finish_name(h),
         _ => st(&mut h.done, DONE_NOT_HELLO),
     }
-    // The extensions block ended before a server_name extension.
+    // The extensions block (the hello) ended.
     if ld(&h.stage) == stage::EXT_HEADER && ld(&h.exts_left) == 0 && ld(&h.done) == DONE_NOT_YET {
-        st(&mut h.done, DONE_NO_NAME);
+        st(&mut h.done, DONE_END);
     }
 }
 
@@ -533,5 +611,10 @@ fn finish_name(h: &mut Hello) {
         h.name[256 + at] = 1;
         st(&mut h.canon_len, n + 1);
     }
-    st(&mut h.done, DONE_NAME);
+    h.set(Hello::FLAG_NAME);
+    // Walk on: the rest of the name list (other names are not read), then
+    // the other extensions' headers, for ECH. `sni_len` holds the list's
+    // length, which covers the name's type and length fields.
+    let rest = ld(&h.sni_len).wrapping_sub(n + 3);
+    if rest == 0 { go(h, stage::EXT_HEADER, 4) } else { go(h, stage::SKIP_EXT, rest) }
 }

@@ -6,7 +6,7 @@ use filter_common::{
     inspect::{Env as _, Inspection},
     name::{Decision, canon_start},
     reply::{DnsAction, NoReply, QueryAt, build_reply},
-    rules::STAGE_REPLY,
+    rules::{LIST_ACTION_MASK, STAGE_REPLY},
 };
 
 use crate::{
@@ -46,13 +46,15 @@ pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
                     hit(rule, counters::LIST_ALLOWED);
                     xdp_action::XDP_PASS
                 }
+                // ECH-outer rules apply to ClientHellos only.
+                Decision::Block(rule) if crate::tls::is_ech_outer(rule) => xdp_action::XDP_PASS,
                 Decision::Block(rule) => {
                     count(counters::proto_index(proto, af, Outcome::Blocked));
                     hit(rule, counters::LIST_BLOCKED);
                     block_event(proto, af, rule, name_start(&at));
                     // TCP/53 queries are dropped: an answer needs a TCP exchange.
                     let action = match proto {
-                        Proto::DnsUdp => LIST_ACTIONS.get(rule.list()).map_or(DnsAction::Drop, |a| DnsAction::from_u32(*a)),
+                        Proto::DnsUdp => LIST_ACTIONS.get(rule.list()).map_or(DnsAction::Drop, |a| DnsAction::from_u32(*a & LIST_ACTION_MASK)),
                         Proto::DnsTcp | Proto::Tls | Proto::Http | Proto::Quic => DnsAction::Drop,
                     };
                     if action == DnsAction::Drop {

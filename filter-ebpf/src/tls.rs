@@ -9,12 +9,13 @@ use filter_common::{
     inspect::Env as _,
     name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
+    rules::{LIST_ECH_OUTER, RuleRef},
     rules::{STAGE_MATCH, STAGE_TLS},
-    tls::{FlowKey, Hello, Progress, Resume, feed, resume, starts_hello},
+    tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, name_so_far, resume, starts_hello},
 };
 
 use crate::{
-    maps::{CONFIG, FLOW_INIT, FLOWS, MATCH_JOB, Maps, Rules, SCRATCH, STAGES, block_event, count, hit},
+    maps::{CONFIG, FLOW_INIT, FLOWS, LIST_ACTIONS, MATCH_JOB, Maps, Rules, SCRATCH, STAGES, block_event, count, hit},
     packet::XdpPacket,
 };
 
@@ -74,21 +75,50 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
             return xdp_action::XDP_DROP;
         }
     };
-    let progress = feed(hello, pkt, start, end);
-    if matches!(progress, Progress::Name(_) | Progress::NoName | Progress::NotHello) && hello.flags & Hello::FLAG_ECH != 0 {
+    // ECH is counted when the parser first meets it, wherever it sits.
+    let had_ech = hello.has_ech();
+    let mut progress = feed(hello, pkt, start, end);
+    if !had_ech && hello.has_ech() {
         count(counters::TLS_ECH);
     }
     if progress == Progress::StepsExhausted {
         // Go on with this segment in a fresh round: the parser resumes at
-        // `next_seq`. The call returns only when the chain is at its limit.
-        // SAFETY: the slot holds this program.
-        unsafe { STAGES.tail_call(pkt.ctx, STAGE_TLS) };
-        count(counters::TLS_TOO_COMPLEX);
+        // `next_seq`. The last round leaves the chain's last call to the
+        // match stage.
+        let rounds = hello.rounds + 1;
+        hello.rounds = rounds;
+        if (rounds as usize) < MAX_ROUNDS {
+            // SAFETY: the slot holds this program.
+            unsafe { STAGES.tail_call(pkt.ctx, STAGE_TLS) };
+        }
+        // Out of rounds: a name read whole still gets its verdict (the walk
+        // after it for ECH is cut short); without one the flow is blocked.
+        match name_so_far(hello) {
+            Some(len) => progress = Progress::Name(len),
+            None => {
+                count(counters::TLS_TOO_COMPLEX);
+                hello.block();
+                return xdp_action::XDP_DROP;
+            }
+        }
+    }
+    hello.rounds = 0;
+    // An ECH-outer rule matched the name in an earlier segment: ECH in this
+    // one blocks the flow.
+    if hello.flags & Hello::FLAG_ECH_PENDING != 0 && hello.has_ech() {
+        count(counters::proto_index(Proto::Tls, af, Outcome::Blocked));
+        count(counters::TLS_ECH_OUTER_BLOCKED);
+        hit(RuleRef(hello.pending), counters::LIST_BLOCKED);
         hello.block();
         return xdp_action::XDP_DROP;
     }
     match progress {
         Progress::NeedMore => xdp_action::XDP_PASS,
+        // The hello ended after a name that passed: forget the flow.
+        Progress::End => {
+            let _ = FLOWS.remove(&key);
+            xdp_action::XDP_PASS
+        }
         Progress::Name(len) => {
             if to_match(pkt, |buf| hello.copy_name(buf), &key, len, af, Proto::Tls) {
                 return xdp_action::XDP_PASS;
@@ -133,6 +163,7 @@ pub fn decide() -> u32 {
     let proto = Proto::from_stream(job.proto);
     count(counters::proto_index(proto, af, Outcome::Inspected));
     match match_canon(buf, Maps::opaque(job.start as usize), cfg, &Rules) {
+        Decision::Block(rule) if ech_outer_defers(rule, proto, &key) => forget(&key),
         Decision::Block(rule) => {
             count(counters::proto_index(proto, af, Outcome::Blocked));
             hit(rule, counters::LIST_BLOCKED);
@@ -150,14 +181,61 @@ pub fn decide() -> u32 {
         Decision::Allow(rule) => {
             count(counters::proto_index(proto, af, Outcome::Allowed));
             hit(rule, counters::LIST_ALLOWED);
-            let _ = FLOWS.remove(&key);
-            xdp_action::XDP_PASS
+            forget(&key)
         }
-        Decision::NoMatch => {
-            let _ = FLOWS.remove(&key);
-            xdp_action::XDP_PASS
-        }
+        Decision::NoMatch => forget(&key),
     }
+}
+
+/// Whether the rule is on an ECH-outer list (`--ech-outer-list`).
+#[inline(always)]
+pub fn is_ech_outer(rule: RuleRef) -> bool {
+    LIST_ACTIONS.get(rule.list()).is_some_and(|a| *a & LIST_ECH_OUTER != 0)
+}
+
+/// Whether an ECH-outer rule does not block (yet): it applies to
+/// ClientHellos only, and to those carrying ECH. If the rest of the hello is
+/// still to come, the flow remembers the rule and the stream stage blocks it
+/// if ECH shows up (see `stream`). A hello whose walk after the name was cut
+/// short (`FLAG_CUT`) is blocked: ECH may hide in what was not read.
+#[inline(always)]
+fn ech_outer_defers(rule: RuleRef, proto: Proto, key: &FlowKey) -> bool {
+    if !is_ech_outer(rule) {
+        return false;
+    }
+    if proto != Proto::Tls {
+        return true;
+    }
+    let Some(flow) = FLOWS.get_ptr_mut(key) else { return true };
+    // SAFETY: the flow's map value.
+    let flow = unsafe { &mut *flow };
+    if flow.kind() != KIND_TLS {
+        return true;
+    }
+    // SAFETY: the variant `kind` names.
+    let hello = unsafe { &mut flow.hello };
+    if hello.has_ech() || hello.flags & Hello::FLAG_CUT != 0 {
+        count(counters::TLS_ECH_OUTER_BLOCKED);
+        return false;
+    }
+    if !hello.ended() {
+        hello.pending = rule.0;
+        hello.set(Hello::FLAG_ECH_PENDING);
+    }
+    true
+}
+
+/// A name that passed: the flow is forgotten, unless it is a ClientHello
+/// whose end is still to come (the stream stage walks it for ECH, and
+/// forgets it at the end).
+#[inline(always)]
+fn forget(key: &FlowKey) -> u32 {
+    // SAFETY: the flow's map value; `hello` is read only for a TLS flow.
+    let keep = FLOWS.get_ptr(key).is_some_and(|f| unsafe { (*f).kind() == KIND_TLS && !(*f).hello.ended() });
+    if !keep {
+        let _ = FLOWS.remove(key);
+    }
+    xdp_action::XDP_PASS
 }
 
 #[inline(always)]

@@ -334,7 +334,14 @@ impl Kernel {
 
     /// What the program does with blocked UDP queries of list `id`.
     pub fn write_list_action(&mut self, id: u8, action: DnsAction) -> anyhow::Result<()> {
-        self.list_actions.set(u32::from(id), action as u32, 0).context("writing a list's DNS action")
+        self.write_list_policy(id, action, false)
+    }
+
+    /// `write_list_action`, and whether the list is an ECH-outer list (its
+    /// rules block only ClientHellos with ECH; `--ech-outer-list`).
+    pub fn write_list_policy(&mut self, id: u8, action: DnsAction, ech_outer: bool) -> anyhow::Result<()> {
+        let word = action as u32 | if ech_outer { filter_common::rules::LIST_ECH_OUTER } else { 0 };
+        self.list_actions.set(u32::from(id), word, 0).context("writing a list's policy")
     }
 
     /// Puts the program on `iface` through the link pinned in `pins`: an

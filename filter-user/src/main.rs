@@ -181,6 +181,11 @@ struct DnsArgs {
     /// The action for one list, overriding --dns-action (repeatable).
     #[arg(long = "list-dns-action", value_name = "LIST=ACTION", value_parser = parse_list_action)]
     list_dns_actions: Vec<(String, DnsAction)>,
+    /// A list of ECH outer names (repeatable): its rules block only TLS
+    /// ClientHellos that carry an encrypted_client_hello extension (ECH or
+    /// its GREASE), never DNS queries, HTTP requests or hellos without ECH.
+    #[arg(long = "ech-outer-list", value_name = "LIST")]
+    ech_outer_lists: Vec<String>,
     /// The block page's IPv4 address, answered to A queries by `redirect`.
     #[arg(long)]
     redirect_ipv4: Option<Ipv4Addr>,
@@ -194,8 +199,15 @@ struct DnsArgs {
 
 impl DnsArgs {
     fn policy(self) -> DnsPolicy {
-        let DnsArgs { dns_action, list_dns_actions, redirect_ipv4, redirect_ipv6, answer_ttl } = self;
-        DnsPolicy { default: dns_action, per_list: list_dns_actions, answer_ttl, redirect_v4: redirect_ipv4, redirect_v6: redirect_ipv6 }
+        let DnsArgs { dns_action, list_dns_actions, ech_outer_lists, redirect_ipv4, redirect_ipv6, answer_ttl } = self;
+        DnsPolicy {
+            default: dns_action,
+            per_list: list_dns_actions,
+            ech_outer: ech_outer_lists,
+            answer_ttl,
+            redirect_v4: redirect_ipv4,
+            redirect_v6: redirect_ipv6,
+        }
     }
 }
 

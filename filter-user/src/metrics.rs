@@ -191,7 +191,7 @@ impl Collector for Blokir {
         family(
             &mut enc,
             "blokir_tls_hellos",
-            "ClientHello events: no server_name (passed), encrypted_client_hello seen, segments dropped for arriving ahead of the hello's bytes, hellos too complex to read (flow blocked), streams that started like TLS but were not a hello.",
+            "ClientHello events: no server_name (passed), encrypted_client_hello seen, segments dropped for arriving ahead of the hello's bytes, hellos too complex to read (flow blocked), streams that started like TLS but were not a hello, hellos blocked by an ECH-outer rule (--ech-outer-list).",
             MetricType::Counter,
             counters::TLS_EVENTS.map(|(e, i)| (vec![("event", e)], get(i))),
         )?;

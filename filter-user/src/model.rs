@@ -16,7 +16,7 @@ use filter_common::{
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
     reply::DnsAction,
     rules::{Config, RuleRef},
-    tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, resume, starts_hello},
+    tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, name_so_far, resume, starts_hello},
 };
 
 use crate::rules::{Engine, engine::Nodes};
@@ -42,6 +42,9 @@ pub struct Step {
 /// below its capacity).
 #[derive(Default)]
 pub struct Model {
+    /// The ECH-outer lists (`--ech-outer-list`), bit `list id`: the kernel
+    /// reads them from `LIST_ACTIONS`.
+    pub ech_outer: u128,
     flows: HashMap<FlowKey, Flow>,
     requests: HashMap<FlowKey, HttpFlow>,
 }
@@ -77,6 +80,18 @@ impl Model {
                 if http_port { self.http(engine, cfg, packet) } else { self.stream(engine, cfg, packet) }
             }
             other => {
+                // ECH-outer rules apply to ClientHellos only.
+                let other = match other {
+                    Inspection::Decided { proto, af, decision: Decision::Block(rule), at } if self.is_ech_outer(rule) => {
+                        let step = Step {
+                            verdict: XDP_PASS,
+                            counted: counted(&Inspection::Decided { proto, af, decision: Decision::NoMatch, at }),
+                            ..Step::default()
+                        };
+                        return Step { proto: Some((proto, af)), name: Some(canon_to_dotted(&env.buf)), rule: Some(rule), ..step };
+                    }
+                    other => other,
+                };
                 let mut step = Step { verdict: if other.blocks() { XDP_DROP } else { XDP_PASS }, counted: counted(&other), ..Step::default() };
                 match other {
                     Inspection::Decided { proto, af, decision, .. } => {
@@ -91,6 +106,10 @@ impl Model {
                 step
             }
         }
+    }
+
+    fn is_ech_outer(&self, rule: RuleRef) -> bool {
+        (self.ech_outer >> rule.list()) & 1 != 0
     }
 
     /// The HTTP stage: a TLS flow on an HTTP port goes on to the TLS stage;
@@ -149,7 +168,7 @@ impl Model {
             http::Progress::Name(len) => {
                 let mut buf = CanonBuf::default();
                 req.copy_name(&mut buf);
-                let blocked = matched(engine, cfg, &mut buf, len, Proto::Http, l3.af, &mut step);
+                let blocked = matched(engine, cfg, self.ech_outer, &mut buf, len, Proto::Http, l3.af, &mut step, None);
                 if blocked {
                     req.block();
                     flow.seen = Some((step.name.clone(), step.rule));
@@ -191,13 +210,31 @@ impl Model {
                 Resume::Behind => return step,
                 Resume::Ahead => return Step { verdict: XDP_DROP, counted: vec![counters::TLS_OUT_OF_ORDER], ..step },
             };
+            let had_ech = hello.has_ech();
             progress = feed(hello, p, start, end);
+            if !had_ech && hello.has_ech() {
+                step.counted.push(counters::TLS_ECH);
+            }
             if progress != Progress::StepsExhausted {
                 break;
             }
         }
-        if !matches!(progress, Progress::NeedMore | Progress::StepsExhausted) && hello.flags & Hello::FLAG_ECH != 0 {
-            step.counted.push(counters::TLS_ECH);
+        if progress == Progress::StepsExhausted {
+            // Out of rounds: a name read whole still gets its verdict.
+            match name_so_far(hello) {
+                Some(len) => progress = Progress::Name(len),
+                None => {
+                    hello.block();
+                    step.counted.push(counters::TLS_TOO_COMPLEX);
+                    return Step { verdict: XDP_DROP, ..step };
+                }
+            }
+        }
+        if hello.flags & Hello::FLAG_ECH_PENDING != 0 && hello.has_ech() {
+            hello.block();
+            (step.name, step.rule) = flow.seen.clone().unwrap_or_default();
+            step.counted.extend([counters::proto_index(Proto::Tls, l3.af, Outcome::Blocked), counters::TLS_ECH_OUTER_BLOCKED]);
+            return Step { verdict: XDP_DROP, ..step };
         }
         let finish = |flows: &mut HashMap<FlowKey, Flow>, mut step: Step, counter: Option<u32>| {
             flows.remove(&key);
@@ -205,19 +242,20 @@ impl Model {
             step
         };
         match progress {
-            Progress::NeedMore => step,
-            Progress::StepsExhausted => {
-                hello.block();
-                step.counted.push(counters::TLS_TOO_COMPLEX);
-                Step { verdict: XDP_DROP, ..step }
-            }
+            Progress::NeedMore | Progress::StepsExhausted => step,
+            Progress::End => finish(&mut self.flows, step, None),
             Progress::NoName => finish(&mut self.flows, step, Some(counters::TLS_NO_SNI)),
             Progress::NotHello => finish(&mut self.flows, step, Some(counters::TLS_NOT_HELLO)),
             Progress::Name(len) => {
                 let mut buf = CanonBuf::default();
                 hello.copy_name(&mut buf);
-                if matched(engine, cfg, &mut buf, len, Proto::Tls, l3.af, &mut step) {
+                if matched(engine, cfg, self.ech_outer, &mut buf, len, Proto::Tls, l3.af, &mut step, Some(&mut **hello)) {
                     hello.block();
+                    flow.seen = Some((step.name.clone(), step.rule));
+                    step
+                } else if !hello.ended() {
+                    // Walked on to the hello's end (for ECH, and an ECH-outer
+                    // rule waiting for it).
                     flow.seen = Some((step.name.clone(), step.rule));
                     step
                 } else {
@@ -229,12 +267,39 @@ impl Model {
 }
 
 /// The match stage: adds its counters, name and rule to `step`, sets its
-/// verdict, and says whether the flow is blocked.
-fn matched(engine: &Engine, cfg: &Config, buf: &mut CanonBuf, len: usize, proto: Proto, af: Af, step: &mut Step) -> bool {
+/// verdict, and says whether the flow is blocked. An ECH-outer rule (a list
+/// in `ech_outer`) blocks only a ClientHello (`hello`) with ECH, or whose
+/// walk after the name was cut short; if the hello goes on, the rule waits
+/// in it (`FLAG_ECH_PENDING`).
+#[allow(clippy::too_many_arguments)]
+fn matched(
+    engine: &Engine,
+    cfg: &Config,
+    ech_outer: u128,
+    buf: &mut CanonBuf,
+    len: usize,
+    proto: Proto,
+    af: Af,
+    step: &mut Step,
+    hello: Option<&mut Hello>,
+) -> bool {
     step.counted.push(counters::proto_index(proto, af, Outcome::Inspected));
     let decision = match_canon(buf, canon_start(len), cfg, &engine.nodes());
     step.name = Some(canon_to_dotted(buf));
     step.rule = rule_of(decision);
+    if let Decision::Block(rule) = decision
+        && (ech_outer >> rule.list()) & 1 != 0
+    {
+        let Some(h) = hello else { return false };
+        if !h.has_ech() && h.flags & Hello::FLAG_CUT == 0 {
+            if !h.ended() {
+                h.pending = rule.0;
+                h.set(Hello::FLAG_ECH_PENDING);
+            }
+            return false;
+        }
+        step.counted.push(counters::TLS_ECH_OUTER_BLOCKED);
+    }
     match decision {
         Decision::Block(_) => {
             step.counted.push(counters::proto_index(proto, af, Outcome::Blocked));

@@ -15,6 +15,9 @@ pub struct DnsPolicy {
     /// For lists without their own action.
     pub default: DnsAction,
     pub per_list: Vec<(String, DnsAction)>,
+    /// ECH-outer lists (`--ech-outer-list`): their rules block only
+    /// ClientHellos that carry the encrypted_client_hello extension.
+    pub ech_outer: Vec<String>,
     /// TTL of redirect answers, seconds.
     pub answer_ttl: u32,
     pub redirect_v4: Option<Ipv4Addr>,
@@ -23,7 +26,7 @@ pub struct DnsPolicy {
 
 impl Default for DnsPolicy {
     fn default() -> Self {
-        DnsPolicy { default: DnsAction::Drop, per_list: Vec::new(), answer_ttl: 60, redirect_v4: None, redirect_v6: None }
+        DnsPolicy { default: DnsAction::Drop, per_list: Vec::new(), ech_outer: Vec::new(), answer_ttl: 60, redirect_v4: None, redirect_v6: None }
     }
 }
 
@@ -32,12 +35,21 @@ impl DnsPolicy {
         self.per_list.iter().rev().find(|(l, _)| l == list).map_or(self.default, |(_, a)| *a)
     }
 
-    /// Every per-list action names a known list, and `redirect` has an
+    pub fn is_ech_outer(&self, list: &str) -> bool {
+        self.ech_outer.iter().any(|l| l == list)
+    }
+
+    /// Every per-list action and ECH-outer list names a known list, and `redirect` has an
     /// address to redirect to.
     pub fn validate(&self, lists: &[&str]) -> anyhow::Result<()> {
         for (l, _) in &self.per_list {
             if !lists.contains(&l.as_str()) {
                 bail!("--list-dns-action names list {l:?}, but the lists are: {}", lists.join(", "));
+            }
+        }
+        for l in &self.ech_outer {
+            if !lists.contains(&l.as_str()) {
+                bail!("--ech-outer-list names list {l:?}, but the lists are: {}", lists.join(", "));
             }
         }
         let redirects = self.default == DnsAction::Redirect || self.per_list.iter().any(|(_, a)| *a == DnsAction::Redirect);
@@ -148,6 +160,10 @@ mod tests {
         p.redirect_v6 = Some("2001:db8::80".parse().unwrap());
         p.validate(&["local", "telegram"]).unwrap();
         assert!(p.validate(&["local"]).unwrap_err().to_string().contains("names list \"telegram\""));
+        let ech = DnsPolicy { ech_outer: vec!["ech".into()], ..DnsPolicy::default() };
+        ech.validate(&["local", "ech"]).unwrap();
+        assert!(ech.validate(&["local"]).unwrap_err().to_string().contains("--ech-outer-list names list \"ech\""));
+        assert!(ech.is_ech_outer("ech") && !ech.is_ech_outer("local"));
         assert_eq!((p.action_for("telegram"), p.action_for("local")), (DnsAction::Redirect, DnsAction::Drop));
         let mut cfg = Config::default();
         p.apply_to(&mut cfg);

@@ -103,10 +103,13 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
     opts.dns.apply_to(&mut cfg);
     kernel.write_config(cfg)?;
     for (name, path, rules) in &lists {
-        apply_list(&mut engine, &mut kernel, opts.dns.action_for(name), name, Some(path.clone()), rules)?;
+        apply_list(&mut engine, &mut kernel, opts.dns.action_for(name), opts.dns.is_ech_outer(name), name, Some(path.clone()), rules)?;
     }
 
     let mut model = Model::default();
+    for l in engine.lists().iter().filter(|l| opts.dns.is_ech_outer(&l.name)) {
+        model.ech_outer |= 1u128 << l.id;
+    }
     let mut summary = Summary::default();
     let mut index = 0u64;
     while let Some(frame) = capture.next_frame()? {

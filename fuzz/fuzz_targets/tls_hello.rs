@@ -2,7 +2,9 @@
 //! chosen by the input, never panics; and whenever it reads a server name,
 //! tls-parser reads the same name from the same bytes (when tls-parser reads
 //! the stream as one record with a well-formed extension list), so the
-//! parser never invents a name.
+//! parser never invents a name; and it sees an encrypted_client_hello
+//! extension exactly when tls-parser finds one (after the name, the parser
+//! walks on to the hello's end, as the kernel does).
 
 #![no_main]
 
@@ -28,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let mut h = Box::new(Hello::new(seq0));
     let mut start = 0;
     let mut outcome = Progress::NeedMore;
+    let mut name = None;
     'segments: for end in cuts {
         let seg = &stream[start..end];
         let seq = seq0.wrapping_add(start as u32);
@@ -38,15 +41,22 @@ fuzz_target!(|data: &[u8]| {
                 break;
             }
         }
-        if outcome != Progress::NeedMore {
-            break 'segments;
+        match outcome {
+            Progress::NeedMore => {}
+            Progress::Name(len) if !h.ended() => name = Some(len),
+            Progress::Name(len) => {
+                name = Some(len);
+                break 'segments;
+            }
+            _ => break 'segments,
         }
         start = end;
     }
-    let Progress::Name(len) = outcome else { return };
-    let mut ours = CanonBuf::default();
-    h.copy_name(&mut ours);
-    let ours = ours.canon(len).to_vec();
+    // The walk finished (the hello ended) with a name or without one.
+    let ended = h.ended() || outcome == Progress::NoName;
+    if name.is_none() && outcome != Progress::NoName {
+        return;
+    }
     let Ok((_, plain)) = parse_tls_plaintext(stream) else { return };
     let Some(TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch))) = plain.msg.first() else {
         panic!("a name from a stream tls-parser reads as {:?}", plain.msg.first());
@@ -58,6 +68,14 @@ fuzz_target!(|data: &[u8]| {
     if !rest.is_empty() {
         return;
     }
+    if ended && h.flags & Hello::FLAG_CUT == 0 {
+        let ech = exts.iter().any(|e| matches!(e, TlsExtension::Unknown(t, _) if t.0 == 0xfe0d));
+        assert_eq!(h.has_ech(), ech, "ECH differs from tls-parser's");
+    }
+    let Some(len) = name else { return };
+    let mut ours = CanonBuf::default();
+    h.copy_name(&mut ours);
+    let ours = ours.canon(len).to_vec();
     let sni = exts.iter().find_map(|e| if let TlsExtension::SNI(v) = e { v.first().map(|(_, n)| *n) } else { None });
     let Some(sni) = sni else { panic!("we read a name; tls-parser finds no server_name") };
     let mut theirs = CanonBuf::default();

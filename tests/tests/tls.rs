@@ -10,6 +10,7 @@ use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use filter_common::{
     counters,
     name::{CanonBuf, dotted_to_canon},
+    packet::Af,
     tls::{Hello, MAX_ROUNDS, Progress, Resume, feed, resume},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -102,8 +103,11 @@ fn reframe(record: &[u8], splits: &[usize]) -> Vec<u8> {
 }
 
 /// Runs the host parser over `stream` cut at `cuts`, as the kernel does:
-/// each segment in rounds of `feed`.
+/// each segment in rounds of `feed`. Returns the first outcome other than
+/// `NeedMore` (a name, or the end without one); after a name the parser
+/// walks on (for ECH) to the hello's end, as the kernel does.
 fn host_parse(stream: &[u8], cuts: &[usize]) -> (Progress, Box<Hello>) {
+    let mut name = None;
     let seq0 = 7_000_000u32;
     let mut h = Box::new(Hello::new(seq0));
     let mut start = 0;
@@ -125,12 +129,24 @@ fn host_parse(stream: &[u8], cuts: &[usize]) -> (Progress, Box<Hello>) {
                 break;
             }
         }
-        if progress != Progress::NeedMore {
-            return (progress, h);
+        match progress {
+            Progress::NeedMore => {}
+            Progress::Name(_) if !h.ended() => name = Some(progress),
+            Progress::End => return (name.expect("a name before the end"), h),
+            _ => return (name.unwrap_or(progress), h),
         }
         start = end;
     }
-    (Progress::NeedMore, h)
+    (name.unwrap_or(Progress::NeedMore), h)
+}
+
+/// Whether tls-parser finds an encrypted_client_hello extension (which it
+/// reports as an unknown extension).
+fn reference_ech(record: &[u8]) -> bool {
+    let (_, plain) = parse_tls_plaintext(record).expect("tls-parser reads the hello");
+    let Some(TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch))) = plain.msg.first() else { panic!("not a ClientHello") };
+    let (_, exts) = parse_tls_client_hello_extensions(ch.ext.unwrap_or_default()).expect("extensions");
+    exts.iter().any(|e| matches!(e, TlsExtension::Unknown(t, _) if t.0 == 0xfe0d))
 }
 
 fn canon(name: &str) -> Vec<u8> {
@@ -166,6 +182,9 @@ fn every_captured_hello_in_every_cut_and_framing_gives_tls_parsers_name() {
     let mut rng = StdRng::seed_from_u64(443);
     for (i, h) in hellos.iter().enumerate() {
         let want = h.sni.as_deref().map(|s| canon(&s.to_ascii_lowercase()));
+        let want_ech = reference_ech(&h.bytes);
+        // Every Chromium hello carries ECH GREASE (in a random place).
+        assert!(want_ech || h.client != "chromium", "hello {i}");
         let n = h.bytes.len();
         let mut cuttings: Vec<(String, Vec<usize>)> =
             vec![("whole".into(), vec![]), ("as captured".into(), h.cuts.clone()), ("1-byte segments".into(), (1..n).collect())];
@@ -183,6 +202,7 @@ fn every_captured_hello_in_every_cut_and_framing_gives_tls_parsers_name() {
         }
         for (what, cuts) in &cuttings {
             let (progress, parser) = host_parse(&h.bytes, cuts);
+            assert_eq!(parser.has_ech(), want_ech, "hello {i} ({}), {what}: ECH", h.client);
             match &want {
                 Some(w) => assert_eq!(parsed_name(progress, &parser).as_ref(), Some(w), "hello {i} ({}), {what}: {progress:?}", h.client),
                 None => assert_eq!(progress, Progress::NoName, "hello {i}, {what}"),
@@ -196,6 +216,7 @@ fn every_captured_hello_in_every_cut_and_framing_gives_tls_parsers_name() {
             for cuts in [vec![], (1..framed.len()).step_by(3).collect::<Vec<_>>()] {
                 let (progress, parser) = host_parse(&framed, &cuts);
                 assert_eq!(parsed_name(progress, &parser), want, "hello {i} in records cut at {splits:?}");
+                assert_eq!(parser.has_ech(), want_ech, "hello {i} in records cut at {splits:?}: ECH");
             }
         }
     }
@@ -397,14 +418,19 @@ fn upper_case_names_and_ech_and_missing_sni_are_handled() {
     let v = run(&mut l, &mut model, &[tcp_frame(&upper.bytes, 5, false, 33000)], "upper case");
     assert_eq!(v, [XDP_DROP]);
     // Chromium sends an ECH GREASE extension, in a random place: counted
-    // when it comes before server_name (the parser stops at the name).
-    let chrome = hellos
-        .iter()
-        .find(|h| h.client == "chromium" && h.sni.is_some() && extension_at(&h.bytes, 0xfe0d).is_some_and(|e| e < find_sni_extension(&h.bytes)))
-        .expect("a Chromium hello with ECH before server_name");
-    let ech = l.counter(counters::TLS_ECH);
-    run(&mut l, &mut model, &[tcp_frame(&chrome.bytes, 5, false, 33001)], "ech");
-    assert_eq!(l.counter(counters::TLS_ECH), ech + 1);
+    // once per hello wherever it sits, whole or as captured (two segments).
+    let chrome: Vec<&Hello0> = hellos.iter().filter(|h| h.client == "chromium" && h.sni.is_some()).collect();
+    let sni_at = |h: &Hello0| find_sni_extension(&h.bytes);
+    assert!(chrome.iter().any(|h| extension_at(&h.bytes, 0xfe0d).unwrap() < sni_at(h)), "a Chromium hello with ECH before server_name");
+    assert!(chrome.iter().any(|h| extension_at(&h.bytes, 0xfe0d).unwrap() > sni_at(h)), "a Chromium hello with ECH after server_name");
+    for (i, h) in chrome.iter().enumerate() {
+        for (k, cuts) in [vec![], h.cuts.clone()].into_iter().enumerate() {
+            let ech = l.counter(counters::TLS_ECH);
+            let frames: Vec<Vec<u8>> = segments(&h.bytes, &cuts, i % 2 == 1, 33100 + 2 * i as u16 + k as u16).into_iter().map(|(_, f)| f).collect();
+            run(&mut l, &mut model, &frames, "ech");
+            assert_eq!(l.counter(counters::TLS_ECH), ech + 1, "chromium hello {i}, cuts {cuts:?}");
+        }
+    }
     // A hello whose server_name extension type is changed: no SNI.
     let mut no_sni = hellos.iter().find(|h| h.client != "chromium" && h.sni.is_some()).unwrap().bytes.clone();
     let at = find_sni_extension(&no_sni);
@@ -440,32 +466,239 @@ fn extension_at(record: &[u8], kind: u16) -> Option<usize> {
 
 #[test]
 fn a_hello_too_complex_for_the_step_budget_is_blocked() {
-    // A hello with thousands of empty extensions before the name: no real
-    // client sends one; past the per-segment budget the flow is blocked.
+    // A hello with thousands of empty extensions first (before the name):
+    // no real client sends one; past the per-segment budget the flow is
+    // blocked.
     let h = chromium_listed();
     let record = &h.bytes;
-    let ext_at = find_sni_extension(record);
-    let mut body = record[5..ext_at].to_vec();
+    let mut p = 4 + 2 + 32;
+    p += 1 + usize::from(record[5 + p]);
+    p += 2 + usize::from(u16::from_be_bytes([record[5 + p], record[5 + p + 1]]));
+    p += 1 + usize::from(record[5 + p]);
+    let mut body = record[5..5 + p + 2].to_vec();
     let padding: Vec<u8> = (0..3000).flat_map(|_| [0xff, 0x01, 0, 0]).collect();
     body.extend_from_slice(&padding);
-    body.extend_from_slice(&record[ext_at..]);
+    body.extend_from_slice(&record[5 + p + 2..]);
     // Fix the handshake, extensions and record lengths.
     let hs_len = body.len() - 4;
     body[1..4].copy_from_slice(&(hs_len as u32).to_be_bytes()[1..]);
-    let mut p = 4 + 2 + 32;
-    p += 1 + usize::from(body[p]);
-    p += 2 + usize::from(u16::from_be_bytes([body[p], body[p + 1]]));
-    p += 1 + usize::from(body[p]);
     let exts_len = body.len() - p - 2;
     body[p..p + 2].copy_from_slice(&(exts_len as u16).to_be_bytes());
     let stream = reframe(&[&[22, 3, 1, 0, 0][..], &body].concat(), &[]);
     let mut l = Loaded::new(&["unlisted.example"]);
     let mut model = Model::default();
     let before = l.counter(counters::TLS_TOO_COMPLEX);
-    // One 3400-byte segment of empty extensions needs about 2500 steps:
-    // more than 32 rounds of 32.
+    // One 3400-byte segment of empty extensions needs about 1600 steps (2
+    // each): more than 32 rounds of 32.
     let frame = tcp_frame(&stream[..3400], 77, false, 34000);
     let v = run(&mut l, &mut model, &[frame], "too complex");
     assert_eq!(v, [XDP_DROP]);
     assert_eq!(l.counter(counters::TLS_TOO_COMPLEX), before + 1);
+}
+
+// ---------------------------------------------------------------------------
+// Encrypted ClientHello
+
+/// A ClientHello record with the extensions `exts` (type, body), in order.
+fn crafted_hello(exts: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut body = vec![3, 3];
+    body.extend([7u8; 32]);
+    body.push(0);
+    body.extend([0, 2, 0x13, 0x01, 1, 0]);
+    let mut e = Vec::new();
+    for (t, b) in exts {
+        e.extend(t.to_be_bytes());
+        e.extend((b.len() as u16).to_be_bytes());
+        e.extend(b);
+    }
+    body.extend((e.len() as u16).to_be_bytes());
+    body.extend(e);
+    let mut hs = vec![1];
+    hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend(body);
+    let mut rec = vec![22, 3, 1];
+    rec.extend((hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
+}
+
+fn sni_ext(name: &str) -> (u16, Vec<u8>) {
+    let mut list = vec![0];
+    list.extend((name.len() as u16).to_be_bytes());
+    list.extend(name.as_bytes());
+    let mut b = (list.len() as u16).to_be_bytes().to_vec();
+    b.extend(list);
+    (0, b)
+}
+
+/// An ECH extension (outer, as Chromium's GREASE looks: config id, key,
+/// payload; the contents are not read).
+fn ech_ext() -> (u16, Vec<u8>) {
+    (0xfe0d, [&[0u8, 0, 1, 0, 1, 0x42, 0, 32][..], &[9; 32], &[0, 144], &[5; 144]].concat())
+}
+
+/// ECH before, after or without server_name; with ECH alone; with other
+/// extensions around (an empty one last, as Chromium's GREASE often is).
+fn crafted_hellos(name: &str) -> Vec<(&'static str, Vec<u8>, bool)> {
+    let grease = (0x2a2a, vec![]);
+    let alpn = (16, vec![0, 3, 2, b'h', b'2']);
+    vec![
+        ("ECH before SNI", crafted_hello(&[alpn.clone(), ech_ext(), sni_ext(name), grease.clone()]), true),
+        ("ECH after SNI", crafted_hello(&[alpn.clone(), sni_ext(name), (21, vec![0; 200]), ech_ext(), grease.clone()]), true),
+        ("ECH last", crafted_hello(&[sni_ext(name), alpn.clone(), ech_ext()]), true),
+        ("no ECH", crafted_hello(&[alpn.clone(), sni_ext(name), grease.clone()]), false),
+        ("SNI last, no ECH", crafted_hello(&[alpn.clone(), sni_ext(name)]), false),
+    ]
+}
+
+/// Cuttings of a hello: whole, right after the name (ECH, if after it, in
+/// the second segment), and in 1-byte segments.
+fn ech_cuttings(hello: &[u8], name: &str) -> Vec<(&'static str, Vec<usize>)> {
+    let after_name = hello.windows(name.len()).position(|w| w == name.as_bytes()).unwrap() + name.len();
+    vec![("whole", vec![]), ("cut after the name", vec![after_name]), ("1-byte", (1..hello.len()).collect())]
+}
+
+#[test]
+fn the_parser_sees_ech_wherever_it_sits() {
+    for (what, hello, ech) in crafted_hellos("cloudflare-ech.com") {
+        assert_eq!(reference_ech(&hello), ech, "{what}: tls-parser");
+        for (cut, cuts) in ech_cuttings(&hello, "cloudflare-ech.com") {
+            let (progress, h) = host_parse(&hello, &cuts);
+            assert_eq!(parsed_name(progress, &h), Some(canon("cloudflare-ech.com")), "{what}, {cut}");
+            assert_eq!((h.has_ech(), h.ended()), (ech, true), "{what}, {cut}");
+        }
+    }
+    // No server name: ECH is seen all the same.
+    let (progress, h) = host_parse(&crafted_hello(&[ech_ext(), (16, vec![0, 3, 2, b'h', b'2'])]), &[]);
+    assert_eq!((progress, h.has_ech()), (Progress::NoName, true));
+}
+
+/// The program with list "test" (normal.example) and ECH-outer list "ech"
+/// (cloudflare-ech.com and below), and the model told the same.
+fn ech_loaded() -> (Loaded, Model) {
+    let mut l = Loaded::new(&["normal.example"]);
+    l.set_list("ech", &[".cloudflare-ech.com", ".blocked.example"]);
+    let id = l.engine.list("ech").unwrap().id;
+    l.kernel.write_list_policy(id, filter_common::reply::DnsAction::Drop, true).unwrap();
+    let mut model = Model::default();
+    model.ech_outer = 1 << id;
+    (l, model)
+}
+
+#[test]
+fn an_ech_outer_list_blocks_only_hellos_with_ech() {
+    let (mut l, mut model) = ech_loaded();
+    let mut sport = 40000u16;
+    let mut flow = |l: &mut Loaded, model: &mut Model, stream: &[u8], cuts: &[usize], v6: bool, what: &str| {
+        sport += 1;
+        let mut stream = stream.to_vec();
+        // Application data after the hello, in the same flow.
+        stream.extend_from_slice(&[23, 3, 3, 0, 4, 1, 2, 3, 4]);
+        let frames: Vec<Vec<u8>> = segments(&stream, cuts, v6, sport).into_iter().map(|(_, f)| f).collect();
+        run(l, model, &frames, what)
+    };
+    for v6 in [false, true] {
+        for name in ["cloudflare-ech.com", "normal.example", "unlisted.example"] {
+            for (what, hello, ech) in crafted_hellos(name) {
+                for (cut, cuts) in ech_cuttings(&hello, name) {
+                    let what = format!("{name}, {what}, {cut}, v6={v6}");
+                    let (blocked, ech_blocked, ech_count) = (
+                        l.counter(counters::TLS_ECH_OUTER_BLOCKED),
+                        l.counter(counters::proto_index(counters::Proto::Tls, if v6 { Af::V6 } else { Af::V4 }, counters::Outcome::Blocked)),
+                        l.counter(counters::TLS_ECH),
+                    );
+                    let verdicts = flow(&mut l, &mut model, &hello, &cuts, v6, &what);
+                    let listed = name == "normal.example" || (name == "cloudflare-ech.com" && ech);
+                    if listed {
+                        assert_blocked_from_name(&verdicts, &what);
+                    } else {
+                        assert!(verdicts.iter().all(|v| *v == XDP_PASS), "{what}: {verdicts:?}");
+                    }
+                    let by_ech = u64::from(name == "cloudflare-ech.com" && ech);
+                    assert_eq!(l.counter(counters::TLS_ECH_OUTER_BLOCKED), blocked + by_ech, "{what}");
+                    let tls_blocked = l.counter(counters::proto_index(counters::Proto::Tls, if v6 { Af::V6 } else { Af::V4 }, counters::Outcome::Blocked));
+                    assert_eq!(tls_blocked, ech_blocked + u64::from(listed), "{what}");
+                    // ECH is counted once per hello, where the parser meets
+                    // it (a hello blocked by a normal rule is not read on).
+                    let read_past_ech =
+                        !(name == "normal.example" && cut != "whole" && extension_at(&hello, 0xfe0d).is_some_and(|e| e > find_sni_extension(&hello)));
+                    if read_past_ech {
+                        assert_eq!(l.counter(counters::TLS_ECH), ech_count + u64::from(ech), "{what}");
+                    }
+                }
+            }
+        }
+    }
+    // The captured Chromium hellos carry ECH GREASE: blocked when their name
+    // is on the ECH-outer list, in every cut; the others' hellos pass.
+    let hellos = captured_hellos();
+    for (i, h) in hellos.iter().enumerate().filter(|(_, h)| h.sni.as_deref().is_some_and(|s| s.to_ascii_lowercase().ends_with("blocked.example"))) {
+        let n = h.bytes.len();
+        for (cut, cuts) in [("whole", vec![]), ("as captured", h.cuts.clone()), ("1-byte", (1..n).collect())] {
+            let what = format!("captured hello {i} ({}, {:?}), {cut}", h.client, h.sni);
+            let verdicts = flow(&mut l, &mut model, &h.bytes, &cuts, i % 2 == 0, &what);
+            if h.client == "chromium" {
+                assert_blocked_from_name(&verdicts, &what);
+            } else {
+                assert!(!reference_ech(&h.bytes), "{what}");
+                assert!(verdicts.iter().all(|v| *v == XDP_PASS), "{what}: {verdicts:?}");
+            }
+        }
+    }
+    assert!(hellos.iter().any(|h| h.client == "chromium" && h.sni.as_deref().is_some_and(|s| s.ends_with("blocked.example"))));
+    assert!(hellos.iter().any(|h| h.client != "chromium" && h.sni.as_deref().is_some_and(|s| s.ends_with("blocked.example"))));
+}
+
+#[test]
+fn ech_outer_rules_leave_dns_alone() {
+    use blokir_tests::packets::{Frame, dns};
+    let (mut l, mut model) = ech_loaded();
+    for frame in [Frame::udp(), Frame::udp().v6(), Frame::tcp()] {
+        let v = run(&mut l, &mut model, &[dns(&frame, "cloudflare-ech.com")], "dns to an ECH-outer name");
+        assert_eq!(v, [XDP_PASS]);
+        let v = run(&mut l, &mut model, &[dns(&frame, "normal.example")], "dns to a normal name");
+        assert_eq!(v, [XDP_DROP]);
+    }
+}
+
+#[test]
+fn a_name_before_a_walk_too_long_for_the_budget_keeps_its_verdict() {
+    // The name first, then 800 empty extensions (1600 steps; no real
+    // client sends them): the walk for ECH runs out of rounds; the name's verdict
+    // applies, and an ECH-outer rule blocks (ECH may hide in the rest).
+    let (mut l, mut model) = ech_loaded();
+    let padding: Vec<(u16, Vec<u8>)> = (0..800).map(|_| (0xff01, vec![])).collect();
+    for (k, (name, want)) in [("normal.example", XDP_DROP), ("unlisted.example", XDP_PASS), ("cloudflare-ech.com", XDP_DROP)].into_iter().enumerate() {
+        let hello = crafted_hello(&[[sni_ext(name)].as_slice(), &padding, &[ech_ext()]].concat());
+        let too_complex = l.counter(counters::TLS_TOO_COMPLEX);
+        let v = run(&mut l, &mut model, &[tcp_frame(&hello, 77, k % 2 == 1, 41000 + k as u16)], name);
+        assert_eq!(v, [want], "{name}");
+        assert_eq!(l.counter(counters::TLS_TOO_COMPLEX), too_complex, "{name}");
+    }
+}
+
+#[test]
+fn a_name_completed_by_a_segments_last_step_is_reported_with_that_segment() {
+    // Python's 517-byte hello in 52-byte segments (a 64-byte server MSS): the
+    // third segment completes the name with the 32nd step of a round and
+    // ends there. Its verdict must come with it, not with the next segment.
+    let name = "mac.blocked.example";
+    let padding = (21, vec![0; 218]);
+    let hello = crafted_hello(&[sni_ext(name), (11, vec![3, 0, 1, 2]), (10, vec![0; 22]), padding]);
+    let at = hello.windows(name.len()).position(|w| w == name.as_bytes()).unwrap();
+    let mut l = Loaded::new(&["*.blocked.example"]);
+    let mut model = Model::default();
+    let mut checked = 0;
+    // Segment lengths that end a segment at each point just past the name.
+    for seg in 40..70 {
+        let cuts: Vec<usize> = (seg..hello.len()).step_by(seg).collect();
+        let first = cuts.iter().position(|c| *c >= at + name.len()).unwrap_or(cuts.len());
+        for v6 in [false, true] {
+            let frames: Vec<Vec<u8>> = segments(&hello, &cuts, v6, 46000 + 2 * seg as u16 + v6 as u16).into_iter().map(|(_, f)| f).collect();
+            let v = run(&mut l, &mut model, &frames, &format!("{seg}-byte segments, v6={v6}"));
+            assert_eq!(v.iter().position(|v| *v == XDP_DROP), Some(first), "{seg}-byte segments: {v:?}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 60);
 }
