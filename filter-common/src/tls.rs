@@ -128,6 +128,8 @@ impl Hello {
     pub const FLAG_SNI: u32 = 2;
     /// The flow is blocked: its later segments are dropped.
     pub const FLAG_BLOCKED: u32 = 4;
+    /// The blocked flow's client segments are answered with a TCP RST.
+    pub const FLAG_RESET: u32 = 8;
 
     /// Marks the flow blocked.
     pub fn block(&mut self) {
@@ -137,6 +139,17 @@ impl Hello {
 
     pub fn is_blocked(&self) -> bool {
         ld(&self.flags) & Hello::FLAG_BLOCKED != 0
+    }
+
+    /// Marks the flow blocked, its segments answered with a TCP RST.
+    pub fn block_reset(&mut self) {
+        let flags = ld(&self.flags) | Hello::FLAG_BLOCKED | Hello::FLAG_RESET;
+        st(&mut self.flags, flags);
+    }
+
+    /// A blocked flow whose segments are answered with a TCP RST.
+    pub fn resets(&self) -> bool {
+        ld(&self.flags) & Hello::FLAG_RESET != 0
     }
 
     /// A parser at the first byte of a TLS stream whose first segment starts

@@ -29,7 +29,7 @@ use crate::{
     policy::{DnsPolicy, TrafficPolicy},
     rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, store::Store},
 };
-use filter_common::reply::DnsAction;
+use filter_common::{reply::DnsAction, reset::TcpAction};
 
 pub struct Options {
     pub ifaces: Vec<String>,
@@ -189,7 +189,8 @@ impl State {
     /// list's status records the update, or its failure.
     pub(crate) fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule], action: DnsAction) -> anyhow::Result<ChangeSummary> {
         let started = Instant::now();
-        let result = apply_list(&mut self.engine, &mut self.kernel, action, name, source, rules);
+        let tcp = self.dns.tcp_action_for(name);
+        let result = apply_list(&mut self.engine, &mut self.kernel, (action, tcp), name, source, rules);
         let status = self.list_status.entry(name.to_string()).or_default();
         match &result {
             Ok(s) => status.updated(s.added + s.removed > 0),
@@ -373,11 +374,11 @@ impl State {
 }
 
 /// Makes `rules` the contents of list `name` in the engine and the kernel,
-/// with the list's DNS action in place before any of its rules.
+/// with the list's DNS and TCP actions in place before any of its rules.
 pub fn apply_list(
     engine: &mut Engine,
     kernel: &mut Kernel,
-    action: DnsAction,
+    (action, tcp): (DnsAction, TcpAction),
     name: &str,
     source: Option<PathBuf>,
     rules: &[Rule],
@@ -387,7 +388,7 @@ pub fn apply_list(
         // A new list may take a freed id: its counters start from zero.
         kernel.reset_list_hits(change.list_id())?;
     }
-    kernel.write_list_action(change.list_id(), action)?;
+    kernel.write_list_action(change.list_id(), action, tcp)?;
     engine.apply(change, kernel)
 }
 

@@ -21,6 +21,7 @@ use filter_common::{
     counters,
     flow::Flow,
     reply::DnsAction,
+    reset::{TcpAction, list_action_word},
     rules::{
         Config, DNS_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS,
         MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS,
@@ -332,9 +333,10 @@ impl Kernel {
         Ok(())
     }
 
-    /// What the program does with blocked UDP queries of list `id`.
-    pub fn write_list_action(&mut self, id: u8, action: DnsAction) -> anyhow::Result<()> {
-        self.list_actions.set(u32::from(id), action as u32, 0).context("writing a list's DNS action")
+    /// What the program does with blocked UDP queries and blocked TCP flows
+    /// of list `id`.
+    pub fn write_list_action(&mut self, id: u8, action: DnsAction, tcp: TcpAction) -> anyhow::Result<()> {
+        self.list_actions.set(u32::from(id), list_action_word(action, tcp), 0).context("writing a list's actions")
     }
 
     /// Puts the program on `iface` through the link pinned in `pins`: an

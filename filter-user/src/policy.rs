@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::bail;
 use filter_common::{
     reply::DnsAction,
+    reset::TcpAction,
     rules::{Config, MAX_HTTP_PORTS},
 };
 
@@ -19,11 +20,23 @@ pub struct DnsPolicy {
     pub answer_ttl: u32,
     pub redirect_v4: Option<Ipv4Addr>,
     pub redirect_v6: Option<Ipv6Addr>,
+    /// What TCP flows blocked by name (TLS, HTTP) get, for lists without
+    /// their own.
+    pub tcp_default: TcpAction,
+    pub tcp_per_list: Vec<(String, TcpAction)>,
 }
 
 impl Default for DnsPolicy {
     fn default() -> Self {
-        DnsPolicy { default: DnsAction::Drop, per_list: Vec::new(), answer_ttl: 60, redirect_v4: None, redirect_v6: None }
+        DnsPolicy {
+            default: DnsAction::Drop,
+            per_list: Vec::new(),
+            answer_ttl: 60,
+            redirect_v4: None,
+            redirect_v6: None,
+            tcp_default: TcpAction::Drop,
+            tcp_per_list: Vec::new(),
+        }
     }
 }
 
@@ -32,12 +45,21 @@ impl DnsPolicy {
         self.per_list.iter().rev().find(|(l, _)| l == list).map_or(self.default, |(_, a)| *a)
     }
 
+    pub fn tcp_action_for(&self, list: &str) -> TcpAction {
+        self.tcp_per_list.iter().rev().find(|(l, _)| l == list).map_or(self.tcp_default, |(_, a)| *a)
+    }
+
     /// Every per-list action names a known list, and `redirect` has an
     /// address to redirect to.
     pub fn validate(&self, lists: &[&str]) -> anyhow::Result<()> {
         for (l, _) in &self.per_list {
             if !lists.contains(&l.as_str()) {
                 bail!("--list-dns-action names list {l:?}, but the lists are: {}", lists.join(", "));
+            }
+        }
+        for (l, _) in &self.tcp_per_list {
+            if !lists.contains(&l.as_str()) {
+                bail!("--list-tcp-action names list {l:?}, but the lists are: {}", lists.join(", "));
             }
         }
         let redirects = self.default == DnsAction::Redirect || self.per_list.iter().any(|(_, a)| *a == DnsAction::Redirect);
@@ -77,6 +99,23 @@ pub fn parse_list_action(s: &str) -> Result<(String, DnsAction), String> {
         return Err(format!("expected LIST=ACTION, got {s:?}"));
     }
     Ok((list.to_string(), parse_action(action)?))
+}
+
+/// `drop` or `reset`.
+pub fn parse_tcp_action(s: &str) -> Result<TcpAction, String> {
+    TcpAction::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+        let names: Vec<&str> = TcpAction::ALL.iter().map(|a| a.name()).collect();
+        format!("unknown TCP action {s:?} (expected one of: {})", names.join(", "))
+    })
+}
+
+/// `LIST=ACTION`, for the TCP action.
+pub fn parse_list_tcp_action(s: &str) -> Result<(String, TcpAction), String> {
+    let (list, action) = s.split_once('=').ok_or_else(|| format!("expected LIST=ACTION, got {s:?}"))?;
+    if list.is_empty() {
+        return Err(format!("expected LIST=ACTION, got {s:?}"));
+    }
+    Ok((list.to_string(), parse_tcp_action(action)?))
 }
 
 /// What QUIC Initials (UDP/443) get: counted and passed, or dropped (browsers
