@@ -630,4 +630,16 @@ mod tests {
         assert_eq!(pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(!detach_on_exit && !cleanup);
     }
+
+    #[test]
+    fn tcp_action_flags() {
+        let parse = |extra: &[&str]| Cli::try_parse_from([&["blokir", "run", "--iface", "eth1"], extra].concat());
+        let Command::Run { dns, .. } = parse(&["--tcp-action", "reset", "--list-tcp-action", "local=drop"]).unwrap().command else { panic!("not run") };
+        let p = dns.policy();
+        assert_eq!((p.tcp_default, p.tcp_per_list), (TcpAction::Reset, vec![("local".to_string(), TcpAction::Drop)]));
+        let Command::Run { dns, .. } = parse(&[]).unwrap().command else { panic!("not run") };
+        assert_eq!(dns.policy().tcp_default, TcpAction::Drop);
+        let Err(e) = parse(&["--tcp-action", "rst"]) else { panic!("accepted --tcp-action rst") };
+        assert!(e.to_string().contains("unknown TCP action \"rst\""), "{e}");
+    }
 }

@@ -194,6 +194,19 @@ mod tests {
     }
 
     #[test]
+    fn tcp_actions() {
+        assert_eq!(parse_tcp_action("reset"), Ok(TcpAction::Reset));
+        assert!(parse_tcp_action("rst").unwrap_err().contains("unknown TCP action \"rst\" (expected one of: drop, reset)"));
+        assert_eq!(parse_list_tcp_action("telegram=reset"), Ok(("telegram".into(), TcpAction::Reset)));
+        assert!(parse_list_tcp_action("=reset").is_err() && parse_list_tcp_action("telegram").is_err());
+        assert!(parse_list_tcp_action("telegram=nxdomain").unwrap_err().contains("unknown TCP action"));
+        let p = DnsPolicy { tcp_default: TcpAction::Reset, tcp_per_list: vec![("local".into(), TcpAction::Drop)], ..DnsPolicy::default() };
+        assert_eq!((p.tcp_action_for("local"), p.tcp_action_for("telegram")), (TcpAction::Drop, TcpAction::Reset));
+        p.validate(&["local", "telegram"]).unwrap();
+        assert!(p.validate(&["telegram"]).unwrap_err().to_string().contains("--list-tcp-action names list \"local\""));
+    }
+
+    #[test]
     fn http_ports() {
         assert_eq!(parse_port("8080"), Ok(8080));
         assert!(parse_port("0").unwrap_err().contains("port 0"));
