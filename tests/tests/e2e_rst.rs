@@ -116,7 +116,10 @@ fn listed_names_fail_at_once_with_a_reset_unlisted_ones_are_served_and_drop_list
             let what = format!("{scheme}://{name} at {server}, {took:.2?}");
             assert!(matches!(out.code(), Some(35 | 56)), "{what}: curl should fail with a reset: {out}");
             assert!(out.stderr.contains("reset by peer"), "{what}: {out}");
-            assert!(took < Duration::from_millis(900), "{what}: not fast");
+            // Typically 20-550 ms here, process start-up included; the bound
+            // leaves room for a loaded CI machine and is far below the 5 s
+            // a dropped flow takes.
+            assert!(took < Duration::from_millis(1500), "{what}: not fast");
             eprintln!("{what}: curl exit {:?}, {}", out.code(), out.stderr.trim());
             resets += 1;
         }
