@@ -119,7 +119,16 @@ pub const HTTP_TOO_LONG: u32 = 13;
 /// Segments of a request being read that arrived ahead of the bytes before
 /// them: dropped, so the client resends in order.
 pub const HTTP_OUT_OF_ORDER: u32 = 14;
-const PROTO_BASE: u32 = 15;
+/// TCP RSTs sent back to clients of flows blocked by a list whose TCP
+/// action is `reset`.
+pub const TCP_RESETS: u32 = 15;
+/// Segments that were to be answered with a RST but have IP options or
+/// IPv6 extension headers (dropped instead).
+pub const TCP_RESET_NOT_PLAIN: u32 = 16;
+/// Segments whose RST could not be written, or the answer stage not
+/// reached (dropped instead).
+pub const TCP_RESET_FAILED: u32 = 17;
+const PROTO_BASE: u32 = 18;
 
 /// ClientHello events by their `/metrics` label.
 pub const TLS_EVENTS: [(&str, u32); 6] = [
@@ -140,6 +149,8 @@ pub const HTTP_EVENTS: [(&str, u32); 5] = [
 ];
 /// Why blocked UDP queries were dropped instead of answered, by label.
 pub const ANSWER_FALLBACKS: [(&str, u32); 2] = [("not_plain", REPLY_NOT_PLAIN), ("failed", REPLY_FAILED)];
+/// Why segments of reset flows were dropped instead, by label.
+pub const RESET_FALLBACKS: [(&str, u32); 2] = [("not_plain", TCP_RESET_NOT_PLAIN), ("failed", TCP_RESET_FAILED)];
 const MALFORMED_BASE: u32 = PROTO_BASE + (Proto::COUNT * Af::COUNT * Outcome::COUNT) as u32;
 const ACTION_BASE: u32 = MALFORMED_BASE + Malformed::COUNT as u32;
 /// ClientHellos blocked by an ECH-outer rule (`--ech-outer-list`): the name
@@ -183,9 +194,10 @@ mod tests {
         mark(PACKETS);
         mark(FRAGMENTS);
         mark(UNCONFIGURED);
-        for (_, i) in ANSWER_FALLBACKS {
-            mark(i);
+        for (_, i) in ANSWER_FALLBACKS.iter().chain(&RESET_FALLBACKS) {
+            mark(*i);
         }
+        mark(TCP_RESETS);
         for (_, i) in TLS_EVENTS.iter().chain(&HTTP_EVENTS) {
             mark(*i);
         }

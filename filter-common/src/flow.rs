@@ -35,4 +35,12 @@ impl Flow {
         // SAFETY: the variant `kind` names.
         unsafe { if self.kind() == KIND_HTTP { self.request.block() } else { self.hello.block() } }
     }
+
+    /// Marks the flow blocked: its later client segments are answered with
+    /// a TCP RST.
+    #[inline(always)]
+    pub fn block_reset(&mut self) {
+        // SAFETY: the variant `kind` names.
+        unsafe { if self.kind() == KIND_HTTP { self.request.block_reset() } else { self.hello.block_reset() } }
+    }
 }

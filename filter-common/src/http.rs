@@ -135,6 +135,8 @@ impl Request {
     pub const FLAG_BLOCKED: u32 = 1;
     /// The target is in absolute form: its authority is the name.
     const FLAG_ABSOLUTE: u32 = 2;
+    /// The blocked flow's client segments are answered with a TCP RST.
+    pub const FLAG_RESET: u32 = 4;
 
     /// A parser at the first byte of a request whose first segment starts
     /// at sequence number `seq`.
@@ -175,6 +177,17 @@ impl Request {
 
     pub fn is_blocked(&self) -> bool {
         ld(&self.flags) & Request::FLAG_BLOCKED != 0
+    }
+
+    /// Marks the flow blocked, its segments answered with a TCP RST.
+    pub fn block_reset(&mut self) {
+        let flags = ld(&self.flags) | Request::FLAG_BLOCKED | Request::FLAG_RESET;
+        st(&mut self.flags, flags);
+    }
+
+    /// A blocked flow whose segments are answered with a TCP RST.
+    pub fn resets(&self) -> bool {
+        ld(&self.flags) & Request::FLAG_RESET != 0
     }
 
     /// Copies the finished name into a matcher buffer.

@@ -18,6 +18,7 @@ pub mod name;
 pub mod packet;
 pub mod quic;
 pub mod reply;
+pub mod reset;
 pub mod rules;
 pub mod tls;
 

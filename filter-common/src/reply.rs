@@ -39,10 +39,11 @@ impl DnsAction {
             DnsAction::Redirect => "redirect",
         }
     }
-    /// Unknown values mean `Drop`.
+    /// From a list's `LIST_ACTIONS` word (its low byte; the bits above
+    /// are the TCP action, `reset::LIST_TCP_RESET`). Unknown values mean `Drop`.
     #[inline(always)]
     pub const fn from_u32(v: u32) -> Self {
-        match v {
+        match v & 0xff {
             1 => DnsAction::Nxdomain,
             2 => DnsAction::Refused,
             3 => DnsAction::Nodata,
@@ -206,7 +207,7 @@ pub fn build_reply<P: PacketMut + ?Sized>(p: &mut P, q: &QueryAt, action: DnsAct
 
 /// Swaps `n` bytes at `a` with `n` bytes at `b`.
 #[inline(always)]
-fn swap<P: PacketMut + ?Sized>(p: &mut P, a: usize, b: usize, n: usize) -> Result<(), NoReply> {
+pub(crate) fn swap<P: PacketMut + ?Sized>(p: &mut P, a: usize, b: usize, n: usize) -> Result<(), NoReply> {
     for i in 0..16 {
         if i >= n {
             break;
@@ -220,7 +221,7 @@ fn swap<P: PacketMut + ?Sized>(p: &mut P, a: usize, b: usize, n: usize) -> Resul
 
 /// Sums `words` 16-bit words at `off` (at most `max`).
 #[inline(always)]
-fn sum_words<P: PacketMut + ?Sized>(p: &P, off: usize, words: usize, max: usize) -> u64 {
+pub(crate) fn sum_words<P: PacketMut + ?Sized>(p: &P, off: usize, words: usize, max: usize) -> u64 {
     let mut sum = 0u64;
     for i in 0..max {
         if i >= words {
@@ -246,7 +247,7 @@ fn sum_bytes<P: PacketMut + ?Sized>(p: &P, off: usize, len: usize) -> u64 {
 }
 
 #[inline(always)]
-const fn fold(mut sum: u64) -> u16 {
+pub(crate) const fn fold(mut sum: u64) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);

@@ -151,6 +151,8 @@ impl Hello {
     /// The walk after the name ran out of budget (`name_so_far`): whether
     /// ECH follows is unknown.
     pub const FLAG_CUT: u32 = 128;
+    /// The blocked flow's client segments are answered with a TCP RST.
+    pub const FLAG_RESET: u32 = 256;
 
     /// Whether the hello ended (after its name).
     pub fn ended(&self) -> bool {
@@ -176,6 +178,17 @@ impl Hello {
 
     pub fn is_blocked(&self) -> bool {
         ld(&self.flags) & Hello::FLAG_BLOCKED != 0
+    }
+
+    /// Marks the flow blocked, its segments answered with a TCP RST.
+    pub fn block_reset(&mut self) {
+        let flags = ld(&self.flags) | Hello::FLAG_BLOCKED | Hello::FLAG_RESET;
+        st(&mut self.flags, flags);
+    }
+
+    /// A blocked flow whose segments are answered with a TCP RST.
+    pub fn resets(&self) -> bool {
+        ld(&self.flags) & Hello::FLAG_RESET != 0
     }
 
     /// A parser at the first byte of a TLS stream whose first segment starts

@@ -16,6 +16,7 @@ use filter_common::{
 };
 
 use crate::{
+    dns::to_reset,
     maps::{CONFIG, FLOW_INIT, FLOWS, Maps, STAGES, count},
     packet::XdpPacket,
     tls::{finish, to_match},
@@ -72,7 +73,7 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     // SAFETY: the variant `kind` names.
     let req = unsafe { &mut flow.request };
     if req.is_blocked() {
-        return xdp_action::XDP_DROP;
+        return if req.resets() { to_reset(pkt) } else { xdp_action::XDP_DROP };
     }
     let start = match resume(req, seq, off, end) {
         Resume::At(start) => start,

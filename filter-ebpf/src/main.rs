@@ -88,7 +88,8 @@ pub fn blokir_http(ctx: XdpContext) -> u32 {
     http::stream(&XdpPacket { ctx: &ctx })
 }
 
-/// The answer stage: a blocked DNS query turned into its answer.
+/// The answer stage: a blocked DNS query turned into its answer, or a
+/// blocked TCP segment into a RST.
 #[xdp]
 pub fn blokir_reply(ctx: XdpContext) -> u32 {
     dns::reply(&mut XdpPacket { ctx: &ctx })
@@ -96,8 +97,8 @@ pub fn blokir_reply(ctx: XdpContext) -> u32 {
 
 /// The match stage: a server name the stream stage finished.
 #[xdp]
-pub fn blokir_match(_ctx: XdpContext) -> u32 {
-    tls::decide()
+pub fn blokir_match(ctx: XdpContext) -> u32 {
+    tls::decide(&XdpPacket { ctx: &ctx })
 }
 
 #[cfg(not(test))]

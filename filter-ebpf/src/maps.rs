@@ -41,7 +41,8 @@ pub static LIST_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_LISTS
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<CanonBuf> = PerCpuArray::with_max_entries(1, 0);
 
-/// The DNS action of each list (a `DnsAction`; 0, drop, by default).
+/// The actions of each list: its `DnsAction` in the low byte (0, drop, by
+/// default), `reset::LIST_TCP_RESET` for its TCP action `reset`.
 #[map(name = "LIST_ACTIONS")]
 pub static LIST_ACTIONS: Array<u32> = Array::with_max_entries(MAX_LISTS, 0);
 
@@ -112,6 +113,20 @@ impl ReplyJob {
             flags,
             action: action as u32,
         }
+    }
+
+    /// The job of a TCP segment to be turned into a RST (the answer stage
+    /// reads the packet's headers again).
+    pub const TCP_RESET: u32 = 0x100;
+
+    #[inline(always)]
+    pub fn tcp_reset() -> Self {
+        ReplyJob { l3_off: 0, l4_off: 0, msg_off: 0, question_end: 0, qtype: 0, flags: 0, action: Self::TCP_RESET }
+    }
+
+    #[inline(always)]
+    pub fn is_tcp_reset(&self) -> bool {
+        self.action == Self::TCP_RESET
     }
 
     #[inline(always)]

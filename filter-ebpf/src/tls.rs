@@ -9,12 +9,14 @@ use filter_common::{
     inspect::Env as _,
     name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
+    reset::LIST_TCP_RESET,
     rules::{LIST_ECH_OUTER, RuleRef},
     rules::{STAGE_MATCH, STAGE_TLS},
     tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, name_so_far, resume, starts_hello},
 };
 
 use crate::{
+    dns::to_reset,
     maps::{CONFIG, FLOW_INIT, FLOWS, LIST_ACTIONS, MATCH_JOB, Maps, Rules, SCRATCH, STAGES, block_event, count, hit},
     packet::XdpPacket,
 };
@@ -62,7 +64,7 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     // SAFETY: the variant `kind` names.
     let hello = unsafe { &mut flow.hello };
     if hello.is_blocked() {
-        return xdp_action::XDP_DROP;
+        return if hello.resets() { to_reset(pkt) } else { xdp_action::XDP_DROP };
     }
     let start = match resume(hello, seq, off, end) {
         Resume::At(start) => start,
@@ -152,9 +154,9 @@ pub fn to_match(pkt: &XdpPacket, copy: impl FnOnce(&mut CanonBuf), key: &FlowKey
 
 /// The match stage: matches the name a stream stage (TLS or HTTP)
 /// finished. A blocked flow keeps its state (so its later segments are
-/// dropped); any other forgets it.
+/// dropped, or answered with a RST); any other forgets it.
 #[inline(always)]
-pub fn decide() -> u32 {
+pub fn decide(pkt: &XdpPacket) -> u32 {
     let (Some(buf), Some(job), Some(cfg)) = (SCRATCH.get_ptr_mut(0), MATCH_JOB.get(0), CONFIG.get(0)) else { return xdp_action::XDP_PASS };
     // SAFETY: per-CPU scratch.
     let buf = unsafe { &mut *buf };
@@ -172,9 +174,14 @@ pub fn decide() -> u32 {
             if let Some(j) = MATCH_JOB.get(0) {
                 block_event(proto, af, rule, j.start as usize);
             }
+            let reset = LIST_ACTIONS.get(rule.list()).is_some_and(|a| *a & LIST_TCP_RESET != 0);
             if let Some(h) = FLOWS.get_ptr_mut(&key) {
                 // SAFETY: the flow's map value.
-                unsafe { &mut *h }.block();
+                let h = unsafe { &mut *h };
+                if reset { h.block_reset() } else { h.block() }
+            }
+            if reset {
+                return to_reset(pkt);
             }
             xdp_action::XDP_DROP
         }

@@ -29,7 +29,7 @@ use crate::{
     policy::{DnsPolicy, TrafficPolicy},
     rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, store::Store},
 };
-use filter_common::reply::DnsAction;
+use filter_common::{reply::DnsAction, reset::TcpAction};
 
 pub struct Options {
     pub ifaces: Vec<String>,
@@ -189,8 +189,8 @@ impl State {
     /// list's status records the update, or its failure.
     pub(crate) fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule], action: DnsAction) -> anyhow::Result<ChangeSummary> {
         let started = Instant::now();
-        let ech_outer = self.dns.is_ech_outer(name);
-        let result = apply_list(&mut self.engine, &mut self.kernel, action, ech_outer, name, source, rules);
+        let (ech_outer, tcp) = (self.dns.is_ech_outer(name), self.dns.tcp_action_for(name));
+        let result = apply_list(&mut self.engine, &mut self.kernel, (action, tcp), ech_outer, name, source, rules);
         let status = self.list_status.entry(name.to_string()).or_default();
         match &result {
             Ok(s) => status.updated(s.added + s.removed > 0),
@@ -374,12 +374,12 @@ impl State {
 }
 
 /// Makes `rules` the contents of list `name` in the engine and the kernel,
-/// with the list's DNS action (and ECH-outer flag) in place before any of
-/// its rules.
+/// with the list's DNS and TCP actions (and ECH-outer flag) in place before
+/// any of its rules.
 pub fn apply_list(
     engine: &mut Engine,
     kernel: &mut Kernel,
-    action: DnsAction,
+    (action, tcp): (DnsAction, TcpAction),
     ech_outer: bool,
     name: &str,
     source: Option<PathBuf>,
@@ -390,7 +390,7 @@ pub fn apply_list(
         // A new list may take a freed id: its counters start from zero.
         kernel.reset_list_hits(change.list_id())?;
     }
-    kernel.write_list_policy(change.list_id(), action, ech_outer)?;
+    kernel.write_list_policy(change.list_id(), action, tcp, ech_outer)?;
     engine.apply(change, kernel)
 }
 

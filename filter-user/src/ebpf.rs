@@ -21,6 +21,7 @@ use filter_common::{
     counters,
     flow::Flow,
     reply::DnsAction,
+    reset::{TcpAction, list_action_word},
     rules::{
         Config, DNS_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS,
         MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS,
@@ -332,15 +333,16 @@ impl Kernel {
         Ok(())
     }
 
-    /// What the program does with blocked UDP queries of list `id`.
-    pub fn write_list_action(&mut self, id: u8, action: DnsAction) -> anyhow::Result<()> {
-        self.write_list_policy(id, action, false)
+    /// What the program does with blocked UDP queries and blocked TCP flows
+    /// of list `id`.
+    pub fn write_list_action(&mut self, id: u8, action: DnsAction, tcp: TcpAction) -> anyhow::Result<()> {
+        self.write_list_policy(id, action, tcp, false)
     }
 
     /// `write_list_action`, and whether the list is an ECH-outer list (its
     /// rules block only ClientHellos with ECH; `--ech-outer-list`).
-    pub fn write_list_policy(&mut self, id: u8, action: DnsAction, ech_outer: bool) -> anyhow::Result<()> {
-        let word = action as u32 | if ech_outer { filter_common::rules::LIST_ECH_OUTER } else { 0 };
+    pub fn write_list_policy(&mut self, id: u8, action: DnsAction, tcp: TcpAction, ech_outer: bool) -> anyhow::Result<()> {
+        let word = list_action_word(action, tcp) | if ech_outer { filter_common::rules::LIST_ECH_OUTER } else { 0 };
         self.list_actions.set(u32::from(id), word, 0).context("writing a list's policy")
     }
 

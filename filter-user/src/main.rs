@@ -16,12 +16,12 @@ use blokir::{
     lists::{self, ListDef, parse_interval},
     metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
-    policy::{DnsPolicy, QuicPolicy, TrafficPolicy, parse_action, parse_list_action, parse_port},
+    policy::{DnsPolicy, QuicPolicy, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action, parse_port, parse_tcp_action},
     replay,
     rules::formats::Format,
 };
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
-use filter_common::{reply::DnsAction, rules::DEFAULT_RULE_CAPACITY};
+use filter_common::{reply::DnsAction, reset::TcpAction, rules::DEFAULT_RULE_CAPACITY};
 use std::io::Write as _;
 
 /// Exit codes: 0 done, 1 error (e.g. no daemon), 2 bad command line (clap),
@@ -195,11 +195,18 @@ struct DnsArgs {
     /// TTL of redirect answers, in seconds.
     #[arg(long, default_value_t = 60)]
     answer_ttl: u32,
+    /// What TCP flows blocked by name (TLS server name, HTTP Host) get:
+    /// drop (the client times out) or reset (a TCP RST back to the client).
+    #[arg(long, value_parser = parse_tcp_action, default_value = "drop")]
+    tcp_action: TcpAction,
+    /// The TCP action for one list, overriding --tcp-action (repeatable).
+    #[arg(long = "list-tcp-action", value_name = "LIST=ACTION", value_parser = parse_list_tcp_action)]
+    list_tcp_actions: Vec<(String, TcpAction)>,
 }
 
 impl DnsArgs {
     fn policy(self) -> DnsPolicy {
-        let DnsArgs { dns_action, list_dns_actions, ech_outer_lists, redirect_ipv4, redirect_ipv6, answer_ttl } = self;
+        let DnsArgs { dns_action, list_dns_actions, ech_outer_lists, redirect_ipv4, redirect_ipv6, answer_ttl, tcp_action, list_tcp_actions } = self;
         DnsPolicy {
             default: dns_action,
             per_list: list_dns_actions,
@@ -207,6 +214,8 @@ impl DnsArgs {
             answer_ttl,
             redirect_v4: redirect_ipv4,
             redirect_v6: redirect_ipv6,
+            tcp_default: tcp_action,
+            tcp_per_list: list_tcp_actions,
         }
     }
 }
@@ -626,5 +635,17 @@ mod tests {
         assert_eq!(metrics_addr.to_string(), "127.0.0.1:9947");
         assert_eq!(pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(!detach_on_exit && !cleanup);
+    }
+
+    #[test]
+    fn tcp_action_flags() {
+        let parse = |extra: &[&str]| Cli::try_parse_from([&["blokir", "run", "--iface", "eth1"], extra].concat());
+        let Command::Run { dns, .. } = parse(&["--tcp-action", "reset", "--list-tcp-action", "local=drop"]).unwrap().command else { panic!("not run") };
+        let p = dns.policy();
+        assert_eq!((p.tcp_default, p.tcp_per_list), (TcpAction::Reset, vec![("local".to_string(), TcpAction::Drop)]));
+        let Command::Run { dns, .. } = parse(&[]).unwrap().command else { panic!("not run") };
+        assert_eq!(dns.policy().tcp_default, TcpAction::Drop);
+        let Err(e) = parse(&["--tcp-action", "rst"]) else { panic!("accepted --tcp-action rst") };
+        assert!(e.to_string().contains("unknown TCP action \"rst\""), "{e}");
     }
 }

@@ -219,6 +219,22 @@ impl Collector for Blokir {
             rows,
         )?;
 
+        family(
+            &mut enc,
+            "blokir_tcp_resets",
+            "TCP RSTs sent back to clients of flows blocked by a list whose TCP action is reset.",
+            MetricType::Counter,
+            [(vec![], get(counters::TCP_RESETS))],
+        )?;
+        let rows = counters::RESET_FALLBACKS.map(|(r, i)| (vec![("reason", r)], get(i)));
+        family(
+            &mut enc,
+            "blokir_tcp_reset_fallbacks",
+            "Segments of reset flows dropped instead: IP options or IPv6 extension headers (not_plain), or the RST could not be written or its stage not reached (failed).",
+            MetricType::Counter,
+            rows,
+        )?;
+
         let lists = state.engine.lists();
         let list_hits: Vec<[u64; 2]> = lists.iter().map(|l| state.kernel.list_hits(l.id).unwrap_or_default()).collect();
         family(

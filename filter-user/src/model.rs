@@ -14,8 +14,9 @@ use filter_common::{
     inspect::{Env, Inspection, inspect},
     name::{CANON_CAP, CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
-    reply::DnsAction,
-    rules::{Config, RuleRef},
+    reply::{DnsAction, NoReply},
+    reset::{TcpAction, build_reset},
+    rules::{Config, MAX_LISTS, RuleRef},
     tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, name_so_far, resume, starts_hello},
 };
 
@@ -23,6 +24,7 @@ use crate::rules::{Engine, engine::Nodes};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 /// What the model made of one packet.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,6 +38,8 @@ pub struct Step {
     pub name: Option<String>,
     /// The rule that decided: a block rule, or an allow rule.
     pub rule: Option<RuleRef>,
+    /// The packet sent back (`XDP_TX`): a TCP RST.
+    pub sent: Option<Vec<u8>>,
 }
 
 /// The flow table (the kernel's LRU map, without eviction: tests stay far
@@ -47,6 +51,8 @@ pub struct Model {
     pub ech_outer: u128,
     flows: HashMap<FlowKey, Flow>,
     requests: HashMap<FlowKey, HttpFlow>,
+    /// Lists (by id) whose TCP action is `reset`.
+    resets: std::collections::HashSet<u32>,
 }
 
 /// The name and rule that blocked a flow, for its later segments.
@@ -63,6 +69,15 @@ struct HttpFlow {
 }
 
 impl Model {
+    /// The TCP action of list `id` (`drop` unless set).
+    pub fn set_tcp_action(&mut self, id: u8, action: TcpAction) {
+        debug_assert!(u32::from(id) < MAX_LISTS);
+        match action {
+            TcpAction::Reset => self.resets.insert(u32::from(id)),
+            TcpAction::Drop => self.resets.remove(&u32::from(id)),
+        };
+    }
+
     /// The verdict for `packet` and the counters it moves (besides
     /// `PACKETS`), with every list's DNS action `drop` (see `counted`),
     /// under the program's settings `cfg` (HTTP ports, block page, QUIC).
@@ -135,6 +150,9 @@ impl Model {
         let req = &mut flow.request;
         if req.is_blocked() {
             (step.name, step.rule) = flow.seen.clone().unwrap_or_default();
+            if req.resets() {
+                return reset(p, step);
+            }
             return Step { verdict: XDP_DROP, ..step };
         }
         let mut progress = http::Progress::StepsExhausted;
@@ -170,8 +188,13 @@ impl Model {
                 req.copy_name(&mut buf);
                 let blocked = matched(engine, cfg, self.ech_outer, &mut buf, len, Proto::Http, l3.af, &mut step, None);
                 if blocked {
-                    req.block();
                     flow.seen = Some((step.name.clone(), step.rule));
+                    if self.resets.contains(&step.rule.map_or(u32::MAX, |r| r.list())) {
+                        req.block_reset();
+                        step = reset(p, step);
+                    } else {
+                        req.block();
+                    }
                 }
                 blocked
             }
@@ -201,6 +224,9 @@ impl Model {
         if hello.is_blocked() {
             // A later segment of a blocked flow: named after its hello.
             (step.name, step.rule) = flow.seen.clone().unwrap_or_default();
+            if hello.resets() {
+                return reset(p, step);
+            }
             return Step { verdict: XDP_DROP, ..step };
         }
         let mut progress = Progress::StepsExhausted;
@@ -250,9 +276,14 @@ impl Model {
                 let mut buf = CanonBuf::default();
                 hello.copy_name(&mut buf);
                 if matched(engine, cfg, self.ech_outer, &mut buf, len, Proto::Tls, l3.af, &mut step, Some(&mut **hello)) {
-                    hello.block();
                     flow.seen = Some((step.name.clone(), step.rule));
-                    step
+                    if self.resets.contains(&step.rule.map_or(u32::MAX, |r| r.list())) {
+                        hello.block_reset();
+                        reset(p, step)
+                    } else {
+                        hello.block();
+                        step
+                    }
                 } else if !hello.ended() {
                     // Walked on to the hello's end (for ECH, and an ECH-outer
                     // rule waiting for it).
@@ -262,6 +293,26 @@ impl Model {
                     finish(&mut self.flows, step, None)
                 }
             }
+        }
+    }
+}
+
+/// The answer stage for a client segment of a reset flow: the RST sent
+/// back, or a drop and why.
+fn reset(p: &[u8], mut step: Step) -> Step {
+    let mut out = p.to_vec();
+    match build_reset(&mut out, |x| x) {
+        Ok(()) => {
+            step.counted.push(counters::TCP_RESETS);
+            Step { verdict: XDP_TX, sent: Some(out), ..step }
+        }
+        Err(NoReply::NotPlain) => {
+            step.counted.push(counters::TCP_RESET_NOT_PLAIN);
+            Step { verdict: XDP_DROP, ..step }
+        }
+        Err(_) => {
+            step.counted.push(counters::TCP_RESET_FAILED);
+            Step { verdict: XDP_DROP, ..step }
         }
     }
 }

@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::bail;
 use filter_common::{
     reply::DnsAction,
+    reset::TcpAction,
     rules::{Config, MAX_HTTP_PORTS},
 };
 
@@ -22,11 +23,24 @@ pub struct DnsPolicy {
     pub answer_ttl: u32,
     pub redirect_v4: Option<Ipv4Addr>,
     pub redirect_v6: Option<Ipv6Addr>,
+    /// What TCP flows blocked by name (TLS, HTTP) get, for lists without
+    /// their own.
+    pub tcp_default: TcpAction,
+    pub tcp_per_list: Vec<(String, TcpAction)>,
 }
 
 impl Default for DnsPolicy {
     fn default() -> Self {
-        DnsPolicy { default: DnsAction::Drop, per_list: Vec::new(), ech_outer: Vec::new(), answer_ttl: 60, redirect_v4: None, redirect_v6: None }
+        DnsPolicy {
+            default: DnsAction::Drop,
+            per_list: Vec::new(),
+            ech_outer: Vec::new(),
+            answer_ttl: 60,
+            redirect_v4: None,
+            redirect_v6: None,
+            tcp_default: TcpAction::Drop,
+            tcp_per_list: Vec::new(),
+        }
     }
 }
 
@@ -37,6 +51,10 @@ impl DnsPolicy {
 
     pub fn is_ech_outer(&self, list: &str) -> bool {
         self.ech_outer.iter().any(|l| l == list)
+    }
+
+    pub fn tcp_action_for(&self, list: &str) -> TcpAction {
+        self.tcp_per_list.iter().rev().find(|(l, _)| l == list).map_or(self.tcp_default, |(_, a)| *a)
     }
 
     /// Every per-list action and ECH-outer list names a known list, and `redirect` has an
@@ -50,6 +68,11 @@ impl DnsPolicy {
         for l in &self.ech_outer {
             if !lists.contains(&l.as_str()) {
                 bail!("--ech-outer-list names list {l:?}, but the lists are: {}", lists.join(", "));
+            }
+        }
+        for (l, _) in &self.tcp_per_list {
+            if !lists.contains(&l.as_str()) {
+                bail!("--list-tcp-action names list {l:?}, but the lists are: {}", lists.join(", "));
             }
         }
         let redirects = self.default == DnsAction::Redirect || self.per_list.iter().any(|(_, a)| *a == DnsAction::Redirect);
@@ -89,6 +112,23 @@ pub fn parse_list_action(s: &str) -> Result<(String, DnsAction), String> {
         return Err(format!("expected LIST=ACTION, got {s:?}"));
     }
     Ok((list.to_string(), parse_action(action)?))
+}
+
+/// `drop` or `reset`.
+pub fn parse_tcp_action(s: &str) -> Result<TcpAction, String> {
+    TcpAction::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+        let names: Vec<&str> = TcpAction::ALL.iter().map(|a| a.name()).collect();
+        format!("unknown TCP action {s:?} (expected one of: {})", names.join(", "))
+    })
+}
+
+/// `LIST=ACTION`, for the TCP action.
+pub fn parse_list_tcp_action(s: &str) -> Result<(String, TcpAction), String> {
+    let (list, action) = s.split_once('=').ok_or_else(|| format!("expected LIST=ACTION, got {s:?}"))?;
+    if list.is_empty() {
+        return Err(format!("expected LIST=ACTION, got {s:?}"));
+    }
+    Ok((list.to_string(), parse_tcp_action(action)?))
 }
 
 /// What QUIC Initials (UDP/443) get: counted and passed, or dropped (browsers
@@ -168,6 +208,19 @@ mod tests {
         let mut cfg = Config::default();
         p.apply_to(&mut cfg);
         assert_eq!((cfg.redirect_flags, cfg.answer_ttl), (Config::REDIRECT_V6, 60));
+    }
+
+    #[test]
+    fn tcp_actions() {
+        assert_eq!(parse_tcp_action("reset"), Ok(TcpAction::Reset));
+        assert!(parse_tcp_action("rst").unwrap_err().contains("unknown TCP action \"rst\" (expected one of: drop, reset)"));
+        assert_eq!(parse_list_tcp_action("telegram=reset"), Ok(("telegram".into(), TcpAction::Reset)));
+        assert!(parse_list_tcp_action("=reset").is_err() && parse_list_tcp_action("telegram").is_err());
+        assert!(parse_list_tcp_action("telegram=nxdomain").unwrap_err().contains("unknown TCP action"));
+        let p = DnsPolicy { tcp_default: TcpAction::Reset, tcp_per_list: vec![("local".into(), TcpAction::Drop)], ..DnsPolicy::default() };
+        assert_eq!((p.tcp_action_for("local"), p.tcp_action_for("telegram")), (TcpAction::Drop, TcpAction::Reset));
+        p.validate(&["local", "telegram"]).unwrap();
+        assert!(p.validate(&["telegram"]).unwrap_err().to_string().contains("--list-tcp-action names list \"local\""));
     }
 
     #[test]

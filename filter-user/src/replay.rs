@@ -25,7 +25,7 @@ use serde::Serialize;
 use crate::{
     daemon::{apply_list, list_name},
     ebpf::Kernel,
-    model::{Model, XDP_DROP},
+    model::{Model, XDP_DROP, XDP_TX},
     policy::DnsPolicy,
     rules::{Engine, file::read_rules},
 };
@@ -103,12 +103,25 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
     opts.dns.apply_to(&mut cfg);
     kernel.write_config(cfg)?;
     for (name, path, rules) in &lists {
-        apply_list(&mut engine, &mut kernel, opts.dns.action_for(name), opts.dns.is_ech_outer(name), name, Some(path.clone()), rules)?;
+        apply_list(
+            &mut engine,
+            &mut kernel,
+            (opts.dns.action_for(name), opts.dns.tcp_action_for(name)),
+            opts.dns.is_ech_outer(name),
+            name,
+            Some(path.clone()),
+            rules,
+        )?;
     }
 
     let mut model = Model::default();
     for l in engine.lists().iter().filter(|l| opts.dns.is_ech_outer(&l.name)) {
         model.ech_outer |= 1u128 << l.id;
+    }
+    for (name, _, _) in &lists {
+        if let Some(l) = engine.list(name) {
+            model.set_tcp_action(l.id, opts.dns.tcp_action_for(name));
+        }
     }
     let mut summary = Summary::default();
     let mut index = 0u64;
@@ -152,9 +165,14 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
         }
         // Answering (`tx`) is the kernel's way of blocking a query too.
         let kernel_blocks = matches!(action, 1 | 3);
-        if kernel_blocks != (step.verdict == XDP_DROP) {
+        if kernel_blocks != matches!(step.verdict, XDP_DROP | XDP_TX) {
             summary.disagreements += 1;
-            record.note = Some(format!("the host model says {}: please report this capture", if step.verdict == XDP_DROP { "drop" } else { "pass" }));
+            let says = match step.verdict {
+                XDP_DROP => "drop",
+                XDP_TX => "tx",
+                _ => "pass",
+            };
+            record.note = Some(format!("the host model says {says}: please report this capture"));
         }
         each(&record);
     }

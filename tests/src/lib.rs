@@ -7,7 +7,7 @@ pub mod packets;
 
 use std::path::PathBuf;
 
-pub use blokir::model::{self, HostEnv, XDP_DROP, XDP_PASS, counted};
+pub use blokir::model::{self, HostEnv, XDP_DROP, XDP_PASS, XDP_TX, counted};
 use blokir::{
     ebpf::Kernel,
     rules::{Engine, Rule},
@@ -100,7 +100,11 @@ pub fn counter_name(index: u32) -> String {
         counters::PACKETS => return "packets".into(),
         counters::FRAGMENTS => return "fragments".into(),
         counters::UNCONFIGURED => return "unconfigured".into(),
+        counters::TCP_RESETS => return "tcp_resets".into(),
         _ => {}
+    }
+    if let Some((name, _)) = counters::RESET_FALLBACKS.iter().find(|(_, i)| *i == index) {
+        return format!("tcp_reset_{name}");
     }
     if let Some((name, _)) = counters::TLS_EVENTS.iter().find(|(_, i)| *i == index) {
         return format!("tls_{name}");
@@ -136,7 +140,7 @@ pub fn action_name(action: u32) -> &'static str {
         XDP_ABORTED => "XDP_ABORTED",
         XDP_DROP => "XDP_DROP",
         XDP_PASS => "XDP_PASS",
-        3 => "XDP_TX",
+        XDP_TX => "XDP_TX",
         4 => "XDP_REDIRECT",
         _ => "unknown action",
     }

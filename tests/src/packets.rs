@@ -38,6 +38,9 @@ pub struct Frame {
     pub ipv6_ext: Vec<(u8, Vec<u8>)>,
     /// IPv4 fragment offset in 8-byte units, and more-fragments.
     pub fragment: Option<(u16, bool)>,
+    /// TCP sequence and acknowledgment numbers.
+    pub seq: u32,
+    pub ack: u32,
 }
 
 impl Default for Frame {
@@ -51,6 +54,8 @@ impl Default for Frame {
             ipv4_options: Vec::new(),
             ipv6_ext: Vec::new(),
             fragment: None,
+            seq: 1000,
+            ack: 1,
         }
     }
 }
@@ -88,6 +93,11 @@ impl Frame {
         self.fragment = Some((offset, more));
         self
     }
+    /// TCP sequence and acknowledgment numbers.
+    pub fn seq_ack(mut self, seq: u32, ack: u32) -> Self {
+        (self.seq, self.ack) = (seq, ack);
+        self
+    }
     /// The address family and transport, as the counters name them.
     pub fn proto_af(&self) -> (Proto, Af) {
         let proto = match self.transport {
@@ -110,10 +120,10 @@ impl Frame {
                 IpNumber::UDP
             }
             Transport::Tcp => {
-                let mut h = TcpHeader::new(self.src_port, self.dst_port, 1000, 64240);
+                let mut h = TcpHeader::new(self.src_port, self.dst_port, self.seq, 64240);
                 h.psh = true;
                 h.ack = true;
-                h.acknowledgment_number = 1;
+                h.acknowledgment_number = self.ack;
                 h.write(&mut l4).unwrap();
                 l4.extend_from_slice(payload);
                 IpNumber::TCP

@@ -37,7 +37,7 @@ fn loaded(action: DnsAction) -> Loaded {
     cfg.redirect_v6 = PAGE6.octets();
     l.kernel.write_config(cfg).unwrap();
     let id = l.engine.list("test").unwrap().id;
-    l.kernel.write_list_action(id, action).unwrap();
+    l.kernel.write_list_action(id, action, filter_common::reset::TcpAction::Drop).unwrap();
     l
 }
 

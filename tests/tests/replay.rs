@@ -290,3 +290,27 @@ fn without_rules_every_packet_passes_and_names_are_still_shown() {
     assert!(out.stdout.contains("portal.blocked.example"), "names are read: {}", out.stdout);
     assert!(lines.last().unwrap().contains("0 dropped"), "{}", lines.last().unwrap());
 }
+
+#[test]
+fn the_tcp_reset_action_shows_as_tx_for_blocked_tls_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = capture_frames();
+    let r = replay(dir.path(), &pcaps_dir().join("real-clients-dev.pcap"), &["--tcp-action", "reset"]);
+    assert_eq!(r.summary["disagreements"], 0);
+    let mut reset = 0;
+    for (key, (indexes, sni)) in &tls_flows(&frames) {
+        let Some(sni) = sni else { continue };
+        let recs: Vec<&Value> = indexes.iter().map(|i| &r.records[*i]).collect();
+        let first = recs.iter().position(|x| x["verdict"] != "pass");
+        if blocks(sni) {
+            let f = first.unwrap_or_else(|| panic!("flow {key:?} to {sni} not blocked: {recs:?}"));
+            assert!(recs[f..].iter().all(|x| x["verdict"] == "tx"), "flow {key:?} to {sni}: every segment from the name on is reset: {recs:?}");
+            reset += recs.len() - f;
+        } else {
+            assert_eq!(first, None, "flow {key:?} to {sni}: {recs:?}");
+        }
+    }
+    assert!(reset >= 10, "{reset} reset segments");
+    // DNS queries keep their own action (drop), so every `tx` is a reset.
+    assert_eq!(r.summary["tx"], reset);
+}

@@ -579,7 +579,7 @@ fn ech_loaded() -> (Loaded, Model) {
     let mut l = Loaded::new(&["normal.example"]);
     l.set_list("ech", &[".cloudflare-ech.com", ".blocked.example"]);
     let id = l.engine.list("ech").unwrap().id;
-    l.kernel.write_list_policy(id, filter_common::reply::DnsAction::Drop, true).unwrap();
+    l.kernel.write_list_policy(id, filter_common::reply::DnsAction::Drop, filter_common::reset::TcpAction::Drop, true).unwrap();
     let mut model = Model::default();
     model.ech_outer = 1 << id;
     (l, model)

@@ -1,0 +1,127 @@
+//! TCP resets built in XDP: a client's segment of a flow blocked by name
+//! (TLS server name, HTTP Host) turned into a RST|ACK back to the client
+//! (XDP_TX), so that it fails at once instead of waiting for a timeout.
+//! Ethernet addresses, IP addresses and ports swapped, VLAN tags kept, the
+//! payload and TCP options cut, correct IPv4 header and TCP checksums.
+
+use crate::{
+    packet::{Af, IPPROTO_TCP, PacketMut, parse_l3, parse_tcp},
+    reply::{NoReply, fold, sum_words, swap},
+};
+
+/// What happens to a TCP flow blocked by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum TcpAction {
+    /// Its segments are dropped: the client waits for its timeout.
+    Drop = 0,
+    /// Its client segments are answered with a TCP RST.
+    Reset = 1,
+}
+
+impl TcpAction {
+    pub const COUNT: usize = 2;
+    pub const ALL: [TcpAction; Self::COUNT] = [TcpAction::Drop, TcpAction::Reset];
+    pub const fn name(self) -> &'static str {
+        match self {
+            TcpAction::Drop => "drop",
+            TcpAction::Reset => "reset",
+        }
+    }
+}
+
+/// The bit of a list's `LIST_ACTIONS` word (whose low byte is its
+/// `DnsAction`) that says its TCP action is `Reset`.
+pub const LIST_TCP_RESET: u32 = 1 << 9;
+
+/// A list's `LIST_ACTIONS` word.
+pub const fn list_action_word(dns: crate::reply::DnsAction, tcp: TcpAction) -> u32 {
+    dns as u32 | if matches!(tcp, TcpAction::Reset) { LIST_TCP_RESET } else { 0 }
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const TCP_HLEN: usize = 20;
+
+/// Rewrites the TCP segment in `p` into a RST|ACK to its sender: sequence
+/// number the segment's acknowledgment number, acknowledging everything
+/// it carried. Packets with IPv4 options or IPv6 extension headers (or
+/// fragments) are `NotPlain`: the caller drops them. `opaque` is
+/// `Env::opaque`: the header offsets go through it so that the verifier
+/// checks the writes and sums once, not once per header layout (and LLVM
+/// cannot fold them into pointer arithmetic the verifier refuses).
+#[inline(always)]
+pub fn build_reset<P: PacketMut + ?Sized>(p: &mut P, opaque: impl Fn(usize) -> usize) -> Result<(), NoReply> {
+    const E: NoReply = NoReply::Packet;
+    let l3 = parse_l3(p).map_err(|_| E)?;
+    if l3.proto != IPPROTO_TCP {
+        return Err(E);
+    }
+    if !l3.plain {
+        return Err(NoReply::NotPlain);
+    }
+    let l4 = parse_tcp(p, &l3).map_err(|_| E)?;
+    let t = opaque(l3.l4_off);
+    let payload = l4.payload_end.saturating_sub(l4.payload_off);
+    let flags = p.u8_at(t + 13).ok_or(E)?;
+    let ack = (u32::from(p.be16_at(t + 8).ok_or(E)?) << 16) | u32::from(p.be16_at(t + 10).ok_or(E)?);
+    let ctl = u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+    let ack_of = l4.seq.wrapping_add(payload as u32).wrapping_add(ctl);
+    // Without an ACK the sender has no number for us to use (RFC 9293 3.10.7.1).
+    let seq = if flags & TCP_ACK != 0 { ack } else { 0 };
+
+    if !p.resize(t + TCP_HLEN) {
+        return Err(E);
+    }
+    swap(p, 0, 6, 6)?;
+    swap(p, t, t + 2, 2)?;
+    p.set_be16(t + 4, (seq >> 16) as u16).ok_or(E)?;
+    p.set_be16(t + 6, seq as u16).ok_or(E)?;
+    p.set_be16(t + 8, (ack_of >> 16) as u16).ok_or(E)?;
+    p.set_be16(t + 10, ack_of as u16).ok_or(E)?;
+    p.set_u8(t + 12, (TCP_HLEN as u8 / 4) << 4).ok_or(E)?;
+    p.set_u8(t + 13, TCP_RST | TCP_ACK).ok_or(E)?;
+    // Window, checksum (below), urgent pointer.
+    p.set_be16(t + 14, 0).ok_or(E)?;
+    p.set_be16(t + 16, 0).ok_or(E)?;
+    p.set_be16(t + 18, 0).ok_or(E)?;
+    let l3o = opaque(l3.l3_off);
+    let pseudo = match l3.af {
+        Af::V4 => {
+            swap(p, l3o + 12, l3o + 16, 4)?;
+            p.set_be16(l3o + 2, (20 + TCP_HLEN) as u16).ok_or(E)?;
+            p.set_u8(l3o + 8, 64).ok_or(E)?;
+            p.set_be16(l3o + 10, 0).ok_or(E)?;
+            let sum = sum_words(p, l3o, 10, 10);
+            p.set_be16(l3o + 10, !fold(sum)).ok_or(E)?;
+            sum_words(p, l3o + 12, 4, 4)
+        }
+        Af::V6 => {
+            swap(p, l3o + 8, l3o + 24, 16)?;
+            p.set_be16(l3o + 4, TCP_HLEN as u16).ok_or(E)?;
+            p.set_u8(l3o + 7, 64).ok_or(E)?;
+            sum_words(p, l3o + 8, 16, 16)
+        }
+    };
+    let sum = pseudo + u64::from(IPPROTO_TCP) + TCP_HLEN as u64 + sum_words(p, t, TCP_HLEN / 2, TCP_HLEN / 2);
+    p.set_be16(t + 16, !fold(sum)).ok_or(E)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_keeps_the_dns_action_in_the_low_byte() {
+        use crate::reply::DnsAction;
+        for d in DnsAction::ALL {
+            for t in TcpAction::ALL {
+                let w = list_action_word(d, t);
+                assert_eq!(DnsAction::from_u32(w), d);
+                assert_eq!(w & LIST_TCP_RESET != 0, t == TcpAction::Reset);
+            }
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The TCP `reset` action: a client segment of a flow blocked by name (TLS
+//! server name, HTTP Host) comes back as a RST|ACK (XDP_TX), checked field
+//! by field with etherparse and against the host model; `drop` lists and
+//! unlisted names are unaffected.
+
+use blokir_tests::{Loaded, XDP_DROP, XDP_PASS, XDP_TX, action_name, describe_counters, model::Model, packets::Frame};
+use etherparse::{LinkSlice, NetSlice, SlicedPacket, TransportSlice};
+use filter_common::{counters, reply::DnsAction, reset::TcpAction};
+
+/// A minimal ClientHello with a server_name extension.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let name = sni.as_bytes();
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&[0, 0]);
+    ext.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
+    ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    ext.push(0);
+    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    ext.extend_from_slice(name);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![22, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+fn request(host: &str) -> Vec<u8> {
+    format!("GET /index.html HTTP/1.1\r\nHost: {host}\r\nUser-Agent: curl/8.5\r\nAccept: */*\r\n\r\n").into_bytes()
+}
+
+/// The program with list `resets` (TCP action reset) and list `drops`
+/// (TCP action drop), and the host model told the same.
+fn setup() -> (Loaded, Model) {
+    let mut l = Loaded::new(&[]);
+    let mut model = Model::default();
+    l.set_list("resets", &["blocked.example", "*.blocked.example"]);
+    l.set_list("drops", &["dropped.example"]);
+    for (list, action) in [("resets", TcpAction::Reset), ("drops", TcpAction::Drop)] {
+        let id = l.engine.list(list).unwrap().id;
+        l.kernel.write_list_action(id, DnsAction::Drop, action).unwrap();
+        model.set_tcp_action(id, action);
+    }
+    (l, model)
+}
+
+/// Runs `frame` through the kernel and the model; they must agree on the
+/// verdict, the counters and the packet sent back. Returns the verdict.
+#[track_caller]
+fn run(l: &mut Loaded, model: &mut Model, frame: &[u8], what: &str) -> u32 {
+    let before = l.counters();
+    let (verdict, out, _) = l.kernel.test_run(frame, 1).unwrap();
+    let delta: Vec<u64> = l.counters().iter().zip(&before).map(|(a, b)| a - b).collect();
+    let step = model.step(&l.engine, &l.kernel.config(), frame);
+    let mut want = vec![0u64; counters::COUNTERS as usize];
+    for i in std::iter::once(counters::PACKETS).chain(step.counted.iter().copied()) {
+        want[i as usize] += 1;
+    }
+    assert_eq!((action_name(verdict), describe_counters(&delta)), (action_name(step.verdict), describe_counters(&want)), "{what}: kernel and model differ");
+    if verdict == XDP_TX {
+        assert_eq!(Some(&out), step.sent.as_ref(), "{what}: the kernel's RST and the model's differ");
+        check_reset(frame, &out, what);
+    }
+    verdict
+}
+
+/// `out` is the RST|ACK answering `input`, field by field.
+#[track_caller]
+fn check_reset(input: &[u8], out: &[u8], what: &str) {
+    let i = SlicedPacket::from_ethernet(input).unwrap();
+    let o = SlicedPacket::from_ethernet(out).unwrap_or_else(|e| panic!("{what}: the RST does not parse: {e:?}"));
+    let (Some(LinkSlice::Ethernet2(ie)), Some(LinkSlice::Ethernet2(oe))) = (&i.link, &o.link) else { panic!("{what}: not Ethernet") };
+    assert_eq!((oe.source(), oe.destination()), (ie.destination(), ie.source()), "{what}: Ethernet addresses swapped");
+    let tags = |p: &SlicedPacket| p.vlan().map(|v| format!("{:?}", v.to_header()));
+    assert_eq!(tags(&o), tags(&i), "{what}: VLAN tags kept");
+    let (Some(TransportSlice::Tcp(it)), Some(TransportSlice::Tcp(ot))) = (&i.transport, &o.transport) else { panic!("{what}: not TCP") };
+    assert_eq!((ot.source_port(), ot.destination_port()), (it.destination_port(), it.source_port()), "{what}: ports swapped");
+    assert!(ot.rst() && ot.ack() && !ot.syn() && !ot.fin() && !ot.psh() && !ot.urg(), "{what}: flags RST|ACK only");
+    assert_eq!(ot.sequence_number(), it.acknowledgment_number(), "{what}: seq is the segment's ack");
+    let consumed = it.payload().len() as u32 + u32::from(it.syn()) + u32::from(it.fin());
+    assert_eq!(ot.acknowledgment_number(), it.sequence_number().wrapping_add(consumed), "{what}: ack covers the segment");
+    assert_eq!((ot.data_offset(), ot.window_size(), ot.urgent_pointer()), (5, 0, 0), "{what}: no options, window 0");
+    assert!(ot.payload().is_empty(), "{what}: no payload");
+    let th = ot.to_header();
+    match (&i.net, &o.net) {
+        (Some(NetSlice::Ipv4(iv)), Some(NetSlice::Ipv4(ov))) => {
+            let oh = ov.header().to_header();
+            assert_eq!((oh.source, oh.destination), (iv.header().destination(), iv.header().source()), "{what}: IPv4 addresses swapped");
+            assert_eq!((oh.total_len, oh.time_to_live), (40, 64), "{what}: IPv4 length and TTL");
+            assert_eq!(oh.header_checksum, oh.calc_header_checksum(), "{what}: IPv4 header checksum");
+            assert_eq!(th.checksum, th.calc_checksum_ipv4(&oh, &[]).unwrap(), "{what}: TCP checksum");
+        }
+        (Some(NetSlice::Ipv6(iv)), Some(NetSlice::Ipv6(ov))) => {
+            let oh = ov.header().to_header();
+            assert_eq!((oh.source, oh.destination), (iv.header().destination(), iv.header().source()), "{what}: IPv6 addresses swapped");
+            assert_eq!((oh.payload_length, oh.hop_limit), (20, 64), "{what}: IPv6 length and hop limit");
+            assert_eq!(th.checksum, th.calc_checksum_ipv6(&oh, &[]).unwrap(), "{what}: TCP checksum");
+        }
+        _ => panic!("{what}: address family changed"),
+    }
+}
+
+/// The frames of one client flow: `stream` cut at `cuts`, then one more
+/// segment of data after it.
+fn flow_frames(base: &Frame, stream: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+    let (seq0, ack) = (3_000_000_000u32, 777_777u32);
+    let mut out = Vec::new();
+    let mut start = 0;
+    for &end in cuts.iter().chain([&stream.len()]) {
+        if end <= start {
+            continue;
+        }
+        out.push(base.clone().seq_ack(seq0.wrapping_add(start as u32), ack).build(&stream[start..end]));
+        start = end;
+    }
+    out.push(base.clone().seq_ack(seq0.wrapping_add(stream.len() as u32), ack).build(b"more data"));
+    out
+}
+
+fn shapes() -> Vec<(&'static str, Frame)> {
+    vec![("ipv4", Frame::tcp()), ("ipv6", Frame::tcp().v6()), ("ipv4 vlan", Frame::tcp().vlans(&[42])), ("ipv6 qinq", Frame::tcp().v6().vlans(&[7, 42]))]
+}
+
+#[test]
+fn listed_tls_and_http_flows_get_a_rst_from_the_name_on() {
+    let (mut l, mut model) = setup();
+    let mut sport = 40000;
+    let mut sent = 0;
+    for (shape, base) in shapes() {
+        for (proto, port, stream) in [("tls", 443, client_hello("www.blocked.example")), ("http", 80, request("www.blocked.example"))] {
+            let len = stream.len();
+            for cuts in [vec![], vec![len / 2], vec![9, 40, len - 3]] {
+                sport += 1;
+                let frames = flow_frames(&base.clone().ports(sport, port), &stream, &cuts);
+                let what = format!("{proto} {shape} cut at {cuts:?}");
+                let verdicts: Vec<u32> = frames.iter().enumerate().map(|(i, f)| run(&mut l, &mut model, f, &format!("{what}, segment {i}"))).collect();
+                // Passed until the name is complete, then a RST for every segment.
+                let first = verdicts.iter().position(|v| *v != XDP_PASS).unwrap_or_else(|| panic!("{what}: never blocked: {verdicts:?}"));
+                assert!(verdicts[first..].iter().all(|v| *v == XDP_TX), "{what}: {verdicts:?}");
+                // A hello ends with its name; a request's Host line comes before its end.
+                if proto == "tls" {
+                    assert_eq!(verdicts.len() - first, 2, "{what}: the name completes with the hello: {verdicts:?}");
+                } else {
+                    assert!(verdicts.len() - first >= 2, "{what}: {verdicts:?}");
+                }
+                sent += verdicts.len() - first;
+            }
+        }
+    }
+    assert_eq!(l.counter(counters::TCP_RESETS), sent as u64, "one RST per blocked segment");
+}
+
+#[test]
+fn drop_lists_and_unlisted_names_are_unaffected() {
+    let (mut l, mut model) = setup();
+    let mut sport = 41000;
+    for (shape, base) in shapes() {
+        for (proto, port, name, want) in [
+            ("tls", 443, "dropped.example", XDP_DROP),
+            ("http", 80, "dropped.example", XDP_DROP),
+            ("tls", 443, "fine.example", XDP_PASS),
+            ("http", 80, "fine.example", XDP_PASS),
+        ] {
+            sport += 1;
+            let stream = if proto == "tls" { client_hello(name) } else { request(name) };
+            let frames = flow_frames(&base.clone().ports(sport, port), &stream, &[]);
+            let what = format!("{proto} {shape} {name}");
+            let verdicts: Vec<u32> = frames.iter().map(|f| run(&mut l, &mut model, f, &what)).collect();
+            assert_eq!(verdicts, [want, want], "{what}");
+        }
+    }
+    assert_eq!(l.counter(counters::TCP_RESETS), 0);
+}
+
+#[test]
+fn the_choice_is_per_list_and_can_change() {
+    let (mut l, mut model) = setup();
+    let hello = |sport| Frame::tcp().ports(sport, 443).build(&client_hello("blocked.example"));
+    assert_eq!(run(&mut l, &mut model, &hello(42001), "reset list"), XDP_TX);
+    let id = l.engine.list("resets").unwrap().id;
+    l.kernel.write_list_action(id, DnsAction::Nxdomain, TcpAction::Drop).unwrap();
+    model.set_tcp_action(id, TcpAction::Drop);
+    assert_eq!(run(&mut l, &mut model, &hello(42002), "now drop"), XDP_DROP);
+    // The DNS action in the same word is still read as such.
+    let q = blokir_tests::packets::dns(&Frame::udp(), "blocked.example");
+    assert_eq!(l.verdict(&q), XDP_TX, "a DNS query of the list is answered (nxdomain)");
+}
+
+#[test]
+fn segments_with_ip_options_or_extension_headers_are_dropped_and_counted() {
+    let (mut l, mut model) = setup();
+    let hello = client_hello("blocked.example");
+    for (what, base) in [
+        ("ipv4 options", Frame::tcp().ipv4_options(&[1, 1, 1, 0]).ports(43001, 443)),
+        ("ipv6 destination options", Frame::tcp().v6().ipv6_ext(60, &[1, 4, 0, 0, 0, 0]).ports(43002, 443)),
+    ] {
+        let frame = base.build(&hello);
+        let before = l.counter(counters::TCP_RESET_NOT_PLAIN);
+        assert_eq!(run(&mut l, &mut model, &frame, what), XDP_DROP, "{what}");
+        assert_eq!(l.counter(counters::TCP_RESET_NOT_PLAIN), before + 1, "{what}");
+    }
+}
