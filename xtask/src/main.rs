@@ -37,7 +37,7 @@ enum Task {
     /// namespaces, and a fuzzing smoke run. Needs root.
     Test {
         /// Seconds each fuzz target runs.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 10)]
         fuzz_seconds: u32,
     },
     /// Set up and run the benchmark suite (release build, as root): the
