@@ -39,7 +39,7 @@ pub const CLASSES: &[(&str, &str)] = &[
     ("tls_one_segment", "ClientHello, SNI in the first segment (half listed)"),
     ("tls_split_first", "split ClientHello: 1st segment (no name yet)"),
     ("tls_split_second", "split ClientHello: 2nd segment, completes the name (half listed)"),
-    ("http_get", "HTTP GET on port 80 (plain TCP payload: no Host inspection yet)"),
+    ("http_get", "HTTP GET on port 80, unlisted Host (read and matched by the HTTP stage)"),
     ("udp_other", "UDP, not DNS (1.2 KB datagram to port 443)"),
     ("tcp_ack", "TCP ACK without payload"),
 ];
@@ -407,7 +407,7 @@ fn classes(
     out.push(r1.result("tls_split_first", k));
     out.push(r2.result("tls_split_second", k));
 
-    // The rest: no name read.
+    // HTTP requests to unlisted names (their Host is read and matched).
     let mut runs = Runs::default();
     for name in allowed {
         let flow = b.next_flow();
