@@ -5,8 +5,8 @@
 //! payload and TCP options cut, correct IPv4 header and TCP checksums.
 
 use crate::{
-    packet::{Af, IPPROTO_TCP, PacketMut, parse_l3, parse_tcp},
-    reply::{NoReply, fold, sum_words, swap},
+    packet::{IPPROTO_TCP, PacketMut, parse_l3, parse_tcp},
+    reply::{NoReply, fold, reverse_ip, sum_words, swap},
 };
 
 /// What happens to a TCP flow blocked by name.
@@ -87,24 +87,7 @@ pub fn build_reset<P: PacketMut + ?Sized>(p: &mut P, opaque: impl Fn(usize) -> u
     p.set_be16(t + 14, 0).ok_or(E)?;
     p.set_be16(t + 16, 0).ok_or(E)?;
     p.set_be16(t + 18, 0).ok_or(E)?;
-    let l3o = opaque(l3.l3_off);
-    let pseudo = match l3.af {
-        Af::V4 => {
-            swap(p, l3o + 12, l3o + 16, 4)?;
-            p.set_be16(l3o + 2, (20 + TCP_HLEN) as u16).ok_or(E)?;
-            p.set_u8(l3o + 8, 64).ok_or(E)?;
-            p.set_be16(l3o + 10, 0).ok_or(E)?;
-            let sum = sum_words(p, l3o, 10, 10);
-            p.set_be16(l3o + 10, !fold(sum)).ok_or(E)?;
-            sum_words(p, l3o + 12, 4, 4)
-        }
-        Af::V6 => {
-            swap(p, l3o + 8, l3o + 24, 16)?;
-            p.set_be16(l3o + 4, TCP_HLEN as u16).ok_or(E)?;
-            p.set_u8(l3o + 7, 64).ok_or(E)?;
-            sum_words(p, l3o + 8, 16, 16)
-        }
-    };
+    let pseudo = reverse_ip(p, l3.af, opaque(l3.l3_off), TCP_HLEN)?;
     let sum = pseudo + u64::from(IPPROTO_TCP) + TCP_HLEN as u64 + sum_words(p, t, TCP_HLEN / 2, TCP_HLEN / 2);
     p.set_be16(t + 16, !fold(sum)).ok_or(E)
 }
