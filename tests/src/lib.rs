@@ -86,6 +86,27 @@ impl Loaded {
         );
     }
 
+    /// Runs `frames` through the kernel and `model` in order; asserts they
+    /// agree on every verdict and counter; returns the verdicts.
+    #[track_caller]
+    pub fn run_with_model(&mut self, model: &mut model::Model, frames: &[Vec<u8>], what: &str) -> Vec<u32> {
+        frames
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let (want, counted) = model.run(&self.engine, &self.kernel.config(), f);
+                let (got, delta) = self.run(f);
+                let mut want_delta = vec![0u64; delta.len()];
+                want_delta[counters::PACKETS as usize] = 1;
+                for c in counted {
+                    want_delta[c as usize] += 1;
+                }
+                assert_eq!((got, describe_counters(&delta)), (want, describe_counters(&want_delta)), "{what}: segment {i}");
+                got
+            })
+            .collect()
+    }
+
     /// The shared `inspect` run on the host over `packet`, against exactly
     /// the rules and settings the kernel holds.
     pub fn host_inspect(&self, packet: &[u8]) -> Inspection {
@@ -133,6 +154,14 @@ pub fn counter_name(index: u32) -> String {
 /// The non-zero entries of a counter vector, by name.
 pub fn describe_counters(values: &[u64]) -> Vec<(String, u64)> {
     values.iter().enumerate().filter(|(_, v)| **v != 0).map(|(i, v)| (counter_name(i as u32), *v)).collect()
+}
+
+/// The verdicts of a flow to a listed name: passes until the segment that
+/// completes the name, dropped from there on.
+#[track_caller]
+pub fn assert_blocked_from_name(verdicts: &[u32], what: &str) {
+    let first = verdicts.iter().position(|v| *v == XDP_DROP).unwrap_or_else(|| panic!("{what}: never blocked: {verdicts:?}"));
+    assert!(verdicts[first..].iter().all(|v| *v == XDP_DROP), "{what}: {verdicts:?}");
 }
 
 pub fn action_name(action: u32) -> &'static str {

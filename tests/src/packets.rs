@@ -266,3 +266,28 @@ pub fn raw_message(flags: u16, qdcount: u16, body: &[u8]) -> Vec<u8> {
 
 /// Flags of a standard recursive query (QR=0, OPCODE=QUERY, RD=1).
 pub const QUERY_FLAGS: u16 = 0x0100;
+
+/// A minimal TLS ClientHello for `sni`: one cipher suite, one extension
+/// (server_name), in one record.
+pub fn client_hello(sni: &str) -> Vec<u8> {
+    let name = sni.as_bytes();
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&[0, 0]);
+    ext.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
+    ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    ext.push(0);
+    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    ext.extend_from_slice(name);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![22, 3, 1];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}

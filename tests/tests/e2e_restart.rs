@@ -20,6 +20,7 @@ use blokir::{ebpf::Kernel, pin::PinDir, rules::Rule};
 use blokir_tests::{
     XDP_DROP, XDP_PASS,
     netns::{Answer, Daemon, Family, Metrics, Query, TELEGRAM_NAMES, Topology, Transport, telegram_rules},
+    packets::client_hello,
 };
 use etherparse::PacketBuilder;
 use filter_common::hash::lane_multiplier;
@@ -301,31 +302,6 @@ fn a_pinned_map_with_another_layout_is_replaced_with_a_log_line() {
 
 // ---------------------------------------------------------------------------
 // TLS flows across an upgrade, under BPF_PROG_TEST_RUN
-
-/// A ClientHello for `name`: one cipher suite, one extension (server_name).
-fn client_hello(name: &str) -> Vec<u8> {
-    let n = name.len() as u16;
-    let mut sni = Vec::new();
-    sni.extend_from_slice(&0u16.to_be_bytes());
-    sni.extend_from_slice(&(n + 5).to_be_bytes());
-    sni.extend_from_slice(&(n + 3).to_be_bytes());
-    sni.push(0);
-    sni.extend_from_slice(&n.to_be_bytes());
-    sni.extend_from_slice(name.as_bytes());
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[7; 32]);
-    body.push(0);
-    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-    body.extend_from_slice(&sni);
-    let mut hs = vec![1, 0];
-    hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
-    hs.extend_from_slice(&body);
-    let mut rec = vec![22, 3, 1];
-    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&hs);
-    rec
-}
 
 fn tcp_frame(payload: &[u8], seq: u32) -> Vec<u8> {
     let b =

@@ -2,7 +2,7 @@
 //! generated requests cut at every byte; and the kernel's HTTP stage on the
 //! same requests and on the classic evasions, checked against the host model.
 
-use blokir_tests::{Loaded, XDP_DROP, XDP_PASS, counter_name, model::Model};
+use blokir_tests::{Loaded, XDP_DROP, XDP_PASS, assert_blocked_from_name, model::Model, packets::client_hello};
 use etherparse::PacketBuilder;
 use filter_common::{
     counters::{self, Outcome, Proto},
@@ -222,32 +222,6 @@ impl Flow {
     }
 }
 
-/// Runs `frames` through the kernel and the model; asserts they agree on
-/// every verdict and counter; returns the verdicts.
-fn run(l: &mut Loaded, model: &mut Model, frames: &[Vec<u8>], what: &str) -> Vec<u32> {
-    frames
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let (want, counted) = model.run(&l.engine, &l.kernel.config(), f);
-            let (got, delta) = l.run(f);
-            let mut want_delta = vec![0u64; delta.len()];
-            want_delta[counters::PACKETS as usize] = 1;
-            for c in counted {
-                want_delta[c as usize] += 1;
-            }
-            let show = |d: &[u64]| d.iter().enumerate().filter(|(_, v)| **v > 0).map(|(i, v)| (counter_name(i as u32), *v)).collect::<Vec<_>>();
-            assert_eq!((got, show(&delta)), (want, show(&want_delta)), "{what}: segment {i}");
-            got
-        })
-        .collect()
-}
-
-fn assert_blocked_from_name(verdicts: &[u32], what: &str) {
-    let first = verdicts.iter().position(|v| *v == XDP_DROP).unwrap_or_else(|| panic!("{what}: never blocked: {verdicts:?}"));
-    assert!(verdicts[first..].iter().all(|v| *v == XDP_DROP), "{what}: {verdicts:?}");
-}
-
 fn request(host: &str) -> Vec<u8> {
     format!("GET /index.html HTTP/1.1\r\nUser-Agent: curl/8.14.1\r\nHost: {host}\r\nAccept: */*\r\n\r\n").into_bytes()
 }
@@ -284,7 +258,7 @@ fn kernel_blocks_listed_hosts_in_every_cut_and_passes_the_others() {
                 stream.extend_from_slice(b"trailing bytes of the flow");
                 let frames = flow.segments(&stream, &cuts);
                 let what = format!("{host}, {what}, v6={v6}, vlan={vlan:?}");
-                let verdicts = run(&mut l, &mut model, &frames, &what);
+                let verdicts = l.run_with_model(&mut model, &frames, &what);
                 if listed {
                     assert_blocked_from_name(&verdicts, &what);
                 } else {
@@ -308,13 +282,13 @@ fn reordered_segments_wait_for_the_gap_and_retransmissions_are_read_once() {
     let req = request("www.blocked.example");
     let frames = Flow::v4(41000).segments(&req, &(10..req.len()).step_by(10).collect::<Vec<_>>());
     assert!(frames.len() > 6);
-    assert_eq!(run(&mut l, &mut model, &frames[..1], "first"), [XDP_PASS]);
+    assert_eq!(l.run_with_model(&mut model, &frames[..1], "first"), [XDP_PASS]);
     let before = l.counter(counters::HTTP_OUT_OF_ORDER);
-    assert_eq!(run(&mut l, &mut model, &[frames[3].clone(), frames[2].clone()], "ahead"), [XDP_DROP, XDP_DROP]);
+    assert_eq!(l.run_with_model(&mut model, &[frames[3].clone(), frames[2].clone()], "ahead"), [XDP_DROP, XDP_DROP]);
     assert_eq!(l.counter(counters::HTTP_OUT_OF_ORDER), before + 2);
     // Segment 0 again (a retransmission), then in order from 1.
-    assert_eq!(run(&mut l, &mut model, &frames[..1], "retransmission"), [XDP_PASS]);
-    let verdicts = run(&mut l, &mut model, &frames[1..], "in order");
+    assert_eq!(l.run_with_model(&mut model, &frames[..1], "retransmission"), [XDP_PASS]);
+    let verdicts = l.run_with_model(&mut model, &frames[1..], "in order");
     assert_blocked_from_name(&verdicts, "in order");
 }
 
@@ -332,7 +306,7 @@ fn requests_without_a_usable_host_pass_and_are_counted() {
     ];
     for (i, (req, verdict, counter)) in cases.into_iter().enumerate() {
         let before = l.counters();
-        let v = run(&mut l, &mut model, &[Flow::v4(42000 + i as u16).frame(req, 1)], &String::from_utf8_lossy(req));
+        let v = l.run_with_model(&mut model, &[Flow::v4(42000 + i as u16).frame(req, 1)], &String::from_utf8_lossy(req));
         assert_eq!(v, [verdict], "{}", String::from_utf8_lossy(req));
         if counter != 0 {
             assert_eq!(l.counters()[counter as usize], before[counter as usize] + 1, "{}", String::from_utf8_lossy(req));
@@ -352,7 +326,7 @@ fn a_head_without_a_name_within_the_limit_blocks_the_flow() {
     stream.extend_from_slice(b"Host: unrelated.example\r\n\r\n");
     let cuts: Vec<usize> = (1400..stream.len()).step_by(1400).collect();
     let before = l.counter(counters::HTTP_TOO_LONG);
-    let verdicts = run(&mut l, &mut model, &Flow::v4(43000).segments(&stream, &cuts), "too long");
+    let verdicts = l.run_with_model(&mut model, &Flow::v4(43000).segments(&stream, &cuts), "too long");
     assert_blocked_from_name(&verdicts, "too long");
     assert!(verdicts[..(MAX_HEAD_BYTES as usize / 1400)].iter().all(|v| *v == XDP_PASS));
     assert_eq!(l.counter(counters::HTTP_TOO_LONG), before + 1);
@@ -368,22 +342,22 @@ fn keep_alive_requests_are_each_read_and_ports_are_configurable() {
     let first = request("unlisted.example");
     let second = request("blocked.example");
     let seq1 = 3_000_000u32;
-    let v = run(&mut l, &mut model, &[flow.frame(&first, seq1), flow.frame(&second, seq1 + first.len() as u32)], "keep-alive");
+    let v = l.run_with_model(&mut model, &[flow.frame(&first, seq1), flow.frame(&second, seq1 + first.len() as u32)], "keep-alive");
     assert_eq!(v, [XDP_PASS, XDP_DROP]);
     // Port 8080 is not an HTTP port by default: its payload is left to the
     // TLS stage, which does not read requests.
     let alt = Flow { dport: 8080, ..Flow::v4(44001) };
-    assert_eq!(run(&mut l, &mut model, &[alt.frame(&second, 1)], "port 8080, default"), [XDP_PASS]);
+    assert_eq!(l.run_with_model(&mut model, &[alt.frame(&second, 1)], "port 8080, default"), [XDP_PASS]);
     let mut cfg = l.kernel.config();
     cfg.http_ports[1] = 8080;
     l.kernel.write_config(cfg).unwrap();
     let alt = Flow { dport: 8080, ..Flow::v4(44002) };
-    assert_eq!(run(&mut l, &mut model, &[alt.frame(&second, 1)], "port 8080, configured"), [XDP_DROP]);
+    assert_eq!(l.run_with_model(&mut model, &[alt.frame(&second, 1)], "port 8080, configured"), [XDP_DROP]);
     // And port 80 can be dropped from the set.
     cfg.http_ports = [0; filter_common::rules::MAX_HTTP_PORTS];
     cfg.http_ports[0] = 8080;
     l.kernel.write_config(cfg).unwrap();
-    assert_eq!(run(&mut l, &mut model, &[Flow::v4(44003).frame(&second, 1)], "port 80, removed"), [XDP_PASS]);
+    assert_eq!(l.run_with_model(&mut model, &[Flow::v4(44003).frame(&second, 1)], "port 80, removed"), [XDP_PASS]);
 }
 
 #[test]
@@ -396,39 +370,15 @@ fn requests_to_the_block_page_pass_unread() {
     let mut cfg = l.kernel.config();
     (cfg.redirect_v4, cfg.redirect_flags) = ([198, 18, 0, 2], filter_common::rules::Config::REDIRECT_V4);
     l.kernel.write_config(cfg).unwrap();
-    assert_eq!(run(&mut l, &mut model, &[Flow::v4(46000).frame(&req, 1)], "to the IPv4 block page"), [XDP_PASS]);
-    assert_eq!(run(&mut l, &mut model, &[Flow { v6: true, ..Flow::v4(46001) }.frame(&req, 1)], "IPv6, no IPv6 block page"), [XDP_DROP]);
+    assert_eq!(l.run_with_model(&mut model, &[Flow::v4(46000).frame(&req, 1)], "to the IPv4 block page"), [XDP_PASS]);
+    assert_eq!(l.run_with_model(&mut model, &[Flow { v6: true, ..Flow::v4(46001) }.frame(&req, 1)], "IPv6, no IPv6 block page"), [XDP_DROP]);
     cfg.redirect_v6 = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
     cfg.redirect_flags |= filter_common::rules::Config::REDIRECT_V6;
     l.kernel.write_config(cfg).unwrap();
-    assert_eq!(run(&mut l, &mut model, &[Flow { v6: true, ..Flow::v4(46002) }.frame(&req, 1)], "to the IPv6 block page"), [XDP_PASS]);
+    assert_eq!(l.run_with_model(&mut model, &[Flow { v6: true, ..Flow::v4(46002) }.frame(&req, 1)], "to the IPv6 block page"), [XDP_PASS]);
     cfg.redirect_v4 = [198, 18, 0, 3];
     l.kernel.write_config(cfg).unwrap();
-    assert_eq!(run(&mut l, &mut model, &[Flow::v4(46003).frame(&req, 1)], "another IPv4 address"), [XDP_DROP]);
-}
-
-/// A minimal ClientHello with a server_name extension.
-fn client_hello(sni: &str) -> Vec<u8> {
-    let name = sni.as_bytes();
-    let mut ext = Vec::new();
-    ext.extend_from_slice(&[0, 0]);
-    ext.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
-    ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
-    ext.push(0);
-    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    ext.extend_from_slice(name);
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[7; 32]);
-    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut hs = vec![1];
-    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    hs.extend_from_slice(&body);
-    let mut rec = vec![22, 3, 1];
-    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&hs);
-    rec
+    assert_eq!(l.run_with_model(&mut model, &[Flow::v4(46003).frame(&req, 1)], "another IPv4 address"), [XDP_DROP]);
 }
 
 #[test]
@@ -438,9 +388,9 @@ fn a_tls_hello_on_an_http_port_is_read_by_the_tls_stage() {
     let hello = client_hello("www.blocked.example");
     let cuts: Vec<usize> = (1..hello.len()).step_by(9).collect();
     let before = l.counter(counters::proto_index(Proto::Tls, Af::V4, Outcome::Blocked));
-    let verdicts = run(&mut l, &mut model, &Flow::v4(45000).segments(&hello, &cuts), "tls on port 80");
+    let verdicts = l.run_with_model(&mut model, &Flow::v4(45000).segments(&hello, &cuts), "tls on port 80");
     assert_blocked_from_name(&verdicts, "tls on port 80");
     assert_eq!(l.counter(counters::proto_index(Proto::Tls, Af::V4, Outcome::Blocked)), before + 1);
-    let verdicts = run(&mut l, &mut model, &Flow::v4(45001).segments(&client_hello("fine.example"), &[]), "tls on port 80, unlisted");
+    let verdicts = l.run_with_model(&mut model, &Flow::v4(45001).segments(&client_hello("fine.example"), &[]), "tls on port 80, unlisted");
     assert_eq!(verdicts, [XDP_PASS]);
 }

@@ -3,33 +3,13 @@
 //! by field with etherparse and against the host model; `drop` lists and
 //! unlisted names are unaffected.
 
-use blokir_tests::{Loaded, XDP_DROP, XDP_PASS, XDP_TX, action_name, describe_counters, model::Model, packets::Frame};
+use blokir_tests::{
+    Loaded, XDP_DROP, XDP_PASS, XDP_TX, action_name, describe_counters,
+    model::Model,
+    packets::{Frame, client_hello},
+};
 use etherparse::{LinkSlice, NetSlice, SlicedPacket, TransportSlice};
 use filter_common::{counters, reply::DnsAction, reset::TcpAction};
-
-/// A minimal ClientHello with a server_name extension.
-fn client_hello(sni: &str) -> Vec<u8> {
-    let name = sni.as_bytes();
-    let mut ext = Vec::new();
-    ext.extend_from_slice(&[0, 0]);
-    ext.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
-    ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
-    ext.push(0);
-    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    ext.extend_from_slice(name);
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[7; 32]);
-    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut hs = vec![1];
-    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    hs.extend_from_slice(&body);
-    let mut rec = vec![22, 3, 1];
-    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&hs);
-    rec
-}
 
 fn request(host: &str) -> Vec<u8> {
     format!("GET /index.html HTTP/1.1\r\nHost: {host}\r\nUser-Agent: curl/8.5\r\nAccept: */*\r\n\r\n").into_bytes()

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use blokir_tests::{Loaded, XDP_DROP, XDP_PASS, capture_frames, counter_name, model::Model};
+use blokir_tests::{Loaded, XDP_DROP, XDP_PASS, assert_blocked_from_name, capture_frames, model::Model};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use filter_common::{
     counters,
@@ -299,34 +299,6 @@ fn tcp_frame(payload: &[u8], seq: u32, v6: bool, sport: u16) -> Vec<u8> {
     v
 }
 
-/// Runs `frames` through the kernel and the model; asserts they agree on
-/// every verdict and counter; returns the verdicts.
-fn run(l: &mut Loaded, model: &mut Model, frames: &[Vec<u8>], what: &str) -> Vec<u32> {
-    frames
-        .iter()
-        .enumerate()
-        .map(|(i, f)| {
-            let (want, counted) = model.run(&l.engine, &l.kernel.config(), f);
-            let (got, delta) = l.run(f);
-            let mut want_delta = vec![0u64; delta.len()];
-            want_delta[counters::PACKETS as usize] = 1;
-            for c in counted {
-                want_delta[c as usize] += 1;
-            }
-            let show = |d: &[u64]| d.iter().enumerate().filter(|(_, v)| **v > 0).map(|(i, v)| (counter_name(i as u32), *v)).collect::<Vec<_>>();
-            assert_eq!((got, show(&delta)), (want, show(&want_delta)), "{what}: segment {i}");
-            got
-        })
-        .collect()
-}
-
-/// The verdicts of a flow to a listed name: passes until the segment that
-/// completes the name, dropped from there on.
-fn assert_blocked_from_name(verdicts: &[u32], what: &str) {
-    let first = verdicts.iter().position(|v| *v == XDP_DROP).unwrap_or_else(|| panic!("{what}: never blocked: {verdicts:?}"));
-    assert!(verdicts[first..].iter().all(|v| *v == XDP_DROP), "{what}: {verdicts:?}");
-}
-
 #[test]
 fn kernel_blocks_listed_hellos_in_every_cut_and_passes_the_others() {
     let hellos = captured_hellos();
@@ -350,7 +322,7 @@ fn kernel_blocks_listed_hellos_in_every_cut_and_passes_the_others() {
                 stream.extend_from_slice(&[23, 3, 3, 0, 4, 1, 2, 3, 4]);
                 let frames: Vec<Vec<u8>> = segments(&stream, &cuts, v6, sport).into_iter().map(|(_, f)| f).collect();
                 let what = format!("hello {i} ({sni}, {}), {what}, v6={v6}", h.client);
-                let verdicts = run(&mut l, &mut model, &frames, &what);
+                let verdicts = l.run_with_model(&mut model, &frames, &what);
                 if is_listed {
                     assert_blocked_from_name(&verdicts, &what);
                 } else {
@@ -385,12 +357,12 @@ fn segments_ahead_of_the_parser_are_held_back_until_the_gap_fills() {
     assert!(frames.len() >= 6);
     // The hello starts; then segments 3 and 2 arrive before 1: dropped and
     // counted, so that the client sends them again once 1 is through.
-    assert_eq!(run(&mut l, &mut model, &frames[..1], "first"), [XDP_PASS]);
+    assert_eq!(l.run_with_model(&mut model, &frames[..1], "first"), [XDP_PASS]);
     let before = l.counter(counters::TLS_OUT_OF_ORDER);
-    assert_eq!(run(&mut l, &mut model, &[frames[3].clone(), frames[2].clone()], "ahead"), [XDP_DROP, XDP_DROP]);
+    assert_eq!(l.run_with_model(&mut model, &[frames[3].clone(), frames[2].clone()], "ahead"), [XDP_DROP, XDP_DROP]);
     assert_eq!(l.counter(counters::TLS_OUT_OF_ORDER), before + 2);
     // In order from 1: blocked once the name is complete.
-    let verdicts = run(&mut l, &mut model, &frames[1..], "in order");
+    let verdicts = l.run_with_model(&mut model, &frames[1..], "in order");
     assert_blocked_from_name(&verdicts, "in order");
 }
 
@@ -404,7 +376,7 @@ fn retransmissions_and_overlaps_are_read_once() {
     // inside segment 1 and carries the rest.
     let first = tcp_frame(&h.bytes[..600], 1_000_000, false, 32000);
     let overlap = tcp_frame(&h.bytes[500..n], 1_000_500, false, 32000);
-    let v = run(&mut l, &mut model, &[first.clone(), first, overlap], "retransmit and overlap");
+    let v = l.run_with_model(&mut model, &[first.clone(), first, overlap], "retransmit and overlap");
     assert_eq!(v, [XDP_PASS, XDP_PASS, XDP_DROP]);
 }
 
@@ -415,7 +387,7 @@ fn upper_case_names_and_ech_and_missing_sni_are_handled() {
     let upper = hellos.iter().find(|h| h.sni.as_deref() == Some("BLOCKED.TEST")).expect("the capture has an upper-case SNI");
     let mut l = Loaded::new(&["blocked.test"]);
     let mut model = Model::default();
-    let v = run(&mut l, &mut model, &[tcp_frame(&upper.bytes, 5, false, 33000)], "upper case");
+    let v = l.run_with_model(&mut model, &[tcp_frame(&upper.bytes, 5, false, 33000)], "upper case");
     assert_eq!(v, [XDP_DROP]);
     // Chromium sends an ECH GREASE extension, in a random place: counted
     // once per hello wherever it sits, whole or as captured (two segments).
@@ -427,7 +399,7 @@ fn upper_case_names_and_ech_and_missing_sni_are_handled() {
         for (k, cuts) in [vec![], h.cuts.clone()].into_iter().enumerate() {
             let ech = l.counter(counters::TLS_ECH);
             let frames: Vec<Vec<u8>> = segments(&h.bytes, &cuts, i % 2 == 1, 33100 + 2 * i as u16 + k as u16).into_iter().map(|(_, f)| f).collect();
-            run(&mut l, &mut model, &frames, "ech");
+            l.run_with_model(&mut model, &frames, "ech");
             assert_eq!(l.counter(counters::TLS_ECH), ech + 1, "chromium hello {i}, cuts {cuts:?}");
         }
     }
@@ -437,7 +409,7 @@ fn upper_case_names_and_ech_and_missing_sni_are_handled() {
     no_sni[at] = 0xfa;
     no_sni[at + 1] = 0xfa;
     let before = l.counter(counters::TLS_NO_SNI);
-    let v = run(&mut l, &mut model, &[tcp_frame(&no_sni, 5, false, 33002)], "no sni");
+    let v = l.run_with_model(&mut model, &[tcp_frame(&no_sni, 5, false, 33002)], "no sni");
     assert_eq!(v, [XDP_PASS]);
     assert_eq!(l.counter(counters::TLS_NO_SNI), before + 1);
 }
@@ -491,7 +463,7 @@ fn a_hello_too_complex_for_the_step_budget_is_blocked() {
     // One 3400-byte segment of empty extensions needs about 1600 steps (2
     // each): more than 32 rounds of 32.
     let frame = tcp_frame(&stream[..3400], 77, false, 34000);
-    let v = run(&mut l, &mut model, &[frame], "too complex");
+    let v = l.run_with_model(&mut model, &[frame], "too complex");
     assert_eq!(v, [XDP_DROP]);
     assert_eq!(l.counter(counters::TLS_TOO_COMPLEX), before + 1);
 }
@@ -595,7 +567,7 @@ fn an_ech_outer_list_blocks_only_hellos_with_ech() {
         // Application data after the hello, in the same flow.
         stream.extend_from_slice(&[23, 3, 3, 0, 4, 1, 2, 3, 4]);
         let frames: Vec<Vec<u8>> = segments(&stream, cuts, v6, sport).into_iter().map(|(_, f)| f).collect();
-        run(l, model, &frames, what)
+        l.run_with_model(model, &frames, what)
     };
     for v6 in [false, true] {
         for name in ["cloudflare-ech.com", "normal.example", "unlisted.example"] {
@@ -654,9 +626,9 @@ fn ech_outer_rules_leave_dns_alone() {
     use blokir_tests::packets::{Frame, dns};
     let (mut l, mut model) = ech_loaded();
     for frame in [Frame::udp(), Frame::udp().v6(), Frame::tcp()] {
-        let v = run(&mut l, &mut model, &[dns(&frame, "cloudflare-ech.com")], "dns to an ECH-outer name");
+        let v = l.run_with_model(&mut model, &[dns(&frame, "cloudflare-ech.com")], "dns to an ECH-outer name");
         assert_eq!(v, [XDP_PASS]);
-        let v = run(&mut l, &mut model, &[dns(&frame, "normal.example")], "dns to a normal name");
+        let v = l.run_with_model(&mut model, &[dns(&frame, "normal.example")], "dns to a normal name");
         assert_eq!(v, [XDP_DROP]);
     }
 }
@@ -671,7 +643,7 @@ fn a_name_before_a_walk_too_long_for_the_budget_keeps_its_verdict() {
     for (k, (name, want)) in [("normal.example", XDP_DROP), ("unlisted.example", XDP_PASS), ("cloudflare-ech.com", XDP_DROP)].into_iter().enumerate() {
         let hello = crafted_hello(&[[sni_ext(name)].as_slice(), &padding, &[ech_ext()]].concat());
         let too_complex = l.counter(counters::TLS_TOO_COMPLEX);
-        let v = run(&mut l, &mut model, &[tcp_frame(&hello, 77, k % 2 == 1, 41000 + k as u16)], name);
+        let v = l.run_with_model(&mut model, &[tcp_frame(&hello, 77, k % 2 == 1, 41000 + k as u16)], name);
         assert_eq!(v, [want], "{name}");
         assert_eq!(l.counter(counters::TLS_TOO_COMPLEX), too_complex, "{name}");
     }
@@ -695,7 +667,7 @@ fn a_name_completed_by_a_segments_last_step_is_reported_with_that_segment() {
         let first = cuts.iter().position(|c| *c >= at + name.len()).unwrap_or(cuts.len());
         for v6 in [false, true] {
             let frames: Vec<Vec<u8>> = segments(&hello, &cuts, v6, 46000 + 2 * seg as u16 + v6 as u16).into_iter().map(|(_, f)| f).collect();
-            let v = run(&mut l, &mut model, &frames, &format!("{seg}-byte segments, v6={v6}"));
+            let v = l.run_with_model(&mut model, &frames, &format!("{seg}-byte segments, v6={v6}"));
             assert_eq!(v.iter().position(|v| *v == XDP_DROP), Some(first), "{seg}-byte segments: {v:?}");
             checked += 1;
         }
