@@ -147,6 +147,8 @@ pub const HTTP_EVENTS: [(&str, u32); 5] = [
     ("too_long", HTTP_TOO_LONG),
     ("out_of_order", HTTP_OUT_OF_ORDER),
 ];
+/// TCP connection events by their `/metrics` label.
+pub const TCP_EVENTS: [(&str, u32); 2] = [("early_segment", TCP_EARLY), ("server_reset", TCP_SERVER_RESETS)];
 /// Why blocked UDP queries were dropped instead of answered, by label.
 pub const ANSWER_FALLBACKS: [(&str, u32); 2] = [("not_plain", REPLY_NOT_PLAIN), ("failed", REPLY_FAILED)];
 /// Why segments of reset flows were dropped instead, by label.
@@ -156,8 +158,16 @@ const ACTION_BASE: u32 = MALFORMED_BASE + Malformed::COUNT as u32;
 /// ClientHellos blocked by an ECH-outer rule (`--ech-outer-list`): the name
 /// is on such a list and the hello carries ECH (also counted as blocked).
 pub const TLS_ECH_OUTER_BLOCKED: u32 = ACTION_BASE + DnsAction::COUNT as u32;
+/// Data segments of a new connection that came before its first data
+/// segment (`flow::Start::Early`): dropped, so the client resends them in
+/// order.
+pub const TCP_EARLY: u32 = TLS_ECH_OUTER_BLOCKED + 1;
+/// SYNs on the addresses and ports of a blocked flow turned into a RST that
+/// closes the server's end of the blocked connection (the client's next SYN
+/// starts afresh).
+pub const TCP_SERVER_RESETS: u32 = TCP_EARLY + 1;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = TLS_ECH_OUTER_BLOCKED + 1;
+pub const COUNTERS: u32 = TCP_SERVER_RESETS + 1;
 
 #[inline(always)]
 pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {
@@ -198,7 +208,7 @@ mod tests {
             mark(*i);
         }
         mark(TCP_RESETS);
-        for (_, i) in TLS_EVENTS.iter().chain(&HTTP_EVENTS) {
+        for (_, i) in TLS_EVENTS.iter().chain(&HTTP_EVENTS).chain(&TCP_EVENTS) {
             mark(*i);
         }
         for a in DnsAction::ALL {

@@ -51,13 +51,13 @@ pub const HTTP_PORT: u16 = 80;
 /// leaves the parser inside a line it skips (the request line's target, a
 /// header other than Host), up to `SKIP_BYTES` more bytes to the line's end
 /// in a tight loop. A step costs the verifier ~10k instructions, a skipped
-/// byte ~150: a segment gets `MAX_STEPS * MAX_ROUNDS` (512) steps, enough for
-/// a 253-byte name after a hundred header lines, and up to 16k bytes.
+/// byte ~150: a segment gets `MAX_STEPS * MAX_ROUNDS` (480) steps, enough for
+/// a 253-byte name after a hundred header lines, and up to 15k bytes.
 pub const MAX_STEPS: usize = 16;
 /// Bytes of a skipped line read per step.
 pub const SKIP_BYTES: usize = 32;
 /// Rounds of `feed` per segment (see `tls::MAX_ROUNDS`).
-pub const MAX_ROUNDS: usize = 32;
+pub const MAX_ROUNDS: usize = crate::tls::MAX_ROUNDS;
 
 /// Where the parser is in the request.
 mod stage {
@@ -100,7 +100,7 @@ pub enum Progress {
 }
 
 /// The per-flow parser state. Starts as `flow::Flow` requires: `next_seq`,
-/// then `kind`.
+/// `kind`, `passed_seq`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Request {
@@ -108,6 +108,8 @@ pub struct Request {
     pub next_seq: u32,
     /// `flow::KIND_HTTP`.
     pub kind: u32,
+    /// See `flow::Flow::passed_seq`.
+    pub passed_seq: u32,
     /// `FLAG_*`.
     pub flags: u32,
     stage: u32,
@@ -126,6 +128,8 @@ pub struct Request {
     cursor: u32,
     done: u32,
     canon_len: u32,
+    /// Rounds of `feed` (tail calls) spent on the current segment.
+    pub rounds: u32,
     /// The name in canonical form as it is read (`bytes`, `starts`).
     pub name: [u8; 2 * 256],
 }
@@ -137,6 +141,8 @@ impl Request {
     const FLAG_ABSOLUTE: u32 = 2;
     /// The blocked flow's client segments are answered with a TCP RST.
     pub const FLAG_RESET: u32 = 4;
+    /// The blocked connection's server end was sent a RST.
+    pub const FLAG_SERVER_CLOSED: u32 = 8;
 
     /// A parser at the first byte of a request whose first segment starts
     /// at sequence number `seq`.
@@ -144,6 +150,7 @@ impl Request {
         let mut r = Request {
             next_seq: 0,
             kind: 0,
+            passed_seq: 0,
             flags: 0,
             stage: 0,
             matched: 0,
@@ -155,6 +162,7 @@ impl Request {
             cursor: 0,
             done: 0,
             canon_len: 0,
+            rounds: 0,
             name: [0; 512],
         };
         r.reset(seq);
@@ -163,15 +171,17 @@ impl Request {
 
     /// Resets the parser (not the name bytes, which are written before read).
     pub fn reset(&mut self, seq: u32) {
-        self.next_seq = seq;
+        (self.next_seq, self.passed_seq) = (seq, seq);
         self.kind = crate::flow::KIND_HTTP;
         self.stage = stage::METHOD;
         (self.flags, self.matched, self.method_hi, self.method_lo, self.scanned) = (0, 0, 0, 0, 0);
-        (self.name_pos, self.label_start, self.cursor, self.done, self.canon_len) = (0, 0, 0, 0, 0);
+        (self.name_pos, self.label_start, self.cursor, self.done, self.canon_len, self.rounds) = (0, 0, 0, 0, 0, 0);
     }
 
-    pub fn block(&mut self) {
-        let flags = ld(&self.flags) | Request::FLAG_BLOCKED;
+    /// Marks the flow blocked; with `reset`, its client segments are
+    /// answered with a TCP RST.
+    pub fn block(&mut self, reset: bool) {
+        let flags = ld(&self.flags) | Request::FLAG_BLOCKED | if reset { Request::FLAG_RESET } else { 0 };
         st(&mut self.flags, flags);
     }
 
@@ -179,10 +189,9 @@ impl Request {
         ld(&self.flags) & Request::FLAG_BLOCKED != 0
     }
 
-    /// Marks the flow blocked, its segments answered with a TCP RST.
-    pub fn block_reset(&mut self) {
-        let flags = ld(&self.flags) | Request::FLAG_BLOCKED | Request::FLAG_RESET;
-        st(&mut self.flags, flags);
+    /// Whether the blocked connection's server end was sent a RST.
+    pub fn server_closed(&self) -> bool {
+        ld(&self.flags) & Request::FLAG_SERVER_CLOSED != 0
     }
 
     /// A blocked flow whose segments are answered with a TCP RST.

@@ -44,9 +44,10 @@ pub enum Inspection {
         af: Af,
         drop: bool,
     },
-    /// A TCP segment with payload, not to port 53: it may carry a TLS
-    /// ClientHello or an HTTP request, read by the stream stages (`tls`,
-    /// `http`) with per-flow state.
+    /// A TCP segment for the stream stages (`tls`, `http`), which keep
+    /// per-flow state: one with payload, not to port 53 (it may carry a TLS
+    /// ClientHello or an HTTP request), or a client's SYN (a connection
+    /// starts: see `conn`).
     TcpPayload,
     /// A later IP fragment: passed, it has no transport header.
     Fragment,
@@ -102,6 +103,9 @@ pub enum Classified {
     /// A TCP segment with payload, not to port 53, to this port: for the
     /// HTTP stage if it is one of `Config::http_ports`, else the TLS stage.
     TcpPayload(u16),
+    /// A client's SYN without payload, not to port 53: for the TLS stage,
+    /// which records where the connection's data starts.
+    TcpSyn,
     /// A QUIC Initial (see `quic::is_initial`), counted and subject to the
     /// QUIC policy in the entry program.
     Quic(Af),
@@ -129,8 +133,11 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
             Err(Skip::Other) => return Classified::Other,
         },
         IPPROTO_TCP => match parse_tcp(p, &l3) {
-            // Segments without payload (handshake, ACKs) are not queries.
-            Ok(l4) if l4.payload_off >= l4.payload_end => return Classified::Other,
+            // Segments without payload (handshake, ACKs) are not queries; a
+            // SYN starts a connection the stream stages follow.
+            Ok(l4) if l4.payload_off >= l4.payload_end => {
+                return if l4.is_syn() && l4.dst_port != dns::DNS_PORT { Classified::TcpSyn } else { Classified::Other };
+            }
             Ok(l4) if l4.dst_port == dns::DNS_PORT => (1, l4),
             Ok(l4) => return Classified::TcpPayload(l4.dst_port),
             Err(Skip::Malformed(m)) => return Classified::Malformed(m),
@@ -206,7 +213,7 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
         Classified::Other => Inspection::Other,
         Classified::Fragment => Inspection::Fragment,
         Classified::Malformed(m) => Inspection::Malformed(m),
-        Classified::TcpPayload(_) => Inspection::TcpPayload,
+        Classified::TcpPayload(_) | Classified::TcpSyn => Inspection::TcpPayload,
         Classified::Quic(af) => {
             let drop = env.resources().is_some_and(|(_, cfg, _)| cfg.is_configured() && cfg.quic_policy == quic::POLICY_DROP);
             Inspection::Quic { af, drop }

@@ -286,6 +286,27 @@ pub struct L4 {
     pub payload_end: usize,
     /// TCP sequence number (0 for UDP).
     pub seq: u32,
+    /// TCP flags (`TCP_*`; 0 for UDP).
+    pub flags: u8,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+impl L4 {
+    /// A client's connection request: SYN without ACK.
+    #[inline(always)]
+    pub const fn is_syn(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// The sequence number of the first payload byte (a SYN takes one).
+    #[inline(always)]
+    pub const fn data_seq(&self) -> u32 {
+        self.seq.wrapping_add((self.flags & TCP_SYN != 0) as u32)
+    }
 }
 
 #[inline(always)]
@@ -299,7 +320,7 @@ pub fn parse_udp<P: Packet + ?Sized>(p: &P, l3: &L3) -> Result<L4, Skip> {
         return Err(BAD);
     }
     let payload_end = if off + len < l3.end { off + len } else { l3.end };
-    Ok(L4 { src_port, dst_port, payload_off: off + 8, payload_end, seq: 0 })
+    Ok(L4 { src_port, dst_port, payload_off: off + 8, payload_end, seq: 0, flags: 0 })
 }
 
 #[inline(always)]
@@ -314,7 +335,8 @@ pub fn parse_tcp<P: Packet + ?Sized>(p: &P, l3: &L3) -> Result<L4, Skip> {
     }
     p.u8_at(off + doff - 1).ok_or(BAD)?;
     let seq = (u32::from(p.be16_at(off + 4).ok_or(BAD)?) << 16) | u32::from(p.be16_at(off + 6).ok_or(BAD)?);
-    Ok(L4 { src_port, dst_port, payload_off: off + doff, payload_end: l3.end, seq })
+    let flags = p.u8_at(off + 13).ok_or(BAD)?;
+    Ok(L4 { src_port, dst_port, payload_off: off + doff, payload_end: l3.end, seq, flags })
 }
 
 #[inline(always)]

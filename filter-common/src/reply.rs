@@ -177,7 +177,7 @@ pub fn build_reply<P: PacketMut + ?Sized>(p: &mut P, q: &QueryAt, action: DnsAct
     let udp_len = 8 + dns_len;
     p.set_be16(l4 + 4, udp_len as u16).ok_or(E)?;
     p.set_be16(l4 + 6, 0).ok_or(E)?;
-    let pseudo = reverse_ip(p, q.af, q.l3_off, udp_len)?;
+    let pseudo = rewrite_ip(p, q.af, q.l3_off, udp_len, true)?;
     let (l4, udp_len) = (opaque(l4), opaque(udp_len));
     let sum = pseudo + 17 + udp_len as u64 + sum_bytes(p, l4, udp_len);
     // A computed 0 is sent as 0xffff: 0 means "no checksum".
@@ -188,26 +188,31 @@ pub fn build_reply<P: PacketMut + ?Sized>(p: &mut P, q: &QueryAt, action: DnsAct
     p.set_be16(l4 + 6, csum).ok_or(E)
 }
 
-/// Turns the plain IP header at `l3` around for a reply carrying `l4_len`
-/// transport bytes: addresses swapped, length set, TTL (hop limit) 64, the
-/// IPv4 header checksum. Returns the pseudo-header's address sum.
+/// Rewrites the plain IP header at `l3` for a packet carrying `l4_len`
+/// transport bytes: length set, the IPv4 header checksum; if `back` (a
+/// reply), addresses swapped and TTL (hop limit) 64. Returns the
+/// pseudo-header's address sum.
 #[inline(always)]
-pub(crate) fn reverse_ip<P: PacketMut + ?Sized>(p: &mut P, af: Af, l3: usize, l4_len: usize) -> Result<u64, NoReply> {
+pub(crate) fn rewrite_ip<P: PacketMut + ?Sized>(p: &mut P, af: Af, l3: usize, l4_len: usize, back: bool) -> Result<u64, NoReply> {
     const E: NoReply = NoReply::Packet;
     Ok(match af {
         Af::V4 => {
-            swap(p, l3 + 12, l3 + 16, 4)?;
+            if back {
+                swap(p, l3 + 12, l3 + 16, 4)?;
+                p.set_u8(l3 + 8, 64).ok_or(E)?;
+            }
             p.set_be16(l3 + 2, (20 + l4_len) as u16).ok_or(E)?;
-            p.set_u8(l3 + 8, 64).ok_or(E)?;
             p.set_be16(l3 + 10, 0).ok_or(E)?;
             let sum = sum_words(p, l3, 10, 10);
             p.set_be16(l3 + 10, !fold(sum)).ok_or(E)?;
             sum_words(p, l3 + 12, 4, 4)
         }
         Af::V6 => {
-            swap(p, l3 + 8, l3 + 24, 16)?;
+            if back {
+                swap(p, l3 + 8, l3 + 24, 16)?;
+                p.set_u8(l3 + 7, 64).ok_or(E)?;
+            }
             p.set_be16(l3 + 4, l4_len as u16).ok_or(E)?;
-            p.set_u8(l3 + 7, 64).ok_or(E)?;
             sum_words(p, l3 + 8, 16, 16)
         }
     })

@@ -38,6 +38,7 @@ pub const STAGE_HTTP: u32 = 4;
 pub const STAGE_COUNT: u32 = 5;
 pub const MAP_STAGES: &str = "STAGES";
 pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_SYNS: &str = "SYNS";
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Size of the event ring buffer (a power of two, whole pages): room for
 /// about 900 events the daemon has not read yet; more are lost.

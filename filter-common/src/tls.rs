@@ -39,9 +39,11 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 16;
 /// verified as a short loop.
 pub const MAX_STEPS: usize = 32;
 /// Rounds of `feed` per segment. The kernel allows 33 tail calls in a
-/// chain: one enters the stream stage, 31 start further rounds, and the last
-/// goes on to the match stage.
-pub const MAX_ROUNDS: usize = 32;
+/// chain: one enters the stream stage (two for a hello on an HTTP port,
+/// through the HTTP stage), 29 start further rounds, one goes on to the
+/// match stage and one to the answer stage (a RST to the client or the
+/// server).
+pub const MAX_ROUNDS: usize = 30;
 
 /// Where the parser is in the hello.
 mod stage {
@@ -94,6 +96,8 @@ pub struct Hello {
     pub next_seq: u32,
     /// `flow::KIND_TLS` (see `flow::Flow`).
     pub kind: u32,
+    /// See `flow::Flow::passed_seq`.
+    pub passed_seq: u32,
     stage: u32,
     /// Bytes still to read (fields) or skip in the current stage.
     need: u32,
@@ -123,9 +127,6 @@ pub struct Hello {
     taken: u32,
     done: u32,
     canon_len: u32,
-    /// The ECH-outer rule (a `RuleRef`) waiting for the hello's end (with
-    /// `FLAG_ECH_PENDING`; set by the kernel's match stage).
-    pub pending: u32,
     /// Rounds of `feed` (tail calls) spent on the current segment.
     pub rounds: u32,
     /// The server name in canonical form as it is read (`bytes`, `starts`).
@@ -145,14 +146,16 @@ impl Hello {
     pub const FLAG_REPORTED: u32 = 16;
     /// The hello ended (or broke the format) after the name.
     pub const FLAG_END: u32 = 32;
-    /// The name matched an ECH-outer rule (`pending`): the flow is blocked
-    /// if the rest of the hello carries ECH.
+    /// The name matched an ECH-outer rule: it is matched again (and the
+    /// flow blocked) if the rest of the hello carries ECH.
     pub const FLAG_ECH_PENDING: u32 = 64;
     /// The walk after the name ran out of budget (`name_so_far`): whether
     /// ECH follows is unknown.
     pub const FLAG_CUT: u32 = 128;
     /// The blocked flow's client segments are answered with a TCP RST.
     pub const FLAG_RESET: u32 = 256;
+    /// The blocked connection's server end was sent a RST.
+    pub const FLAG_SERVER_CLOSED: u32 = 512;
 
     /// Whether the hello ended (after its name).
     pub fn ended(&self) -> bool {
@@ -170,9 +173,10 @@ impl Hello {
         st(&mut self.flags, flags);
     }
 
-    /// Marks the flow blocked.
-    pub fn block(&mut self) {
-        let flags = ld(&self.flags) | Hello::FLAG_BLOCKED;
+    /// Marks the flow blocked; with `reset`, its client segments are
+    /// answered with a TCP RST.
+    pub fn block(&mut self, reset: bool) {
+        let flags = ld(&self.flags) | Hello::FLAG_BLOCKED | if reset { Hello::FLAG_RESET } else { 0 };
         st(&mut self.flags, flags);
     }
 
@@ -180,10 +184,9 @@ impl Hello {
         ld(&self.flags) & Hello::FLAG_BLOCKED != 0
     }
 
-    /// Marks the flow blocked, its segments answered with a TCP RST.
-    pub fn block_reset(&mut self) {
-        let flags = ld(&self.flags) | Hello::FLAG_BLOCKED | Hello::FLAG_RESET;
-        st(&mut self.flags, flags);
+    /// Whether the blocked connection's server end was sent a RST.
+    pub fn server_closed(&self) -> bool {
+        ld(&self.flags) & Hello::FLAG_SERVER_CLOSED != 0
     }
 
     /// A blocked flow whose segments are answered with a TCP RST.
@@ -197,6 +200,7 @@ impl Hello {
         let mut h = Hello {
             next_seq: 0,
             kind: 0,
+            passed_seq: 0,
             stage: 0,
             need: 0,
             acc: 0,
@@ -214,7 +218,6 @@ impl Hello {
             taken: 0,
             done: 0,
             canon_len: 0,
-            pending: 0,
             rounds: 0,
             name: [0; 512],
         };
@@ -225,14 +228,19 @@ impl Hello {
     /// Resets the parser (not the name bytes, which are written before read)
     /// for a stream whose first segment starts at `seq`.
     pub fn reset(&mut self, seq: u32) {
-        self.next_seq = seq;
+        (self.next_seq, self.passed_seq) = (seq, seq);
         self.kind = crate::flow::KIND_TLS;
         self.stage = stage::HS_HEADER;
         self.need = 4;
         self.rec_need = 5;
         (self.acc, self.rec_acc, self.record_left, self.hello_left, self.exts_left) = (0, 0, 0, 0, 0);
         (self.name_pos, self.label_start, self.name_len, self.sni_len, self.flags, self.cursor) = (0, 0, 0, 0, 0, 0);
-        (self.taken, self.done, self.canon_len, self.pending, self.rounds) = (0, 0, 0, 0, 0);
+        (self.taken, self.done, self.canon_len, self.rounds) = (0, 0, 0, 0);
+    }
+
+    /// The canonical length of the finished name.
+    pub fn canon_len(&self) -> usize {
+        ld(&self.canon_len) as usize
     }
 
     /// Copies the finished name into a matcher buffer.

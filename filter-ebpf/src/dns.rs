@@ -6,7 +6,6 @@ use filter_common::{
     inspect::{Env as _, Inspection},
     name::{Decision, canon_start},
     reply::{DnsAction, NoReply, QueryAt, build_reply},
-    reset::build_reset,
     rules::{LIST_ACTION_MASK, STAGE_REPLY},
 };
 
@@ -92,35 +91,13 @@ fn to_reply(pkt: &XdpPacket, at: &QueryAt, action: DnsAction) -> u32 {
     xdp_action::XDP_DROP
 }
 
-/// Hands a client segment of a flow blocked with the `reset` action to the
-/// answer stage; drops it if that is not reached.
-#[inline(always)]
-pub fn to_reset(pkt: &XdpPacket) -> u32 {
-    if let Some(job) = REPLY_JOB.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot.
-        unsafe { *job = ReplyJob::tcp_reset() };
-        // SAFETY: the slot holds the answer stage.
-        unsafe { STAGES.tail_call(pkt.ctx, STAGE_REPLY) };
-    }
-    count(counters::TCP_RESET_FAILED);
-    xdp_action::XDP_DROP
-}
-
-/// The answer stage: rewrites the blocked query into its answer, or the
-/// blocked TCP segment into a RST (XDP_TX), or drops it.
+/// The answer stage: rewrites the blocked query into its answer, or a TCP
+/// segment into a RST (`conn::reset`), or drops it.
 #[inline(always)]
 pub fn reply(pkt: &mut XdpPacket) -> u32 {
     let (Some(job), Some(cfg)) = (REPLY_JOB.get(0), CONFIG.get(0)) else { return xdp_action::XDP_DROP };
-    if job.is_tcp_reset() {
-        match build_reset(pkt, Maps::opaque) {
-            Ok(()) => {
-                count(counters::TCP_RESETS);
-                return xdp_action::XDP_TX;
-            }
-            Err(NoReply::NotPlain) => count(counters::TCP_RESET_NOT_PLAIN),
-            Err(_) => count(counters::TCP_RESET_FAILED),
-        }
-        return xdp_action::XDP_DROP;
+    if let Some((to, forget)) = job.reset_toward() {
+        return crate::conn::reset(pkt, to, &job.flow, forget);
     }
     let (at, action) = job.get();
     match build_reply(pkt, &at, action, cfg, Maps::opaque) {

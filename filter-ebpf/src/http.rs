@@ -7,16 +7,17 @@
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters::{self, Proto},
-    flow::{KIND_HTTP, KIND_TLS},
-    http::{Progress, feed, resume, starts_request},
+    flow::{KIND_HTTP, KIND_TLS, Start},
+    http::{MAX_ROUNDS, Progress, feed, resume, starts_request},
     inspect::Env as _,
     packet::{IPPROTO_TCP, parse_l3, parse_tcp},
+    reset::Toward,
     rules::{STAGE_HTTP, STAGE_TLS},
     tls::{FlowKey, Resume, starts_hello},
 };
 
 use crate::{
-    dns::to_reset,
+    conn::{self, to_reset},
     maps::{CONFIG, FLOW_INIT, FLOWS, Maps, STAGES, count},
     packet::XdpPacket,
     tls::{finish, to_match},
@@ -30,11 +31,15 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     }
     let Ok(l4) = parse_tcp(pkt, &l3) else { return xdp_action::XDP_PASS };
     let Some(key) = FlowKey::of(pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
+    // SYNs (with data: TCP Fast Open) are the TLS stage's.
+    if l4.is_syn() {
+        return to_tls(pkt);
+    }
     let af = l3.af;
     // Stage boundary (see `Env::opaque`).
     let off = Maps::opaque(l4.payload_off);
     let end = Maps::opaque(l4.payload_end);
-    let seq = l4.seq;
+    let seq = l4.data_seq();
     // Requests to the block page (the DNS `redirect` action's address) are
     // for listed names by design: they pass unread.
     if CONFIG.get(0).is_some_and(|c| c.is_block_page(key.family, &key.dst)) {
@@ -43,6 +48,9 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     let flow = match FLOWS.get_ptr_mut(&key) {
         Some(f) => f,
         None => {
+            if conn::start(&key, seq) == Start::Early {
+                return xdp_action::XDP_DROP;
+            }
             if starts_hello(pkt, off, end) {
                 return to_tls(pkt);
             }
@@ -73,7 +81,7 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     // SAFETY: the variant `kind` names.
     let req = unsafe { &mut flow.request };
     if req.is_blocked() {
-        return if req.resets() { to_reset(pkt) } else { xdp_action::XDP_DROP };
+        return if req.resets() { to_reset(pkt, Toward::Client, &key, false) } else { xdp_action::XDP_DROP };
     }
     let start = match resume(req, seq, off, end) {
         Resume::At(start) => start,
@@ -85,18 +93,27 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     };
     let progress = feed(req, pkt, start, end);
     if progress == Progress::StepsExhausted {
-        // Go on with this segment in a fresh round (see the TLS stage).
-        // SAFETY: the slot holds this program.
-        unsafe { STAGES.tail_call(pkt.ctx, STAGE_HTTP) };
+        // Go on with this segment in a fresh round (see the TLS stage); out
+        // of rounds, the flow is blocked below.
+        let rounds = req.rounds + 1;
+        req.rounds = rounds;
+        if (rounds as usize) < MAX_ROUNDS {
+            // SAFETY: the slot holds this program.
+            unsafe { STAGES.tail_call(pkt.ctx, STAGE_HTTP) };
+        }
     }
+    req.rounds = 0;
     match progress {
-        Progress::NeedMore => xdp_action::XDP_PASS,
+        Progress::NeedMore => {
+            req.passed_seq = req.next_seq;
+            xdp_action::XDP_PASS
+        }
         Progress::Name(len) => {
-            if to_match(pkt, |buf| req.copy_name(buf), &key, len, af, Proto::Http) {
+            if to_match(pkt, |buf| req.copy_name(buf), &key, len, af, Proto::Http, false) {
                 return xdp_action::XDP_PASS;
             }
             count(counters::HTTP_TOO_LONG);
-            req.block();
+            req.block(false);
             xdp_action::XDP_DROP
         }
         Progress::NoHost => finish(&key, counters::HTTP_NO_HOST),
@@ -104,8 +121,8 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         Progress::NotRequest => finish(&key, counters::HTTP_NOT_REQUEST),
         Progress::TooLong | Progress::StepsExhausted => {
             count(counters::HTTP_TOO_LONG);
-            req.block();
-            xdp_action::XDP_DROP
+            req.block(false);
+            to_reset(pkt, Toward::Server(req.passed_seq), &key, false)
         }
     }
 }

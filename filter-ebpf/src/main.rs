@@ -10,6 +10,7 @@
 #![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
+mod conn;
 mod dns;
 mod http;
 mod maps;
@@ -31,8 +32,8 @@ use crate::{
 
 /// The entry program: every packet. It reads the lower layers and hands DNS
 /// queries to `blokir_dns`, TCP payload to the HTTP ports to `blokir_http`
-/// and other TCP payload to `blokir_tls` by tail call, so that each stage is
-/// verified on its own.
+/// and other TCP payload and clients' SYNs to `blokir_tls` by tail call, so
+/// that each stage is verified on its own.
 #[xdp]
 pub fn blokir(ctx: XdpContext) -> u32 {
     let pkt = XdpPacket { ctx: &ctx };
@@ -47,6 +48,8 @@ pub fn blokir(ctx: XdpContext) -> u32 {
             let http = HTTP_PORTS.get(u32::from(port) >> 6).is_some_and(|w| (*w >> (port & 63)) & 1 != 0);
             unsafe { STAGES.tail_call(&ctx, if http { STAGE_HTTP } else { STAGE_TLS }) }
         }
+        // SAFETY: as above.
+        Classified::TcpSyn => unsafe { STAGES.tail_call(&ctx, STAGE_TLS) },
         Classified::Quic(af) => {
             count(counters::proto_index(Proto::Quic, af, Outcome::Inspected));
             if CONFIG.get(0).is_some_and(|c| c.is_configured() && c.quic_policy == POLICY_DROP) {

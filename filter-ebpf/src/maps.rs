@@ -15,6 +15,7 @@ use filter_common::{
     name::{CANON_CAP, CanonBuf},
     packet::Af,
     reply::{DnsAction, QueryAt},
+    reset::Toward,
     rules::{BlockEvent, Config, DEFAULT_RULE_CAPACITY, EVENTS_BYTES, HTTP_PORT_WORDS, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef, STAGE_COUNT},
     tls::FlowKey,
 };
@@ -60,6 +61,11 @@ pub static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(filter_common::tls::DEFAULT_FLOW_CAPACITY, 0);
 
+/// Connections between their SYN and their first data segment: the
+/// sequence number their data starts at (see `flow::Start`).
+#[map(name = "SYNS")]
+pub static SYNS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(filter_common::flow::DEFAULT_SYN_CAPACITY, 0);
+
 /// Per-CPU staging for a new flow's state (too big for the stack).
 #[map(name = "FLOW_INIT")]
 pub static FLOW_INIT: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
@@ -83,6 +89,9 @@ pub struct MatchJob {
     pub v6: u32,
     /// The stream protocol (`Proto::Tls` or `Proto::Http`).
     pub proto: u32,
+    /// 1 if the name was matched before (an ECH-outer rule waiting for
+    /// ECH): not counted as inspected again.
+    pub again: u32,
 }
 
 /// What the DNS stage hands the answer stage.
@@ -97,6 +106,10 @@ pub struct ReplyJob {
     /// Bit 0: IPv6; bit 1: plain (see `QueryAt`).
     flags: u32,
     action: u32,
+    /// `SERVER_RESET`'s sequence number.
+    seq: u32,
+    /// The flow of a TCP reset.
+    pub flow: FlowKey,
 }
 
 impl ReplyJob {
@@ -112,21 +125,41 @@ impl ReplyJob {
             qtype: at.qtype as u32,
             flags,
             action: action as u32,
+            seq: 0,
+            flow: FlowKey::default(),
         }
     }
 
-    /// The job of a TCP segment to be turned into a RST (the answer stage
-    /// reads the packet's headers again).
-    pub const TCP_RESET: u32 = 0x100;
+    /// The job of a TCP segment to be turned into a RST to its client (the
+    /// answer stage reads the packet's headers again).
+    const TCP_RESET: u32 = 0x100;
+    /// The job of a segment to be turned into a RST to its server at
+    /// `seq`, after which the blocked flow is marked (`Flow::close_server`)
+    /// or, with `SERVER_RESET_FORGET`, forgotten.
+    const SERVER_RESET: u32 = 0x101;
+    const SERVER_RESET_FORGET: u32 = 0x102;
 
+    /// A RST `to` the client or the server; `forget` the flow once a RST
+    /// to the server is written.
     #[inline(always)]
-    pub fn tcp_reset() -> Self {
-        ReplyJob { l3_off: 0, l4_off: 0, msg_off: 0, question_end: 0, qtype: 0, flags: 0, action: Self::TCP_RESET }
+    pub fn tcp_reset(to: Toward, flow: FlowKey, forget: bool) -> Self {
+        let (action, seq) = match to {
+            Toward::Client => (Self::TCP_RESET, 0),
+            Toward::Server(seq) => (if forget { Self::SERVER_RESET_FORGET } else { Self::SERVER_RESET }, seq),
+        };
+        ReplyJob { l3_off: 0, l4_off: 0, msg_off: 0, question_end: 0, qtype: 0, flags: 0, action, seq, flow }
     }
 
+    /// Where the RST goes, and whether the flow is then forgotten, if the
+    /// job is a TCP reset.
     #[inline(always)]
-    pub fn is_tcp_reset(&self) -> bool {
-        self.action == Self::TCP_RESET
+    pub fn reset_toward(&self) -> Option<(Toward, bool)> {
+        match self.action {
+            Self::TCP_RESET => Some((Toward::Client, false)),
+            Self::SERVER_RESET => Some((Toward::Server(self.seq), false)),
+            Self::SERVER_RESET_FORGET => Some((Toward::Server(self.seq), true)),
+            _ => None,
+        }
     }
 
     #[inline(always)]

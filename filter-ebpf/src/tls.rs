@@ -5,18 +5,18 @@
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters::{self, Outcome, Proto},
-    flow::KIND_TLS,
+    flow::{KIND_TLS, Start},
     inspect::Env as _,
     name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
-    reset::LIST_TCP_RESET,
+    reset::{LIST_TCP_RESET, Toward},
     rules::{LIST_ECH_OUTER, RuleRef},
     rules::{STAGE_MATCH, STAGE_TLS},
     tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, name_so_far, resume, starts_hello},
 };
 
 use crate::{
-    dns::to_reset,
+    conn::{self, to_reset},
     maps::{CONFIG, FLOW_INIT, FLOWS, LIST_ACTIONS, MATCH_JOB, Maps, Rules, SCRATCH, STAGES, block_event, count, hit},
     packet::XdpPacket,
 };
@@ -29,14 +29,22 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     }
     let Ok(l4) = parse_tcp(pkt, &l3) else { return xdp_action::XDP_PASS };
     let Some(key) = FlowKey::of(pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
+    if l4.is_syn()
+        && let Some(verdict) = conn::syn(pkt, &key, &l4)
+    {
+        return verdict;
+    }
     let af = l3.af;
     // Stage boundary (see `Env::opaque`).
     let off = Maps::opaque(l4.payload_off);
     let end = Maps::opaque(l4.payload_end);
-    let seq = l4.seq;
+    let seq = l4.data_seq();
     let flow = match FLOWS.get_ptr_mut(&key) {
         Some(h) => h,
         None => {
+            if conn::start(&key, seq) == Start::Early {
+                return xdp_action::XDP_DROP;
+            }
             if !starts_hello(pkt, off, end) {
                 return xdp_action::XDP_PASS;
             }
@@ -64,7 +72,7 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     // SAFETY: the variant `kind` names.
     let hello = unsafe { &mut flow.hello };
     if hello.is_blocked() {
-        return if hello.resets() { to_reset(pkt) } else { xdp_action::XDP_DROP };
+        return if hello.resets() { to_reset(pkt, Toward::Client, &key, false) } else { xdp_action::XDP_DROP };
     }
     let start = match resume(hello, seq, off, end) {
         Resume::At(start) => start,
@@ -99,34 +107,41 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
             Some(len) => progress = Progress::Name(len),
             None => {
                 count(counters::TLS_TOO_COMPLEX);
-                hello.block();
-                return xdp_action::XDP_DROP;
+                hello.block(false);
+                return to_reset(pkt, Toward::Server(hello.passed_seq), &key, false);
             }
         }
     }
     hello.rounds = 0;
-    // An ECH-outer rule matched the name in an earlier segment: ECH in this
-    // one blocks the flow.
+    // An ECH-outer rule matched the name in an earlier segment: with ECH in
+    // this one, the name goes to the match stage again, which blocks the
+    // flow as its list says (and counts and logs it).
     if hello.flags & Hello::FLAG_ECH_PENDING != 0 && hello.has_ech() {
-        count(counters::proto_index(Proto::Tls, af, Outcome::Blocked));
-        count(counters::TLS_ECH_OUTER_BLOCKED);
-        hit(RuleRef(hello.pending), counters::LIST_BLOCKED);
-        hello.block();
+        hello.flags &= !Hello::FLAG_ECH_PENDING;
+        let len = hello.canon_len();
+        if to_match(pkt, |buf| hello.copy_name(buf), &key, len, af, Proto::Tls, true) {
+            return xdp_action::XDP_PASS;
+        }
+        count(counters::TLS_TOO_COMPLEX);
+        hello.block(false);
         return xdp_action::XDP_DROP;
     }
     match progress {
-        Progress::NeedMore => xdp_action::XDP_PASS,
+        Progress::NeedMore => {
+            hello.passed_seq = hello.next_seq;
+            xdp_action::XDP_PASS
+        }
         // The hello ended after a name that passed: forget the flow.
         Progress::End => {
             let _ = FLOWS.remove(&key);
             xdp_action::XDP_PASS
         }
         Progress::Name(len) => {
-            if to_match(pkt, |buf| hello.copy_name(buf), &key, len, af, Proto::Tls) {
+            if to_match(pkt, |buf| hello.copy_name(buf), &key, len, af, Proto::Tls, false) {
                 return xdp_action::XDP_PASS;
             }
             count(counters::TLS_TOO_COMPLEX);
-            hello.block();
+            hello.block(false);
             xdp_action::XDP_DROP
         }
         Progress::NoName => finish(&key, counters::TLS_NO_SNI),
@@ -136,17 +151,18 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
 }
 
 /// Hands a finished name (`copy` writes it into the scratch buffer) to the
-/// match stage. Returns only if that failed: `false` if the tail-call chain
-/// was at its limit (which `MAX_ROUNDS` leaves room for, unless a hop came
-/// before: a hello on an HTTP port), and the caller fails closed; `true` if
-/// the per-CPU slots were missing (never: they are arrays).
+/// match stage; `again` if it was matched before (not counted as inspected
+/// again). Returns only if that failed: `false` if the tail-call chain
+/// was at its limit (which `MAX_ROUNDS` leaves room for), and the caller
+/// fails closed; `true` if the per-CPU slots were missing (never: they are
+/// arrays).
 #[inline(always)]
-pub fn to_match(pkt: &XdpPacket, copy: impl FnOnce(&mut CanonBuf), key: &FlowKey, len: usize, af: Af, proto: Proto) -> bool {
+pub fn to_match(pkt: &XdpPacket, copy: impl FnOnce(&mut CanonBuf), key: &FlowKey, len: usize, af: Af, proto: Proto, again: bool) -> bool {
     let (Some(buf), Some(job)) = (SCRATCH.get_ptr_mut(0), MATCH_JOB.get_ptr_mut(0)) else { return true };
     // SAFETY: per-CPU scratch and job slots.
     let (buf, job) = unsafe { (&mut *buf, &mut *job) };
     copy(buf);
-    (job.flow, job.start, job.v6, job.proto) = (*key, canon_start(len) as u32, af as u32, proto as u32);
+    (job.flow, job.start, job.v6, job.proto, job.again) = (*key, canon_start(len) as u32, af as u32, proto as u32, again as u32);
     // SAFETY: the slot holds the match stage.
     unsafe { STAGES.tail_call(pkt.ctx, STAGE_MATCH) };
     false
@@ -163,8 +179,13 @@ pub fn decide(pkt: &XdpPacket) -> u32 {
     let key = job.flow;
     let af = if job.v6 == 0 { Af::V4 } else { Af::V6 };
     let proto = Proto::from_stream(job.proto);
-    count(counters::proto_index(proto, af, Outcome::Inspected));
-    match match_canon(buf, Maps::opaque(job.start as usize), cfg, &Rules) {
+    let decision = match_canon(buf, Maps::opaque(job.start as usize), cfg, &Rules);
+    // Read again after the matcher's loop (see `block_event` below): a
+    // branch before it doubles the states the verifier walks.
+    if MATCH_JOB.get(0).is_some_and(|j| j.again == 0) {
+        count(counters::proto_index(proto, af, Outcome::Inspected));
+    }
+    match decision {
         Decision::Block(rule) if ech_outer_defers(rule, proto, &key) => forget(&key),
         Decision::Block(rule) => {
             count(counters::proto_index(proto, af, Outcome::Blocked));
@@ -175,15 +196,16 @@ pub fn decide(pkt: &XdpPacket) -> u32 {
                 block_event(proto, af, rule, j.start as usize);
             }
             let reset = LIST_ACTIONS.get(rule.list()).is_some_and(|a| *a & LIST_TCP_RESET != 0);
-            if let Some(h) = FLOWS.get_ptr_mut(&key) {
-                // SAFETY: the flow's map value.
-                let h = unsafe { &mut *h };
-                if reset { h.block_reset() } else { h.block() }
-            }
-            if reset {
-                return to_reset(pkt);
-            }
-            xdp_action::XDP_DROP
+            let Some(h) = FLOWS.get_ptr_mut(&key) else { return xdp_action::XDP_DROP };
+            // SAFETY: the flow's map value.
+            let h = unsafe { &mut *h };
+            h.block(reset);
+            // `reset`: the client is answered. `drop`: the segment goes on as
+            // a RST that closes the server's end, so that nothing the
+            // client sends later (a retransmission after the flow's state
+            // is evicted, a forged SYN and a resend) finds it open.
+            let to = if reset { Toward::Client } else { Toward::Server(h.passed_seq()) };
+            to_reset(pkt, to, &key, false)
         }
         Decision::Allow(rule) => {
             count(counters::proto_index(proto, af, Outcome::Allowed));
@@ -226,7 +248,6 @@ fn ech_outer_defers(rule: RuleRef, proto: Proto, key: &FlowKey) -> bool {
         return false;
     }
     if !hello.ended() {
-        hello.pending = rule.0;
         hello.set(Hello::FLAG_ECH_PENDING);
     }
     true
@@ -234,14 +255,19 @@ fn ech_outer_defers(rule: RuleRef, proto: Proto, key: &FlowKey) -> bool {
 
 /// A name that passed: the flow is forgotten, unless it is a ClientHello
 /// whose end is still to come (the stream stage walks it for ECH, and
-/// forgets it at the end).
+/// forgets it at the end): its segment passes.
 #[inline(always)]
 fn forget(key: &FlowKey) -> u32 {
-    // SAFETY: the flow's map value; `hello` is read only for a TLS flow.
-    let keep = FLOWS.get_ptr(key).is_some_and(|f| unsafe { (*f).kind() == KIND_TLS && !(*f).hello.ended() });
-    if !keep {
-        let _ = FLOWS.remove(key);
+    if let Some(f) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: the flow's map value; `hello` is read only for a TLS flow.
+        let f = unsafe { &mut *f };
+        if f.kind() == KIND_TLS && !unsafe { f.hello.ended() } {
+            // SAFETY: as above.
+            unsafe { f.hello.passed_seq = f.hello.next_seq };
+            return xdp_action::XDP_PASS;
+        }
     }
+    let _ = FLOWS.remove(key);
     xdp_action::XDP_PASS
 }
 

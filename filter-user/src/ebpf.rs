@@ -24,8 +24,8 @@ use filter_common::{
     reset::{TcpAction, list_action_word},
     rules::{
         Config, DNS_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS,
-        MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS,
-        STAGE_HTTP, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MAP_SYNS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME,
+        STAGE_DNS, STAGE_HTTP, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::FlowKey,
 };
@@ -95,7 +95,7 @@ struct SharedMap {
 }
 
 impl SharedMap {
-    fn all(lists: &[&str]) -> [SharedMap; 3] {
+    fn all(lists: &[&str]) -> [SharedMap; 4] {
         let size = |n: usize| n as u32;
         [
             SharedMap {
@@ -105,6 +105,14 @@ impl SharedMap {
                 key: size(size_of::<filter_common::tls::FlowKey>()),
                 value: size(size_of::<Flow>()),
                 max_entries: filter_common::tls::DEFAULT_FLOW_CAPACITY,
+            },
+            SharedMap {
+                name: MAP_SYNS,
+                file: MAP_SYNS.to_string(),
+                ty: MapType::LruHash,
+                key: size(size_of::<filter_common::tls::FlowKey>()),
+                value: 4,
+                max_entries: filter_common::flow::DEFAULT_SYN_CAPACITY,
             },
             SharedMap { name: MAP_COUNTERS, file: MAP_COUNTERS.to_string(), ty: MapType::PerCpuArray, key: 4, value: 8, max_entries: counters::COUNTERS },
             // List ids follow the order of the lists, so per-list counters

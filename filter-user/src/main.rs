@@ -494,8 +494,8 @@ fn replay_capture(opts: &replay::Options, output: Output) -> anyhow::Result<Exit
     match output {
         Output::Json => write(serde_json::to_string(&serde_json::json!({ "summary": summary })).unwrap_or_default()),
         Output::Table => write(format!(
-            "{} packets: {} passed, {} dropped, {} answered (tx), {} aborted, {} skipped; {} truncated by the capture",
-            summary.packets, summary.pass, summary.drop, summary.tx, summary.aborted, summary.skipped, summary.truncated
+            "{} packets: {} passed, {} dropped, {} answered (tx), {} passed on as a RST to the server (rst), {} aborted, {} skipped; {} truncated by the capture",
+            summary.packets, summary.pass, summary.drop, summary.tx, summary.rst, summary.aborted, summary.skipped, summary.truncated
         )),
     }
     if let Some(e) = failed.filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe) {

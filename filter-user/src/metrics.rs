@@ -226,6 +226,14 @@ impl Collector for Blokir {
             MetricType::Counter,
             [(vec![], get(counters::TCP_RESETS))],
         )?;
+        let rows = counters::TCP_EVENTS.map(|(e, i)| (vec![("event", e)], get(i)));
+        family(
+            &mut enc,
+            "blokir_tcp_events",
+            "TCP connection events: data segments of a new connection held back (dropped) because they came before its first (early_segment); RSTs sent on to servers to close the server's end of a blocked connection, made of the segment that completed a name on a drop list or of a new connection's SYN on the ports of a blocked flow (server_reset).",
+            MetricType::Counter,
+            rows,
+        )?;
         let rows = counters::RESET_FALLBACKS.map(|(r, i)| (vec![("reason", r)], get(i)));
         family(
             &mut enc,

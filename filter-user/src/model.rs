@@ -10,12 +10,13 @@ use std::collections::{HashMap, hash_map::Entry};
 
 use filter_common::{
     counters::{self, Outcome, Proto},
+    flow::{Start, start_of},
     http::{self, Request, starts_request},
     inspect::{Env, Inspection, inspect},
     name::{CANON_CAP, CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
     reply::{DnsAction, NoReply},
-    reset::{TcpAction, build_reset},
+    reset::{TcpAction, Toward, build_reset},
     rules::{Config, MAX_LISTS, RuleRef},
     tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, name_so_far, resume, starts_hello},
 };
@@ -25,6 +26,10 @@ use crate::rules::{Engine, engine::Nodes};
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
+/// Not an XDP action: how tests and `blokir replay` name a segment passed
+/// on rewritten into a RST to its server (`XDP_PASS` with a new packet),
+/// which blocks it as a drop would.
+pub const PASS_AS_RST: u32 = 0x100 | XDP_PASS;
 
 /// What the model made of one packet.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,12 +43,13 @@ pub struct Step {
     pub name: Option<String>,
     /// The rule that decided: a block rule, or an allow rule.
     pub rule: Option<RuleRef>,
-    /// The packet sent back (`XDP_TX`): a TCP RST.
+    /// The packet as rewritten: sent back (`XDP_TX`, a TCP RST to the
+    /// client) or passed on (`XDP_PASS`, a RST to the server).
     pub sent: Option<Vec<u8>>,
 }
 
-/// The flow table (the kernel's LRU map, without eviction: tests stay far
-/// below its capacity).
+/// The flow table and the connection starts (the kernel's LRU maps,
+/// without eviction: tests stay far below their capacity).
 #[derive(Default)]
 pub struct Model {
     /// The ECH-outer lists (`--ech-outer-list`), bit `list id`: the kernel
@@ -51,6 +57,9 @@ pub struct Model {
     pub ech_outer: u128,
     flows: HashMap<FlowKey, Flow>,
     requests: HashMap<FlowKey, HttpFlow>,
+    /// Where the data of connections whose SYN was seen starts, until their
+    /// first data segment.
+    syns: HashMap<FlowKey, u32>,
     /// Lists (by id) whose TCP action is `reset`.
     resets: std::collections::HashSet<u32>,
 }
@@ -68,6 +77,13 @@ struct HttpFlow {
     seen: Seen,
 }
 
+impl Step {
+    /// The verdict, with `PASS_AS_RST` for a segment passed on as a RST.
+    pub fn fate(&self) -> u32 {
+        if self.verdict == XDP_PASS && self.sent.is_some() { PASS_AS_RST } else { self.verdict }
+    }
+}
+
 impl Model {
     /// The TCP action of list `id` (`drop` unless set).
     pub fn set_tcp_action(&mut self, id: u8, action: TcpAction) {
@@ -78,12 +94,12 @@ impl Model {
         };
     }
 
-    /// The verdict for `packet` and the counters it moves (besides
-    /// `PACKETS`), with every list's DNS action `drop` (see `counted`),
+    /// The verdict for `packet` (`Step::fate`) and the counters it moves
+    /// (besides `PACKETS`), with every list's DNS action `drop` (see `counted`),
     /// under the program's settings `cfg` (HTTP ports, block page, QUIC).
     pub fn run(&mut self, engine: &Engine, cfg: &Config, packet: &[u8]) -> (u32, Vec<u32>) {
         let step = self.step(engine, cfg, packet);
-        (step.verdict, step.counted)
+        (step.fate(), step.counted)
     }
 
     /// `run`, with what was read and which rule decided.
@@ -91,8 +107,14 @@ impl Model {
         let mut env = HostEnv { buf: CanonBuf::default(), cfg: *cfg, nodes: engine.nodes() };
         match inspect(packet, &mut env) {
             Inspection::TcpPayload => {
-                let http_port = parse_l3(packet).ok().and_then(|l3| parse_tcp(packet, &l3).ok()).is_some_and(|l4| cfg.is_http_port(l4.dst_port));
-                if http_port { self.http(engine, cfg, packet) } else { self.stream(engine, cfg, packet) }
+                let Ok(l3) = parse_l3(packet) else { return Step { verdict: XDP_PASS, ..Step::default() } };
+                let Ok(l4) = parse_tcp(packet, &l3) else { return Step { verdict: XDP_PASS, ..Step::default() } };
+                if l4.is_syn()
+                    && let Some(step) = self.syn(packet)
+                {
+                    return step;
+                }
+                if cfg.is_http_port(l4.dst_port) && !l4.is_syn() { self.http(engine, cfg, packet) } else { self.stream(engine, cfg, packet) }
             }
             other => {
                 // ECH-outer rules apply to ClientHellos only.
@@ -127,6 +149,50 @@ impl Model {
         (self.ech_outer >> rule.list()) & 1 != 0
     }
 
+    /// A client's SYN (`conn::syn` in the kernel): a blocked flow on its
+    /// addresses and ports whose server end is still open has it closed by
+    /// a RST made of the SYN, and is forgotten. Otherwise `None` for a SYN
+    /// with data, read on as the first segment; for one without, other
+    /// state is forgotten and the start of the connection's data recorded.
+    fn syn(&mut self, p: &[u8]) -> Option<Step> {
+        let l3 = parse_l3(p).ok()?;
+        let l4 = parse_tcp(p, &l3).ok()?;
+        let key = FlowKey::of(p, &l3, &l4)?;
+        let open = match (self.flows.get(&key), self.requests.get(&key)) {
+            (Some(f), _) if f.hello.is_blocked() && !f.hello.server_closed() => Some(f.hello.passed_seq),
+            (_, Some(r)) if r.request.is_blocked() && !r.request.server_closed() => Some(r.request.passed_seq),
+            _ => None,
+        };
+        if let Some(seq) = open {
+            let step = reset(p, Toward::Server(seq), Step::default());
+            if step.verdict == XDP_PASS {
+                self.flows.remove(&key);
+                self.requests.remove(&key);
+            }
+            return Some(step);
+        }
+        if l4.payload_off < l4.payload_end {
+            return None;
+        }
+        self.flows.remove(&key);
+        self.requests.remove(&key);
+        self.syns.insert(key, l4.data_seq());
+        Some(Step { verdict: XDP_PASS, ..Step::default() })
+    }
+
+    /// A data segment of an untracked flow against its connection's start
+    /// (`conn::start`): the drop of an early one.
+    fn early(&mut self, key: &FlowKey, seq: u32) -> Option<Step> {
+        match start_of(self.syns.get(key).copied(), seq) {
+            Start::First => {
+                self.syns.remove(key);
+                None
+            }
+            Start::Early => Some(Step { verdict: XDP_DROP, counted: vec![counters::TCP_EARLY], ..Step::default() }),
+            Start::Unknown => None,
+        }
+    }
+
     /// The HTTP stage: a TLS flow on an HTTP port goes on to the TLS stage;
     /// requests to the block page pass unread.
     fn http(&mut self, engine: &Engine, cfg: &Config, p: &[u8]) -> Step {
@@ -138,12 +204,17 @@ impl Model {
         if cfg.is_block_page(key.family, &key.dst) {
             return pass;
         }
-        if self.flows.contains_key(&key) || (!self.requests.contains_key(&key) && starts_hello(p, off, end)) {
+        let seq = l4.data_seq();
+        let tracked = self.flows.contains_key(&key) || self.requests.contains_key(&key);
+        if !tracked && let Some(step) = self.early(&key, seq) {
+            return step;
+        }
+        if self.flows.contains_key(&key) || (!tracked && starts_hello(p, off, end)) {
             return self.stream(engine, cfg, p);
         }
         let flow = match self.requests.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) if starts_request(p, off, end) => e.insert(HttpFlow { request: Box::new(Request::new(l4.seq)), seen: None }),
+            Entry::Vacant(e) if starts_request(p, off, end) => e.insert(HttpFlow { request: Box::new(Request::new(seq)), seen: None }),
             Entry::Vacant(_) => return pass,
         };
         let mut step = Step { proto: Some((Proto::Http, l3.af)), ..pass };
@@ -151,13 +222,13 @@ impl Model {
         if req.is_blocked() {
             (step.name, step.rule) = flow.seen.clone().unwrap_or_default();
             if req.resets() {
-                return reset(p, step);
+                return reset(p, Toward::Client, step);
             }
             return Step { verdict: XDP_DROP, ..step };
         }
         let mut progress = http::Progress::StepsExhausted;
         for _ in 0..http::MAX_ROUNDS {
-            let start = match http::resume(req, l4.seq, off, end) {
+            let start = match http::resume(req, seq, off, end) {
                 Resume::At(start) => start,
                 Resume::Behind => return step,
                 Resume::Ahead => return Step { verdict: XDP_DROP, counted: vec![counters::HTTP_OUT_OF_ORDER], ..step },
@@ -173,28 +244,28 @@ impl Model {
             false
         };
         let keep = match progress {
-            http::Progress::NeedMore => true,
+            http::Progress::NeedMore => {
+                req.passed_seq = req.next_seq;
+                true
+            }
             http::Progress::NoHost => ended(counters::HTTP_NO_HOST, &mut step),
             http::Progress::BadHost => ended(counters::HTTP_BAD_HOST, &mut step),
             http::Progress::NotRequest => ended(counters::HTTP_NOT_REQUEST, &mut step),
             http::Progress::TooLong | http::Progress::StepsExhausted => {
-                req.block();
+                req.block(false);
                 step.counted.push(counters::HTTP_TOO_LONG);
-                step.verdict = XDP_DROP;
+                step = block(p, false, req.passed_seq, step, &mut req.flags, Request::FLAG_SERVER_CLOSED);
                 true
             }
             http::Progress::Name(len) => {
                 let mut buf = CanonBuf::default();
                 req.copy_name(&mut buf);
-                let blocked = matched(engine, cfg, self.ech_outer, &mut buf, len, Proto::Http, l3.af, &mut step, None);
+                let blocked = matched(engine, cfg, self.ech_outer, &mut buf, len, Proto::Http, l3.af, &mut step, None, false);
                 if blocked {
                     flow.seen = Some((step.name.clone(), step.rule));
-                    if self.resets.contains(&step.rule.map_or(u32::MAX, |r| r.list())) {
-                        req.block_reset();
-                        step = reset(p, step);
-                    } else {
-                        req.block();
-                    }
+                    let resets = self.resets.contains(&step.rule.map_or(u32::MAX, |r| r.list()));
+                    req.block(resets);
+                    step = block(p, resets, req.passed_seq, step, &mut req.flags, Request::FLAG_SERVER_CLOSED);
                 }
                 blocked
             }
@@ -214,9 +285,16 @@ impl Model {
         let Ok(l4) = parse_tcp(p, &l3) else { return pass };
         let Some(key) = FlowKey::of(p, &l3, &l4) else { return pass };
         let (off, end) = (l4.payload_off, l4.payload_end);
+        let seq = l4.data_seq();
+        if !self.flows.contains_key(&key) {
+            // An HTTP flow reaches this stage only from a SYN (with data).
+            if let Some(step) = self.early(&key, seq) {
+                return step;
+            }
+        }
         let flow = match self.flows.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) if starts_hello(p, off, end) => e.insert(Flow { hello: Box::new(Hello::new(l4.seq)), seen: None }),
+            Entry::Vacant(e) if starts_hello(p, off, end) => e.insert(Flow { hello: Box::new(Hello::new(seq)), seen: None }),
             Entry::Vacant(_) => return pass,
         };
         let mut step = Step { proto: Some((Proto::Tls, l3.af)), ..pass };
@@ -225,13 +303,13 @@ impl Model {
             // A later segment of a blocked flow: named after its hello.
             (step.name, step.rule) = flow.seen.clone().unwrap_or_default();
             if hello.resets() {
-                return reset(p, step);
+                return reset(p, Toward::Client, step);
             }
             return Step { verdict: XDP_DROP, ..step };
         }
         let mut progress = Progress::StepsExhausted;
         for _ in 0..MAX_ROUNDS {
-            let start = match resume(hello, l4.seq, off, end) {
+            let start = match resume(hello, seq, off, end) {
                 Resume::At(start) => start,
                 Resume::Behind => return step,
                 Resume::Ahead => return Step { verdict: XDP_DROP, counted: vec![counters::TLS_OUT_OF_ORDER], ..step },
@@ -250,17 +328,18 @@ impl Model {
             match name_so_far(hello) {
                 Some(len) => progress = Progress::Name(len),
                 None => {
-                    hello.block();
+                    hello.block(false);
                     step.counted.push(counters::TLS_TOO_COMPLEX);
-                    return Step { verdict: XDP_DROP, ..step };
+                    return block(p, false, hello.passed_seq, step, &mut hello.flags, Hello::FLAG_SERVER_CLOSED);
                 }
             }
         }
+        // An ECH-outer rule waited for ECH, which came: the name is
+        // matched again.
         if hello.flags & Hello::FLAG_ECH_PENDING != 0 && hello.has_ech() {
-            hello.block();
-            (step.name, step.rule) = flow.seen.clone().unwrap_or_default();
-            step.counted.extend([counters::proto_index(Proto::Tls, l3.af, Outcome::Blocked), counters::TLS_ECH_OUTER_BLOCKED]);
-            return Step { verdict: XDP_DROP, ..step };
+            hello.flags &= !Hello::FLAG_ECH_PENDING;
+            let len = hello.canon_len();
+            return self.decide(engine, cfg, p, key, len, step, true);
         }
         let finish = |flows: &mut HashMap<FlowKey, Flow>, mut step: Step, counter: Option<u32>| {
             flows.remove(&key);
@@ -268,43 +347,71 @@ impl Model {
             step
         };
         match progress {
-            Progress::NeedMore | Progress::StepsExhausted => step,
+            Progress::NeedMore | Progress::StepsExhausted => {
+                hello.passed_seq = hello.next_seq;
+                step
+            }
             Progress::End => finish(&mut self.flows, step, None),
             Progress::NoName => finish(&mut self.flows, step, Some(counters::TLS_NO_SNI)),
             Progress::NotHello => finish(&mut self.flows, step, Some(counters::TLS_NOT_HELLO)),
-            Progress::Name(len) => {
-                let mut buf = CanonBuf::default();
-                hello.copy_name(&mut buf);
-                if matched(engine, cfg, self.ech_outer, &mut buf, len, Proto::Tls, l3.af, &mut step, Some(&mut **hello)) {
-                    flow.seen = Some((step.name.clone(), step.rule));
-                    if self.resets.contains(&step.rule.map_or(u32::MAX, |r| r.list())) {
-                        hello.block_reset();
-                        reset(p, step)
-                    } else {
-                        hello.block();
-                        step
-                    }
-                } else if !hello.ended() {
-                    // Walked on to the hello's end (for ECH, and an ECH-outer
-                    // rule waiting for it).
-                    flow.seen = Some((step.name.clone(), step.rule));
-                    step
-                } else {
-                    finish(&mut self.flows, step, None)
-                }
-            }
+            Progress::Name(len) => self.decide(engine, cfg, p, key, len, step, false),
+        }
+    }
+
+    /// The match stage for the ClientHello of flow `key`, whose name is
+    /// `len` bytes long (`again`: matched before, see `matched`).
+    #[allow(clippy::too_many_arguments)]
+    fn decide(&mut self, engine: &Engine, cfg: &Config, p: &[u8], key: FlowKey, len: usize, mut step: Step, again: bool) -> Step {
+        let Some(flow) = self.flows.get_mut(&key) else { return step };
+        let hello = &mut flow.hello;
+        let mut buf = CanonBuf::default();
+        hello.copy_name(&mut buf);
+        let af = step.proto.map_or(Af::V4, |(_, af)| af);
+        if matched(engine, cfg, self.ech_outer, &mut buf, len, Proto::Tls, af, &mut step, Some(&mut **hello), again) {
+            flow.seen = Some((step.name.clone(), step.rule));
+            let resets = self.resets.contains(&step.rule.map_or(u32::MAX, |r| r.list()));
+            hello.block(resets);
+            block(p, resets, hello.passed_seq, step, &mut hello.flags, Hello::FLAG_SERVER_CLOSED)
+        } else if !hello.ended() {
+            // Walked on to the hello's end (for ECH, and an ECH-outer rule
+            // waiting for it): the segment passes.
+            hello.passed_seq = hello.next_seq;
+            flow.seen = Some((step.name.clone(), step.rule));
+            step
+        } else {
+            self.flows.remove(&key);
+            step
         }
     }
 }
 
-/// The answer stage for a client segment of a reset flow: the RST sent
-/// back, or a drop and why.
-fn reset(p: &[u8], mut step: Step) -> Step {
+/// The block of a flow (by the match stage, or by a stream stage out of
+/// budget): `reset` answers the client; `drop` sends the segment on as a
+/// RST at `passed_seq` to close the server's end, noted in `flags`
+/// (`closed`) once written.
+fn block(p: &[u8], reset_action: bool, passed_seq: u32, step: Step, flags: &mut u32, closed: u32) -> Step {
+    if reset_action {
+        return reset(p, Toward::Client, step);
+    }
+    let step = reset(p, Toward::Server(passed_seq), step);
+    if step.verdict == XDP_PASS {
+        *flags |= closed;
+    }
+    step
+}
+
+/// The answer stage for a TCP segment to become a RST `to` the client or
+/// the server: the RST sent, or a drop and why.
+fn reset(p: &[u8], to: Toward, mut step: Step) -> Step {
     let mut out = p.to_vec();
-    match build_reset(&mut out, |x| x) {
-        Ok(()) => {
+    match build_reset(&mut out, to, |x| x) {
+        Ok(()) if to == Toward::Client => {
             step.counted.push(counters::TCP_RESETS);
             Step { verdict: XDP_TX, sent: Some(out), ..step }
+        }
+        Ok(()) => {
+            step.counted.push(counters::TCP_SERVER_RESETS);
+            Step { verdict: XDP_PASS, sent: Some(out), ..step }
         }
         Err(NoReply::NotPlain) => {
             step.counted.push(counters::TCP_RESET_NOT_PLAIN);
@@ -321,7 +428,8 @@ fn reset(p: &[u8], mut step: Step) -> Step {
 /// verdict, and says whether the flow is blocked. An ECH-outer rule (a list
 /// in `ech_outer`) blocks only a ClientHello (`hello`) with ECH, or whose
 /// walk after the name was cut short; if the hello goes on, the rule waits
-/// in it (`FLAG_ECH_PENDING`).
+/// in it (`FLAG_ECH_PENDING`) and the name is matched `again` if ECH comes
+/// (not counted as inspected twice).
 #[allow(clippy::too_many_arguments)]
 fn matched(
     engine: &Engine,
@@ -333,8 +441,11 @@ fn matched(
     af: Af,
     step: &mut Step,
     hello: Option<&mut Hello>,
+    again: bool,
 ) -> bool {
-    step.counted.push(counters::proto_index(proto, af, Outcome::Inspected));
+    if !again {
+        step.counted.push(counters::proto_index(proto, af, Outcome::Inspected));
+    }
     let decision = match_canon(buf, canon_start(len), cfg, &engine.nodes());
     step.name = Some(canon_to_dotted(buf));
     step.rule = rule_of(decision);
@@ -344,7 +455,6 @@ fn matched(
         let Some(h) = hello else { return false };
         if !h.has_ech() && h.flags & Hello::FLAG_CUT == 0 {
             if !h.ended() {
-                h.pending = rule.0;
                 h.set(Hello::FLAG_ECH_PENDING);
             }
             return false;

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! links/<iface>/<mode>        the XDP bpf_link of <iface>, attached in <mode> (native|generic)
-//! maps/v<LAYOUT>/FLOWS        TLS per-flow state
+//! maps/v<LAYOUT>/FLOWS        TLS and HTTP per-flow state
+//! maps/v<LAYOUT>/SYNS         where new connections' data starts
 //! maps/v<LAYOUT>/COUNTERS     the global counters
 //! maps/v<LAYOUT>/LIST_HITS_<lists>  per-list counters, for one ordered set of list names
 //! stages/<program id>         the tail-call array of each loaded program (the
@@ -35,7 +36,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The layout of the shared maps. Bump it whenever the meaning of a shared
 /// map's key or value changes (even at the same size): a new daemon then
 /// starts from fresh maps instead of misreading old ones.
-pub const LAYOUT: u32 = 1;
+pub const LAYOUT: u32 = 2;
 
 /// A pin directory on bpffs.
 #[derive(Clone, Debug)]

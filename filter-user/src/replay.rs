@@ -25,7 +25,7 @@ use serde::Serialize;
 use crate::{
     daemon::{apply_list, list_name},
     ebpf::Kernel,
-    model::{Model, XDP_DROP, XDP_TX},
+    model::{Model, PASS_AS_RST, XDP_DROP, XDP_PASS, XDP_TX},
     policy::DnsPolicy,
     rules::{Engine, file::read_rules},
 };
@@ -42,8 +42,10 @@ pub const MAX_FRAME: usize = 4096 - 256 - 320;
 pub struct Record {
     /// 0-based packet number in the capture.
     pub index: u64,
-    /// `pass`, `drop`, `tx`, `aborted` (the XDP action), or `skipped` when
-    /// the kernel could not run the frame (see `note`).
+    /// `pass`, `drop`, `tx`, `aborted` (the XDP action), `rst` (passed on
+    /// rewritten into a RST to the server: a blocked flow's server end
+    /// closed), or `skipped` when the kernel could not run the frame (see
+    /// `note`).
     pub verdict: &'static str,
     /// `dns_udp`, `dns_tcp`, `tls`, ...: what the name was read from.
     pub proto: Option<&'static str>,
@@ -63,6 +65,7 @@ pub struct Summary {
     pub pass: u64,
     pub drop: u64,
     pub tx: u64,
+    pub rst: u64,
     pub aborted: u64,
     pub skipped: u64,
     /// Frames cut short by the capture's snap length (read as captured).
@@ -139,20 +142,24 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
             each(&record);
             continue;
         }
-        let (action, _, _) = kernel.test_run(&frame.data, 1).with_context(|| format!("running packet {}", record.index))?;
+        let (action, out, _) = kernel.test_run(&frame.data, 1).with_context(|| format!("running packet {}", record.index))?;
         let step = model.step(&engine, &kernel.config(), &frame.data);
+        let model_fate = step.fate();
+        let action = if action == XDP_PASS && out != frame.data { PASS_AS_RST } else { action };
         record.verdict = match action {
             0 => "aborted",
             1 => "drop",
             2 => "pass",
             3 => "tx",
             4 => "redirect",
+            PASS_AS_RST => "rst",
             _ => "unknown",
         };
         match action {
             0 => summary.aborted += 1,
             1 => summary.drop += 1,
             3 => summary.tx += 1,
+            PASS_AS_RST => summary.rst += 1,
             _ => summary.pass += 1,
         }
         if let Some((proto, af)) = step.proto {
@@ -163,13 +170,15 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
             record.rule = Some(r.rule.to_string());
             record.list = engine.list_name(r.list).map(str::to_string);
         }
-        // Answering (`tx`) is the kernel's way of blocking a query too.
-        let kernel_blocks = matches!(action, 1 | 3);
-        if kernel_blocks != matches!(step.verdict, XDP_DROP | XDP_TX) {
+        // Answering (`tx`) and closing the server's end (`rst`) are the
+        // kernel's ways of blocking too.
+        let kernel_blocks = matches!(action, XDP_DROP | XDP_TX | PASS_AS_RST);
+        if kernel_blocks != matches!(model_fate, XDP_DROP | XDP_TX | PASS_AS_RST) {
             summary.disagreements += 1;
-            let says = match step.verdict {
+            let says = match model_fate {
                 XDP_DROP => "drop",
                 XDP_TX => "tx",
+                PASS_AS_RST => "rst",
                 _ => "pass",
             };
             record.note = Some(format!("the host model says {says}: please report this capture"));

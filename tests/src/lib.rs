@@ -7,7 +7,7 @@ pub mod packets;
 
 use std::path::PathBuf;
 
-pub use blokir::model::{self, HostEnv, XDP_DROP, XDP_PASS, XDP_TX, counted};
+pub use blokir::model::{self, HostEnv, PASS_AS_RST, XDP_DROP, XDP_PASS, XDP_TX, counted};
 use blokir::{
     ebpf::Kernel,
     rules::{Engine, Rule},
@@ -48,9 +48,11 @@ impl Loaded {
         self.engine.apply(change, &mut self.kernel).unwrap();
     }
 
-    /// The XDP action for one packet.
+    /// The XDP action for one packet, `PASS_AS_RST` for one passed on
+    /// rewritten (into a RST to its server).
     pub fn verdict(&mut self, packet: &[u8]) -> u32 {
-        self.kernel.test_run(packet, 1).unwrap().0
+        let (verdict, out, _) = self.kernel.test_run(packet, 1).unwrap();
+        if verdict == XDP_PASS && out != packet { PASS_AS_RST } else { verdict }
     }
 
     pub fn counter(&self, index: u32) -> u64 {
@@ -133,6 +135,9 @@ pub fn counter_name(index: u32) -> String {
     if let Some((name, _)) = counters::HTTP_EVENTS.iter().find(|(_, i)| *i == index) {
         return format!("http_{name}");
     }
+    if let Some((name, _)) = counters::TCP_EVENTS.iter().find(|(_, i)| *i == index) {
+        return format!("tcp_{name}");
+    }
     if let Some((name, _)) = counters::ANSWER_FALLBACKS.iter().find(|(_, i)| *i == index) {
         return format!("reply_{name}");
     }
@@ -156,12 +161,14 @@ pub fn describe_counters(values: &[u64]) -> Vec<(String, u64)> {
     values.iter().enumerate().filter(|(_, v)| **v != 0).map(|(i, v)| (counter_name(i as u32), *v)).collect()
 }
 
-/// The verdicts of a flow to a listed name: passes until the segment that
-/// completes the name, dropped from there on.
+/// The verdicts of a flow to a listed name (a `drop` list): segments pass
+/// until the one that completes the name, which goes on as a RST that
+/// closes the server's end; every later one is dropped.
 #[track_caller]
 pub fn assert_blocked_from_name(verdicts: &[u32], what: &str) {
-    let first = verdicts.iter().position(|v| *v == XDP_DROP).unwrap_or_else(|| panic!("{what}: never blocked: {verdicts:?}"));
-    assert!(verdicts[first..].iter().all(|v| *v == XDP_DROP), "{what}: {verdicts:?}");
+    let first = verdicts.iter().position(|v| *v != XDP_PASS).unwrap_or_else(|| panic!("{what}: never blocked: {verdicts:?}"));
+    assert_eq!(verdicts[first], PASS_AS_RST, "{what}: the name segment goes on as a RST: {verdicts:?}");
+    assert!(verdicts[first + 1..].iter().all(|v| *v == XDP_DROP), "{what}: {verdicts:?}");
 }
 
 pub fn action_name(action: u32) -> &'static str {
@@ -170,6 +177,7 @@ pub fn action_name(action: u32) -> &'static str {
         XDP_DROP => "XDP_DROP",
         XDP_PASS => "XDP_PASS",
         XDP_TX => "XDP_TX",
+        PASS_AS_RST => "XDP_PASS (as a RST to the server)",
         4 => "XDP_REDIRECT",
         _ => "unknown action",
     }

@@ -41,6 +41,8 @@ pub struct Frame {
     /// TCP sequence and acknowledgment numbers.
     pub seq: u32,
     pub ack: u32,
+    /// A client's SYN (no ACK) instead of a data segment.
+    pub syn: bool,
 }
 
 impl Default for Frame {
@@ -56,6 +58,7 @@ impl Default for Frame {
             fragment: None,
             seq: 1000,
             ack: 1,
+            syn: false,
         }
     }
 }
@@ -94,6 +97,11 @@ impl Frame {
         self
     }
     /// TCP sequence and acknowledgment numbers.
+    /// A client's SYN with initial sequence number `isn`.
+    pub fn syn(mut self, isn: u32) -> Self {
+        (self.syn, self.seq) = (true, isn);
+        self
+    }
     pub fn seq_ack(mut self, seq: u32, ack: u32) -> Self {
         (self.seq, self.ack) = (seq, ack);
         self
@@ -121,9 +129,13 @@ impl Frame {
             }
             Transport::Tcp => {
                 let mut h = TcpHeader::new(self.src_port, self.dst_port, self.seq, 64240);
-                h.psh = true;
-                h.ack = true;
-                h.acknowledgment_number = self.ack;
+                if self.syn {
+                    h.syn = true;
+                } else {
+                    h.psh = true;
+                    h.ack = true;
+                    h.acknowledgment_number = self.ack;
+                }
                 h.write(&mut l4).unwrap();
                 l4.extend_from_slice(payload);
                 IpNumber::TCP

@@ -120,7 +120,7 @@ fn counting_a_full_flow_table_finds_every_flow_in_its_state() {
             key.src[..4].copy_from_slice(&i.to_be_bytes());
             let mut hello = Hello::new(1);
             if i % 4 == 0 {
-                hello.block();
+                hello.block(false);
             }
             flows.insert(key, Flow { hello }, 0).unwrap();
         }

@@ -2,7 +2,7 @@
 //! generated requests cut at every byte; and the kernel's HTTP stage on the
 //! same requests and on the classic evasions, checked against the host model.
 
-use blokir_tests::{Loaded, XDP_DROP, XDP_PASS, assert_blocked_from_name, model::Model, packets::client_hello};
+use blokir_tests::{Loaded, PASS_AS_RST, XDP_DROP, XDP_PASS, assert_blocked_from_name, model::Model, packets::client_hello};
 use etherparse::PacketBuilder;
 use filter_common::{
     counters::{self, Outcome, Proto},
@@ -302,7 +302,7 @@ fn requests_without_a_usable_host_pass_and_are_counted() {
         (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", XDP_PASS, counters::HTTP_BAD_HOST),
         (b"GIVE / HTTP/1.1\r\nHost: blocked.example\r\n\r\n", XDP_PASS, counters::HTTP_NOT_REQUEST),
         (b"get / HTTP/1.1\r\nHost: blocked.example\r\n\r\n", XDP_PASS, 0),
-        (b"POST http://BLOCKED.example:81/x HTTP/1.1\r\nHost: unlisted.example\r\n\r\n", XDP_DROP, 0),
+        (b"POST http://BLOCKED.example:81/x HTTP/1.1\r\nHost: unlisted.example\r\n\r\n", PASS_AS_RST, 0),
     ];
     for (i, (req, verdict, counter)) in cases.into_iter().enumerate() {
         let before = l.counters();
@@ -343,7 +343,7 @@ fn keep_alive_requests_are_each_read_and_ports_are_configurable() {
     let second = request("blocked.example");
     let seq1 = 3_000_000u32;
     let v = l.run_with_model(&mut model, &[flow.frame(&first, seq1), flow.frame(&second, seq1 + first.len() as u32)], "keep-alive");
-    assert_eq!(v, [XDP_PASS, XDP_DROP]);
+    assert_eq!(v, [XDP_PASS, PASS_AS_RST]);
     // Port 8080 is not an HTTP port by default: its payload is left to the
     // TLS stage, which does not read requests.
     let alt = Flow { dport: 8080, ..Flow::v4(44001) };
@@ -352,7 +352,7 @@ fn keep_alive_requests_are_each_read_and_ports_are_configurable() {
     cfg.http_ports[1] = 8080;
     l.kernel.write_config(cfg).unwrap();
     let alt = Flow { dport: 8080, ..Flow::v4(44002) };
-    assert_eq!(l.run_with_model(&mut model, &[alt.frame(&second, 1)], "port 8080, configured"), [XDP_DROP]);
+    assert_eq!(l.run_with_model(&mut model, &[alt.frame(&second, 1)], "port 8080, configured"), [PASS_AS_RST]);
     // And port 80 can be dropped from the set.
     cfg.http_ports = [0; filter_common::rules::MAX_HTTP_PORTS];
     cfg.http_ports[0] = 8080;
@@ -371,14 +371,14 @@ fn requests_to_the_block_page_pass_unread() {
     (cfg.redirect_v4, cfg.redirect_flags) = ([198, 18, 0, 2], filter_common::rules::Config::REDIRECT_V4);
     l.kernel.write_config(cfg).unwrap();
     assert_eq!(l.run_with_model(&mut model, &[Flow::v4(46000).frame(&req, 1)], "to the IPv4 block page"), [XDP_PASS]);
-    assert_eq!(l.run_with_model(&mut model, &[Flow { v6: true, ..Flow::v4(46001) }.frame(&req, 1)], "IPv6, no IPv6 block page"), [XDP_DROP]);
+    assert_eq!(l.run_with_model(&mut model, &[Flow { v6: true, ..Flow::v4(46001) }.frame(&req, 1)], "IPv6, no IPv6 block page"), [PASS_AS_RST]);
     cfg.redirect_v6 = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
     cfg.redirect_flags |= filter_common::rules::Config::REDIRECT_V6;
     l.kernel.write_config(cfg).unwrap();
     assert_eq!(l.run_with_model(&mut model, &[Flow { v6: true, ..Flow::v4(46002) }.frame(&req, 1)], "to the IPv6 block page"), [XDP_PASS]);
     cfg.redirect_v4 = [198, 18, 0, 3];
     l.kernel.write_config(cfg).unwrap();
-    assert_eq!(l.run_with_model(&mut model, &[Flow::v4(46003).frame(&req, 1)], "another IPv4 address"), [XDP_DROP]);
+    assert_eq!(l.run_with_model(&mut model, &[Flow::v4(46003).frame(&req, 1)], "another IPv4 address"), [PASS_AS_RST]);
 }
 
 #[test]

@@ -139,7 +139,7 @@ fn every_packet_of_the_capture_gets_the_kernels_verdict_with_its_name_and_rule()
         }
     }
     let tally = |v: &str| r.records.iter().filter(|x| x["verdict"] == v).count();
-    for v in ["pass", "drop", "tx", "aborted", "skipped"] {
+    for v in ["pass", "drop", "tx", "rst", "aborted", "skipped"] {
         assert_eq!(r.summary[v], tally(v), "summary {v}: {}", r.summary);
     }
     assert_eq!(r.summary["packets"], frames.len());
@@ -160,23 +160,26 @@ fn every_packet_of_the_capture_gets_the_kernels_verdict_with_its_name_and_rule()
     }
     assert!(queries >= 15, "the capture's DNS queries were found ({queries})");
 
-    // TLS: each flow named after its hello; a listed name's flow is dropped
-    // from the segment that completes the name on, the others never.
+    // TLS: each flow named after its hello; a listed name's flow is blocked
+    // from the segment that completes the name on (that one goes on as a
+    // RST that closes the server's end, the later ones are dropped), the
+    // others never.
     let flows = tls_flows(&frames);
     let (mut blocked_flows, mut passed_flows) = (0, 0);
     for (key, (indexes, sni)) in &flows {
         let Some(sni) = sni else { continue };
         let recs: Vec<&Value> = indexes.iter().map(|i| &r.records[*i]).collect();
         assert!(recs.iter().any(|x| s(&x["name"]) == Some(sni.as_str()) && x["proto"] == "tls"), "flow {key:?} ({sni}) named: {recs:?}");
-        let first_drop = recs.iter().position(|x| x["verdict"] == "drop");
+        let first = recs.iter().position(|x| x["verdict"] != "pass");
         if blocks(sni) {
             blocked_flows += 1;
-            let d = first_drop.unwrap_or_else(|| panic!("flow {key:?} to {sni} not dropped: {recs:?}"));
+            let d = first.unwrap_or_else(|| panic!("flow {key:?} to {sni} not blocked: {recs:?}"));
             assert_eq!(s(&recs[d]["rule"]), expected_rule(sni), "flow {key:?}");
-            assert!(recs[d..].iter().all(|x| x["verdict"] == "drop"), "flow {key:?} to {sni}: a later segment passed: {recs:?}");
+            assert_eq!(recs[d]["verdict"], "rst", "flow {key:?} to {sni}: {recs:?}");
+            assert!(recs[d + 1..].iter().all(|x| x["verdict"] == "drop"), "flow {key:?} to {sni}: a later segment passed: {recs:?}");
         } else {
             passed_flows += 1;
-            assert_eq!(first_drop, None, "flow {key:?} to {sni} dropped: {recs:?}");
+            assert_eq!(first, None, "flow {key:?} to {sni} blocked: {recs:?}");
         }
     }
     assert!(blocked_flows >= 10 && passed_flows >= 5, "{blocked_flows} blocked and {passed_flows} passed TLS flows in the capture");

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use blokir_tests::{Loaded, XDP_DROP, XDP_PASS, assert_blocked_from_name, capture_frames, model::Model};
+use blokir_tests::{Loaded, PASS_AS_RST, XDP_DROP, XDP_PASS, assert_blocked_from_name, capture_frames, model::Model};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use filter_common::{
     counters,
@@ -377,7 +377,7 @@ fn retransmissions_and_overlaps_are_read_once() {
     let first = tcp_frame(&h.bytes[..600], 1_000_000, false, 32000);
     let overlap = tcp_frame(&h.bytes[500..n], 1_000_500, false, 32000);
     let v = l.run_with_model(&mut model, &[first.clone(), first, overlap], "retransmit and overlap");
-    assert_eq!(v, [XDP_PASS, XDP_PASS, XDP_DROP]);
+    assert_eq!(v, [XDP_PASS, XDP_PASS, PASS_AS_RST]);
 }
 
 #[test]
@@ -388,7 +388,7 @@ fn upper_case_names_and_ech_and_missing_sni_are_handled() {
     let mut l = Loaded::new(&["blocked.test"]);
     let mut model = Model::default();
     let v = l.run_with_model(&mut model, &[tcp_frame(&upper.bytes, 5, false, 33000)], "upper case");
-    assert_eq!(v, [XDP_DROP]);
+    assert_eq!(v, [PASS_AS_RST]);
     // Chromium sends an ECH GREASE extension, in a random place: counted
     // once per hello wherever it sits, whole or as captured (two segments).
     let chrome: Vec<&Hello0> = hellos.iter().filter(|h| h.client == "chromium" && h.sni.is_some()).collect();
@@ -461,10 +461,11 @@ fn a_hello_too_complex_for_the_step_budget_is_blocked() {
     let mut model = Model::default();
     let before = l.counter(counters::TLS_TOO_COMPLEX);
     // One 3400-byte segment of empty extensions needs about 1600 steps (2
-    // each): more than 32 rounds of 32.
+    // each): more than 30 rounds of 32. The flow is blocked, its server end
+    // closed.
     let frame = tcp_frame(&stream[..3400], 77, false, 34000);
     let v = l.run_with_model(&mut model, &[frame], "too complex");
-    assert_eq!(v, [XDP_DROP]);
+    assert_eq!(v, [PASS_AS_RST]);
     assert_eq!(l.counter(counters::TLS_TOO_COMPLEX), before + 1);
 }
 
@@ -622,6 +623,31 @@ fn an_ech_outer_list_blocks_only_hellos_with_ech() {
 }
 
 #[test]
+fn an_ech_outer_block_decided_by_a_later_segment_follows_the_lists_tcp_action() {
+    // ECH after the name, in the segment after it: the name is matched
+    // again there, and the list's action (here reset) applies as to any
+    // other block: the segment comes back as a RST, counted once as
+    // inspected and once as blocked.
+    let (mut l, mut model) = ech_loaded();
+    let id = l.engine.list("ech").unwrap().id;
+    l.kernel.write_list_policy(id, filter_common::reply::DnsAction::Drop, filter_common::reset::TcpAction::Reset, true).unwrap();
+    model.set_tcp_action(id, filter_common::reset::TcpAction::Reset);
+    let name = "cloudflare-ech.com";
+    let (_, hello, _) = crafted_hellos(name).into_iter().find(|(what, _, _)| *what == "ECH after SNI").unwrap();
+    let (_, cuts) = ech_cuttings(&hello, name).into_iter().find(|(cut, _)| *cut == "cut after the name").unwrap();
+    for v6 in [false, true] {
+        let af = if v6 { Af::V6 } else { Af::V4 };
+        let index = |o| counters::proto_index(counters::Proto::Tls, af, o);
+        let before = [l.counter(index(counters::Outcome::Inspected)), l.counter(index(counters::Outcome::Blocked)), l.counter(counters::TCP_RESETS)];
+        let frames: Vec<Vec<u8>> = segments(&hello, &cuts, v6, 47000 + u16::from(v6)).into_iter().map(|(_, f)| f).collect();
+        let verdicts = l.run_with_model(&mut model, &frames, &format!("v6={v6}"));
+        assert_eq!(verdicts, [XDP_PASS, blokir_tests::XDP_TX], "v6={v6}");
+        let after = [l.counter(index(counters::Outcome::Inspected)), l.counter(index(counters::Outcome::Blocked)), l.counter(counters::TCP_RESETS)];
+        assert_eq!(after, [before[0] + 1, before[1] + 1, before[2] + 1], "v6={v6}: inspected, blocked, resets");
+    }
+}
+
+#[test]
 fn ech_outer_rules_leave_dns_alone() {
     use blokir_tests::packets::{Frame, dns};
     let (mut l, mut model) = ech_loaded();
@@ -640,7 +666,7 @@ fn a_name_before_a_walk_too_long_for_the_budget_keeps_its_verdict() {
     // applies, and an ECH-outer rule blocks (ECH may hide in the rest).
     let (mut l, mut model) = ech_loaded();
     let padding: Vec<(u16, Vec<u8>)> = (0..800).map(|_| (0xff01, vec![])).collect();
-    for (k, (name, want)) in [("normal.example", XDP_DROP), ("unlisted.example", XDP_PASS), ("cloudflare-ech.com", XDP_DROP)].into_iter().enumerate() {
+    for (k, (name, want)) in [("normal.example", PASS_AS_RST), ("unlisted.example", XDP_PASS), ("cloudflare-ech.com", PASS_AS_RST)].into_iter().enumerate() {
         let hello = crafted_hello(&[[sni_ext(name)].as_slice(), &padding, &[ech_ext()]].concat());
         let too_complex = l.counter(counters::TLS_TOO_COMPLEX);
         let v = l.run_with_model(&mut model, &[tcp_frame(&hello, 77, k % 2 == 1, 41000 + k as u16)], name);
@@ -668,7 +694,8 @@ fn a_name_completed_by_a_segments_last_step_is_reported_with_that_segment() {
         for v6 in [false, true] {
             let frames: Vec<Vec<u8>> = segments(&hello, &cuts, v6, 46000 + 2 * seg as u16 + v6 as u16).into_iter().map(|(_, f)| f).collect();
             let v = l.run_with_model(&mut model, &frames, &format!("{seg}-byte segments, v6={v6}"));
-            assert_eq!(v.iter().position(|v| *v == XDP_DROP), Some(first), "{seg}-byte segments: {v:?}");
+            assert_eq!(v.iter().position(|v| *v != XDP_PASS), Some(first), "{seg}-byte segments: {v:?}");
+            assert_blocked_from_name(&v, &format!("{seg}-byte segments"));
             checked += 1;
         }
     }

@@ -171,8 +171,8 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
          hellos re-targeted to the drawn names: {} for the one-segment class, {} cut just before the server_name extension for \
          the split class (its first segment fed first; both segments measured). Half of the hellos are to listed names. **Hot**: one \
          packet, `repeat = 100,000` (the figure BPF_PROG_TEST_RUN gives by default; for TLS the repeats after the first meet \
-         the flow state the first run left, so hot TLS figures are not the cost of a new hello). Every verdict is checked (blocked → XDP_DROP, \
-         others → XDP_PASS): a run with a wrong verdict fails.\n",
+         the flow state the first run left, so hot TLS figures are not the cost of a new hello). Every verdict is checked (blocked → XDP_DROP, or for a ClientHello XDP_PASS \
+         as a RST to the server; others → XDP_PASS): a run with a wrong verdict fails.\n",
         m.hello_clients.0, m.hello_clients.1
     )?;
     writeln!(w, "![net cost per class](cost.png)\n")?;

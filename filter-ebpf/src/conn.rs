@@ -1,0 +1,109 @@
+//! TCP connections around the stream stages: where a connection's data
+//! starts (recorded from its SYN), a new connection on the addresses and
+//! ports of a blocked one, and the RSTs of blocked flows.
+
+use aya_ebpf::bindings::xdp_action;
+use filter_common::{
+    counters,
+    flow::{Start, start_of},
+    inspect::Env as _,
+    packet::L4,
+    reply::NoReply,
+    reset::{Toward, build_reset},
+    rules::STAGE_REPLY,
+    tls::FlowKey,
+};
+
+use crate::{
+    maps::{FLOWS, Maps, REPLY_JOB, ReplyJob, STAGES, SYNS, count},
+    packet::XdpPacket,
+};
+
+/// A client's SYN (the entry program sends them all to the TLS stage).
+/// Returns the verdict, or `None` for a SYN with data (TCP Fast Open): its
+/// data is the connection's first segment, read as such.
+///
+/// A blocked flow on the same addresses and ports: if its server end was
+/// closed (the `drop` action does so at the block), the flow is forgotten
+/// and the SYN starts afresh. If not (the `reset` action answers the client
+/// only), the server may still hold the connection open, waiting for the
+/// rest of a hello or request: forgetting the flow would let a client forge
+/// a SYN and then resend what was dropped. So the SYN goes on as a RST at
+/// the sequence number the server expects, which closes that end, and the
+/// flow is forgotten; the client's next SYN (1 s later) starts afresh. Any
+/// other state on them is stale: forgotten (by a SYN without data).
+#[inline(always)]
+pub fn syn(pkt: &XdpPacket, key: &FlowKey, l4: &L4) -> Option<u32> {
+    if let Some(flow) = FLOWS.get_ptr(key) {
+        // SAFETY: the flow's map value.
+        let flow = unsafe { &*flow };
+        if flow.blocked() == (true, false) {
+            return Some(to_reset(pkt, Toward::Server(flow.passed_seq()), key, true));
+        }
+    }
+    // A SYN with data is read on, in rounds that come back here: its flow
+    // is its own.
+    if l4.payload_off < l4.payload_end {
+        return None;
+    }
+    let _ = FLOWS.remove(key);
+    let _ = SYNS.insert(key, &l4.data_seq(), 0);
+    Some(xdp_action::XDP_PASS)
+}
+
+/// Where a data segment of an untracked flow stands to its connection's
+/// start; the first segment clears the record.
+#[inline(always)]
+pub fn start(key: &FlowKey, seq: u32) -> Start {
+    // SAFETY: a u32 of the map.
+    let expect = SYNS.get_ptr(key).map(|e| unsafe { core::ptr::read_volatile(e) });
+    let start = start_of(expect, seq);
+    if start == Start::First {
+        let _ = SYNS.remove(key);
+    }
+    if start == Start::Early {
+        count(counters::TCP_EARLY);
+    }
+    start
+}
+
+/// Hands a segment of the blocked flow `key` to the answer stage to become
+/// a RST (see `reset`); drops it if that is not reached.
+#[inline(always)]
+pub fn to_reset(pkt: &XdpPacket, to: Toward, key: &FlowKey, forget: bool) -> u32 {
+    if let Some(job) = REPLY_JOB.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe { *job = ReplyJob::tcp_reset(to, *key, forget) };
+        // SAFETY: the slot holds the answer stage.
+        unsafe { STAGES.tail_call(pkt.ctx, STAGE_REPLY) };
+    }
+    count(counters::TCP_RESET_FAILED);
+    xdp_action::XDP_DROP
+}
+
+/// The answer stage's half for TCP: the segment rewritten into a RST back
+/// to the client (XDP_TX), or on to the server (XDP_PASS; the blocked flow
+/// is then marked as closed there, or forgotten), or dropped if that cannot
+/// be done.
+#[inline(always)]
+pub fn reset(pkt: &mut XdpPacket, to: Toward, key: &FlowKey, forget: bool) -> u32 {
+    match build_reset(pkt, to, Maps::opaque) {
+        Ok(()) if to == Toward::Client => {
+            count(counters::TCP_RESETS);
+            return xdp_action::XDP_TX;
+        }
+        Ok(()) => {
+            count(counters::TCP_SERVER_RESETS);
+            if forget {
+                let _ = FLOWS.remove(key);
+            } else if let Some(flow) = FLOWS.get_ptr_mut(key) {
+                // SAFETY: the flow's map value.
+                unsafe { (*flow).close_server() };
+            }
+            return xdp_action::XDP_PASS;
+        }
+        Err(NoReply::NotPlain) => count(counters::TCP_RESET_NOT_PLAIN),
+        Err(_) => count(counters::TCP_RESET_FAILED),
+    }
+    xdp_action::XDP_DROP
+}
