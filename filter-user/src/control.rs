@@ -11,7 +11,10 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::{lists::ListDef, policy::ListSettings};
+use crate::{
+    lists::ListDef,
+    policy::{ListSettings, Setting},
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/blokir/blokir.sock";
 /// Longest request line accepted.
@@ -53,11 +56,14 @@ pub enum Request {
         #[serde(default)]
         to: Option<u64>,
     },
-    /// Changes a named list's own settings (those given in `change`), in
-    /// force at once, without fetching its source.
+    /// Changes a named list's own settings (those given in `change`; those
+    /// in `clear` go back to `run`'s flags), in force at once, without
+    /// fetching its source.
     ListsSet {
         name: String,
         change: ListSettings,
+        #[serde(default)]
+        clear: Vec<Setting>,
     },
 }
 

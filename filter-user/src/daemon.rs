@@ -269,7 +269,7 @@ impl State {
             Request::ListsLs => Ok(self.lists_ls()),
             Request::ListsRm { name } => self.lists_rm(&name),
             Request::ListsRollback { name, to } => self.lists_rollback(&name, to),
-            Request::ListsSet { name, change } => self.lists_set(&name, change),
+            Request::ListsSet { name, change, clear } => self.lists_set(&name, change, &clear),
             // Fetching is done outside the lock (`handle_connection`).
             Request::ListsAdd { .. } | Request::ListsUpdate { .. } => bail!("internal: list fetches are not dispatched under the lock"),
         }

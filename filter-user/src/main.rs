@@ -16,7 +16,9 @@ use blokir::{
     lists::{self, ListDef, parse_interval},
     metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
-    policy::{DnsPolicy, ListSettings, QuicPolicy, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action, parse_port, parse_tcp_action},
+    policy::{
+        DnsPolicy, ListSettings, QuicPolicy, Setting, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action, parse_port, parse_tcp_action,
+    },
     replay,
     rules::formats::Format,
 };
@@ -299,6 +301,10 @@ enum ListsCommand {
         /// Whether it is an ECH-outer list.
         #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set, group = "settings")]
         ech_outer: Option<bool>,
+        /// Drop the list's own setting: `run`'s flags decide it again
+        /// (repeatable).
+        #[arg(long, value_enum, value_name = "SETTING", group = "settings")]
+        clear: Vec<Setting>,
     },
     /// Remove a list and its rules.
     Rm { name: String },
@@ -439,7 +445,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Request::ListsAdd { def }
                 }
                 ListsCommand::Ls => Request::ListsLs,
-                ListsCommand::Set { name, action, tcp_action, ech_outer } => Request::ListsSet { name, change: ListSettings { action, tcp_action, ech_outer } },
+                ListsCommand::Set { name, action, tcp_action, ech_outer, clear } => {
+                    let change = ListSettings { action, tcp_action, ech_outer };
+                    if let Some(s) = clear.iter().find(|s| change.gives(**s)) {
+                        eprintln!("blokir: --{0} and --clear {0} contradict each other", s.name());
+                        return Ok(ExitCode::from(EXIT_USAGE));
+                    }
+                    Request::ListsSet { name, change, clear }
+                }
                 ListsCommand::Rm { name } => Request::ListsRm { name },
                 ListsCommand::Update { name } => Request::ListsUpdate { name },
                 ListsCommand::Rollback { name, to } => Request::ListsRollback { name, to },
@@ -682,12 +695,17 @@ mod tests {
             panic!("not lists add")
         };
         assert_eq!((tcp_action, ech_outer), (None, false));
-        let Ok(Command::Lists { command: ListsCommand::Set { name, action, tcp_action, ech_outer }, .. }) =
-            parse(&["set", "a", "--ech-outer", "false", "--action", "nxdomain"])
+        let Ok(Command::Lists { command: ListsCommand::Set { name, action, tcp_action, ech_outer, clear }, .. }) =
+            parse(&["set", "a", "--ech-outer", "false", "--action", "nxdomain", "--clear", "tcp-action"])
         else {
             panic!("not lists set")
         };
         assert_eq!((name.as_str(), action, tcp_action, ech_outer), ("a", Some(DnsAction::Nxdomain), None, Some(false)));
+        assert_eq!(clear, [Setting::TcpAction]);
+        let Ok(Command::Lists { command: ListsCommand::Set { clear, .. }, .. }) = parse(&["set", "a", "--clear", "action", "--clear", "ech-outer"]) else {
+            panic!("not lists set")
+        };
+        assert_eq!(clear, [Setting::Action, Setting::EchOuter]);
         assert!(parse(&["set", "a"]).is_err(), "nothing to set");
         assert!(parse(&["set", "a", "--ech-outer"]).is_err(), "--ech-outer takes true or false");
     }

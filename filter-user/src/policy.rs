@@ -74,6 +74,50 @@ impl ListSettings {
     }
 }
 
+/// One of a list's own settings, by name (`blokir lists set --clear`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Setting {
+    Action,
+    TcpAction,
+    EchOuter,
+}
+
+impl Setting {
+    /// As on the command line (`--clear tcp-action`, `--tcp-action`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::Action => "action",
+            Setting::TcpAction => "tcp-action",
+            Setting::EchOuter => "ech-outer",
+        }
+    }
+}
+
+impl ListSettings {
+    /// These settings without those named in `clear` (`run`'s flags decide
+    /// them again).
+    pub fn without(mut self, clear: &[Setting]) -> ListSettings {
+        for c in clear {
+            match c {
+                Setting::Action => self.action = None,
+                Setting::TcpAction => self.tcp_action = None,
+                Setting::EchOuter => self.ech_outer = None,
+            }
+        }
+        self
+    }
+
+    /// Whether this change gives setting `s`.
+    pub fn gives(&self, s: Setting) -> bool {
+        match s {
+            Setting::Action => self.action.is_some(),
+            Setting::TcpAction => self.tcp_action.is_some(),
+            Setting::EchOuter => self.ech_outer.is_some(),
+        }
+    }
+}
+
 /// What a list's blocks get, resolved (`DnsPolicy::resolve`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListPolicy {
@@ -322,6 +366,14 @@ mod tests {
         let set = ListSettings { action: Some(DnsAction::Refused), ech_outer: Some(true), ..none };
         let changed = set.with(ListSettings { tcp_action: Some(TcpAction::Reset), ech_outer: Some(false), ..none });
         assert_eq!(changed, ListSettings { action: Some(DnsAction::Refused), tcp_action: Some(TcpAction::Reset), ech_outer: Some(false) });
+        // Cleared settings are decided by run's flags again.
+        let cleared = changed.without(&[Setting::TcpAction, Setting::EchOuter]);
+        assert_eq!(cleared, ListSettings { action: Some(DnsAction::Refused), ..none });
+        assert_eq!(run.resolve("named", cleared), ListPolicy { dns: DnsAction::Refused, tcp: TcpAction::Reset, ech_outer: true });
+        assert!(changed.gives(Setting::EchOuter) && !cleared.gives(Setting::TcpAction));
+        for s in [Setting::Action, Setting::TcpAction, Setting::EchOuter] {
+            assert_eq!(<Setting as clap::ValueEnum>::to_possible_value(&s).unwrap().get_name(), s.name());
+        }
     }
 
     #[test]

@@ -73,6 +73,10 @@ fn bad_list_settings_are_refused_with_the_allowed_values() {
     assert!(out.stderr.contains("[possible values: true, false]"), "{out}");
     let out = cli(&["lists", "set", "x", "--action", "bogus"]);
     assert!(out.code() == Some(2) && out.stderr.contains("expected one of: drop, nxdomain, refused, nodata, redirect"), "{out}");
+    let out = cli(&["lists", "set", "x", "--clear", "bogus"]);
+    assert!(out.code() == Some(2) && out.stderr.contains("[possible values: action, tcp-action, ech-outer]"), "{out}");
+    let out = cli(&["lists", "set", "x", "--tcp-action", "reset", "--clear", "tcp-action"]);
+    assert!(out.code() == Some(2) && out.stderr.contains("--tcp-action and --clear tcp-action contradict each other"), "{out}");
     // `lists set` with nothing to set.
     let out = cli(&["lists", "set", "x"]);
     assert!(out.code() == Some(2) && out.stderr.contains("--tcp-action"), "{out}");

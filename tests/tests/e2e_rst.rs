@@ -180,7 +180,8 @@ fn lists_row(d: &Daemon, name: &str) -> serde_json::Value {
 /// `lists add --tcp-action reset` resets at once; `lists set --tcp-action
 /// drop` makes the flows stall, in force at once and without fetching the
 /// source (it is gone by then); after a restart the list's own setting is
-/// still in force and wins over `run`'s --tcp-action and --list-tcp-action.
+/// still in force and wins over `run`'s --tcp-action and --list-tcp-action,
+/// until `lists set --clear tcp-action` hands the choice back to them.
 #[test]
 fn a_named_lists_tcp_action_is_set_from_the_cli_at_once_and_kept_across_restarts() {
     let topo = Topology::new().unwrap();
@@ -226,8 +227,12 @@ fn a_named_lists_tcp_action_is_set_from_the_cli_at_once_and_kept_across_restarts
     let daemon = topo.start_daemon_with(&[], &["--mode", "generic", "--tcp-action", "reset", "--list-tcp-action", "rst=reset"]).expect("restarting blokir");
     assert_eq!(lists_row(&daemon, "rst")["tcp_action"], "drop");
     assert_stalls(&topo, "http", "blocked.example", server);
-    cli_ok(&daemon, &["lists", "set", "rst", "--tcp-action", "reset"]);
+    // Cleared, `run`'s flags decide again.
+    let out = cli_ok(&daemon, &["lists", "set", "rst", "--clear", "tcp-action"]);
+    assert!(out.contains("TCP action reset"), "{out}");
     assert_reset(&topo, "http", "blocked.example", server);
+    let row = lists_row(&daemon, "rst");
+    assert_eq!((&row["tcp_action"], &row["own"]["tcp_action"]), (&"reset".into(), &serde_json::Value::Null), "{row}");
 
     // An ECH-outer list never blocks HTTP requests.
     cli_ok(&daemon, &["lists", "set", "rst", "--ech-outer", "true"]);

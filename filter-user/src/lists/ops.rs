@@ -19,7 +19,7 @@ use super::{
 use crate::{
     control::Response,
     daemon::{Shared, State, lock},
-    policy::{ListPolicy, ListSettings},
+    policy::{ListPolicy, ListSettings, Setting},
     rules::{
         LOCAL_LIST, Rule,
         formats::{Parsed, parse_list},
@@ -248,15 +248,19 @@ impl State {
         ))
     }
 
-    /// Changes a named list's own settings: the kernel's word for the list
-    /// first (in force for the next packet), then `lists.json`; the word is
-    /// put back if the registry cannot be saved. Nothing is fetched.
-    pub(crate) fn lists_set(&mut self, name: &str, change: ListSettings) -> anyhow::Result<Response> {
-        if change == ListSettings::default() {
-            bail!("list {name}: nothing to change (give --action, --tcp-action or --ech-outer)");
+    /// Changes a named list's own settings (`clear`ed ones go back to
+    /// `run`'s flags): the kernel's word for the list first (in force for the
+    /// next packet), then `lists.json`; the word is put back if the registry
+    /// cannot be saved. Nothing is fetched.
+    pub(crate) fn lists_set(&mut self, name: &str, change: ListSettings, clear: &[Setting]) -> anyhow::Result<Response> {
+        if change == ListSettings::default() && clear.is_empty() {
+            bail!("list {name}: nothing to change (give --action, --tcp-action, --ech-outer or --clear)");
+        }
+        if let Some(s) = clear.iter().find(|s| change.gives(**s)) {
+            bail!("list {name}: --{0} and --clear {0} contradict each other", s.name());
         }
         let def = self.named(name)?.def.clone();
-        let settings = def.settings.with(change);
+        let settings = def.settings.without(clear).with(change);
         let (old, new) = (self.named_policy(&def), self.dns.resolve(name, settings));
         let id = self.engine.list(name).map(|l| l.id);
         if let Some(id) = id {
