@@ -11,7 +11,10 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::lists::ListDef;
+use crate::{
+    lists::ListDef,
+    policy::{ListSettings, Setting},
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/blokir/blokir.sock";
 /// Longest request line accepted.
@@ -52,6 +55,15 @@ pub enum Request {
         name: String,
         #[serde(default)]
         to: Option<u64>,
+    },
+    /// Changes a named list's own settings (those given in `change`; those
+    /// in `clear` go back to `run`'s flags), in force at once, without
+    /// fetching its source.
+    ListsSet {
+        name: String,
+        change: ListSettings,
+        #[serde(default)]
+        clear: Vec<Setting>,
     },
 }
 

@@ -26,10 +26,9 @@ use crate::{
     lists::{self, Registry, ops::Update},
     metrics,
     pin::{PinDir, PinLock, mode_name},
-    policy::{DnsPolicy, TrafficPolicy},
+    policy::{DnsPolicy, ListPolicy, TrafficPolicy},
     rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, store::Store},
 };
-use filter_common::{reply::DnsAction, reset::TcpAction};
 
 pub struct Options {
     pub ifaces: Vec<String>,
@@ -185,12 +184,12 @@ impl State {
         Ok(state)
     }
 
-    /// Makes `rules` list `name`'s rules, with the list's DNS action; the
-    /// list's status records the update, or its failure.
-    pub(crate) fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule], action: DnsAction) -> anyhow::Result<ChangeSummary> {
+    /// Makes `rules` list `name`'s rules, with the list's policy (DNS and
+    /// TCP actions, ECH-outer flag); the list's status records the update,
+    /// or its failure.
+    pub(crate) fn replace_list(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule], policy: ListPolicy) -> anyhow::Result<ChangeSummary> {
         let started = Instant::now();
-        let (ech_outer, tcp) = (self.dns.is_ech_outer(name), self.dns.tcp_action_for(name));
-        let result = apply_list(&mut self.engine, &mut self.kernel, (action, tcp), ech_outer, name, source, rules);
+        let result = apply_list(&mut self.engine, &mut self.kernel, policy, name, source, rules);
         let status = self.list_status.entry(name.to_string()).or_default();
         match &result {
             Ok(s) => status.updated(s.added + s.removed > 0),
@@ -212,7 +211,7 @@ impl State {
     /// `replace_list`, for a person: what changed and how long it took.
     fn replace_list_told(&mut self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> anyhow::Result<String> {
         let started = Instant::now();
-        let s = self.replace_list(name, source, rules, self.action_for(name))?;
+        let s = self.replace_list(name, source, rules, self.list_policy(name))?;
         Ok(format!("list {name}: {s} ({:.1} ms)", started.elapsed().as_secs_f64() * 1000.0))
     }
 
@@ -270,6 +269,7 @@ impl State {
             Request::ListsLs => Ok(self.lists_ls()),
             Request::ListsRm { name } => self.lists_rm(&name),
             Request::ListsRollback { name, to } => self.lists_rollback(&name, to),
+            Request::ListsSet { name, change, clear } => self.lists_set(&name, change, &clear),
             // Fetching is done outside the lock (`handle_connection`).
             Request::ListsAdd { .. } | Request::ListsUpdate { .. } => bail!("internal: list fetches are not dispatched under the lock"),
         }
@@ -283,7 +283,16 @@ impl State {
             .map(|l| {
                 let source = l.source.as_ref().map(|p| p.display().to_string()).or_else(|| self.registry.get(&l.name).map(|e| e.def.source.clone()));
                 let version = self.list_status.get(&l.name).map_or(0, |s| s.version);
-                json!({"name": l.name, "rules": l.len(), "source": source, "dns_action": self.action_for(&l.name).name(), "version": version})
+                let policy = self.list_policy(&l.name);
+                json!({
+                    "name": l.name,
+                    "rules": l.len(),
+                    "source": source,
+                    "dns_action": policy.dns.name(),
+                    "tcp_action": policy.tcp.name(),
+                    "ech_outer": policy.ech_outer,
+                    "version": version,
+                })
             })
             .collect();
         let secs = |t: Option<std::time::SystemTime>| t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs());
@@ -379,8 +388,7 @@ impl State {
 pub fn apply_list(
     engine: &mut Engine,
     kernel: &mut Kernel,
-    (action, tcp): (DnsAction, TcpAction),
-    ech_outer: bool,
+    policy: ListPolicy,
     name: &str,
     source: Option<PathBuf>,
     rules: &[Rule],
@@ -390,7 +398,7 @@ pub fn apply_list(
         // A new list may take a freed id: its counters start from zero.
         kernel.reset_list_hits(change.list_id())?;
     }
-    kernel.write_list_policy(change.list_id(), action, tcp, ech_outer)?;
+    kernel.write_list_policy(change.list_id(), policy.dns, policy.tcp, policy.ech_outer)?;
     engine.apply(change, kernel)
 }
 

@@ -16,7 +16,9 @@ use blokir::{
     lists::{self, ListDef, parse_interval},
     metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
-    policy::{DnsPolicy, QuicPolicy, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action, parse_port, parse_tcp_action},
+    policy::{
+        DnsPolicy, ListSettings, QuicPolicy, Setting, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action, parse_port, parse_tcp_action,
+    },
     replay,
     rules::formats::Format,
 };
@@ -131,8 +133,8 @@ enum Command {
         #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Named lists, each with its own source (file or URL), format, DNS
-    /// action and refresh interval; versions kept for rollback.
+    /// Named lists, each with its own source (file or URL), format, DNS and
+    /// TCP actions and refresh interval; versions kept for rollback.
     Lists {
         #[command(subcommand)]
         command: ListsCommand,
@@ -260,9 +262,19 @@ enum ListsCommand {
         /// auto, plain, hosts, rpz or adblock.
         #[arg(long, default_value = "auto", value_parser = parse_format)]
         format: Format,
-        /// What blocked UDP queries of this list get (default: `run`'s --dns-action).
+        /// What blocked UDP queries of this list get (default: `run`'s
+        /// --list-dns-action for it, else --dns-action).
         #[arg(long, value_parser = parse_action)]
         action: Option<DnsAction>,
+        /// What TCP flows blocked by this list's names get: drop or reset
+        /// (default: `run`'s --list-tcp-action for it, else --tcp-action).
+        #[arg(long, value_parser = parse_tcp_action)]
+        tcp_action: Option<TcpAction>,
+        /// Make it an ECH-outer list: its rules block only TLS ClientHellos
+        /// that carry an encrypted_client_hello extension (default: whether
+        /// `run` names it with --ech-outer-list).
+        #[arg(long)]
+        ech_outer: bool,
         /// Check the source this often: 90s, 30m, 1h, 1d (at least 10s).
         #[arg(long, value_parser = parse_interval)]
         refresh: Option<u64>,
@@ -273,8 +285,27 @@ enum ListsCommand {
         #[arg(long)]
         skip_bad_lines: bool,
     },
-    /// Every named list: version in force, rules, last check.
+    /// Every named list: version in force, rules, actions, last check.
     Ls,
+    /// Change a list's DNS action, TCP action or ECH-outer flag, in force at
+    /// once and kept; the source is not fetched again.
+    #[command(group = clap::ArgGroup::new("settings").required(true).multiple(true))]
+    Set {
+        name: String,
+        /// What blocked UDP queries of this list get.
+        #[arg(long, value_parser = parse_action, group = "settings")]
+        action: Option<DnsAction>,
+        /// What TCP flows blocked by this list's names get: drop or reset.
+        #[arg(long, value_parser = parse_tcp_action, group = "settings")]
+        tcp_action: Option<TcpAction>,
+        /// Whether it is an ECH-outer list.
+        #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set, group = "settings")]
+        ech_outer: Option<bool>,
+        /// Drop the list's own setting: `run`'s flags decide it again
+        /// (repeatable).
+        #[arg(long, value_enum, value_name = "SETTING", group = "settings")]
+        clear: Vec<Setting>,
+    },
     /// Remove a list and its rules.
     Rm { name: String },
     /// Check a list's source now (a conditional GET for URLs); a new
@@ -398,14 +429,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Lists { command, output } => {
             let request = match command {
-                ListsCommand::Add { name, source, format, action, refresh, sha256, skip_bad_lines } => {
+                ListsCommand::Add { name, source, format, action, tcp_action, ech_outer, refresh, sha256, skip_bad_lines } => {
                     // The daemon reads files from its own directory: send an absolute path.
                     let source = if lists::fetch::is_url(&source) || source.contains("://") {
                         source
                     } else {
                         std::path::absolute(&source).with_context(|| format!("--source {source:?}"))?.display().to_string()
                     };
-                    let def = ListDef { name, source, format, action, refresh_secs: refresh, sha256, skip_bad_lines };
+                    let settings = ListSettings { action, tcp_action, ech_outer: ech_outer.then_some(true) };
+                    let def = ListDef { name, source, format, settings, refresh_secs: refresh, sha256, skip_bad_lines };
                     if let Err(e) = def.validate() {
                         eprintln!("blokir: {e}");
                         return Ok(ExitCode::from(EXIT_USAGE));
@@ -413,6 +445,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Request::ListsAdd { def }
                 }
                 ListsCommand::Ls => Request::ListsLs,
+                ListsCommand::Set { name, action, tcp_action, ech_outer, clear } => {
+                    let change = ListSettings { action, tcp_action, ech_outer };
+                    if let Some(s) = clear.iter().find(|s| change.gives(**s)) {
+                        eprintln!("blokir: --{0} and --clear {0} contradict each other", s.name());
+                        return Ok(ExitCode::from(EXIT_USAGE));
+                    }
+                    Request::ListsSet { name, change, clear }
+                }
                 ListsCommand::Rm { name } => Request::ListsRm { name },
                 ListsCommand::Update { name } => Request::ListsUpdate { name },
                 ListsCommand::Rollback { name, to } => Request::ListsRollback { name, to },
@@ -554,7 +594,10 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
         Request::ListsLs => {
             let rows = r.data.as_array().cloned().unwrap_or_default();
             let when = |v: &serde_json::Value| v.as_u64().map_or("never".to_string(), ago);
-            println!("{:20}  {:>7}  {:>9}  {:8}  {:8}  {:>7}  {:12}  SOURCE", "LIST", "VERSION", "RULES", "FORMAT", "ACTION", "REFRESH", "CHECKED");
+            println!(
+                "{:20}  {:>7}  {:>9}  {:8}  {:8}  {:6}  {:3}  {:>7}  {:12}  SOURCE",
+                "LIST", "VERSION", "RULES", "FORMAT", "DNS", "TCP", "ECH", "REFRESH", "CHECKED"
+            );
             for x in rows {
                 let refresh = x["refresh_secs"].as_u64().map_or("-".into(), |s| format!("{s}s"));
                 let format = match (s(&x["format"]), x["read_as"].as_str()) {
@@ -562,12 +605,14 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
                     (f, _) => f,
                 };
                 println!(
-                    "{:20}  {:>7}  {:>9}  {:8}  {:8}  {:>7}  {:12}  {}",
+                    "{:20}  {:>7}  {:>9}  {:8}  {:8}  {:6}  {:3}  {:>7}  {:12}  {}",
                     s(&x["name"]),
                     x["version"],
                     x["rules"],
                     format,
                     s(&x["dns_action"]),
+                    s(&x["tcp_action"]),
+                    if x["ech_outer"] == true { "yes" } else { "no" },
                     refresh,
                     when(&x["last_check"]),
                     s(&x["source"])
@@ -635,6 +680,34 @@ mod tests {
         assert_eq!(metrics_addr.to_string(), "127.0.0.1:9947");
         assert_eq!(pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(!detach_on_exit && !cleanup);
+    }
+
+    #[test]
+    fn list_settings_flags() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["blokir", "lists"], args].concat()).map(|c| c.command);
+        let Ok(Command::Lists { command: ListsCommand::Add { tcp_action, ech_outer, action, .. }, .. }) =
+            parse(&["add", "a", "--source", "/x", "--tcp-action", "reset", "--ech-outer"])
+        else {
+            panic!("not lists add")
+        };
+        assert_eq!((tcp_action, ech_outer, action), (Some(TcpAction::Reset), true, None));
+        let Ok(Command::Lists { command: ListsCommand::Add { tcp_action, ech_outer, .. }, .. }) = parse(&["add", "a", "--source", "/x"]) else {
+            panic!("not lists add")
+        };
+        assert_eq!((tcp_action, ech_outer), (None, false));
+        let Ok(Command::Lists { command: ListsCommand::Set { name, action, tcp_action, ech_outer, clear }, .. }) =
+            parse(&["set", "a", "--ech-outer", "false", "--action", "nxdomain", "--clear", "tcp-action"])
+        else {
+            panic!("not lists set")
+        };
+        assert_eq!((name.as_str(), action, tcp_action, ech_outer), ("a", Some(DnsAction::Nxdomain), None, Some(false)));
+        assert_eq!(clear, [Setting::TcpAction]);
+        let Ok(Command::Lists { command: ListsCommand::Set { clear, .. }, .. }) = parse(&["set", "a", "--clear", "action", "--clear", "ech-outer"]) else {
+            panic!("not lists set")
+        };
+        assert_eq!(clear, [Setting::Action, Setting::EchOuter]);
+        assert!(parse(&["set", "a"]).is_err(), "nothing to set");
+        assert!(parse(&["set", "a", "--ech-outer"]).is_err(), "--ech-outer takes true or false");
     }
 
     #[test]

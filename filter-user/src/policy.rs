@@ -1,6 +1,8 @@
 //! What happens to a blocked DNS query: dropped, or answered in XDP with
-//! NXDOMAIN, REFUSED, NODATA or the block page's address; per list, with a
-//! default for all lists.
+//! NXDOMAIN, REFUSED, NODATA or the block page's address; what a TCP flow
+//! blocked by name gets (dropped or reset); and which lists are ECH-outer
+//! lists. Per list, with a default for all lists; a named list's own
+//! settings (`blokir lists add|set`) win over `run`'s flags.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -10,6 +12,7 @@ use filter_common::{
     reset::TcpAction,
     rules::{Config, MAX_HTTP_PORTS},
 };
+use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsPolicy {
@@ -44,17 +47,95 @@ impl Default for DnsPolicy {
     }
 }
 
+/// A list's own settings (a named list's, from `blokir lists add|set`);
+/// each one given wins over `run`'s flags. Stored in `lists.json` under
+/// these keys (absent: not given).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListSettings {
+    /// What blocked UDP queries get.
+    #[serde(default, with = "dns_action_name")]
+    pub action: Option<DnsAction>,
+    /// What TCP flows blocked by name get.
+    #[serde(default, with = "tcp_action_name")]
+    pub tcp_action: Option<TcpAction>,
+    /// Whether the list is an ECH-outer list.
+    #[serde(default)]
+    pub ech_outer: Option<bool>,
+}
+
+impl ListSettings {
+    /// These settings with those given in `change` replaced.
+    pub fn with(self, change: ListSettings) -> ListSettings {
+        ListSettings {
+            action: change.action.or(self.action),
+            tcp_action: change.tcp_action.or(self.tcp_action),
+            ech_outer: change.ech_outer.or(self.ech_outer),
+        }
+    }
+}
+
+/// One of a list's own settings, by name (`blokir lists set --clear`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Setting {
+    Action,
+    TcpAction,
+    EchOuter,
+}
+
+impl Setting {
+    /// As on the command line (`--clear tcp-action`, `--tcp-action`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::Action => "action",
+            Setting::TcpAction => "tcp-action",
+            Setting::EchOuter => "ech-outer",
+        }
+    }
+}
+
+impl ListSettings {
+    /// These settings without those named in `clear` (`run`'s flags decide
+    /// them again).
+    pub fn without(mut self, clear: &[Setting]) -> ListSettings {
+        for c in clear {
+            match c {
+                Setting::Action => self.action = None,
+                Setting::TcpAction => self.tcp_action = None,
+                Setting::EchOuter => self.ech_outer = None,
+            }
+        }
+        self
+    }
+
+    /// Whether this change gives setting `s`.
+    pub fn gives(&self, s: Setting) -> bool {
+        match s {
+            Setting::Action => self.action.is_some(),
+            Setting::TcpAction => self.tcp_action.is_some(),
+            Setting::EchOuter => self.ech_outer.is_some(),
+        }
+    }
+}
+
+/// What a list's blocks get, resolved (`DnsPolicy::resolve`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListPolicy {
+    pub dns: DnsAction,
+    pub tcp: TcpAction,
+    pub ech_outer: bool,
+}
+
 impl DnsPolicy {
-    pub fn action_for(&self, list: &str) -> DnsAction {
-        self.per_list.iter().rev().find(|(l, _)| l == list).map_or(self.default, |(_, a)| *a)
-    }
-
-    pub fn is_ech_outer(&self, list: &str) -> bool {
-        self.ech_outer.iter().any(|l| l == list)
-    }
-
-    pub fn tcp_action_for(&self, list: &str) -> TcpAction {
-        self.tcp_per_list.iter().rev().find(|(l, _)| l == list).map_or(self.tcp_default, |(_, a)| *a)
+    /// The one place where a list's policy is decided: the list's own
+    /// setting (`own`) wins; otherwise `run`'s per-list flag for `list` by
+    /// name (the last one given); otherwise `run`'s default.
+    pub fn resolve(&self, list: &str, own: ListSettings) -> ListPolicy {
+        ListPolicy {
+            dns: own.action.unwrap_or_else(|| self.per_list.iter().rev().find(|(l, _)| l == list).map_or(self.default, |(_, a)| *a)),
+            tcp: own.tcp_action.unwrap_or_else(|| self.tcp_per_list.iter().rev().find(|(l, _)| l == list).map_or(self.tcp_default, |(_, a)| *a)),
+            ech_outer: own.ech_outer.unwrap_or_else(|| self.ech_outer.iter().any(|l| l == list)),
+        }
     }
 
     /// Every per-list action and ECH-outer list names a known list, and `redirect` has an
@@ -131,6 +212,38 @@ pub fn parse_list_tcp_action(s: &str) -> Result<(String, TcpAction), String> {
     Ok((list.to_string(), parse_tcp_action(action)?))
 }
 
+/// `Option<DnsAction>` as its name (or null), for serde.
+mod dns_action_name {
+    use filter_common::reply::DnsAction;
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &Option<DnsAction>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.serialize_some(a.name()),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DnsAction>, D::Error> {
+        Option::<String>::deserialize(d)?.map(|a| super::parse_action(&a).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
+/// `Option<TcpAction>` as its name (or null), for serde.
+mod tcp_action_name {
+    use filter_common::reset::TcpAction;
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &Option<TcpAction>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.serialize_some(a.name()),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TcpAction>, D::Error> {
+        Option::<String>::deserialize(d)?.map(|a| super::parse_tcp_action(&a).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
 /// What QUIC Initials (UDP/443) get: counted and passed, or dropped (browsers
 /// then fall back to TCP, where the TLS server name is read).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -203,8 +316,9 @@ mod tests {
         let ech = DnsPolicy { ech_outer: vec!["ech".into()], ..DnsPolicy::default() };
         ech.validate(&["local", "ech"]).unwrap();
         assert!(ech.validate(&["local"]).unwrap_err().to_string().contains("--ech-outer-list names list \"ech\""));
-        assert!(ech.is_ech_outer("ech") && !ech.is_ech_outer("local"));
-        assert_eq!((p.action_for("telegram"), p.action_for("local")), (DnsAction::Redirect, DnsAction::Drop));
+        let none = ListSettings::default();
+        assert!(ech.resolve("ech", none).ech_outer && !ech.resolve("local", none).ech_outer);
+        assert_eq!((p.resolve("telegram", none).dns, p.resolve("local", none).dns), (DnsAction::Redirect, DnsAction::Drop));
         let mut cfg = Config::default();
         p.apply_to(&mut cfg);
         assert_eq!((cfg.redirect_flags, cfg.answer_ttl), (Config::REDIRECT_V6, 60));
@@ -218,9 +332,59 @@ mod tests {
         assert!(parse_list_tcp_action("=reset").is_err() && parse_list_tcp_action("telegram").is_err());
         assert!(parse_list_tcp_action("telegram=nxdomain").unwrap_err().contains("unknown TCP action"));
         let p = DnsPolicy { tcp_default: TcpAction::Reset, tcp_per_list: vec![("local".into(), TcpAction::Drop)], ..DnsPolicy::default() };
-        assert_eq!((p.tcp_action_for("local"), p.tcp_action_for("telegram")), (TcpAction::Drop, TcpAction::Reset));
+        let none = ListSettings::default();
+        assert_eq!((p.resolve("local", none).tcp, p.resolve("telegram", none).tcp), (TcpAction::Drop, TcpAction::Reset));
         p.validate(&["local", "telegram"]).unwrap();
         assert!(p.validate(&["telegram"]).unwrap_err().to_string().contains("--list-tcp-action names list \"local\""));
+    }
+
+    #[test]
+    fn a_lists_own_setting_wins_then_runs_flag_for_the_list_then_runs_default() {
+        let run = DnsPolicy {
+            default: DnsAction::Nxdomain,
+            per_list: vec![("named".into(), DnsAction::Refused), ("named".into(), DnsAction::Nodata)],
+            tcp_default: TcpAction::Drop,
+            tcp_per_list: vec![("named".into(), TcpAction::Reset)],
+            ech_outer: vec!["named".into()],
+            ..DnsPolicy::default()
+        };
+        let none = ListSettings::default();
+        // run's default, for a list no flag names.
+        assert_eq!(run.resolve("other", none), ListPolicy { dns: DnsAction::Nxdomain, tcp: TcpAction::Drop, ech_outer: false });
+        // run's flags by name (the last one given).
+        assert_eq!(run.resolve("named", none), ListPolicy { dns: DnsAction::Nodata, tcp: TcpAction::Reset, ech_outer: true });
+        // The list's own settings, each on its own.
+        let own = ListSettings { tcp_action: Some(TcpAction::Drop), ..none };
+        assert_eq!(run.resolve("named", own), ListPolicy { dns: DnsAction::Nodata, tcp: TcpAction::Drop, ech_outer: true });
+        let own = ListSettings { action: Some(DnsAction::Drop), tcp_action: Some(TcpAction::Reset), ech_outer: Some(false) };
+        assert_eq!(run.resolve("named", own), ListPolicy { dns: DnsAction::Drop, tcp: TcpAction::Reset, ech_outer: false });
+        assert_eq!(run.resolve("other", own), ListPolicy { dns: DnsAction::Drop, tcp: TcpAction::Reset, ech_outer: false });
+        let own = ListSettings { ech_outer: Some(true), ..none };
+        assert!(run.resolve("other", own).ech_outer);
+
+        // A change replaces only what it gives.
+        let set = ListSettings { action: Some(DnsAction::Refused), ech_outer: Some(true), ..none };
+        let changed = set.with(ListSettings { tcp_action: Some(TcpAction::Reset), ech_outer: Some(false), ..none });
+        assert_eq!(changed, ListSettings { action: Some(DnsAction::Refused), tcp_action: Some(TcpAction::Reset), ech_outer: Some(false) });
+        // Cleared settings are decided by run's flags again.
+        let cleared = changed.without(&[Setting::TcpAction, Setting::EchOuter]);
+        assert_eq!(cleared, ListSettings { action: Some(DnsAction::Refused), ..none });
+        assert_eq!(run.resolve("named", cleared), ListPolicy { dns: DnsAction::Refused, tcp: TcpAction::Reset, ech_outer: true });
+        assert!(changed.gives(Setting::EchOuter) && !cleared.gives(Setting::TcpAction));
+        for s in [Setting::Action, Setting::TcpAction, Setting::EchOuter] {
+            assert_eq!(<Setting as clap::ValueEnum>::to_possible_value(&s).unwrap().get_name(), s.name());
+        }
+    }
+
+    #[test]
+    fn list_settings_in_json() {
+        let s = ListSettings { action: Some(DnsAction::Nxdomain), tcp_action: Some(TcpAction::Reset), ech_outer: Some(true) };
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(json, r#"{"action":"nxdomain","tcp_action":"reset","ech_outer":true}"#);
+        assert_eq!(serde_json::from_str::<ListSettings>(&json).unwrap(), s);
+        assert_eq!(serde_json::from_str::<ListSettings>("{}").unwrap(), ListSettings::default());
+        let e = serde_json::from_str::<ListSettings>(r#"{"tcp_action":"rst"}"#).unwrap_err().to_string();
+        assert!(e.contains("unknown TCP action \"rst\""), "{e}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::{
     daemon::{apply_list, list_name},
     ebpf::Kernel,
     model::{Model, PASS_AS_RST, XDP_DROP, XDP_PASS, XDP_TX},
-    policy::DnsPolicy,
+    policy::{DnsPolicy, ListSettings},
     rules::{Engine, file::read_rules},
 };
 
@@ -106,24 +106,17 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
     opts.dns.apply_to(&mut cfg);
     kernel.write_config(cfg)?;
     for (name, path, rules) in &lists {
-        apply_list(
-            &mut engine,
-            &mut kernel,
-            (opts.dns.action_for(name), opts.dns.tcp_action_for(name)),
-            opts.dns.is_ech_outer(name),
-            name,
-            Some(path.clone()),
-            rules,
-        )?;
+        apply_list(&mut engine, &mut kernel, opts.dns.resolve(name, ListSettings::default()), name, Some(path.clone()), rules)?;
     }
 
     let mut model = Model::default();
-    for l in engine.lists().iter().filter(|l| opts.dns.is_ech_outer(&l.name)) {
-        model.ech_outer |= 1u128 << l.id;
-    }
     for (name, _, _) in &lists {
         if let Some(l) = engine.list(name) {
-            model.set_tcp_action(l.id, opts.dns.tcp_action_for(name));
+            let policy = opts.dns.resolve(name, ListSettings::default());
+            if policy.ech_outer {
+                model.ech_outer |= 1u128 << l.id;
+            }
+            model.set_tcp_action(l.id, policy.tcp);
         }
     }
     let mut summary = Summary::default();

@@ -54,6 +54,37 @@ fn every_shell_gets_a_script_and_an_unknown_shell_is_refused() {
     assert!(out.stderr.contains("possible values"), "{out}");
 }
 
+/// Bad list settings are refused by the command line itself (exit 2), with
+/// the values that are allowed, before any daemon is asked.
+#[test]
+fn bad_list_settings_are_refused_with_the_allowed_values() {
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(blokir_bin().unwrap());
+        cmd.args(["--socket", "/nonexistent/blokir.sock"]).args(args);
+        netns::run(&mut cmd, Duration::from_secs(10)).unwrap()
+    };
+    for args in [&["lists", "add", "x", "--source", "/x", "--tcp-action", "bogus"][..], &["lists", "set", "x", "--tcp-action", "bogus"]] {
+        let out = cli(args);
+        assert_eq!(out.code(), Some(2), "{args:?}: {out}");
+        assert!(out.stderr.contains("'bogus' for '--tcp-action") && out.stderr.contains("expected one of: drop, reset"), "{args:?}: {out}");
+    }
+    let out = cli(&["lists", "set", "x", "--ech-outer", "maybe"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("[possible values: true, false]"), "{out}");
+    let out = cli(&["lists", "set", "x", "--action", "bogus"]);
+    assert!(out.code() == Some(2) && out.stderr.contains("expected one of: drop, nxdomain, refused, nodata, redirect"), "{out}");
+    let out = cli(&["lists", "set", "x", "--clear", "bogus"]);
+    assert!(out.code() == Some(2) && out.stderr.contains("[possible values: action, tcp-action, ech-outer]"), "{out}");
+    let out = cli(&["lists", "set", "x", "--tcp-action", "reset", "--clear", "tcp-action"]);
+    assert!(out.code() == Some(2) && out.stderr.contains("--tcp-action and --clear tcp-action contradict each other"), "{out}");
+    // `lists set` with nothing to set.
+    let out = cli(&["lists", "set", "x"]);
+    assert!(out.code() == Some(2) && out.stderr.contains("--tcp-action"), "{out}");
+    // Good values get as far as the (absent) daemon: exit 1.
+    let out = cli(&["lists", "set", "x", "--tcp-action", "reset", "--ech-outer", "false"]);
+    assert!(out.code() == Some(1) && out.stderr.contains("is `blokir run` running?"), "{out}");
+}
+
 #[test]
 fn the_daemon_takes_its_settings_from_a_config_file_and_refuses_a_bad_one() {
     let topo = Topology::new().unwrap();

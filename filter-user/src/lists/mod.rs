@@ -1,5 +1,6 @@
 //! Named lists: a list the operator adds with a source (a file or a URL), a
-//! format, an optional DNS action and refresh interval. Every version that
+//! format, optional DNS and TCP actions and ECH-outer flag, and a refresh
+//! interval. Every version that
 //! was put in force is kept on disk (the last `KEEP_VERSIONS`), so a list can
 //! be rolled back, and so a restart uses the last good copy when the source
 //! is down.
@@ -10,11 +11,10 @@ pub mod registry;
 
 use std::time::Duration;
 
-use filter_common::reply::DnsAction;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    policy::parse_action,
+    policy::ListSettings,
     rules::formats::{BadLines, Format},
 };
 
@@ -34,9 +34,10 @@ pub struct ListDef {
     pub source: String,
     #[serde(with = "format_str")]
     pub format: Format,
-    /// What blocked UDP queries of this list get (default: the daemon's).
-    #[serde(default, with = "action_str")]
-    pub action: Option<DnsAction>,
+    /// Its DNS action, TCP action and ECH-outer flag, where given (each
+    /// wins over `run`'s flags; `blokir lists set` changes them).
+    #[serde(flatten)]
+    pub settings: ListSettings,
     /// How often the source is checked (URL and file sources alike).
     #[serde(default)]
     pub refresh_secs: Option<u64>,
@@ -116,27 +117,22 @@ mod format_str {
     }
 }
 
-mod action_str {
-    use filter_common::reply::DnsAction;
-    use serde::{Deserialize as _, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(a: &Option<DnsAction>, s: S) -> Result<S::Ok, S::Error> {
-        match a {
-            Some(a) => s.serialize_some(a.name()),
-            None => s.serialize_none(),
-        }
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DnsAction>, D::Error> {
-        Option::<String>::deserialize(d)?.map(|a| super::parse_action(&a).map_err(serde::de::Error::custom)).transpose()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use filter_common::{reply::DnsAction, reset::TcpAction};
+
     use super::*;
 
     fn def(name: &str, source: &str) -> ListDef {
-        ListDef { name: name.into(), source: source.into(), format: Format::Auto, action: None, refresh_secs: None, sha256: None, skip_bad_lines: false }
+        ListDef {
+            name: name.into(),
+            source: source.into(),
+            format: Format::Auto,
+            settings: ListSettings::default(),
+            refresh_secs: None,
+            sha256: None,
+            skip_bad_lines: false,
+        }
     }
 
     #[test]
@@ -161,11 +157,27 @@ mod tests {
 
     #[test]
     fn definitions_round_trip_through_json() {
-        let d = ListDef { action: Some(DnsAction::Nxdomain), format: Format::Hosts, refresh_secs: Some(3600), ..def("a", "https://x/y") };
+        let settings = ListSettings { action: Some(DnsAction::Nxdomain), tcp_action: Some(TcpAction::Reset), ech_outer: Some(false) };
+        let d = ListDef { settings, format: Format::Hosts, refresh_secs: Some(3600), ..def("a", "https://x/y") };
         let json = serde_json::to_string(&d).unwrap();
-        assert!(json.contains("\"format\":\"hosts\"") && json.contains("\"action\":\"nxdomain\""), "{json}");
+        for field in [r#""format":"hosts""#, r#""action":"nxdomain""#, r#""tcp_action":"reset""#, r#""ech_outer":false"#] {
+            assert!(json.contains(field), "{field} in {json}");
+        }
         assert_eq!(serde_json::from_str::<ListDef>(&json).unwrap(), d);
         let bad = json.replace("hosts", "csv");
         assert!(serde_json::from_str::<ListDef>(&bad).unwrap_err().to_string().contains("unknown list format"));
+        let bad = json.replace(r#""tcp_action":"reset""#, r#""tcp_action":"rst""#);
+        assert!(serde_json::from_str::<ListDef>(&bad).unwrap_err().to_string().contains("unknown TCP action"));
+    }
+
+    /// A definition written before lists had a TCP action or an ECH-outer
+    /// flag (exactly as such a daemon wrote it) still reads, with neither set.
+    #[test]
+    fn definitions_without_the_newer_settings_still_read() {
+        let old = r#"{"name":"kominfo","source":"/etc/blokir/telegram.hosts","format":"auto","action":"nxdomain","refresh_secs":null,"sha256":null,"skip_bad_lines":false}"#;
+        let d: ListDef = serde_json::from_str(old).unwrap();
+        assert_eq!(d.settings, ListSettings { action: Some(DnsAction::Nxdomain), tcp_action: None, ech_outer: None });
+        let older = r#"{"name":"kominfo","source":"/x","format":"hosts"}"#;
+        assert_eq!(serde_json::from_str::<ListDef>(older).unwrap().settings, ListSettings::default());
     }
 }

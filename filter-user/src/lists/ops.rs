@@ -9,7 +9,6 @@
 use std::time::Instant;
 
 use anyhow::{Context as _, anyhow, bail};
-use filter_common::reply::DnsAction;
 use serde_json::json;
 
 use super::{
@@ -20,6 +19,7 @@ use super::{
 use crate::{
     control::Response,
     daemon::{Shared, State, lock},
+    policy::{ListPolicy, ListSettings, Setting},
     rules::{
         LOCAL_LIST, Rule,
         formats::{Parsed, parse_list},
@@ -54,16 +54,14 @@ pub fn load_all(registry: &Registry) -> anyhow::Result<Vec<(ListDef, Vec<Rule>)>
 }
 
 impl State {
-    /// The DNS action of list `name`: a named list's own, or the daemon's.
-    pub(crate) fn action_for(&self, name: &str) -> DnsAction {
-        match self.registry.get(name) {
-            Some(e) => self.named_action(&e.def),
-            None => self.dns.action_for(name),
-        }
+    /// The policy of list `name`: a named list's own settings first, then
+    /// `run`'s flags (`DnsPolicy::resolve` decides).
+    pub(crate) fn list_policy(&self, name: &str) -> ListPolicy {
+        self.dns.resolve(name, self.registry.get(name).map(|e| e.def.settings).unwrap_or_default())
     }
 
-    fn named_action(&self, def: &ListDef) -> DnsAction {
-        def.action.unwrap_or_else(|| self.dns.action_for(&def.name))
+    fn named_policy(&self, def: &ListDef) -> ListPolicy {
+        self.dns.resolve(&def.name, def.settings)
     }
 
     /// Whether `name` is taken by the local list or a rule file.
@@ -100,6 +98,8 @@ impl State {
     /// stay as they are).
     fn finish(&mut self, def: ListDef, current: Option<Version>, fetched: Result<Fetched, FetchError>, started: Instant) -> anyhow::Result<Response> {
         let name = def.name.clone();
+        // `lists set` may have changed the list's settings during the fetch.
+        let def = self.registry.get(&name).map_or(def, |e| e.def.clone());
         let failures = self.list_status.get(&name).map_or(0, |s| s.failures);
         let result = self.put_in_force(def, current, fetched, started);
         if let Err(e) = &result {
@@ -168,13 +168,13 @@ impl State {
         };
         let old_rules: Vec<Rule> = self.engine.list_rules(&name).into_iter().cloned().collect();
         let existed = self.registry.get(&name).is_some();
-        let summary = self.replace_list(&name, None, &parsed.rules, self.named_action(&def))?;
+        let summary = self.replace_list(&name, None, &parsed.rules, self.named_policy(&def))?;
         let number = match self.registry.put_version(&def, &bytes, version) {
             Ok(n) => n,
             Err(e) => {
                 // Not on disk, so not in force either: a restart would not have it.
                 let restore = match existed {
-                    true => self.replace_list(&name, None, &old_rules, self.named_action(&def)).map(drop),
+                    true => self.replace_list(&name, None, &old_rules, self.named_policy(&def)).map(drop),
                     false => self.drop_list(&name),
                 };
                 if let Err(r) = restore {
@@ -197,19 +197,23 @@ impl State {
     /// Removes a list's rules from the kernel and forgets the list.
     fn drop_list(&mut self, name: &str) -> anyhow::Result<()> {
         if self.engine.list(name).is_some() {
-            self.replace_list(name, None, &[], self.action_for(name))?;
+            self.replace_list(name, None, &[], self.list_policy(name))?;
             self.engine.forget_list(name)?;
         }
         Ok(())
     }
 
-    pub(crate) fn lists_rm(&mut self, name: &str) -> anyhow::Result<Response> {
-        if self.registry.get(name).is_none() {
-            if self.is_static_list(name) {
-                bail!("list {name} is not a named list (it is the CLI's list or fed by --rules)");
-            }
-            bail!("no list {name} (see `blokir lists ls`)");
+    /// Refuses a name that is not a named list, saying what it is.
+    fn named(&self, name: &str) -> anyhow::Result<&super::registry::Entry> {
+        match self.registry.get(name) {
+            Some(e) => Ok(e),
+            None if self.is_static_list(name) => bail!("list {name} is not a named list (it is the CLI's list or fed by --rules)"),
+            None => bail!("no list {name} (see `blokir lists ls`)"),
         }
+    }
+
+    pub(crate) fn lists_rm(&mut self, name: &str) -> anyhow::Result<Response> {
+        self.named(name)?;
         let rules = self.engine.list(name).map_or(0, |l| l.len());
         self.drop_list(name)?;
         self.registry.remove(name)?;
@@ -234,7 +238,7 @@ impl State {
         }
         let started = Instant::now();
         let parsed = parse_copy(&self.registry, &entry.def, &target)?;
-        let summary = self.replace_list(name, None, &parsed.rules, self.named_action(&entry.def))?;
+        let summary = self.replace_list(name, None, &parsed.rules, self.named_policy(&entry.def))?;
         self.registry.set_active(name, target.number)?;
         self.note_version(name, target.number);
         let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -244,18 +248,61 @@ impl State {
         ))
     }
 
+    /// Changes a named list's own settings (`clear`ed ones go back to
+    /// `run`'s flags): the kernel's word for the list first (in force for the
+    /// next packet), then `lists.json`; the word is put back if the registry
+    /// cannot be saved. Nothing is fetched.
+    pub(crate) fn lists_set(&mut self, name: &str, change: ListSettings, clear: &[Setting]) -> anyhow::Result<Response> {
+        if change == ListSettings::default() && clear.is_empty() {
+            bail!("list {name}: nothing to change (give --action, --tcp-action, --ech-outer or --clear)");
+        }
+        if let Some(s) = clear.iter().find(|s| change.gives(**s)) {
+            bail!("list {name}: --{0} and --clear {0} contradict each other", s.name());
+        }
+        let def = self.named(name)?.def.clone();
+        let settings = def.settings.without(clear).with(change);
+        let (old, new) = (self.named_policy(&def), self.dns.resolve(name, settings));
+        let id = self.engine.list(name).map(|l| l.id);
+        if let Some(id) = id {
+            self.kernel.write_list_policy(id, new.dns, new.tcp, new.ech_outer)?;
+        }
+        if let Err(e) = self.registry.set_settings(name, settings) {
+            if let Some(id) = id
+                && let Err(r) = self.kernel.write_list_policy(id, old.dns, old.tcp, old.ech_outer)
+            {
+                tracing::error!(list = name, "restoring the list's policy after a failed save: {r:#}");
+            }
+            return Err(e.context(format!("list {name}: saving its settings")));
+        }
+        tracing::info!(list = name, dns_action = new.dns.name(), tcp_action = new.tcp.name(), ech_outer = new.ech_outer, "list settings changed");
+        Ok(Response::ok(
+            format!(
+                "list {name}: DNS action {}, TCP action {}, ECH-outer {} (in force now)",
+                new.dns.name(),
+                new.tcp.name(),
+                if new.ech_outer { "yes" } else { "no" }
+            ),
+            json!({"list": name, "dns_action": new.dns.name(), "tcp_action": new.tcp.name(), "ech_outer": new.ech_outer}),
+        ))
+    }
+
     pub(crate) fn lists_ls(&self) -> Response {
         let rows: Vec<_> = self
             .registry
             .entries()
             .map(|e| {
                 let v = e.active_version();
+                let policy = self.named_policy(&e.def);
                 json!({
                     "name": e.def.name,
                     "source": e.def.source,
                     "format": e.def.format.as_str(),
                     "read_as": v.map(|v| v.format.as_str()),
-                    "dns_action": self.action_for(&e.def.name).name(),
+                    "dns_action": policy.dns.name(),
+                    "tcp_action": policy.tcp.name(),
+                    "ech_outer": policy.ech_outer,
+                    // What the list sets itself (null: `run`'s flags decide).
+                    "own": e.def.settings,
                     "refresh_secs": e.def.refresh_secs,
                     "sha256": e.def.sha256,
                     "version": e.active,

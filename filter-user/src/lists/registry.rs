@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{KEEP_VERSIONS, ListDef, fetch::sha256_hex};
-use crate::rules::store::write_atomic;
+use crate::{policy::ListSettings, rules::store::write_atomic};
 
 /// One version of a list that was put in force.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +153,20 @@ impl Registry {
         self.save()
     }
 
+    /// Replaces a list's own settings (`blokir lists set`).
+    pub fn set_settings(&mut self, name: &str, settings: ListSettings) -> anyhow::Result<()> {
+        let Some(entry) = self.entries.get_mut(name) else { bail!("no list {name}") };
+        let old = std::mem::replace(&mut entry.def.settings, settings);
+        if let Err(e) = self.save() {
+            // Not on disk: not in the registry either.
+            if let Some(entry) = self.entries.get_mut(name) {
+                entry.def.settings = old;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Notes a check of the source: `error` if it failed, else nothing new.
     pub fn checked(&mut self, name: &str, error: Option<String>) -> anyhow::Result<()> {
         let Some(entry) = self.entries.get_mut(name) else { return Ok(()) };
@@ -173,11 +187,21 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use filter_common::{reply::DnsAction, reset::TcpAction};
+
     use super::*;
     use crate::rules::formats::Format;
 
     fn def() -> ListDef {
-        ListDef { name: "kominfo".into(), source: "/x".into(), format: Format::Auto, action: None, refresh_secs: None, sha256: None, skip_bad_lines: false }
+        ListDef {
+            name: "kominfo".into(),
+            source: "/x".into(),
+            format: Format::Auto,
+            settings: ListSettings::default(),
+            refresh_secs: None,
+            sha256: None,
+            skip_bad_lines: false,
+        }
     }
 
     fn version(bytes: &[u8]) -> Version {
@@ -219,6 +243,75 @@ mod tests {
         std::fs::write(dir.path().join("lists.json"), "{not json").unwrap();
         let e = Registry::open(dir.path()).err().unwrap();
         assert!(format!("{e:#}").contains("lists.json: not a valid list registry"), "{e:#}");
+    }
+
+    #[test]
+    fn settings_are_kept_across_versions_rollbacks_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::open(dir.path()).unwrap();
+        let settings = ListSettings { action: None, tcp_action: Some(TcpAction::Reset), ech_outer: Some(true) };
+        let with = ListDef { settings, ..def() };
+        r.put_version(&with, b"a.example\n", version(b"a.example\n")).unwrap();
+        r.put_version(&with, b"b.example\n", version(b"b.example\n")).unwrap();
+        r.set_active("kominfo", 1).unwrap();
+        let mut r = Registry::open(dir.path()).unwrap();
+        assert_eq!(r.get("kominfo").unwrap().def.settings, settings);
+
+        let changed = ListSettings { action: Some(DnsAction::Refused), tcp_action: Some(TcpAction::Drop), ech_outer: Some(false) };
+        r.set_settings("kominfo", changed).unwrap();
+        let r = Registry::open(dir.path()).unwrap();
+        let e = r.get("kominfo").unwrap();
+        assert_eq!((e.def.settings, e.active, e.versions.len()), (changed, 1, 2), "only the settings changed");
+        let mut r = r;
+        assert!(r.set_settings("nope", changed).unwrap_err().to_string().contains("no list nope"));
+    }
+
+    /// A `lists.json` written before lists had a TCP action or an ECH-outer
+    /// flag, as such a daemon wrote it, still opens; the lists in it have
+    /// neither setting (so `run`'s flags apply to them as before).
+    #[test]
+    fn a_registry_from_before_tcp_actions_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"{
+  "lists": {
+    "kominfo": {
+      "def": {
+        "name": "kominfo",
+        "source": "/etc/blokir/telegram.hosts",
+        "format": "auto",
+        "action": "nxdomain",
+        "refresh_secs": 3600,
+        "sha256": null,
+        "skip_bad_lines": false
+      },
+      "versions": [
+        {
+          "number": 1,
+          "sha256": "0000000000000000000000000000000000000000000000000000000000000000",
+          "rules": 6,
+          "skipped": 0,
+          "format": "hosts",
+          "fetched_at": 1700000000,
+          "etag": null,
+          "last_modified": null
+        }
+      ],
+      "active": 1,
+      "last_check": 1700000000,
+      "last_error": null
+    }
+  }
+}"#;
+        std::fs::write(dir.path().join("lists.json"), old).unwrap();
+        let mut r = Registry::open(dir.path()).unwrap();
+        let e = r.get("kominfo").unwrap();
+        assert_eq!(e.def.settings, ListSettings { action: Some(DnsAction::Nxdomain), tcp_action: None, ech_outer: None });
+        assert_eq!((e.def.refresh_secs, e.active, e.versions[0].rules), (Some(3600), 1, 6));
+        // Saved again, it gains the new keys and reads back the same.
+        r.checked("kominfo", None).unwrap();
+        let saved = std::fs::read_to_string(dir.path().join("lists.json")).unwrap();
+        assert!(saved.contains(r#""tcp_action": null"#) && saved.contains(r#""ech_outer": null"#), "{saved}");
+        assert_eq!(Registry::open(dir.path()).unwrap().get("kominfo").unwrap().def.settings.action, Some(DnsAction::Nxdomain));
     }
 
     #[test]
