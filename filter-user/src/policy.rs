@@ -53,10 +53,10 @@ impl Default for DnsPolicy {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListSettings {
     /// What blocked UDP queries get.
-    #[serde(default, with = "dns_action_name")]
+    #[serde(default, with = "by_name")]
     pub action: Option<DnsAction>,
     /// What TCP flows blocked by name get.
-    #[serde(default, with = "tcp_action_name")]
+    #[serde(default, with = "by_name")]
     pub tcp_action: Option<TcpAction>,
     /// Whether the list is an ECH-outer list.
     #[serde(default)]
@@ -212,35 +212,42 @@ pub fn parse_list_tcp_action(s: &str) -> Result<(String, TcpAction), String> {
     Ok((list.to_string(), parse_tcp_action(action)?))
 }
 
-/// `Option<DnsAction>` as its name (or null), for serde.
-mod dns_action_name {
-    use filter_common::reply::DnsAction;
-    use serde::{Deserialize as _, Deserializer, Serializer};
+/// An action written by its command-line name (in `lists.json`).
+pub trait ByName: Sized + Copy {
+    fn name(self) -> &'static str;
+    fn parse(s: &str) -> Result<Self, String>;
+}
 
-    pub fn serialize<S: Serializer>(a: &Option<DnsAction>, s: S) -> Result<S::Ok, S::Error> {
-        match a {
-            Some(a) => s.serialize_some(a.name()),
-            None => s.serialize_none(),
-        }
+impl ByName for DnsAction {
+    fn name(self) -> &'static str {
+        DnsAction::name(self)
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DnsAction>, D::Error> {
-        Option::<String>::deserialize(d)?.map(|a| super::parse_action(&a).map_err(serde::de::Error::custom)).transpose()
+    fn parse(s: &str) -> Result<Self, String> {
+        parse_action(s)
     }
 }
 
-/// `Option<TcpAction>` as its name (or null), for serde.
-mod tcp_action_name {
-    use filter_common::reset::TcpAction;
+impl ByName for TcpAction {
+    fn name(self) -> &'static str {
+        TcpAction::name(self)
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        parse_tcp_action(s)
+    }
+}
+
+/// `Option<T>` as its name (or null), for serde.
+mod by_name {
     use serde::{Deserialize as _, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(a: &Option<TcpAction>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer, T: super::ByName>(a: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
         match a {
             Some(a) => s.serialize_some(a.name()),
             None => s.serialize_none(),
         }
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TcpAction>, D::Error> {
-        Option::<String>::deserialize(d)?.map(|a| super::parse_tcp_action(&a).map_err(serde::de::Error::custom)).transpose()
+    pub fn deserialize<'de, D: Deserializer<'de>, T: super::ByName>(d: D) -> Result<Option<T>, D::Error> {
+        Option::<String>::deserialize(d)?.map(|a| T::parse(&a).map_err(serde::de::Error::custom)).transpose()
     }
 }
 
