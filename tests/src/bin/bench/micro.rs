@@ -42,6 +42,7 @@ pub const CLASSES: &[(&str, &str)] = &[
     ("http_get", "HTTP GET on port 80, unlisted Host (read and matched by the HTTP stage)"),
     ("udp_other", "UDP, not DNS (1.2 KB datagram to port 443)"),
     ("tcp_ack", "TCP ACK without payload"),
+    ("tcp_syn", "TCP SYN of a new connection (its start recorded)"),
 ];
 
 /// One class at one rule count.
@@ -432,6 +433,14 @@ fn classes(
     }
     runs.hot = b.hot(&packets::tcp_ack(0))?;
     out.push(runs.result("tcp_ack", k));
+
+    let mut runs = Runs::default();
+    for _ in 0..samples {
+        let flow = b.next_flow();
+        runs.push(b.pair(&packets::tcp_syn(flow), XDP_PASS, "TCP SYN")?);
+    }
+    runs.hot = b.hot(&packets::tcp_syn(0))?;
+    out.push(runs.result("tcp_syn", k));
     for r in &out {
         eprintln!(
             "  {:<20} {:>7} rules: {:>6.0} ns cold (no-op {:>4.0}, net {:>5.0}), hot net {:>5.0}",

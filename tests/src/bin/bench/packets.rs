@@ -55,6 +55,15 @@ pub fn tcp_ack(i: usize) -> Vec<u8> {
     tcp(i, 443, 2_000_000, &[], false)
 }
 
+/// A client's SYN: a new connection, whose start the TLS stage records.
+pub fn tcp_syn(i: usize) -> Vec<u8> {
+    let (src, sport) = client(i);
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, SERVER, 64).tcp(sport, 443, 3_000_000, 64240).syn();
+    let mut v = Vec::with_capacity(64);
+    b.write(&mut v, &[]).expect("building a TCP SYN");
+    v
+}
+
 /// A captured ClientHello record, with where its server_name extension is.
 #[derive(Clone)]
 pub struct HelloTemplate {

@@ -86,6 +86,7 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
         "http_get_ns": at("http_get"),
         "udp_other_ns": at("udp_other"),
         "tcp_ack_ns": at("tcp_ack"),
+        "tcp_syn_ns": at("tcp_syn"),
         "load_seconds_measured": load.load_s(),
         "swap_seconds": load.swap_s(),
         "swap_changed_rules": load.swap_changed,
@@ -207,7 +208,8 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
     writeln!(
         w,
         "- The entry program alone (Ethernet to the transport header, then pass) costs {:.0} ns net for non-DNS UDP and {:.0} ns for a \
-         TCP ACK: these packets never reach a stage.\n\
+         TCP ACK: these packets never reach a stage. A client's SYN costs {:.0} ns: a tail call to the TLS stage, which records \
+         where the connection's data starts (an LRU map insert).\n\
          - A DNS query for an unlisted name costs {:.0} ns cold with {min} rules and {:.0} ns with {max}: the difference, {:.0} ns, is \
          what a large rule map adds (bucket and entry cache misses, one probe per label); the rest is the DNS stage's own work \
          (tail calls, name canonicalisation and hashing, per-CPU scratch maps) with cold caches and TLB. Hot, the same query costs \
@@ -219,6 +221,7 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
          distinct names does not reach. {}\n",
         net_at("udp_other", max),
         net_at("tcp_ack", max),
+        net_at("tcp_syn", max),
         net_at("dns_allowed", min),
         net_at("dns_allowed", max),
         net_at("dns_allowed", max) - net_at("dns_allowed", min),
