@@ -101,11 +101,13 @@ pub enum Classified {
     Fragment,
     Malformed(Malformed),
     /// A TCP segment with payload, not to port 53, to this port: for the
-    /// HTTP stage if it is one of `Config::http_ports`, else the TLS stage.
+    /// HTTP stage if it is one of `Config::http_ports`, else the TLS stage
+    /// if it is a TLS port (`Config::is_tls_port`), else passed unread.
     TcpPayload(u16),
-    /// A client's SYN without payload, not to port 53: for the TLS stage,
-    /// which records where the connection's data starts.
-    TcpSyn,
+    /// A client's SYN without payload, not to port 53, to this port: for the
+    /// TLS stage, which records where the connection's data starts, if the
+    /// port is an HTTP or TLS port.
+    TcpSyn(u16),
     /// A QUIC Initial (see `quic::is_initial`), counted and subject to the
     /// QUIC policy in the entry program.
     Quic(Af),
@@ -136,7 +138,7 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
             // Segments without payload (handshake, ACKs) are not queries; a
             // SYN starts a connection the stream stages follow.
             Ok(l4) if l4.payload_off >= l4.payload_end => {
-                return if l4.is_syn() && l4.dst_port != dns::DNS_PORT { Classified::TcpSyn } else { Classified::Other };
+                return if l4.is_syn() && l4.dst_port != dns::DNS_PORT { Classified::TcpSyn(l4.dst_port) } else { Classified::Other };
             }
             Ok(l4) if l4.dst_port == dns::DNS_PORT => (1, l4),
             Ok(l4) => return Classified::TcpPayload(l4.dst_port),
@@ -213,7 +215,7 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
         Classified::Other => Inspection::Other,
         Classified::Fragment => Inspection::Fragment,
         Classified::Malformed(m) => Inspection::Malformed(m),
-        Classified::TcpPayload(_) | Classified::TcpSyn => Inspection::TcpPayload,
+        Classified::TcpPayload(_) | Classified::TcpSyn(_) => Inspection::TcpPayload,
         Classified::Quic(af) => {
             let drop = env.resources().is_some_and(|(_, cfg, _)| cfg.is_configured() && cfg.quic_policy == quic::POLICY_DROP);
             Inspection::Quic { af, drop }

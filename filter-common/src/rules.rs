@@ -66,6 +66,9 @@ pub struct BlockEvent {
 /// `Config::http_ports` with the settings).
 pub const MAP_HTTP_PORTS: &str = "HTTP_PORTS";
 pub const HTTP_PORT_WORDS: u32 = 65536 / 64;
+/// The TLS ports as a bitmap of the same layout (`Config::tls_ports`; all
+/// ones for all ports).
+pub const MAP_TLS_PORTS: &str = "TLS_PORTS";
 
 /// Default number of domain nodes the rule map holds (the loader may size it
 /// differently); the national list is ~2M names.
@@ -76,6 +79,9 @@ pub const MAX_RULE_ID: u32 = (1 << 24) - 1;
 pub const MAX_LISTS: u32 = 128;
 /// TCP ports whose payload is read as HTTP requests (`Config::http_ports`).
 pub const MAX_HTTP_PORTS: usize = 16;
+/// TCP ports whose payload is read for TLS ClientHellos, when not all are
+/// (`Config::tls_ports`).
+pub const MAX_TLS_PORTS: usize = 16;
 /// Label depths tracked by `Config::depth_mask` (a name has at most 127).
 pub const MAX_DEPTH: u32 = 128;
 
@@ -155,12 +161,18 @@ pub struct Config {
     /// What QUIC Initials get (`quic::POLICY_PASS` or `POLICY_DROP`).
     pub quic_policy: u32,
     /// TCP destination ports whose payload is read as HTTP requests (0:
-    /// an unused slot); other ports' payload goes to the TLS stage.
+    /// an unused slot); other ports' payload goes to the TLS stage if it is
+    /// a TLS port.
     pub http_ports: [u16; MAX_HTTP_PORTS],
+    /// TCP destination ports whose payload is read for TLS ClientHellos (0:
+    /// an unused slot), unless `tls_all_ports` is set.
+    pub tls_ports: [u16; MAX_TLS_PORTS],
+    /// 1: every port is a TLS port (the default); `tls_ports` is ignored.
+    pub tls_all_ports: u32,
 }
 
 impl Default for Config {
-    /// Unconfigured, HTTP on port 80.
+    /// Unconfigured, HTTP on port 80, TLS on every port.
     fn default() -> Self {
         let mut http_ports = [0; MAX_HTTP_PORTS];
         http_ports[0] = crate::http::HTTP_PORT;
@@ -174,6 +186,8 @@ impl Default for Config {
             event_sample: 0,
             quic_policy: crate::quic::POLICY_PASS,
             http_ports,
+            tls_ports: [0; MAX_TLS_PORTS],
+            tls_all_ports: 1,
         }
     }
 }
@@ -203,6 +217,12 @@ impl Config {
     /// kernel reads the `HTTP_PORTS` bitmap).
     pub fn is_http_port(&self, port: u16) -> bool {
         port != 0 && self.http_ports.contains(&port)
+    }
+    /// Whether TCP payload to `port` (not an HTTP port) is read for TLS
+    /// ClientHellos, and clients' SYNs to it recorded (on the host; the
+    /// kernel reads the `TLS_PORTS` bitmap).
+    pub fn is_tls_port(&self, port: u16) -> bool {
+        self.tls_all_ports != 0 || (port != 0 && self.tls_ports.contains(&port))
     }
 
     /// Whether `dst` (a `FlowKey` address: family 4 or 6, IPv4 in the first

@@ -26,14 +26,15 @@ use filter_common::{
 };
 
 use crate::{
-    maps::{CONFIG, DNS_JOB, HTTP_PORTS, Maps, Rules, STAGES, count},
+    maps::{CONFIG, DNS_JOB, HTTP_PORTS, Maps, Rules, STAGES, TLS_PORTS, count, has_port},
     packet::XdpPacket,
 };
 
 /// The entry program: every packet. It reads the lower layers and hands DNS
-/// queries to `blokir_dns`, TCP payload to the HTTP ports to `blokir_http`
-/// and other TCP payload and clients' SYNs to `blokir_tls` by tail call, so
-/// that each stage is verified on its own.
+/// queries to `blokir_dns`, TCP payload to the HTTP ports to `blokir_http`,
+/// TCP payload to the TLS ports and clients' SYNs to either kind of port to
+/// `blokir_tls` by tail call, so that each stage is verified on its own.
+/// TCP to other ports passes unread.
 #[xdp]
 pub fn blokir(ctx: XdpContext) -> u32 {
     let pkt = XdpPacket { ctx: &ctx };
@@ -45,11 +46,18 @@ pub fn blokir(ctx: XdpContext) -> u32 {
         // SAFETY (both tail calls): the slots hold programs of this object;
         // the call returns only if a slot is empty, and then the packet passes.
         Classified::TcpPayload(port) => {
-            let http = HTTP_PORTS.get(u32::from(port) >> 6).is_some_and(|w| (*w >> (port & 63)) & 1 != 0);
-            unsafe { STAGES.tail_call(&ctx, if http { STAGE_HTTP } else { STAGE_TLS }) }
+            if has_port(&HTTP_PORTS, port) {
+                unsafe { STAGES.tail_call(&ctx, STAGE_HTTP) };
+            } else if has_port(&TLS_PORTS, port) {
+                unsafe { STAGES.tail_call(&ctx, STAGE_TLS) };
+            }
         }
         // SAFETY: as above.
-        Classified::TcpSyn => unsafe { STAGES.tail_call(&ctx, STAGE_TLS) },
+        Classified::TcpSyn(port) => {
+            if has_port(&HTTP_PORTS, port) || has_port(&TLS_PORTS, port) {
+                unsafe { STAGES.tail_call(&ctx, STAGE_TLS) };
+            }
+        }
         Classified::Quic(af) => {
             count(counters::proto_index(Proto::Quic, af, Outcome::Inspected));
             if CONFIG.get(0).is_some_and(|c| c.is_configured() && c.quic_policy == POLICY_DROP) {

@@ -52,6 +52,17 @@ pub static LIST_ACTIONS: Array<u32> = Array::with_max_entries(MAX_LISTS, 0);
 #[map(name = "HTTP_PORTS")]
 pub static HTTP_PORTS: Array<u64> = Array::with_max_entries(HTTP_PORT_WORDS, 0);
 
+/// The TLS ports (`Config::tls_ports`, all ones for all ports), laid out as
+/// `HTTP_PORTS`.
+#[map(name = "TLS_PORTS")]
+pub static TLS_PORTS: Array<u64> = Array::with_max_entries(HTTP_PORT_WORDS, 0);
+
+/// Whether `port`'s bit is set in a port bitmap (`HTTP_PORTS`, `TLS_PORTS`).
+#[inline(always)]
+pub fn has_port(map: &Array<u64>, port: u16) -> bool {
+    map.get(u32::from(port) >> 6).is_some_and(|w| (*w >> (port & 63)) & 1 != 0)
+}
+
 /// Round-trip slot for `Env::opaque`.
 #[map(name = "OPAQUE")]
 pub static OPAQUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -24,8 +24,8 @@ use filter_common::{
     reset::{TcpAction, list_action_word},
     rules::{
         Config, DNS_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS,
-        MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MAP_SYNS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME,
-        STAGE_DNS, STAGE_HTTP, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME,
+        REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_HTTP, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::FlowKey,
 };
@@ -159,12 +159,23 @@ pub struct Kernel {
     _stages: ProgramArray<MapData>,
     cfg: Config,
     http_ports_written: bool,
+    tls_ports_written: bool,
     attachments: Vec<Attachment>,
     capacity: u32,
     /// Shared maps reused from a previous program (pinned ones only).
     adopted_maps: Vec<&'static str>,
     loaded_at: Option<SystemTime>,
     program_id: u32,
+}
+
+/// A port bitmap (bit `port % 64` of word `port / 64`) of `ports` (0: an
+/// unused slot).
+fn port_words(ports: &[u16]) -> [u64; HTTP_PORT_WORDS as usize] {
+    let mut words = [0u64; HTTP_PORT_WORDS as usize];
+    for p in ports.iter().filter(|p| **p != 0) {
+        words[usize::from(*p) / 64] |= 1 << (p % 64);
+    }
+    words
 }
 
 impl Kernel {
@@ -270,6 +281,7 @@ impl Kernel {
             _stages: stages,
             cfg: Config::default(),
             http_ports_written: false,
+            tls_ports_written: false,
             attachments: Vec::new(),
             capacity,
             adopted_maps,
@@ -315,29 +327,31 @@ impl Kernel {
 
     pub fn write_config(&mut self, cfg: Config) -> anyhow::Result<()> {
         if cfg.http_ports != self.cfg.http_ports || !self.http_ports_written {
-            self.write_http_ports(&cfg)?;
+            self.write_ports(MAP_HTTP_PORTS, &port_words(&cfg.http_ports)).context("writing the HTTP ports")?;
+            self.http_ports_written = true;
+        }
+        if (cfg.tls_ports, cfg.tls_all_ports) != (self.cfg.tls_ports, self.cfg.tls_all_ports) || !self.tls_ports_written {
+            // All ones for all ports.
+            let words = if cfg.tls_all_ports != 0 { [u64::MAX; HTTP_PORT_WORDS as usize] } else { port_words(&cfg.tls_ports) };
+            self.write_ports(MAP_TLS_PORTS, &words).context("writing the TLS ports")?;
+            self.tls_ports_written = true;
         }
         self.config.set(0, cfg, 0).context("writing the program's settings")?;
         self.cfg = cfg;
         Ok(())
     }
 
-    /// The HTTP ports' bitmap: the ports added first, then the others
-    /// removed, so a port kept in the set never leaves it.
-    fn write_http_ports(&mut self, cfg: &Config) -> anyhow::Result<()> {
-        let mut words = [0u64; HTTP_PORT_WORDS as usize];
-        for p in cfg.http_ports.iter().filter(|p| **p != 0) {
-            words[usize::from(*p) / 64] |= 1 << (p % 64);
-        }
-        let mut map: Array<&mut MapData, u64> = Array::try_from(self.ebpf.map_mut(MAP_HTTP_PORTS).ok_or_else(|| anyhow!("map {MAP_HTTP_PORTS} missing"))?)?;
+    /// A port bitmap (`HTTP_PORTS`, `TLS_PORTS`): the ports added first,
+    /// then the others removed, so a port kept in the set never leaves it.
+    fn write_ports(&mut self, name: &str, words: &[u64; HTTP_PORT_WORDS as usize]) -> anyhow::Result<()> {
+        let mut map: Array<&mut MapData, u64> = Array::try_from(self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing"))?)?;
         for (i, w) in words.iter().enumerate() {
             let old = map.get(&(i as u32), 0)?;
             if old != *w {
-                map.set(i as u32, old | w, 0).context("writing the HTTP ports")?;
-                map.set(i as u32, w, 0).context("writing the HTTP ports")?;
+                map.set(i as u32, old | w, 0)?;
+                map.set(i as u32, w, 0)?;
             }
         }
-        self.http_ports_written = true;
         Ok(())
     }
 

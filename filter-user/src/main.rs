@@ -17,7 +17,8 @@ use blokir::{
     metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
     policy::{
-        DnsPolicy, ListSettings, QuicPolicy, Setting, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action, parse_port, parse_tcp_action,
+        DnsPolicy, ListSettings, QuicPolicy, Setting, TlsPort, TlsPorts, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action, parse_port,
+        parse_tcp_action, parse_tls_port,
     },
     replay,
     rules::formats::Format,
@@ -108,9 +109,15 @@ enum Command {
         detach_on_exit: bool,
         /// TCP ports whose payload is read as HTTP requests (their Host
         /// blocked like a server name): comma-separated or repeated, at most
-        /// 16. Other ports' payload is read as TLS.
+        /// 16. A TLS ClientHello sent to them is read too.
         #[arg(long = "http-ports", value_name = "PORT[,PORT...]", value_parser = parse_port, value_delimiter = ',', default_value = "80")]
         http_ports: Vec<u16>,
+        /// TCP ports whose payload is read for TLS ClientHellos: `all` (a
+        /// hello is recognized by its content on any port), or ports,
+        /// comma-separated or repeated, at most 16. Payload to other ports
+        /// (and not to an HTTP port) passes unread.
+        #[arg(long = "tls-ports", value_name = "all|PORT[,PORT...]", value_parser = parse_tls_port, value_delimiter = ',', default_value = "all")]
+        tls_ports: Vec<TlsPort>,
         /// What QUIC Initials (UDP/443) get: pass (counted), or drop (browsers
         /// fall back to TCP, where the TLS server name is read).
         #[arg(long, value_enum, default_value_t = QuicPolicy::Pass)]
@@ -373,8 +380,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cleanup,
             config: _,
             http_ports,
+            tls_ports,
             quic,
         } => {
+            let tls_ports = match TlsPorts::from_args(&tls_ports) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("blokir: --tls-ports: {e}");
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            };
             let on_exit = match (detach_on_exit, cleanup) {
                 (_, true) => OnExit::Cleanup,
                 (true, _) => OnExit::Detach,
@@ -395,7 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 events,
                 pin_dir,
                 on_exit,
-                traffic: TrafficPolicy { http_ports, quic },
+                traffic: TrafficPolicy { http_ports, tls_ports, quic },
             };
             tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
             Ok(ExitCode::SUCCESS)

@@ -96,7 +96,8 @@ impl Model {
 
     /// The verdict for `packet` (`Step::fate`) and the counters it moves
     /// (besides `PACKETS`), with every list's DNS action `drop` (see `counted`),
-    /// under the program's settings `cfg` (HTTP ports, block page, QUIC).
+    /// under the program's settings `cfg` (HTTP and TLS ports, block page,
+    /// QUIC).
     pub fn run(&mut self, engine: &Engine, cfg: &Config, packet: &[u8]) -> (u32, Vec<u32>) {
         let step = self.step(engine, cfg, packet);
         (step.fate(), step.counted)
@@ -109,6 +110,11 @@ impl Model {
             Inspection::TcpPayload => {
                 let Ok(l3) = parse_l3(packet) else { return Step { verdict: XDP_PASS, ..Step::default() } };
                 let Ok(l4) = parse_tcp(packet, &l3) else { return Step { verdict: XDP_PASS, ..Step::default() } };
+                // The entry program's tail calls: TCP to ports that are
+                // neither HTTP nor TLS ports passes unread.
+                if !cfg.is_http_port(l4.dst_port) && !cfg.is_tls_port(l4.dst_port) {
+                    return Step { verdict: XDP_PASS, ..Step::default() };
+                }
                 if l4.is_syn()
                     && let Some(step) = self.syn(packet)
                 {

@@ -10,7 +10,7 @@ use anyhow::bail;
 use filter_common::{
     reply::DnsAction,
     reset::TcpAction,
-    rules::{Config, MAX_HTTP_PORTS},
+    rules::{Config, MAX_HTTP_PORTS, MAX_TLS_PORTS},
 };
 use serde::{Deserialize, Serialize};
 
@@ -262,22 +262,24 @@ pub enum QuicPolicy {
 }
 
 /// Which traffic besides DNS is read: the TCP ports whose payload is read as
-/// HTTP requests (other ports' payload is read as TLS), and the QUIC policy.
+/// HTTP requests, the TCP ports whose payload is read for TLS ClientHellos
+/// (payload to other ports passes unread), and the QUIC policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrafficPolicy {
     pub http_ports: Vec<u16>,
+    pub tls_ports: TlsPorts,
     pub quic: QuicPolicy,
 }
 
 impl Default for TrafficPolicy {
     fn default() -> Self {
-        TrafficPolicy { http_ports: vec![filter_common::http::HTTP_PORT], quic: QuicPolicy::Pass }
+        TrafficPolicy { http_ports: vec![filter_common::http::HTTP_PORT], tls_ports: TlsPorts::All, quic: QuicPolicy::Pass }
     }
 }
 
 impl TrafficPolicy {
     /// Writes the settings into the program's settings; refuses more than
-    /// `MAX_HTTP_PORTS` distinct ports.
+    /// `MAX_HTTP_PORTS` distinct HTTP ports or `MAX_TLS_PORTS` TLS ports.
     pub fn apply_to(&self, cfg: &mut Config) -> anyhow::Result<()> {
         let mut ports = self.http_ports.clone();
         ports.sort_unstable();
@@ -285,8 +287,17 @@ impl TrafficPolicy {
         if ports.len() > MAX_HTTP_PORTS {
             bail!("--http-ports names {} ports; at most {MAX_HTTP_PORTS} are supported", ports.len());
         }
+        let tls = match &self.tls_ports {
+            TlsPorts::All => None,
+            TlsPorts::Only(ports) => Some(TlsPorts::only(ports.clone()).map_err(|e| anyhow::anyhow!("--tls-ports: {e}"))?),
+        };
         cfg.http_ports = [0; MAX_HTTP_PORTS];
         cfg.http_ports[..ports.len()].copy_from_slice(&ports);
+        cfg.tls_ports = [0; MAX_TLS_PORTS];
+        cfg.tls_all_ports = u32::from(tls.is_none());
+        if let Some(tls) = tls {
+            cfg.tls_ports[..tls.len()].copy_from_slice(&tls);
+        }
         cfg.quic_policy = match self.quic {
             QuicPolicy::Pass => filter_common::quic::POLICY_PASS,
             QuicPolicy::Drop => filter_common::quic::POLICY_DROP,
@@ -295,10 +306,72 @@ impl TrafficPolicy {
     }
 }
 
+/// The TCP ports whose payload is read for TLS ClientHellos (`--tls-ports`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum TlsPorts {
+    /// Every port (a ClientHello is recognized by its content).
+    #[default]
+    All,
+    /// These ports only (HTTP ports are read too: a ClientHello there goes
+    /// on to the TLS stage).
+    Only(Vec<u16>),
+}
+
+/// One value of `--tls-ports`: `all`, or a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsPort {
+    All,
+    Port(u16),
+}
+
+impl TlsPorts {
+    /// The setting from `--tls-ports` values (comma-separated or repeated):
+    /// `all` alone, or at most `MAX_TLS_PORTS` distinct ports.
+    pub fn from_args(args: &[TlsPort]) -> Result<TlsPorts, String> {
+        let ports: Vec<u16> = args.iter().filter_map(|a| if let TlsPort::Port(p) = a { Some(*p) } else { None }).collect();
+        match (args.contains(&TlsPort::All), ports.is_empty()) {
+            (true, true) => Ok(TlsPorts::All),
+            (true, false) => Err(format!("`all` cannot be combined with ports ({}): give either `all` or a list of ports", join(&ports))),
+            (false, _) => Self::only(ports).map(TlsPorts::Only),
+        }
+    }
+
+    /// `ports` sorted and deduplicated; refuses none, port 0 and more than
+    /// `MAX_TLS_PORTS`.
+    fn only(mut ports: Vec<u16>) -> Result<Vec<u16>, String> {
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.is_empty() {
+            return Err("no port given (expected `all` or a list of ports)".into());
+        }
+        if ports.contains(&0) {
+            return Err(PORT_0.into());
+        }
+        if ports.len() > MAX_TLS_PORTS {
+            return Err(format!("{} ports given; at most {MAX_TLS_PORTS} are supported (or `all`)", ports.len()));
+        }
+        Ok(ports)
+    }
+}
+
+fn join(ports: &[u16]) -> String {
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// One value of `--tls-ports`: `all` or a TCP port, 1 to 65535.
+pub fn parse_tls_port(s: &str) -> Result<TlsPort, String> {
+    if s.trim() == "all" {
+        return Ok(TlsPort::All);
+    }
+    parse_port(s).map(TlsPort::Port).map_err(|e| e.replace("(expected 1 to 65535)", "(expected `all` or 1 to 65535)"))
+}
+
+const PORT_0: &str = "port 0 cannot carry traffic (expected 1 to 65535)";
+
 /// A TCP port, 1 to 65535.
 pub fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u16>() {
-        Ok(0) => Err("port 0 cannot carry traffic (expected 1 to 65535)".into()),
+        Ok(0) => Err(PORT_0.into()),
         Ok(p) => Ok(p),
         Err(_) => Err(format!("{s:?} is not a port number (expected 1 to 65535)")),
     }
@@ -402,9 +475,45 @@ mod tests {
         assert!(parse_port("65536").is_err());
         let mut cfg = Config::default();
         assert_eq!(cfg.http_ports[..2], [80, 0]);
-        TrafficPolicy { http_ports: vec![8080, 80, 8080], quic: QuicPolicy::Drop }.apply_to(&mut cfg).unwrap();
+        TrafficPolicy { http_ports: vec![8080, 80, 8080], quic: QuicPolicy::Drop, ..TrafficPolicy::default() }.apply_to(&mut cfg).unwrap();
         assert_eq!((cfg.http_ports[..3].to_vec(), cfg.quic_policy), (vec![80, 8080, 0], filter_common::quic::POLICY_DROP));
         let many = TrafficPolicy { http_ports: (1..=17).collect(), ..TrafficPolicy::default() };
         assert!(many.apply_to(&mut cfg).unwrap_err().to_string().contains("at most 16"));
+    }
+
+    #[test]
+    fn tls_ports() {
+        use TlsPort::{All, Port};
+        assert_eq!(parse_tls_port("all"), Ok(All));
+        assert_eq!(parse_tls_port(" 8443"), Ok(Port(8443)));
+        assert_eq!(parse_tls_port("0").unwrap_err(), "port 0 cannot carry traffic (expected `all` or 1 to 65535)");
+        assert_eq!(parse_tls_port("https").unwrap_err(), "\"https\" is not a port number (expected `all` or 1 to 65535)");
+        assert!(parse_tls_port("ALL").unwrap_err().contains("\"ALL\" is not a port number"));
+        assert!(parse_tls_port("70000").is_err() && parse_tls_port("").is_err() && parse_tls_port("-1").is_err());
+
+        assert_eq!(TlsPorts::from_args(&[All]), Ok(TlsPorts::All));
+        assert_eq!(TlsPorts::from_args(&[All, All]), Ok(TlsPorts::All));
+        assert_eq!(TlsPorts::from_args(&[Port(8443), Port(443), Port(8443)]), Ok(TlsPorts::Only(vec![443, 8443])));
+        let e = TlsPorts::from_args(&[Port(443), All, Port(8443)]).unwrap_err();
+        assert_eq!(e, "`all` cannot be combined with ports (443,8443): give either `all` or a list of ports");
+        assert!(TlsPorts::from_args(&[]).unwrap_err().contains("no port given"));
+        let many: Vec<TlsPort> = (1..=17).map(Port).collect();
+        assert_eq!(TlsPorts::from_args(&many).unwrap_err(), "17 ports given; at most 16 are supported (or `all`)");
+        assert!(TlsPorts::from_args(&many[..16]).is_ok());
+
+        // Into the program's settings: all by default, else the listed ports.
+        let mut cfg = Config::default();
+        assert!(cfg.is_tls_port(5000) && cfg.is_tls_port(443));
+        let only = TrafficPolicy { tls_ports: TlsPorts::Only(vec![8443, 443]), ..TrafficPolicy::default() };
+        only.apply_to(&mut cfg).unwrap();
+        assert_eq!((cfg.tls_all_ports, cfg.tls_ports[..3].to_vec()), (0, vec![443, 8443, 0]));
+        assert!(cfg.is_tls_port(443) && cfg.is_tls_port(8443) && !cfg.is_tls_port(5000) && !cfg.is_tls_port(0));
+        TrafficPolicy::default().apply_to(&mut cfg).unwrap();
+        assert_eq!((cfg.tls_all_ports, cfg.tls_ports), (1, [0; MAX_TLS_PORTS]));
+        assert_eq!(cfg, Config::default());
+        let bad = TrafficPolicy { tls_ports: TlsPorts::Only((1..=17).collect()), ..TrafficPolicy::default() };
+        assert!(bad.apply_to(&mut cfg).unwrap_err().to_string().contains("--tls-ports: 17 ports given; at most 16"));
+        let zero = TrafficPolicy { tls_ports: TlsPorts::Only(vec![0]), ..TrafficPolicy::default() };
+        assert!(zero.apply_to(&mut cfg).unwrap_err().to_string().contains("port 0"));
     }
 }

@@ -85,6 +85,46 @@ fn bad_list_settings_are_refused_with_the_allowed_values() {
     assert!(out.code() == Some(1) && out.stderr.contains("is `blokir run` running?"), "{out}");
 }
 
+/// Bad `--tls-ports` values are refused with the reason (exit 2) before
+/// anything is loaded, from the command line and from a config file.
+#[test]
+fn bad_tls_ports_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(blokir_bin().unwrap());
+        // A pin directory of its own: nothing may reach the system's.
+        cmd.args(["run", "--iface", "blokir-none0", "--pin-dir"]).arg(dir.path().join("pins")).args(args);
+        netns::run(&mut cmd, Duration::from_secs(10)).unwrap()
+    };
+    let seventeen = (1000..1017).map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    let cases: [(Vec<&str>, &str); 7] = [
+        (vec!["--tls-ports", "all,443"], "--tls-ports: `all` cannot be combined with ports (443): give either `all` or a list of ports"),
+        (vec!["--tls-ports", "8443", "--tls-ports", "all", "--tls-ports", "443"], "`all` cannot be combined with ports (8443,443)"),
+        (vec!["--tls-ports", "443,0"], "invalid value '0' for '--tls-ports <all|PORT[,PORT...]>': port 0 cannot carry traffic (expected `all` or 1 to 65535)"),
+        (
+            vec!["--tls-ports", "https"],
+            "invalid value 'https' for '--tls-ports <all|PORT[,PORT...]>': \"https\" is not a port number (expected `all` or 1 to 65535)",
+        ),
+        (vec!["--tls-ports", "443,65536"], "invalid value '65536'"),
+        (vec!["--tls-ports", "ALL"], "\"ALL\" is not a port number"),
+        (vec!["--tls-ports", &seventeen], "--tls-ports: 17 ports given; at most 16 are supported (or `all`)"),
+    ];
+    for (args, why) in cases {
+        let out = run(&args);
+        assert!(out.code() == Some(2) && out.stderr.contains(why), "{args:?}: want {why:?}: {out}");
+        assert!(!out.stderr.contains("loading") && !dir.path().join("pins").exists(), "{args:?}: refused before anything is loaded: {out}");
+    }
+    // From a config file: a bad value with its line; a file's ports and a
+    // command line's `all` add up, and are refused as mixed.
+    let config = dir.path().join("blokir.toml");
+    std::fs::write(&config, "mode = \"generic\"\ntls-ports = [443, \"tls\"]\n").unwrap();
+    let out = run(&["--config", config.to_str().unwrap()]);
+    assert!(out.code() == Some(2) && out.stderr.contains(&format!("{}:2: tls-ports: invalid value 'tls'", config.display())), "{out}");
+    std::fs::write(&config, "tls_ports = [443, 8443]\n").unwrap();
+    let out = run(&["--config", config.to_str().unwrap(), "--tls-ports", "all"]);
+    assert!(out.code() == Some(2) && out.stderr.contains("`all` cannot be combined with ports (443,8443)"), "{out}");
+}
+
 #[test]
 fn the_daemon_takes_its_settings_from_a_config_file_and_refuses_a_bad_one() {
     let topo = Topology::new().unwrap();

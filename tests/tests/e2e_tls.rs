@@ -1105,3 +1105,33 @@ fn a_blocked_connections_server_end_is_closed_and_its_port_can_be_reused() {
     }
     eprintln!("done in {:.1?}", started.elapsed());
 }
+
+#[test]
+fn with_tls_ports_listed_a_hello_to_another_port_is_not_read() {
+    // `--tls-ports 8443`: the servers listen on 443, which is then neither a
+    // TLS nor an HTTP port: a listed name's hello reaches its server whole
+    // and the page is served; /metrics shows no TLS inspection at all.
+    // (With the default, every port, the same names stall: the tests above.)
+    let mut bench = Bench::with_options(1, false, &["--tls-ports", "8443"]);
+    let (v4, v6) = (bench.v4[0], bench.v6[0]);
+    let attempts = [attempt(Client::Curl, "portal.blocked.example", v4), attempt(Client::Curl, "blocked.test", v6)];
+    let outcomes = bench.run(&attempts);
+    for o in &outcomes {
+        assert!(listed(&o.attempt.name) && o.served(), "a listed name on a port that is not read must be served: {o}\n{}", bench.keep_evidence());
+    }
+    let wire = bench.finish();
+    // Each hello reached its server with its name.
+    let mut names: Vec<String> = wire.server.values().filter_map(|f| hello(&f.stream().bytes)?.sni).collect();
+    names.sort();
+    assert_eq!(names, ["blocked.test", "portal.blocked.example"], "the hellos the servers got");
+    let m = &wire.metrics;
+    for af in ["ipv4", "ipv6"] {
+        for counter in ["blokir_inspected_total", "blokir_blocked_total"] {
+            assert_eq!(m.value(counter, &[("proto", "tls"), ("af", af)]).unwrap_or(0), 0, "{counter} {af}: {}", m.text);
+        }
+    }
+    let moved: Vec<&str> =
+        ["blokir_tls_hellos_total", "blokir_tcp_events_total", "blokir_flows{"].iter().flat_map(|p| m.lines_of(p)).filter(|l| !l.ends_with(" 0")).collect();
+    assert!(moved.is_empty(), "no TLS or TCP event counted, no flow tracked: {moved:?}");
+    assert!(m.value("blokir_packets_total", &[]).unwrap_or(0) > 20, "the program saw the traffic: {}", m.text);
+}

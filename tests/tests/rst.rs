@@ -370,3 +370,65 @@ fn data_before_a_connections_first_segment_is_held_back() {
     let fine = base.clone().ports(46101, 443).syn(ISN).build(&client_hello("fine.example"));
     assert_eq!(run(&mut l, &mut model, &fine, "unlisted hello in the SYN"), XDP_PASS);
 }
+
+/// `--tls-ports 443,8443`: payload and SYNs to other ports (not HTTP ports)
+/// pass unread and nothing is recorded for them; the listed ports and the
+/// HTTP ports are read as with every port (the default), and a hello on an
+/// HTTP port still goes on to the TLS stage.
+#[test]
+fn only_the_tls_ports_are_read_when_they_are_listed() {
+    let (mut l, mut model) = setup();
+    let mut cfg = l.kernel.config();
+    assert_eq!(cfg.tls_all_ports, 1, "all ports by default");
+    cfg.tls_ports[..2].copy_from_slice(&[443, 8443]);
+    cfg.tls_all_ports = 0;
+    l.kernel.write_config(cfg).unwrap();
+    let hello = client_hello("dropped.example");
+    let mut sport = 47000;
+    for (shape, base) in shapes() {
+        for (port, read) in [(443, true), (8443, true), (80, true), (5000, false)] {
+            sport += 1;
+            let base = base.clone().ports(sport, port);
+            let what = format!("port {port} {shape}");
+            let frames = flow_frames(&base, &hello, &[20]);
+            let before = l.counters();
+            assert_eq!(run(&mut l, &mut model, &base.clone().syn(ISN).build(&[]), &format!("{what}: SYN")), XDP_PASS);
+            // The name is in the second segment, which comes first: held
+            // back where the SYN was recorded, passed where it was not.
+            let early = run(&mut l, &mut model, &frames[1], &format!("{what}: second segment first"));
+            let verdicts: Vec<u32> = frames.iter().enumerate().map(|(i, f)| run(&mut l, &mut model, f, &format!("{what}, segment {i} in order"))).collect();
+            let moved: u64 = l.counters().iter().sum::<u64>() - before.iter().sum::<u64>();
+            if read {
+                assert_eq!((early, verdicts), (XDP_DROP, vec![XDP_PASS, PASS_AS_RST, XDP_DROP]), "{what}");
+                assert!(moved > 5, "{what}: the early segment and the blocked hello are counted");
+            } else {
+                assert_eq!((early, verdicts), (XDP_PASS, vec![XDP_PASS; 3]), "{what}");
+                // Five packets, and no other counter (TLS, TCP events) moved.
+                assert_eq!(moved, 5, "{what}: {:?}", describe_counters(&l.counters().iter().zip(&before).map(|(a, b)| a - b).collect::<Vec<_>>()));
+            }
+        }
+        // A whole hello without a SYN seen (picked up mid-stream), and one in
+        // a SYN (TCP Fast Open): read on a TLS port only.
+        for (port, want) in [(443, PASS_AS_RST), (5000, XDP_PASS)] {
+            sport += 1;
+            let base = base.clone().ports(sport, port);
+            let before: u64 = l.counters().iter().sum();
+            assert_eq!(run(&mut l, &mut model, &base.clone().seq_ack(5, 1).build(&hello), &format!("{shape}: whole hello to {port}")), want);
+            sport += 1;
+            let tfo = base.clone().ports(sport, port).syn(ISN).build(&hello);
+            assert_eq!(run(&mut l, &mut model, &tfo, &format!("{shape}: hello in a SYN to {port}")), want);
+            let moved = l.counters().iter().sum::<u64>() - before;
+            // Unread: two packets counted, nothing else.
+            assert_eq!(moved == 2, want == XDP_PASS, "{shape} port {port}: {moved} counts");
+        }
+    }
+    // Back to every port: port 5000 is read again.
+    cfg.tls_all_ports = 1;
+    l.kernel.write_config(cfg).unwrap();
+    let base = Frame::tcp().ports(47900, 5000);
+    assert_eq!(run(&mut l, &mut model, &base.clone().syn(ISN).build(&[]), "all: SYN"), XDP_PASS);
+    let frames = flow_frames(&base, &hello, &[20]);
+    assert_eq!(run(&mut l, &mut model, &frames[1], "all: early"), XDP_DROP);
+    let verdicts: Vec<u32> = frames.iter().enumerate().map(|(i, f)| run(&mut l, &mut model, f, &format!("all, segment {i}"))).collect();
+    assert_eq!(verdicts, [XDP_PASS, PASS_AS_RST, XDP_DROP]);
+}
