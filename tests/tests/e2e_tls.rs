@@ -1133,5 +1133,7 @@ fn with_tls_ports_listed_a_hello_to_another_port_is_not_read() {
     let moved: Vec<&str> =
         ["blokir_tls_hellos_total", "blokir_tcp_events_total", "blokir_flows{"].iter().flat_map(|p| m.lines_of(p)).filter(|l| !l.ends_with(" 0")).collect();
     assert!(moved.is_empty(), "no TLS or TCP event counted, no flow tracked: {moved:?}");
-    assert!(m.value("blokir_packets_total", &[]).unwrap_or(0) > 20, "the program saw the traffic: {}", m.text);
+    // Each connection's SYN, ACK, hello, ACKs, request and FIN went through
+    // the program (it saw them; it did not read them).
+    assert!(m.value("blokir_packets_total", &[]).unwrap_or(0) >= 10, "the program saw the traffic: {}", m.text);
 }
