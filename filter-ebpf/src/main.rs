@@ -43,7 +43,7 @@ pub fn blokir(ctx: XdpContext) -> u32 {
         Classified::Other => {}
         Classified::Fragment => count(counters::FRAGMENTS),
         Classified::Malformed(m) => count(counters::malformed_index(m)),
-        // SAFETY (both tail calls): the slots hold programs of this object;
+        // SAFETY (each tail call): the slots hold programs of this object;
         // the call returns only if a slot is empty, and then the packet passes.
         Classified::TcpPayload(port) => {
             if has_port(&HTTP_PORTS, port) {
