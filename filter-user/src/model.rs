@@ -292,11 +292,15 @@ impl Model {
         let Some(key) = FlowKey::of(p, &l3, &l4) else { return pass };
         let (off, end) = (l4.payload_off, l4.payload_end);
         let seq = l4.data_seq();
-        if !self.flows.contains_key(&key) {
-            // An HTTP flow reaches this stage only from a SYN (with data).
-            if let Some(step) = self.early(&key, seq) {
-                return step;
-            }
+        // An HTTP flow (a SYN with data on its ports, or the HTTP ports
+        // changed under it): not this stage's.
+        if self.requests.contains_key(&key) {
+            return pass;
+        }
+        if !self.flows.contains_key(&key)
+            && let Some(step) = self.early(&key, seq)
+        {
+            return step;
         }
         let flow = match self.flows.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
