@@ -77,10 +77,7 @@ impl Loaded {
     #[track_caller]
     pub fn expect(&mut self, what: &str, packet: &[u8], verdict: u32, counted: &[u32]) {
         let (got, delta) = self.run(packet);
-        let mut want = vec![0u64; counters::COUNTERS as usize];
-        for i in std::iter::once(counters::PACKETS).chain(counted.iter().copied()) {
-            want[i as usize] += 1;
-        }
+        let want = counter_deltas(counted);
         assert_eq!(
             (action_name(got), describe_counters(&delta)),
             (action_name(verdict), describe_counters(&want)),
@@ -98,12 +95,7 @@ impl Loaded {
             .map(|(i, f)| {
                 let (want, counted) = model.run(&self.engine, &self.kernel.config(), f);
                 let (got, delta) = self.run(f);
-                let mut want_delta = vec![0u64; delta.len()];
-                want_delta[counters::PACKETS as usize] = 1;
-                for c in counted {
-                    want_delta[c as usize] += 1;
-                }
-                assert_eq!((got, describe_counters(&delta)), (want, describe_counters(&want_delta)), "{what}: segment {i}");
+                assert_eq!((got, describe_counters(&delta)), (want, describe_counters(&counter_deltas(&counted))), "{what}: segment {i}");
                 got
             })
             .collect()
@@ -157,6 +149,16 @@ pub fn counter_name(index: u32) -> String {
 }
 
 /// The non-zero entries of a counter vector, by name.
+/// The counter deltas of one packet that moved `counted` (as `Model::run`
+/// or `counted` give them), besides `PACKETS`.
+pub fn counter_deltas(counted: &[u32]) -> Vec<u64> {
+    let mut want = vec![0u64; counters::COUNTERS as usize];
+    for i in std::iter::once(counters::PACKETS).chain(counted.iter().copied()) {
+        want[i as usize] += 1;
+    }
+    want
+}
+
 pub fn describe_counters(values: &[u64]) -> Vec<(String, u64)> {
     values.iter().enumerate().filter(|(_, v)| **v != 0).map(|(i, v)| (counter_name(i as u32), *v)).collect()
 }

@@ -8,7 +8,7 @@
 //! is checked field by field with etherparse and against the host model.
 
 use blokir_tests::{
-    Loaded, PASS_AS_RST, XDP_DROP, XDP_PASS, XDP_TX, action_name, describe_counters,
+    Loaded, PASS_AS_RST, XDP_DROP, XDP_PASS, XDP_TX, action_name, counter_deltas, describe_counters,
     model::Model,
     packets::{Frame, client_hello},
 };
@@ -49,10 +49,7 @@ fn run_out(l: &mut Loaded, model: &mut Model, frame: &[u8], what: &str) -> (u32,
     let (verdict, out, _) = l.kernel.test_run(frame, 1).unwrap();
     let delta: Vec<u64> = l.counters().iter().zip(&before).map(|(a, b)| a - b).collect();
     let step = model.step(&l.engine, &l.kernel.config(), frame);
-    let mut want = vec![0u64; counters::COUNTERS as usize];
-    for i in std::iter::once(counters::PACKETS).chain(step.counted.iter().copied()) {
-        want[i as usize] += 1;
-    }
+    let want = counter_deltas(&step.counted);
     assert_eq!((action_name(verdict), describe_counters(&delta)), (action_name(step.verdict), describe_counters(&want)), "{what}: kernel and model differ");
     if verdict == XDP_TX {
         assert_eq!(Some(&out), step.sent.as_ref(), "{what}: the kernel's RST and the model's differ");

@@ -4,14 +4,14 @@
 //! exactly which counters moved.
 
 use blokir_tests::{
-    Loaded, XDP_DROP, XDP_PASS, action_name, capture_frames, describe_counters,
+    Loaded, XDP_DROP, XDP_PASS, action_name, capture_frames, counter_deltas, describe_counters,
     model::Model,
     netns::TELEGRAM_NAMES,
     packets::{Frame, QUERY_FLAGS, Transport, dns, query, query_with_cookie, question, raw_message, tcp_prefixed, wire_name},
 };
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use filter_common::{
-    counters::{FRAGMENTS, Outcome, PACKETS, Proto, action_index, malformed_index, proto_index},
+    counters::{FRAGMENTS, Outcome, Proto, action_index, malformed_index, proto_index},
     inspect::Inspection,
     packet::{Af, Malformed},
     reply::DnsAction,
@@ -844,11 +844,7 @@ fn host_and_kernel_agree_on_real_and_mutated_packets() {
         let host = l.host_inspect(packet);
         let (want_verdict, counted) = model.run(&l.engine, &l.kernel.config(), packet);
         let (verdict, delta) = l.run(packet);
-        let mut want = vec![0u64; delta.len()];
-        want[PACKETS as usize] = 1;
-        for c in counted {
-            want[c as usize] += 1;
-        }
+        let want = counter_deltas(&counted);
         assert_eq!(
             (action_name(verdict), describe_counters(&delta)),
             (action_name(want_verdict), describe_counters(&want)),
