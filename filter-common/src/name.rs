@@ -188,11 +188,24 @@ pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut
     // The depth lives in memory: as a register it would be a different
     // constant on each path and the verifier would track every one.
     CanonBuf::store(&mut buf.depth, 0);
-    // At most MAX_CANON_LEN iterations: start is at least 2.
-    for i in start..CANON_CAP {
-        h.push(r, buf.bytes[i & CANON_END]);
-        let full = i == CANON_END;
-        if full || buf.starts[(i + 1) & CANON_END] != 0 {
+    // Counted from 0 with the exit tested at the bottom, so that the loop's
+    // only back-edge is that conditional jump: kernels before 6.7 refuse a
+    // back-edge reached by falling through, which `for i in start..CANON_CAP`
+    // compiled to (the increment laid out just above the loop's head). Each
+    // index is masked after `hide`, on the register that indexes: 6.12 does
+    // not carry the range check on `start` over to a copy of it.
+    // At most MAX_CANON_LEN iterations: start is at least 2. The exit is
+    // tested at the bottom, so that the loop's only back-edge is that
+    // conditional jump: kernels before 6.7 refuse a back-edge reached by
+    // falling through, which `for i in start..CANON_CAP` compiled to (the
+    // increment laid out just above the loop's head). Each index is masked
+    // after `hide`, on the register that indexes: 6.12 does not carry the
+    // range check on `start` over to a copy of it.
+    let mut i = start;
+    loop {
+        h.push(r, buf.bytes[crate::hide(i) & CANON_END]);
+        let full = i >= CANON_END;
+        if full || buf.starts[crate::hide(i + 1) & CANON_END] != 0 {
             let depth = CanonBuf::load(&buf.depth) + 1;
             CanonBuf::store(&mut buf.depth, depth);
             let [k0, k1] = h.finish(r);
@@ -201,6 +214,12 @@ pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut
             if f(depth as u32, &buf.key, full, &mut buf.found) {
                 return;
             }
+        }
+        // Hidden so that LLVM keeps this test after the increment, as the
+        // last instruction of the loop's latch.
+        i = crate::hide(i + 1);
+        if i > CANON_END {
+            return;
         }
     }
 }
