@@ -194,14 +194,18 @@ pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut
     // compiled to (the increment laid out just above the loop's head). Each
     // index is masked after `hide`, on the register that indexes: 6.12 does
     // not carry the range check on `start` over to a copy of it.
-    // At most MAX_CANON_LEN iterations: start is at least 2. The exit is
-    // tested at the bottom, so that the loop's only back-edge is that
-    // conditional jump: kernels before 6.7 refuse a back-edge reached by
-    // falling through, which `for i in start..CANON_CAP` compiled to (the
-    // increment laid out just above the loop's head). Each index is masked
-    // after `hide`, on the register that indexes: 6.12 does not carry the
-    // range check on `start` over to a copy of it.
+    // The shape is what the verifiers of 6.1 and 6.12 accept:
+    // - the exit is tested at the bottom, after a hidden increment, so the
+    //   only back-edge is that conditional jump (before 6.7 a back-edge
+    //   reached by falling through is refused, and `for i in start..CANON_CAP`
+    //   compiled to a latch laid out above the loop's head);
+    // - the count `k` is a constant in each iteration: with `i` alone, a range
+    //   that narrows, 6.1 sees the same state twice at the loop's head
+    //   ("infinite loop detected");
+    // - each index is masked after `hide`, on the register that indexes
+    //   (6.12 does not carry the bound checked on a copy of `start`).
     let mut i = start;
+    let mut k = 0;
     loop {
         h.push(r, buf.bytes[crate::hide(i) & CANON_END]);
         let full = i >= CANON_END;
@@ -215,10 +219,10 @@ pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut
                 return;
             }
         }
-        // Hidden so that LLVM keeps this test after the increment, as the
-        // last instruction of the loop's latch.
         i = crate::hide(i + 1);
-        if i > CANON_END {
+        k += 1;
+        // At most MAX_CANON_LEN iterations: start is at least 2.
+        if i > CANON_END || k >= MAX_CANON_LEN {
             return;
         }
     }
