@@ -6,8 +6,6 @@
 // The BPF target has no AtomicU64::fetch_add; the intrinsic lowers to BPF's
 // atomic add (maps.rs).
 #![feature(core_intrinsics)]
-// `barrier` (packet.rs): inline asm is still unstable on the BPF target.
-#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
 mod conn;

@@ -47,7 +47,9 @@ impl XdpPacket<'_> {
         if off >= MAX_PACKET_OFFSET {
             return None;
         }
-        let p = barrier(self.ctx.data() + off);
+        // Hidden, so the bounds check and the load use the very pointer the
+        // verifier checked, not a strength-reduced copy.
+        let p = filter_common::hide(self.ctx.data() + off);
         if p + len > self.ctx.data_end() {
             return None;
         }
@@ -101,15 +103,4 @@ impl PacketMut for XdpPacket<'_> {
         // SAFETY: the helper checks the new size against the frame.
         delta == 0 || unsafe { bpf_xdp_adjust_tail(self.ctx.ctx, delta as i32) } == 0
     }
-}
-
-/// Hides how `x` was computed from LLVM (like libbpf's `barrier_var`), so
-/// the bounds check and the load use the very pointer the verifier checked,
-/// instead of a strength-reduced copy it cannot relate to the check.
-#[inline(always)]
-fn barrier(mut x: usize) -> usize {
-    // SAFETY: a register move to itself. (An empty asm block would leave two
-    // line-info records on one instruction, which the kernel rejects.)
-    unsafe { core::arch::asm!("{0} = {0}", inout(reg) x, options(nomem, nostack, preserves_flags)) };
-    x
 }
