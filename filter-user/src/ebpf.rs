@@ -496,6 +496,43 @@ impl Kernel {
         Ok(())
     }
 
+    /// Puts the loaded program back in the state `load` left it in: no rules,
+    /// no flows, counters at zero, settings to be written again. Tests share
+    /// one verified program this way where each load is slow (the kernel
+    /// matrix's emulated guests).
+    pub fn clear_state(&mut self) -> anyhow::Result<()> {
+        let keys: Vec<NameKey> = self.rules.keys().collect::<Result<_, _>>()?;
+        for k in &keys {
+            self.rules.remove(k)?;
+        }
+        fn clear<V: aya::Pod>(map: Option<&mut Map>, name: &str) -> anyhow::Result<()> {
+            let mut map: HashMap<&mut MapData, filter_common::tls::FlowKey, V> = map.ok_or_else(|| anyhow!("map {name} missing"))?.try_into()?;
+            let keys: Vec<_> = map.keys().collect::<Result<_, _>>()?;
+            keys.iter().try_for_each(|k| map.remove(k)).with_context(|| format!("emptying {name}"))
+        }
+        clear::<Flow>(self.ebpf.map_mut(MAP_FLOWS), MAP_FLOWS)?;
+        clear::<u32>(self.ebpf.map_mut(MAP_SYNS), MAP_SYNS)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        for i in 0..counters::COUNTERS {
+            self.counters.set(i, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+        }
+        for i in 0..MAX_LISTS * counters::LIST_COUNTERS {
+            self.list_hits.set(i, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+        }
+        for id in 0..MAX_LISTS {
+            self.list_actions.set(id, 0, 0)?;
+        }
+        let hit: Vec<u32> = self.rule_hits().iter().enumerate().filter(|(_, n)| **n != 0).map(|(i, _)| i as u32).collect();
+        for i in hit {
+            self.rule_hits.set(i, 0, 0)?;
+        }
+        self.cfg = Config::default();
+        self.config.set(0, self.cfg, 0)?;
+        self.http_ports_written = false;
+        self.tls_ports_written = false;
+        Ok(())
+    }
+
     /// Hit counters of all rule ids, read straight from the mapped array.
     pub fn rule_hits(&self) -> &[u64] {
         self.hits_view.as_slice()

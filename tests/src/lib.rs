@@ -5,7 +5,7 @@ pub mod netns;
 pub mod noop;
 pub mod packets;
 
-use std::path::PathBuf;
+use std::{mem::ManuallyDrop, path::PathBuf, sync::Mutex};
 
 pub use blokir::model::{self, HostEnv, PASS_AS_RST, XDP_DROP, XDP_PASS, XDP_TX, counted};
 use blokir::{
@@ -24,8 +24,18 @@ use filter_common::{
 /// The real program, loaded through the verifier, with `rules` applied by the
 /// same engine the daemon uses.
 pub struct Loaded {
-    pub kernel: Kernel,
+    /// Returned to `SHARED` on drop when programs are shared.
+    pub kernel: ManuallyDrop<Kernel>,
     pub engine: Engine,
+}
+
+/// With `BLOKIR_SHARE_PROGRAM=1` (the kernel matrix's guests, where each
+/// verification takes emulated seconds) the tests of one binary share one
+/// loaded program, emptied between tests; otherwise each test loads its own.
+static SHARED: Mutex<Option<Kernel>> = Mutex::new(None);
+
+fn sharing() -> bool {
+    std::env::var_os("BLOKIR_SHARE_PROGRAM").is_some_and(|v| v == "1")
 }
 
 impl Loaded {
@@ -34,10 +44,17 @@ impl Loaded {
     }
 
     pub fn with_capacity(rules: &[&str], capacity: u32) -> Self {
-        let mut kernel = Kernel::load(capacity).expect("load the XDP program (needs root)");
+        let shared = sharing().then(|| SHARED.lock().unwrap_or_else(|e| e.into_inner()).take()).flatten();
+        let mut kernel = match shared {
+            Some(mut k) if k.capacity() == capacity => {
+                k.clear_state().expect("empty the shared program's maps");
+                k
+            }
+            _ => Kernel::load(capacity).expect("load the XDP program (needs root)"),
+        };
         let engine = Engine::new([lane_multiplier(rand::random()), lane_multiplier(rand::random())], capacity as usize, capacity);
         kernel.write_config(engine.config()).unwrap();
-        let mut l = Loaded { kernel, engine };
+        let mut l = Loaded { kernel: ManuallyDrop::new(kernel), engine };
         l.set_list("test", rules);
         l
     }
@@ -45,7 +62,7 @@ impl Loaded {
     pub fn set_list(&mut self, list: &str, rules: &[&str]) {
         let rules: Vec<Rule> = rules.iter().map(|r| Rule::parse(r).unwrap()).collect();
         let change = self.engine.plan_replace(list, None, &rules).unwrap();
-        self.engine.apply(change, &mut self.kernel).unwrap();
+        self.engine.apply(change, &mut *self.kernel).unwrap();
     }
 
     /// The XDP action for one packet, `PASS_AS_RST` for one passed on
@@ -106,6 +123,16 @@ impl Loaded {
     pub fn host_inspect(&self, packet: &[u8]) -> Inspection {
         let mut env = HostEnv { buf: CanonBuf::default(), cfg: self.engine.config(), nodes: self.engine.nodes() };
         inspect(packet, &mut env)
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        // SAFETY: `kernel` is taken once, here, and never used after.
+        let kernel = unsafe { ManuallyDrop::take(&mut self.kernel) };
+        if sharing() {
+            *SHARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(kernel);
+        }
     }
 }
 

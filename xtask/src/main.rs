@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod kernels;
 mod setup;
 
 use std::{
@@ -40,6 +41,18 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         fuzz_seconds: u32,
     },
+    /// Set up and run the kernel matrix alone: boot each kernel (Debian's 6.1
+    /// and 6.12 unless given) under QEMU and run the kernel suites inside.
+    Kernels {
+        /// Kernel series (6.1, 6.12) or linux-image-*-amd64-unsigned packages.
+        kernels: Vec<String>,
+        /// Only these steps (load, replay, suites, attach), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        steps: Vec<String>,
+        /// Minutes each guest may take before it is stopped and failed.
+        #[arg(long, default_value_t = 25)]
+        timeout_minutes: u64,
+    },
     /// Set up and run the benchmark suite (release build, as root): the
     /// per-packet cost of each packet class against a no-op XDP program,
     /// scaling to 2M rules, memory and load times, and iptables string
@@ -61,6 +74,10 @@ fn main() -> anyhow::Result<()> {
         Task::Test { fuzz_seconds } => {
             setup::all()?;
             test(fuzz_seconds)
+        }
+        Task::Kernels { kernels, steps, timeout_minutes } => {
+            setup::all()?;
+            kernels::run_matrix(&kernels::Options { kernels, steps, timeout: std::time::Duration::from_secs(timeout_minutes * 60) })
         }
         Task::Bench { quick } => {
             setup::all()?;
@@ -122,5 +139,7 @@ fn test(fuzz_seconds: u32) -> anyhow::Result<()> {
     // One test binary at a time: the end-to-end tests share the kernel's
     // namespaces and interfaces, and each file's tests run serially.
     run(cargo(&["test", "--", "--test-threads=1"]).env("BLOKIR_BIN", &bin))?;
+    // The kernels ISP boxes run, booted under QEMU with the kernel suites.
+    kernels::run_matrix(&kernels::Options { kernels: Vec::new(), steps: Vec::new(), timeout: std::time::Duration::from_secs(25 * 60) })?;
     setup::fuzz(fuzz_seconds)
 }

@@ -37,6 +37,13 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "systemd",
     "python3",
+    // The kernel matrix: Debian's kernels booted under QEMU with an
+    // initramfs of busybox, blokir and the test programs.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "binutils",
 ];
 
 pub fn all() -> anyhow::Result<()> {
