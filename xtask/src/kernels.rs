@@ -72,7 +72,11 @@ pub fn run_matrix(opts: &Options) -> anyhow::Result<()> {
     let payload = Payload::build()?;
     let host = payload.host_replays()?;
     let kvm = kvm_boots(&kernels[0], &payload)?;
-    eprintln!("kernel matrix: {} under {}", kernels.iter().map(|k| k.release.as_str()).collect::<Vec<_>>().join(", "), if kvm { "KVM" } else { "TCG (software emulation)" });
+    eprintln!(
+        "kernel matrix: {} under {}",
+        kernels.iter().map(|k| k.release.as_str()).collect::<Vec<_>>().join(", "),
+        if kvm { "KVM" } else { "TCG (software emulation)" }
+    );
     let results: Vec<anyhow::Result<Outcome>> = thread::scope(|s| {
         let handles: Vec<_> = kernels.iter().map(|k| s.spawn(|| boot(k, &payload, kvm, &opts.steps, opts.timeout))).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the guest thread panicked")))).collect()
@@ -134,7 +138,12 @@ fn resolve(spec: &str) -> anyhow::Result<String> {
         run(Command::new("apt-get").args(["update", "-q"]))?;
         names = list(Command::new("apt-cache").args(["pkgnames", "linux-image-"]))?;
     }
-    names.into_iter().filter_map(|n| matches(&n).map(|v| (v, n))).max().map(|(_, n)| n).with_context(|| format!("Debian's archive offers no {spec} kernel (linux-image-*-amd64-unsigned)"))
+    names
+        .into_iter()
+        .filter_map(|n| matches(&n).map(|v| (v, n)))
+        .max()
+        .map(|(_, n)| n)
+        .with_context(|| format!("Debian's archive offers no {spec} kernel (linux-image-*-amd64-unsigned)"))
 }
 
 /// The package downloaded and unpacked into the cache (once).

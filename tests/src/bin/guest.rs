@@ -121,7 +121,8 @@ fn load(r: &mut Report) -> anyhow::Result<String> {
 /// `blokir replay` over every capture, its JSON lines passed on for the host
 /// to compare with its own run.
 fn replay(r: &mut Report, blokir: &Path, pcaps: &Path, rules: &Path, name: &str, extra: &[&str]) -> anyhow::Result<String> {
-    let mut files: Vec<_> = std::fs::read_dir(pcaps)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "pcap" || e == "pcapng")).collect();
+    let mut files: Vec<_> =
+        std::fs::read_dir(pcaps)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "pcap" || e == "pcapng")).collect();
     files.sort();
     ensure!(!files.is_empty(), "no captures in {}", pcaps.display());
     for f in &files {
