@@ -195,6 +195,7 @@ impl Kernel {
     }
 
     fn load_with(capacity: u32, pins: Option<(&PinDir, &[&str])>) -> anyhow::Result<Self> {
+        crate::support::check_floor()?;
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_RULES, capacity).map_max_entries(MAP_RULE_HITS, capacity);
         let mut adopted_maps = Vec::new();
@@ -222,7 +223,12 @@ impl Kernel {
         let mut ebpf = loader.load(OBJECT).context("loading the BPF object")?;
         for name in PROGRAMS {
             let prog: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
-            prog.load().with_context(|| format!("the kernel's verifier refused the XDP program {name}"))?;
+            match prog.load() {
+                Err(ProgramError::LoadError { io_error, verifier_log }) => {
+                    return Err(crate::support::refused(name, &io_error, &verifier_log.to_string()).into());
+                }
+                r => r.with_context(|| format!("loading the XDP program {name}"))?,
+            }
         }
         let (program_id, loaded_at) = {
             let prog: &Xdp = ebpf.program(PROGRAM_NAME).ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?.try_into()?;

@@ -14,3 +14,4 @@ pub mod policy;
 pub mod replay;
 pub mod rules;
 pub mod socket;
+pub mod support;

@@ -28,7 +28,8 @@ use filter_common::{reply::DnsAction, reset::TcpAction, rules::DEFAULT_RULE_CAPA
 use std::io::Write as _;
 
 /// Exit codes: 0 done, 1 error (e.g. no daemon), 2 bad command line (clap),
-/// 3 the daemon refused the request.
+/// 3 the daemon refused the request, 4 this kernel cannot run blokir
+/// ([`blokir::support::EXIT_UNSUPPORTED`]).
 const EXIT_REFUSED: u8 = 3;
 /// As clap's own exit code for a bad command line.
 const EXIT_USAGE: u8 = 2;
@@ -351,14 +352,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(args);
     match run(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("blokir: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match blokir::support::find(&e) {
+            // One line, not the error chain: the verifier's log is in a file.
+            Some(unsupported) => {
+                eprintln!("blokir: {unsupported}");
+                ExitCode::from(blokir::support::EXIT_UNSUPPORTED)
+            }
+            None => {
+                eprintln!("blokir: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(cli.command, Command::Run { .. } | Command::Replay { .. }) {
+        // Before reading lists, mounting bpffs or binding anything.
+        blokir::support::check_floor()?;
+    }
     match cli.command {
         Command::Run {
             ifaces,

@@ -38,6 +38,15 @@ fn sharing() -> bool {
     std::env::var_os("BLOKIR_SHARE_PROGRAM").is_some_and(|v| v == "1")
 }
 
+/// Whether exhaustive sweeps (a hello cut at every byte, for every captured
+/// hello and both address families) run in full: on the host they do; in
+/// the kernel matrix's guests (`BLOKIR_SAMPLE_SWEEPS=1`, where emulation
+/// makes each packet ten times dearer) a sample runs: one hello of each
+/// client, IPv4 only.
+pub fn exhaustive_sweeps() -> bool {
+    std::env::var_os("BLOKIR_SAMPLE_SWEEPS").is_none_or(|v| v != "1")
+}
+
 impl Loaded {
     pub fn new(rules: &[&str]) -> Self {
         Self::with_capacity(rules, 1 << 16)

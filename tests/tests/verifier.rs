@@ -8,6 +8,50 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SectionKind, Sy
 /// The verifier gives up at 1M processed instructions; fail at half.
 const BUDGET: u32 = 500_000;
 
+/// On a kernel below the floor (`setarch --uname-2.6` makes this one report
+/// 2.6.x to the process, as an old box would), `run` and `replay` refuse in
+/// one line that names the kernel and the supported versions, with exit
+/// code 4, before loading anything.
+#[test]
+fn a_kernel_below_the_floor_is_refused_in_one_line_with_exit_code_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("national.rules");
+    std::fs::write(&rules, "blocked.test\n").unwrap();
+    let capture = blokir_tests::pcaps_dir().join("real-clients-dev.pcap");
+    let bin = blokir_tests::blokir_bin().unwrap();
+    let (state, pins, sock) = (dir.path().join("state"), dir.path().join("pins"), dir.path().join("sock"));
+    let runs: [Vec<&std::ffi::OsStr>; 2] = [
+        vec!["replay".as_ref(), capture.as_ref(), "--rules".as_ref(), rules.as_ref()],
+        vec![
+            "--socket".as_ref(),
+            sock.as_ref(),
+            "run".as_ref(),
+            "--iface".as_ref(),
+            "lo".as_ref(),
+            "--rules".as_ref(),
+            rules.as_ref(),
+            "--state-dir".as_ref(),
+            state.as_ref(),
+            "--pin-dir".as_ref(),
+            pins.as_ref(),
+            "--metrics-addr".as_ref(),
+            "127.0.0.1:0".as_ref(),
+        ],
+    ];
+    for args in runs {
+        let mut cmd = std::process::Command::new("setarch");
+        cmd.args(["x86_64", "--uname-2.6"]).arg(&bin).args(&args).env("RUST_LOG", "warn");
+        let out = blokir_tests::netns::run(&mut cmd, std::time::Duration::from_secs(30)).unwrap();
+        assert_eq!(out.code(), Some(4), "{args:?}: {out}");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line, got {out}");
+        for part in ["Linux 2.6.", "5.15 and later", "6.1, 6.12 and 6.18", "nothing was loaded"] {
+            assert!(lines[0].contains(part), "{args:?}: {part:?} missing from {}", lines[0]);
+        }
+        assert!(!state.exists() && !pins.exists() && !sock.exists(), "{args:?}: nothing created before the refusal");
+    }
+}
+
 #[test]
 fn verifier_accepts_the_programs_within_half_its_budget() {
     let l = Loaded::new(&[]);

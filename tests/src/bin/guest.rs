@@ -1,8 +1,8 @@
 //! What the kernel matrix runs inside each booted kernel (`cargo xtask
 //! kernels`): the programs loaded with their verifier figures, the captures
-//! replayed through the real program, the packet-level suites, and the
-//! program attached natively and generically to a veth pair with real DNS
-//! queries and ClientHellos crossing it, through a SIGKILL and a restart.
+//! replayed through the real program, the program attached natively and
+//! generically to a veth pair with real DNS queries and ClientHellos crossing
+//! it, through a SIGKILL and a restart, and the packet-level suites.
 //!
 //! One line per result goes to the file given as the first argument (the
 //! guest's second serial port), apart from the kernel's console:
@@ -10,6 +10,7 @@
 //! `replay-begin NAME` and `replay-end`, and `done` last.
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     io::{BufRead as _, BufReader, Read as _, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -24,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, anyhow, bail, ensure};
 use blokir::ebpf::Kernel;
 use blokir_tests::packets;
 use hickory_proto::{op::Message, rr::RecordType};
@@ -84,19 +85,24 @@ fn main() -> anyhow::Result<()> {
             r.step(&format!("replay-{name}"), res);
         }
     }
-    if wanted("suites") {
-        let mut entries: Vec<_> = std::fs::read_dir(&suites).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
-        entries.sort();
-        for suite in entries {
-            let name = suite.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            let res = run_suite(&suite);
-            r.step(&format!("suite-{name}"), res);
-        }
-    }
     if wanted("attach") {
         for mode in ["native", "generic"] {
             let res = attach(&blokir, rules, mode);
             r.step(&format!("attach-{mode}"), res);
+        }
+    }
+    if wanted("suites") {
+        let mut entries: Vec<_> = std::fs::read_dir(&suites).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+        entries.sort();
+        for binary in entries {
+            match run_suites(&binary) {
+                Ok(modules) => {
+                    for (module, res) in modules {
+                        r.step(&format!("suite-{module}"), res);
+                    }
+                }
+                Err(e) => r.step(&format!("suites {}", binary.display()), Err(e)),
+            }
         }
     }
     r.line("done");
@@ -146,19 +152,40 @@ fn replay(r: &mut Report, blokir: &Path, pcaps: &Path, rules: &Path, name: &str,
     Ok(format!("{} captures", files.len()))
 }
 
-/// One packet-level test binary, its tests sharing one loaded program.
-fn run_suite(suite: &Path) -> anyhow::Result<String> {
+/// The packet-level suites' binary (each suite a module), its tests sharing
+/// one loaded program and sampling the exhaustive sweeps: one result per
+/// suite, with its failed tests.
+fn run_suites(binary: &Path) -> anyhow::Result<Vec<(String, anyhow::Result<String>)>> {
     let start = Instant::now();
-    let out = Command::new(suite).args(["--test-threads=1"]).env("BLOKIR_SHARE_PROGRAM", "1").output()?;
+    let out = Command::new(binary).args(["--test-threads=1"]).env("BLOKIR_SHARE_PROGRAM", "1").env("BLOKIR_SAMPLE_SWEEPS", "1").output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let summary = stdout.lines().rev().find(|l| l.starts_with("test result:")).unwrap_or("no summary").to_string();
-    if !out.status.success() {
-        let failed: Vec<&str> = stdout.lines().filter(|l| l.ends_with("FAILED")).collect();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stdout.lines().chain(stderr.lines()).filter(|l| l.contains("panicked") || l.contains("assert")).take(6).collect();
-        bail!("{summary}; failed: {}; {}", failed.join(", "), tail.join(" / "));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // "test MODULE::NAME ... ok|FAILED|ignored"
+    let mut modules: BTreeMap<String, (u32, Vec<String>)> = BTreeMap::new();
+    for l in stdout.lines() {
+        let Some((test, outcome)) = l.strip_prefix("test ").and_then(|l| l.split_once(" ... ")) else { continue };
+        let (module, name) = test.split_once("::").unwrap_or(("", test));
+        let entry = modules.entry(module.to_string()).or_default();
+        match outcome {
+            "ok" => entry.0 += 1,
+            _ => entry.1.push(format!("{name}: {outcome}")),
+        }
     }
-    Ok(format!("{summary} in {:.0?}", start.elapsed()))
+    ensure!(!modules.is_empty(), "{} ran no tests ({}): {}", binary.display(), out.status, stderr.lines().take(4).collect::<Vec<_>>().join(" / "));
+    let panics: Vec<&str> = stdout.lines().chain(stderr.lines()).filter(|l| l.contains("panicked")).take(6).collect();
+    let mut results = Vec::new();
+    for (module, (passed, failed)) in modules {
+        let res = if failed.is_empty() {
+            Ok(format!("{passed} passed"))
+        } else {
+            Err(anyhow!("{passed} passed; failed: {}; {}", failed.join(", "), panics.join(" / ")))
+        };
+        results.push((module, res));
+    }
+    let summary = stdout.lines().rev().find(|l| l.starts_with("test result:")).unwrap_or("no summary");
+    let all = if out.status.success() { Ok(format!("{summary} in {:.0?}", start.elapsed())) } else { Err(anyhow!("{summary}; exit {}", out.status)) };
+    results.push(("all".to_string(), all));
+    Ok(results)
 }
 
 /// The program on a veth pair in `mode`: listed names' DNS queries and
@@ -288,10 +315,15 @@ impl Servers {
                 thread::spawn(move || {
                     let _ = conn.set_nonblocking(false);
                     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                    let mut hello = Vec::new();
-                    let _ = (&conn).take(4096).read_to_end(&mut hello);
-                    if let Some(name) = sni(&hello) {
-                        seen.lock().unwrap_or_else(|e| e.into_inner()).push(name);
+                    // Records the name as soon as the whole hello is in:
+                    // the client keeps its end open.
+                    let (mut hello, mut chunk) = (Vec::new(), [0u8; 1500]);
+                    while let Ok(n @ 1..) = (&conn).read(&mut chunk) {
+                        hello.extend_from_slice(&chunk[..n]);
+                        if let Some(name) = sni(&hello) {
+                            seen.lock().unwrap_or_else(|e| e.into_inner()).push(name);
+                            break;
+                        }
                     }
                 });
             }
@@ -443,6 +475,16 @@ impl Daemon {
         let out = Command::new(&self.blokir).args(["cleanup", "--pin-dir", PIN_DIR]).output()?;
         ensure!(out.status.success(), "blokir cleanup: {}", String::from_utf8_lossy(&out.stderr).trim());
         Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    /// A failed check leaves nothing running or pinned for the next mode.
+    fn drop(&mut self) {
+        if self.child.try_wait().is_ok_and(|s| s.is_none()) {
+            let _ = self.kill();
+            let _ = Command::new(&self.blokir).args(["cleanup", "--pin-dir", PIN_DIR]).output();
+        }
     }
 }
 

@@ -1,0 +1,18 @@
+//! The packet-level suites in one binary, for the kernel matrix's guests:
+//! one process verifies the program once for all of them
+//! (`BLOKIR_SHARE_PROGRAM=1`), where each verification takes emulated
+//! minutes on 6.1. Not run on the host (`test = false`), where each suite
+//! runs as its own binary.
+
+#[path = "dns_reply.rs"]
+mod dns_reply;
+#[path = "http.rs"]
+mod http;
+#[path = "quic.rs"]
+mod quic;
+#[path = "rst.rs"]
+mod rst;
+#[path = "tls.rs"]
+mod tls;
+#[path = "xdp.rs"]
+mod xdp;
