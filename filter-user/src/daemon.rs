@@ -320,7 +320,7 @@ impl State {
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "attached": attached,
-            "pin_dir": self.pins.root().display().to_string(),
+            "pin_dir": self.pins.describe(),
             "adopted_maps": self.kernel.adopted_maps(),
             "program_loaded_at": loaded_at,
             "on_exit": self.on_exit,
@@ -488,7 +488,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         OnExit::Cleanup => {
             state.kernel.detach_all(&pins);
             pins.remove_all()?;
-            tracing::info!(dir = %pins.root().display(), "removed everything pinned");
+            tracing::info!(dir = pins.describe(), "removed everything pinned");
         }
     }
     Ok(())

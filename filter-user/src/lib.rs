@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod ebpf;
 pub mod events;
+pub mod excerpt;
 pub mod lists;
 pub mod metrics;
 pub mod model;

@@ -42,8 +42,40 @@ struct Cli {
     /// The daemon's control socket.
     #[arg(long, global = true, default_value = DEFAULT_SOCKET, env = "BLOKIR_SOCKET")]
     socket: PathBuf,
+    /// Log lines as plain text (coloured only on a terminal) or as JSON
+    /// objects, one per line, for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BLOKIR_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--rule-capacity`: refused at parse time, with the range, like any bad flag.
+fn rule_capacity(s: &str) -> Result<u32, String> {
+    let max = filter_common::rules::MAX_RULE_ID;
+    match s.parse::<u32>() {
+        Ok(n) if (2..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a rule capacity: a number from 2 to {max}")),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr (the journal, under systemd), `RUST_LOG` filtering.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr);
+    match format {
+        // No colour codes in files or the journal.
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 // Parsed once per process: the size of `Run` does not matter.
@@ -92,8 +124,8 @@ enum Command {
         /// With --event-log: one event per N blocks of each rule (1/N).
         #[arg(long, value_parser = events::parse_sample, default_value = "1/1", requires = "event_log")]
         event_log_sample: u32,
-        /// Name nodes and rule ids the kernel maps hold.
-        #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY)]
+        /// Name nodes and rule ids the kernel maps hold (2 to 16777215).
+        #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY, value_parser = rule_capacity)]
         rule_capacity: u32,
         /// Rules exported with their own hit counter on /metrics.
         #[arg(long, default_value_t = 100)]
@@ -170,8 +202,8 @@ enum Command {
         /// Rule files, as for `run` (repeatable).
         #[arg(long = "rules")]
         rules: Vec<PathBuf>,
-        /// Name nodes and rule ids the kernel maps hold.
-        #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY)]
+        /// Name nodes and rule ids the kernel maps hold (2 to 16777215).
+        #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY, value_parser = rule_capacity)]
         rule_capacity: u32,
         #[command(flatten)]
         dns: DnsArgs,
@@ -338,10 +370,6 @@ enum Output {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = match config::expand(std::env::args_os().collect(), &Cli::command()) {
         Ok(args) => args,
         Err(e) => {
@@ -350,6 +378,7 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(args);
+    init_logging(cli.log_format);
     match run(cli) {
         Ok(code) => code,
         Err(e) => match blokir::support::find(&e) {
@@ -441,16 +470,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Cleanup { pin_dir } => {
             let pins = PinDir::at(&pin_dir);
-            if !pin_dir.exists() {
-                println!("nothing pinned in {}", pin_dir.display());
+            if !pins.root().exists() {
+                println!("nothing pinned in {}", pins.describe());
                 return Ok(ExitCode::SUCCESS);
             }
             let _lock = pins.lock()?;
             let ifaces = pins.remove_all()?;
             if ifaces.is_empty() {
-                println!("removed {} (no interface was attached)", pin_dir.display());
+                println!("removed {} (no interface was attached)", pins.describe());
             } else {
-                println!("detached from {}; removed {}", ifaces.join(", "), pin_dir.display());
+                println!("detached from {}; removed {}", ifaces.join(", "), pins.describe());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -491,13 +520,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(response) => Ok(print(&Request::Status, &response, output)),
             Err(e) => {
                 // No daemon: say what the pinned links still run.
-                let links = if pin_dir.exists() { PinDir::at(&pin_dir).describe_links() } else { Vec::new() };
+                let pins = PinDir::at(&pin_dir);
+                let links = if pins.root().exists() { pins.describe_links() } else { Vec::new() };
                 eprintln!("blokir: {e:#}");
                 if output == Output::Json {
-                    let v = serde_json::json!({"daemon": false, "pin_dir": pin_dir.display().to_string(), "attached": links});
+                    let v = serde_json::json!({"daemon": false, "pin_dir": pins.describe(), "attached": links});
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 } else if links.is_empty() {
-                    println!("no daemon, and nothing pinned in {}: nothing is filtered", pin_dir.display());
+                    println!("no daemon, and nothing pinned in {}: nothing is filtered", pins.describe());
                 } else {
                     println!("no daemon; the pinned program keeps filtering with the rules it had (`blokir run` takes over, `blokir cleanup` detaches):");
                     for l in &links {

@@ -22,6 +22,7 @@ use std::{
     fs::File,
     os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, bail};
@@ -42,6 +43,11 @@ pub const LAYOUT: u32 = 2;
 #[derive(Clone, Debug)]
 pub struct PinDir {
     root: PathBuf,
+    /// The outer namespace's bpffs that `root` is under, when it is (held
+    /// open: `root` is a `/proc/self/fd/N` path through it).
+    outer: Option<Arc<File>>,
+    /// `root` as the operator gave it.
+    given: PathBuf,
 }
 
 /// The pin directory's lock, held for as long as this lives.
@@ -58,17 +64,98 @@ fn is_bpffs(path: &Path) -> bool {
     r == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 
+/// The parent of `pid`, from `/proc/PID/stat` (the field after the
+/// parenthesized command name, which may itself hold spaces).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The bpffs at /sys/fs/bpf as a process outside this mount namespace sees
+/// it: the parent chain first (`ip netns exec` runs blokir straight from
+/// the namespace it was called in), then PID 1. Held open, so that its
+/// `/proc/self/fd/N` path stays valid whatever happens to that process.
+fn outer_bpffs() -> Option<File> {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+    let mut pid = std::os::unix::process::parent_id();
+    for _ in 0..64 {
+        if std::fs::read_link(format!("/proc/{pid}/ns/mnt")).is_ok_and(|ns| ns != own) {
+            let dir = PathBuf::from(format!("/proc/{pid}/root{BPFFS_MOUNT}"));
+            if is_bpffs(&dir)
+                && let Ok(f) = File::open(&dir)
+            {
+                return Some(f);
+            }
+        }
+        pid = match pid {
+            0 | 1 => return None,
+            p => parent_of(p).unwrap_or(1),
+        };
+    }
+    None
+}
+
+/// Where pins under `root` outlive this process. Below /sys/fs/bpf, with
+/// no bpffs there (`ip netns exec` gives its command a mount namespace with
+/// a fresh /sys), a bpffs mounted here would die with the namespace, and
+/// the pins and the XDP links with it: the outer namespace's bpffs is used
+/// instead. None: nothing to change.
+fn outer_root(root: &Path) -> Option<(PathBuf, Arc<File>)> {
+    let mount = Path::new(BPFFS_MOUNT);
+    let rest = root.strip_prefix(mount).ok()?;
+    if is_bpffs(mount) {
+        return None;
+    }
+    let dir = outer_bpffs()?;
+    Some((PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(rest), Arc::new(dir)))
+}
+
+/// Whether this process has a mount namespace of its own (`ip netns exec`,
+/// a container, a unit with its own mounts), where a bpffs it mounts dies
+/// with it. Where PID 1 cannot be read (a sandbox), the parent's is
+/// compared.
+fn private_mount_namespace() -> bool {
+    match (std::fs::read_link("/proc/self/ns/mnt"), std::fs::read_link("/proc/1/ns/mnt")) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => std::fs::read_link("/proc/self/ns/mnt")
+            .is_ok_and(|own| parent_of(std::process::id()).and_then(|p| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok()).is_some_and(|ns| ns != own)),
+    }
+}
+
 impl PinDir {
-    /// The pin directory at `root`, without touching the file system.
+    /// The pin directory at `root` (on the outer bpffs where `create` would
+    /// put it), without touching the file system.
     pub fn at(root: impl Into<PathBuf>) -> Self {
-        PinDir { root: root.into() }
+        let given = root.into();
+        match outer_root(&given) {
+            Some((root, dir)) => PinDir { root, outer: Some(dir), given },
+            None => PinDir { root: given.clone(), outer: None, given },
+        }
     }
 
-    /// Makes sure `root` exists on bpffs: mounts bpffs at /sys/fs/bpf when the
-    /// directory is below it and nothing is mounted there yet.
+    /// Makes sure `root` exists on a bpffs where the pins outlive the daemon:
+    /// mounts bpffs at /sys/fs/bpf when the directory is below it and nothing
+    /// is mounted there yet, or uses the host's (see `persistent_root`).
     pub fn create(root: impl Into<PathBuf>) -> anyhow::Result<Self> {
-        let root = root.into();
+        let given = root.into();
         let mount = Path::new(BPFFS_MOUNT);
+        let (root, outer) = match outer_root(&given) {
+            Some((root, dir)) => {
+                tracing::info!(
+                    pins = %given.display(),
+                    "no bpffs at {BPFFS_MOUNT} in this mount namespace: pinning on the outer namespace's, where the pins outlive the daemon"
+                );
+                (root, Some(dir))
+            }
+            None => (given.clone(), None),
+        };
+        if root.starts_with(mount) && !is_bpffs(mount) && private_mount_namespace() {
+            bail!(
+                "this process has a mount namespace of its own (ip netns exec, a container) with no bpffs at {BPFFS_MOUNT}, and none is reachable outside it: \
+                 pins on a bpffs mounted here would die with the daemon and detach the program; mount bpffs on the host (`mount -t bpf bpf {BPFFS_MOUNT}`) \
+                 or give --pin-dir on a bpffs that outlives this namespace"
+            );
+        }
         if root.starts_with(mount) && !is_bpffs(mount) {
             let src = CString::new("bpf")?;
             let target = CString::new(BPFFS_MOUNT)?;
@@ -83,11 +170,20 @@ impl PinDir {
         if !is_bpffs(&root) {
             bail!("the pin directory {} is not on a BPF file system: mount one there (`mount -t bpf bpf DIR`) or choose another --pin-dir", root.display());
         }
-        let dir = PinDir { root };
+        let dir = PinDir { root, outer, given };
         for d in [dir.maps_dir(), dir.links_dir(), dir.stages_dir()] {
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
         Ok(dir)
+    }
+
+    /// The directory as the operator knows it, and where it really is when
+    /// that is the outer namespace's bpffs.
+    pub fn describe(&self) -> String {
+        match self.outer {
+            Some(_) => format!("{} (on the bpffs outside this mount namespace)", self.given.display()),
+            None => self.given.display().to_string(),
+        }
     }
 
     pub fn root(&self) -> &Path {

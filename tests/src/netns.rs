@@ -568,10 +568,17 @@ impl Topology {
     /// `blokir run` in the edge namespace on the client-facing interface,
     /// with this topology's socket, state directory and metrics address.
     pub fn daemon_command(&self, rules: &[PathBuf]) -> anyhow::Result<Command> {
+        let mut cmd = self.daemon_command_default_pins(rules)?;
+        cmd.arg("--pin-dir").arg(self.pin_dir());
+        Ok(cmd)
+    }
+
+    /// `daemon_command` without `--pin-dir`: the default, as an operator
+    /// runs it (under `ip netns exec`, whose fresh /sys has no bpffs).
+    pub fn daemon_command_default_pins(&self, rules: &[PathBuf]) -> anyhow::Result<Command> {
         let mut cmd = self.exec(&self.edge, self.blokir()?);
         cmd.arg("--socket").arg(self.socket()).args(["run", "--iface", EDGE_CLIENT_IFACE, "--metrics-addr", METRICS_ADDR]);
         cmd.arg("--state-dir").arg(self.state_dir());
-        cmd.arg("--pin-dir").arg(self.pin_dir());
         for r in rules {
             cmd.arg("--rules").arg(r);
         }
@@ -599,10 +606,18 @@ impl Topology {
     /// Starts the daemon with exactly these options (no `--cleanup` added:
     /// with neither exit option, a stopped daemon leaves the program attached).
     pub fn start_daemon_as_given(&self, rules: &[PathBuf], options: &[&str]) -> anyhow::Result<Daemon> {
+        self.spawn_daemon(self.daemon_command(rules)?, options)
+    }
+
+    /// `start_daemon_as_given` with the default pin directory.
+    pub fn start_daemon_default_pins(&self, rules: &[PathBuf], options: &[&str]) -> anyhow::Result<Daemon> {
+        self.spawn_daemon(self.daemon_command_default_pins(rules)?, options)
+    }
+
+    fn spawn_daemon(&self, mut cmd: Command, options: &[&str]) -> anyhow::Result<Daemon> {
         let n = self.daemons_started.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.path().join(format!("blokir-{n}.log"));
         let file = std::fs::File::create(&log)?;
-        let mut cmd = self.daemon_command(rules)?;
         cmd.args(options);
         let bin = self.blokir()?;
         let command = describe(&cmd);

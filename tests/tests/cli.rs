@@ -85,6 +85,23 @@ fn bad_list_settings_are_refused_with_the_allowed_values() {
     assert!(out.code() == Some(1) && out.stderr.contains("is `blokir run` running?"), "{out}");
 }
 
+/// A rule capacity outside 2..=16777215 is a bad command line (exit 2, with
+/// the range), for `run` and `replay`, before anything is read or loaded.
+#[test]
+fn a_bad_rule_capacity_is_refused_at_parse_time() {
+    let dir = tempfile::tempdir().unwrap();
+    for value in ["0", "1", "16777216", "lots"] {
+        for sub in [&["run", "--iface", "blokir-none0", "--pin-dir"][..], &["replay", "none.pcap", "--rules"][..]] {
+            let mut cmd = Command::new(blokir_bin().unwrap());
+            cmd.args(sub).arg(dir.path().join("pins")).args(["--rule-capacity", value]);
+            let out = netns::run(&mut cmd, Duration::from_secs(10)).unwrap();
+            let why = format!("invalid value '{value}' for '--rule-capacity <RULE_CAPACITY>': \"{value}\" is not a rule capacity: a number from 2 to 16777215");
+            assert!(out.code() == Some(2) && out.stderr.contains(&why), "{sub:?} {value}: want {why:?}: {out}");
+            assert!(!dir.path().join("pins").exists(), "{out}");
+        }
+    }
+}
+
 /// Bad `--tls-ports` values are refused with the reason (exit 2) before
 /// anything is loaded, from the command line and from a config file.
 #[test]

@@ -9,6 +9,7 @@ use std::{
     net::TcpListener,
     os::fd::AsRawFd as _,
     path::PathBuf,
+    process::Command,
     sync::{Arc, Mutex, mpsc},
     thread,
     time::{Duration, Instant},
@@ -286,6 +287,59 @@ fn url_lists_refresh_with_conditional_gets_survive_the_server_going_down_verify_
     daemon.stop().unwrap();
 }
 
+/// A list whose first line is one 50 MB label, from a file and from a URL
+/// whose server someone else controls: refused at its line, with a short
+/// excerpt of it; the CLI's output, the socket's reply, `lists ls` and
+/// `lists.json` stay small, and the rules in force stay.
+#[test]
+fn a_fifty_megabyte_line_is_refused_with_a_short_excerpt_everywhere_it_shows() {
+    const SMALL: usize = 16 << 10;
+    let topo = Topology::new().unwrap();
+    let server = ListServer::start(&topo);
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
+    let huge = format!("{}.example\nt.me\n", "a".repeat(50 << 20));
+    let path = write(&topo, "huge.rules", &huge);
+    let small = |what: &str, out: &Captured| {
+        assert!(out.stdout.len() + out.stderr.len() < SMALL, "{what}: {} bytes of output", out.stdout.len() + out.stderr.len());
+        assert!(out.stderr.contains(":1: ") && out.stderr.contains("aaaa…[") && out.stderr.contains("bytes]"), "{what}: {}", out.stderr);
+    };
+
+    // Reading 50 MB takes a debug build a while.
+    let refused_slowly = |args: &[&str]| {
+        let out = daemon.cli_within(args, Duration::from_secs(120)).unwrap();
+        assert_eq!(out.code(), Some(3), "blokir {args:?} should be refused (output: {} bytes)", out.stdout.len() + out.stderr.len());
+        out
+    };
+    // A file, through the socket.
+    let started = Instant::now();
+    let out = refused_slowly(&["lists", "add", "huge", "--source", path.to_str().unwrap()]);
+    eprintln!("a 50 MB line refused in {:?}", started.elapsed());
+    small("lists add FILE", &out);
+    assert!(!ls(&daemon).contains_key("huge"));
+
+    // A URL: a good version first, then the huge one on update.
+    server.publish("telegram.org\n");
+    ok(&daemon, &["lists", "add", "tp", "--source", &server.url()]);
+    server.publish(&huge);
+    small("lists update URL", &refused_slowly(&["lists", "update", "tp"]));
+    let row = &ls(&daemon)["tp"];
+    assert!(row["last_error"].as_str().is_some_and(|e| e.len() < 4200 && e.contains("bytes]")), "{row}");
+    assert_eq!(row["version"], 1, "the good version stays in force");
+    let stored = std::fs::metadata(topo.state_dir().join("lists.json")).unwrap().len();
+    assert!(stored < SMALL as u64, "lists.json is {stored} bytes");
+    assert_blocked(&topo, &["telegram.org"]);
+    daemon.stop().unwrap();
+
+    // `replay` reads the file itself: the same short refusal.
+    let replay = blokir_tests::netns::run(
+        Command::new(blokir_tests::blokir_bin().unwrap()).arg("replay").arg(blokir_tests::pcaps_dir().join("real-clients-dev.pcap")).arg("--rules").arg(&path),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert!(!replay.success());
+    small("replay --rules FILE", &replay);
+}
+
 /// Names of a generated national list: `n<i>.<one of 500 domains>.test`.
 fn generated(range: std::ops::Range<usize>) -> impl Iterator<Item = String> {
     range.map(|i| format!("n{i}.d{}.test", i % 500))
@@ -402,5 +456,42 @@ fn a_two_million_name_list_swaps_atomically_under_queries_and_rolls_back() {
     let back = Probes { both: probes.both.clone(), neither: probes.neither.clone(), leaving: probes.arriving.clone(), arriving: probes.leaving.clone() };
     let out = swap_watched(&topo, &daemon, &["lists", "rollback", "national"], &back);
     assert!(out.contains("version 1 back in force"), "{out}");
+    daemon.stop().unwrap();
+}
+
+/// Off a terminal (a file, the journal) the daemon's log lines carry no
+/// colour codes; with `--log-format json` each line is one JSON object.
+#[test]
+fn logs_off_a_terminal_are_plain_and_json_logs_are_one_object_a_line() {
+    let topo = Topology::new().unwrap();
+    // As under systemd: stderr to a file, no NO_COLOR in the environment.
+    let path = topo.dir().join("plain.log");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut cmd = topo.daemon_command(&[]).unwrap();
+    cmd.env_remove("NO_COLOR").args(["--mode", "generic", "--cleanup"]).stdout(file.try_clone().unwrap()).stderr(file);
+    let mut child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&path).unwrap().contains("rules loaded") {
+        assert!(started.elapsed() < Duration::from_secs(30) && child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&path).unwrap());
+        thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert!(log.contains("serving /metrics") && !log.contains('\u{1b}'), "{log:?}");
+
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
+    ok(&daemon, &["rules", "add", "t.me"]);
+    daemon.stop().unwrap();
+
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic", "--log-format", "json"]).unwrap();
+    assert_blocked(&topo, &["t.me"]);
+    let log = daemon.log();
+    assert!(log.contains("serving /metrics"), "{log}");
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string() && v["fields"].is_object(), "{line}");
+    }
     daemon.stop().unwrap();
 }

@@ -175,6 +175,56 @@ fn sigkill_and_restart_under_a_stream_of_queries_lets_nothing_blocked_through_an
     assert!(out.success(), "{out}");
 }
 
+/// Started as an operator starts it in a namespace, `ip netns exec EDGE
+/// blokir run` with the default pin directory: `ip netns exec` gives it a
+/// fresh /sys without bpffs, and pins on a bpffs mounted there would die
+/// with the daemon. They go on the bpffs outside, so a SIGKILL under a
+/// stream of queries leaves the program attached and a restart takes over:
+/// not one blocked query is answered. `blokir cleanup`, also under `ip
+/// netns exec`, finds them there.
+#[test]
+fn under_ip_netns_exec_with_the_default_pin_dir_a_sigkill_and_restart_leak_nothing() {
+    let host_pins = Path::new(blokir::pin::DEFAULT_PIN_DIR);
+    let topo = Arc::new(Topology::new().unwrap());
+    let cleanup = || topo.run_in(topo.edge(), &[topo.blokir().unwrap().to_str().unwrap(), "cleanup"], Duration::from_secs(30)).unwrap();
+    assert!(!host_pins.join("links").exists() || cleanup().success(), "a stale {} could not be cleaned", host_pins.display());
+    let telegram = write(&topo, "telegram.rules", &telegram_rules());
+    let d = topo.start_daemon_default_pins(std::slice::from_ref(&telegram), &[]).unwrap();
+    let s = status(&d);
+    assert!(s["pin_dir"].as_str().is_some_and(|p| p.contains("outside this mount namespace")), "{s}");
+    assert!(host_pins.join("links").join(blokir_tests::netns::EDGE_CLIENT_IFACE).exists(), "the link is not pinned on the host's bpffs: {s}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let runner = {
+        let (topo, stop) = (topo.clone(), stop.clone());
+        thread::spawn(move || stream(&topo, &stop, t0))
+    };
+    thread::sleep(Duration::from_secs(2));
+    let mut d = d;
+    d.kill().unwrap();
+    thread::sleep(Duration::from_secs(2));
+    assert!(topo.xdp_attached().unwrap(), "the program went away with the killed daemon");
+    d = topo.start_daemon_default_pins(std::slice::from_ref(&telegram), &[]).unwrap();
+    let s = status(&d);
+    assert_eq!(s["attached"][0]["adopted"], true, "the new daemon did not take over the pinned link: {s}");
+    thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let seen = runner.join().unwrap();
+
+    let blocked: Vec<_> = seen.answers.iter().filter(|(_, _, b)| *b).collect();
+    let answered: Vec<String> = blocked.iter().filter(|(_, a, _)| !a.timed_out()).map(|(at, a, _)| format!("{} at {at:?}", a.query)).collect();
+    assert!(blocked.len() >= 8 && answered.is_empty(), "{} of {} blocked queries answered: {answered:?}", answered.len(), blocked.len());
+    for (at, a, b) in &seen.answers {
+        assert!(*b || a.resolved_to_expected(), "{} was not answered (at {at:?}): traffic stopped\n{a}", a.query);
+    }
+    eprintln!("{} blocked queries across a SIGKILL and a restart under ip netns exec: none answered", blocked.len());
+    d.kill().unwrap();
+    let out = cleanup();
+    assert!(out.success() && !host_pins.join("links").join(blokir_tests::netns::EDGE_CLIENT_IFACE).exists(), "{out}");
+    assert!(!topo.xdp_attached().unwrap(), "cleanup under ip netns exec left the program attached");
+}
+
 #[test]
 fn exit_behaviours_default_keeps_filtering_detach_on_exit_and_cleanup() {
     let topo = Topology::new().unwrap();

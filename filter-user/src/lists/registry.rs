@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use super::{KEEP_VERSIONS, ListDef, fetch::sha256_hex};
 use crate::{policy::ListSettings, rules::store::write_atomic};
 
+/// The longest last error kept for a list (a refused download's reasons
+/// quote its lines).
+const MAX_STORED_ERROR: usize = 4096;
+
 /// One version of a list that was put in force.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Version {
@@ -171,7 +175,8 @@ impl Registry {
     pub fn checked(&mut self, name: &str, error: Option<String>) -> anyhow::Result<()> {
         let Some(entry) = self.entries.get_mut(name) else { return Ok(()) };
         entry.last_check = Some(now());
-        entry.last_error = error;
+        // Rewritten on every save and printed by `lists ls`: bounded.
+        entry.last_error = error.map(|e| crate::excerpt::shorten(&e, MAX_STORED_ERROR));
         self.save()
     }
 

@@ -20,9 +20,13 @@ pub struct LineError {
     pub error: LineProblem,
 }
 
+/// How long one bad line's reason may be: it quotes the line, which can be
+/// of any size.
+const MAX_REASON: usize = 512;
+
 impl fmt::Display for LineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: {}", self.source, self.line, self.error)
+        write!(f, "{}:{}: {}", self.source, self.line, crate::excerpt::shorten(&self.error.to_string(), MAX_REASON))
     }
 }
 
