@@ -453,7 +453,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 on_exit,
                 traffic: TrafficPolicy { http_ports, tls_ports, quic },
             };
-            tokio::runtime::Runtime::new().context("starting the runtime")?.block_on(daemon::run(opts))?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let result = runtime.block_on(daemon::run(opts));
+            // A list download still in flight (a blocking task) must not
+            // hold up the exit: it is abandoned, the rules in force stay.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Rules { command, output } => {

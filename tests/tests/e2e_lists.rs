@@ -5,7 +5,7 @@
 //! the server down, a bad hash), versions kept across restarts.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpListener,
     os::fd::AsRawFd as _,
     path::PathBuf,
@@ -494,4 +494,63 @@ fn logs_off_a_terminal_are_plain_and_json_logs_are_one_object_a_line() {
         assert!(v["level"].is_string() && v["timestamp"].is_string() && v["fields"].is_object(), "{line}");
     }
     daemon.stop().unwrap();
+}
+
+/// A list server that accepts and never answers holds up its own list only:
+/// while its `lists add` hangs, another list is added and a rule changed at
+/// once; the hanging one gives up when the server has been silent for the
+/// idle timeout (30 s), not the 5-minute download limit; and SIGTERM during
+/// such a download stops the daemon in seconds.
+#[test]
+fn a_server_that_never_answers_holds_up_only_its_own_list_and_not_the_exit() {
+    let topo = Topology::new().unwrap();
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let netns = std::fs::File::open(format!("/run/netns/{}", topo.edge())).unwrap();
+    let silent = thread::spawn(move || {
+        // SAFETY: moves only this thread into the edge namespace.
+        assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        tx.send(listener.local_addr().unwrap().port()).unwrap();
+        // Accepts, reads, says nothing, until each client gives up.
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while (&conn).read(&mut buf).is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let url = format!("http://127.0.0.1:{}/list.txt", rx.recv_timeout(Duration::from_secs(5)).unwrap());
+    let hang = |url: String| {
+        let mut cli = Command::new(blokir_tests::blokir_bin().unwrap());
+        cli.arg("--socket").arg(topo.socket()).args(["lists", "add", "stuck", "--source", &url]);
+        thread::spawn(move || {
+            let started = Instant::now();
+            (blokir_tests::netns::run(&mut cli, Duration::from_secs(120)).unwrap(), started.elapsed())
+        })
+    };
+    let hanging = hang(url.clone());
+    thread::sleep(Duration::from_millis(500));
+    let other = write(&topo, "other.rules", "t.me\n");
+    let started = Instant::now();
+    ok(&daemon, &["lists", "add", "other", "--source", other.to_str().unwrap()]);
+    ok(&daemon, &["rules", "add", "telegram.org"]);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "other list operations waited for the hanging download: {took:?}");
+    assert_blocked(&topo, &["t.me", "telegram.org"]);
+    let (out, after) = hanging.join().unwrap();
+    assert_eq!(out.code(), Some(3), "{out}");
+    assert!(after < Duration::from_secs(60) && out.stderr.contains("timeout"), "gave up after {after:?}: {out}");
+    assert!(!ls(&daemon).contains_key("stuck"));
+
+    // Hanging again, and SIGTERM: the daemon does not wait for the download.
+    let again = hang(url);
+    thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    daemon.stop().unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?} with a download in flight");
+    assert!(!again.join().unwrap().0.success());
+    drop(silent);
 }

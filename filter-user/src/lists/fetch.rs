@@ -12,6 +12,12 @@ use super::Version;
 pub const MAX_BODY: u64 = 1 << 30;
 /// Time allowed for a whole download.
 pub const TIMEOUT: Duration = Duration::from_secs(300);
+/// Time allowed to connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the server may stay silent (no byte of the answer or the body)
+/// before the download is given up: one that accepts and never answers
+/// costs this, not `TIMEOUT`.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn is_url(source: &str) -> bool {
     source.starts_with("http://") || source.starts_with("https://")
@@ -52,6 +58,9 @@ pub fn fetch(source: &str, current: Option<&Version>) -> Result<Fetched, FetchEr
     let http = |reason: String| FetchError::Http { url: source.to_string(), reason };
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(TIMEOUT))
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_per_read(Some(IDLE_TIMEOUT))
+        .timeout_per_write(Some(IDLE_TIMEOUT))
         .http_status_as_error(false)
         .user_agent(concat!("blokir/", env!("CARGO_PKG_VERSION")))
         .build()

@@ -6,7 +6,7 @@
 //! let through or a name in neither blocked; a version is recorded on disk
 //! only once it is in force.
 
-use std::time::Instant;
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::json;
@@ -26,8 +26,14 @@ use crate::{
     },
 };
 
-/// One list update at a time: two updates of one list must not interleave.
-static UPDATES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// One update of a list at a time (two must not interleave), each list on
+/// its own: a download that hangs holds up its own list only, never another
+/// list's update, `rules` or a reload.
+static UPDATES: std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>> = std::sync::Mutex::new(BTreeMap::new());
+
+fn update_lock(name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    UPDATES.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default().clone()
+}
 
 /// What to fetch: a new list, or a new version of one.
 pub enum Update {
@@ -331,7 +337,11 @@ impl State {
 
 /// Fetches (unlocked) and puts in force (locked) a new list or version.
 pub async fn update(shared: &Shared, update: Update) -> Response {
-    let _one_at_a_time = UPDATES.lock().await;
+    let list = update_lock(match &update {
+        Update::Add(def) => &def.name,
+        Update::Refresh(name) => name,
+    });
+    let _one_at_a_time = list.lock().await;
     let started = Instant::now();
     let begun = lock(shared).begin(&update);
     let (def, current) = match begun {
@@ -359,12 +369,20 @@ pub async fn refresh_loop(shared: Shared) {
         tick.tick().await;
         let due = lock(&shared).due();
         for name in due {
-            let r = update(&shared, Update::Refresh(name.clone())).await;
-            if r.ok {
-                tracing::info!(list = name, "{}", r.message);
-            } else {
-                tracing::warn!(list = name, "refresh failed, the version in force stays: {}", r.message);
+            // Each list on its own task: a hanging server delays only its
+            // list, which is not queued again while its check runs.
+            if update_lock(&name).try_lock().is_err() {
+                continue;
             }
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let r = update(&shared, Update::Refresh(name.clone())).await;
+                if r.ok {
+                    tracing::info!(list = name, "{}", r.message);
+                } else {
+                    tracing::warn!(list = name, "refresh failed, the version in force stays: {}", r.message);
+                }
+            });
         }
     }
 }
