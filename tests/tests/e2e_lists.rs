@@ -554,3 +554,39 @@ fn a_server_that_never_answers_holds_up_only_its_own_list_and_not_the_exit() {
     assert!(!again.join().unwrap().0.success());
     drop(silent);
 }
+
+/// `lists rm` when the state directory cannot be written (remounted
+/// read-only under the daemon, as a full or failing disk would): refused
+/// with the reason, and the list stays enforced, as the state on disk says;
+/// once the directory is writable again, `rm` lifts it, and a restart agrees.
+#[test]
+fn lists_rm_on_a_read_only_state_dir_keeps_the_kernel_and_the_disk_in_agreement() {
+    let topo = Topology::new().unwrap();
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
+    let file = write(&topo, "tp.rules", "t.me\n");
+    ok(&daemon, &["lists", "add", "tp", "--source", file.to_str().unwrap()]);
+    assert_blocked(&topo, &["t.me"]);
+    // Read-only in the daemon's own mount namespace (`ip netns exec` gave it one).
+    let state = topo.state_dir();
+    let in_daemon = |args: &[&str]| {
+        let pid = daemon.pid().to_string();
+        let out = blokir_tests::netns::run(Command::new("nsenter").args(["--target", &pid, "--mount", "--"]).args(args), Duration::from_secs(10)).unwrap();
+        assert!(out.success(), "{out}");
+    };
+    let dir = state.to_str().unwrap();
+    in_daemon(&["mount", "--bind", dir, dir]);
+    in_daemon(&["mount", "-o", "remount,bind,ro", dir, dir]);
+    let out = refused(&daemon, &["lists", "rm", "tp"]);
+    assert!(out.stderr.contains("list tp stays in force") && out.stderr.contains("Read-only file system"), "{out}");
+    assert_blocked(&topo, &["t.me"]);
+    assert!(ls(&daemon).contains_key("tp"));
+    in_daemon(&["umount", dir]);
+    let out = ok(&daemon, &["lists", "rm", "tp"]);
+    assert!(out.contains("list tp removed"), "{out}");
+    assert_resolves(&topo, &["t.me"]);
+    daemon.stop().unwrap();
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
+    assert!(!ls(&daemon).contains_key("tp"));
+    assert_resolves(&topo, &["t.me"]);
+    daemon.stop().unwrap();
+}

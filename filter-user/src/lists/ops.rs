@@ -221,8 +221,16 @@ impl State {
     pub(crate) fn lists_rm(&mut self, name: &str) -> anyhow::Result<Response> {
         self.named(name)?;
         let rules = self.engine.list(name).map_or(0, |l| l.len());
-        self.drop_list(name)?;
-        self.registry.remove(name)?;
+        // Disk first: a list the state dir still holds stays enforced, so
+        // the kernel and the next start always agree.
+        let entry = self.registry.remove(name).with_context(|| format!("list {name} stays in force"))?;
+        if let Err(e) = self.drop_list(name) {
+            if let Some(entry) = entry {
+                self.registry.restore(entry).with_context(|| format!("list {name}: lifting it failed ({e:#}), and so did keeping it on disk"))?;
+            }
+            return Err(e.context(format!("list {name} stays in force")));
+        }
+        self.registry.remove_copies(name);
         self.list_status.remove(name);
         Ok(Response::ok(format!("list {name} removed ({rules} rules)"), json!({"list": name, "removed": rules})))
     }

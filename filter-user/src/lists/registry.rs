@@ -180,13 +180,26 @@ impl Registry {
         self.save()
     }
 
-    /// Forgets a list and its copies.
-    pub fn remove(&mut self, name: &str) -> anyhow::Result<()> {
-        if self.entries.remove(name).is_some() {
-            self.save()?;
-            let _ = std::fs::remove_dir_all(self.dir.join("lists").join(name));
+    /// Forgets a list on disk (its copies stay until `remove_copies`), and
+    /// returns it; when the save fails, nothing changes.
+    pub fn remove(&mut self, name: &str) -> anyhow::Result<Option<Entry>> {
+        let Some(entry) = self.entries.remove(name) else { return Ok(None) };
+        if let Err(e) = self.save() {
+            self.entries.insert(name.to_string(), entry);
+            return Err(e);
         }
-        Ok(())
+        Ok(Some(entry))
+    }
+
+    /// Puts back a list `remove` returned.
+    pub fn restore(&mut self, entry: Entry) -> anyhow::Result<()> {
+        self.entries.insert(entry.def.name.clone(), entry);
+        self.save()
+    }
+
+    /// Deletes the copies of a removed list's versions.
+    pub fn remove_copies(&self, name: &str) {
+        let _ = std::fs::remove_dir_all(self.dir.join("lists").join(name));
     }
 }
 
