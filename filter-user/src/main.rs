@@ -654,33 +654,49 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
             }
         }
         Request::ListsLs => {
-            let rows = r.data.as_array().cloned().unwrap_or_default();
             let when = |v: &serde_json::Value| v.as_u64().map_or("never".to_string(), ago);
-            println!(
-                "{:20}  {:>7}  {:>9}  {:8}  {:8}  {:6}  {:3}  {:>7}  {:12}  SOURCE",
-                "LIST", "VERSION", "RULES", "FORMAT", "DNS", "TCP", "ECH", "REFRESH", "CHECKED"
-            );
-            for x in rows {
-                let refresh = x["refresh_secs"].as_u64().map_or("-".into(), |s| format!("{s}s"));
+            let header = ["LIST", "VERSION", "RULES", "FORMAT", "DNS", "TCP", "ECH", "REFRESH", "CHECKED", "SOURCE"].map(String::from);
+            let mut rows = vec![(header, None)];
+            for x in r.data.as_array().cloned().unwrap_or_default() {
                 let format = match (s(&x["format"]), x["read_as"].as_str()) {
                     (f, Some(r)) if f == "auto" => r.to_string(),
                     (f, _) => f,
                 };
-                println!(
-                    "{:20}  {:>7}  {:>9}  {:8}  {:8}  {:6}  {:3}  {:>7}  {:12}  {}",
+                let row = [
                     s(&x["name"]),
-                    x["version"],
-                    x["rules"],
+                    x["version"].to_string(),
+                    x["rules"].to_string(),
                     format,
                     s(&x["dns_action"]),
                     s(&x["tcp_action"]),
-                    if x["ech_outer"] == true { "yes" } else { "no" },
-                    refresh,
+                    if x["ech_outer"] == true { "yes" } else { "no" }.to_string(),
+                    x["refresh_secs"].as_u64().map_or("-".into(), |s| format!("{s}s")),
                     when(&x["last_check"]),
-                    s(&x["source"])
-                );
-                if let Some(e) = x["last_error"].as_str() {
-                    println!("{:20}  last check failed: {e}", "");
+                    s(&x["source"]),
+                ];
+                rows.push((row, x["last_error"].as_str().map(str::to_string)));
+            }
+            // Each column as wide as its widest cell; numbers to the right.
+            let mut widths = [0usize; 10];
+            for (row, _) in &rows {
+                for (w, cell) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+            for (row, error) in rows {
+                let cells: Vec<String> = row
+                    .iter()
+                    .zip(widths)
+                    .enumerate()
+                    .map(|(i, (cell, w))| match i {
+                        9 => cell.clone(),
+                        1 | 2 | 7 => format!("{cell:>w$}"),
+                        _ => format!("{cell:<w$}"),
+                    })
+                    .collect();
+                println!("{}", cells.join("  "));
+                if let Some(e) = error {
+                    println!("{:w$}  last check failed: {e}", "", w = widths[0]);
                 }
             }
         }

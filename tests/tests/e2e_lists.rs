@@ -94,6 +94,12 @@ fn named_lists_in_every_format_are_enforced_listed_refused_when_bad_and_removed(
     assert_eq!(lists["web"]["read_as"], "rpz");
     let table = ok(&daemon, &["lists", "ls"]);
     assert!(table.lines().any(|l| l.starts_with("kominfo") && l.contains("hosts") && l.ends_with(hosts.to_str().unwrap())), "{table}");
+    // Columns line up: every row's SOURCE starts where the header's does.
+    let column = table.lines().next().and_then(|h| h.find("SOURCE")).unwrap();
+    for row in table.lines().skip(1) {
+        let source = row.rfind(' ').map(|i| i + 1).unwrap();
+        assert_eq!(source, column, "misaligned row {row:?} in\n{table}");
+    }
 
     // A bad list is refused with every bad line, and nothing changes.
     let bad = write(&topo, "bad.rpz", "$ORIGIN rpz.example.\nmy.telegram.org CNAME .\nexample.test A 192.0.2.1\nnottelegram.org CNAME walled.garden.\n");
