@@ -45,6 +45,8 @@ pub struct Options {
     pub pin_dir: PathBuf,
     pub on_exit: OnExit,
     pub traffic: TrafficPolicy,
+    /// How long list servers may take.
+    pub fetch_timeouts: crate::lists::fetch::Timeouts,
 }
 
 /// What a clean stop (SIGINT/SIGTERM) does with the program.
@@ -75,6 +77,7 @@ pub struct State {
     pub(crate) registry: Registry,
     /// Freshness of each list, by name (for /metrics and alerts).
     pub list_status: BTreeMap<String, ListStatus>,
+    pub(crate) fetch_timeouts: crate::lists::fetch::Timeouts,
 }
 
 /// Bookkeeping of one list's updates. Every source of a list's rules (a
@@ -171,6 +174,7 @@ impl State {
             on_exit: opts.on_exit,
             registry,
             list_status: BTreeMap::new(),
+            fetch_timeouts: opts.fetch_timeouts,
         };
         state.replace_list_told(LOCAL_LIST, None, &local)?;
         for ((name, path), rules) in state.files.clone().iter().zip(parsed) {

@@ -13,7 +13,7 @@ use blokir::{
     daemon::{self, OnExit, Options},
     ebpf::Mode,
     events::{self, EventLog},
-    lists::{self, ListDef, parse_interval},
+    lists::{self, ListDef, fetch::Timeouts, parse_interval},
     metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
     policy::{
@@ -48,6 +48,14 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A timeout in whole seconds, 1 to 300 (a download's own limit).
+fn seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<u64>() {
+        Ok(n) if (1..=300).contains(&n) => Ok(std::time::Duration::from_secs(n)),
+        _ => Err(format!("{s:?} is not a timeout: whole seconds from 1 to 300")),
+    }
 }
 
 /// `--rule-capacity`: refused at parse time, with the range, like any bad flag.
@@ -159,6 +167,14 @@ enum Command {
         /// under --pin-dir.
         #[arg(long)]
         cleanup: bool,
+        /// Seconds a list server (`lists add --source URL`) may take to
+        /// accept the connection.
+        #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "10")]
+        fetch_connect_timeout: std::time::Duration,
+        /// Seconds a list server may stay silent (no byte of its answer or
+        /// body) before the download is given up.
+        #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "30")]
+        fetch_idle_timeout: std::time::Duration,
     },
     /// Detach the program and remove everything blokir pinned (for when no
     /// daemon runs, e.g. after it was killed or stopped without --cleanup).
@@ -423,6 +439,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             http_ports,
             tls_ports,
             quic,
+            fetch_connect_timeout,
+            fetch_idle_timeout,
         } => {
             let tls_ports = match TlsPorts::from_args(&tls_ports) {
                 Ok(p) => p,
@@ -452,6 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pin_dir,
                 on_exit,
                 traffic: TrafficPolicy { http_ports, tls_ports, quic },
+                fetch_timeouts: Timeouts { connect: fetch_connect_timeout, idle: fetch_idle_timeout },
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let result = runtime.block_on(daemon::run(opts));

@@ -102,6 +102,20 @@ fn a_bad_rule_capacity_is_refused_at_parse_time() {
     }
 }
 
+/// List download timeouts are whole seconds from 1 to 300, else a bad
+/// command line (exit 2).
+#[test]
+fn bad_fetch_timeouts_are_refused_at_parse_time() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value) in [("--fetch-idle-timeout", "0"), ("--fetch-idle-timeout", "301"), ("--fetch-connect-timeout", "5s")] {
+        let mut cmd = Command::new(blokir_bin().unwrap());
+        cmd.args(["run", "--iface", "blokir-none0", "--pin-dir"]).arg(dir.path().join("pins")).args([flag, value]);
+        let out = netns::run(&mut cmd, Duration::from_secs(10)).unwrap();
+        let why = format!("\"{value}\" is not a timeout: whole seconds from 1 to 300");
+        assert!(out.code() == Some(2) && out.stderr.contains(&why), "{flag} {value}: {out}");
+    }
+}
+
 /// Bad `--tls-ports` values are refused with the reason (exit 2) before
 /// anything is loaded, from the command line and from a config file.
 #[test]

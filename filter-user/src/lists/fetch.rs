@@ -12,12 +12,23 @@ use super::Version;
 pub const MAX_BODY: u64 = 1 << 30;
 /// Time allowed for a whole download.
 pub const TIMEOUT: Duration = Duration::from_secs(300);
-/// Time allowed to connect.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time the server may stay silent (no byte of the answer or the body)
-/// before the download is given up: one that accepts and never answers
-/// costs this, not `TIMEOUT`.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a list server may take (`run --fetch-connect-timeout`,
+/// `--fetch-idle-timeout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// To accept the connection.
+    pub connect: Duration,
+    /// Silent (no byte of the answer or the body) before the download is
+    /// given up: a server that accepts and never answers costs this, not
+    /// the whole download's `TIMEOUT`.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { connect: Duration::from_secs(10), idle: Duration::from_secs(30) }
+    }
+}
 
 pub fn is_url(source: &str) -> bool {
     source.starts_with("http://") || source.starts_with("https://")
@@ -50,7 +61,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Reads `source`. `current` is the version in force: its validators make
 /// the request conditional.
-pub fn fetch(source: &str, current: Option<&Version>) -> Result<Fetched, FetchError> {
+pub fn fetch(source: &str, current: Option<&Version>, timeouts: Timeouts) -> Result<Fetched, FetchError> {
     if !is_url(source) {
         let bytes = std::fs::read(Path::new(source)).map_err(|e| FetchError::File(source.to_string(), e))?;
         return Ok(Fetched::Body { bytes, etag: None, last_modified: None });
@@ -58,9 +69,9 @@ pub fn fetch(source: &str, current: Option<&Version>) -> Result<Fetched, FetchEr
     let http = |reason: String| FetchError::Http { url: source.to_string(), reason };
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(TIMEOUT))
-        .timeout_connect(Some(CONNECT_TIMEOUT))
-        .timeout_per_read(Some(IDLE_TIMEOUT))
-        .timeout_per_write(Some(IDLE_TIMEOUT))
+        .timeout_connect(Some(timeouts.connect))
+        .timeout_per_read(Some(timeouts.idle))
+        .timeout_per_write(Some(timeouts.idle))
         .http_status_as_error(false)
         .user_agent(concat!("blokir/", env!("CARGO_PKG_VERSION")))
         .build()

@@ -351,13 +351,16 @@ pub async fn update(shared: &Shared, update: Update) -> Response {
     });
     let _one_at_a_time = list.lock().await;
     let started = Instant::now();
-    let begun = lock(shared).begin(&update);
+    let (begun, timeouts) = {
+        let state = lock(shared);
+        (state.begin(&update), state.fetch_timeouts)
+    };
     let (def, current) = match begun {
         Ok(x) => x,
         Err(e) => return Response::error(format!("{e:#}")),
     };
     let (source, validators) = (def.source.clone(), current.clone());
-    let fetched = match tokio::task::spawn_blocking(move || fetch(&source, validators.as_ref())).await {
+    let fetched = match tokio::task::spawn_blocking(move || fetch(&source, validators.as_ref(), timeouts)).await {
         Ok(f) => f,
         Err(e) => return Response::error(format!("fetching: {e}")),
     };

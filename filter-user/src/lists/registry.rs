@@ -337,8 +337,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Registry::open(dir.path()).unwrap();
         r.put_version(&def(), b"a.example\n", version(b"a.example\n")).unwrap();
-        r.remove("kominfo").unwrap();
+        assert!(r.remove("kominfo").unwrap().is_some());
         assert!(r.get("kominfo").is_none());
+        // The copies stay until the list is lifted from the kernel.
+        assert!(dir.path().join("lists/kominfo").exists());
+        r.remove_copies("kominfo");
         assert!(!dir.path().join("lists/kominfo").exists());
         assert!(Registry::open(dir.path()).unwrap().get("kominfo").is_none());
     }
