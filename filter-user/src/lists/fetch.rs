@@ -13,7 +13,7 @@ pub const MAX_BODY: u64 = 1 << 30;
 /// Time allowed for a whole download.
 pub const TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a list server may take (`run --fetch-connect-timeout`,
-/// `--fetch-idle-timeout`).
+/// `--fetch-idle-timeout`, where the defaults are).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// To accept the connection.
@@ -22,12 +22,6 @@ pub struct Timeouts {
     /// given up: a server that accepts and never answers costs this, not
     /// the whole download's `TIMEOUT`.
     pub idle: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts { connect: Duration::from_secs(10), idle: Duration::from_secs(30) }
-    }
 }
 
 pub fn is_url(source: &str) -> bool {
