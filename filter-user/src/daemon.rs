@@ -27,7 +27,7 @@ use crate::{
     metrics,
     pin::{PinDir, PinLock, mode_name},
     policy::{DnsPolicy, ListPolicy, TrafficPolicy},
-    rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, store::Store},
+    rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, shrink::MaxShrink, store::Store},
 };
 
 pub struct Options {
@@ -47,6 +47,8 @@ pub struct Options {
     pub traffic: TrafficPolicy,
     /// How long list servers may take.
     pub fetch_timeouts: crate::lists::fetch::Timeouts,
+    /// How much of a list one update may take away unless forced.
+    pub max_shrink: MaxShrink,
 }
 
 /// What a clean stop (SIGINT/SIGTERM) does with the program.
@@ -78,6 +80,7 @@ pub struct State {
     /// Freshness of each list, by name (for /metrics and alerts).
     pub list_status: BTreeMap<String, ListStatus>,
     pub(crate) fetch_timeouts: crate::lists::fetch::Timeouts,
+    pub(crate) max_shrink: MaxShrink,
 }
 
 /// Bookkeeping of one list's updates. Every source of a list's rules (a
@@ -93,6 +96,9 @@ pub struct ListStatus {
     /// Updates refused (unreadable or bad file, capacity, a kernel write).
     pub failures: u64,
     pub last_failure: Option<SystemTime>,
+    /// Of those, updates refused for taking away more than `--max-shrink`
+    /// of the list.
+    pub shrinks_refused: u64,
 }
 
 impl ListStatus {
@@ -175,6 +181,7 @@ impl State {
             registry,
             list_status: BTreeMap::new(),
             fetch_timeouts: opts.fetch_timeouts,
+            max_shrink: opts.max_shrink,
         };
         state.replace_list_told(LOCAL_LIST, None, &local)?;
         for ((name, path), rules) in state.files.clone().iter().zip(parsed) {
@@ -246,18 +253,30 @@ impl State {
                 }
                 Ok(Response::ok(String::new(), serde_json::to_value(rows)?))
             }
-            Request::Reload => {
-                // All files parse, or nothing changes; each refused file
-                // counts as a failed update of its list.
+            Request::Reload { force } => {
+                // All files parse (and none takes away more of its list
+                // than --max-shrink, unless forced), or nothing changes;
+                // each refused file counts as a failed update of its list.
                 let mut parsed = Vec::new();
                 let mut errors = Vec::new();
                 for (name, path) in &self.files {
-                    match read_rules(path) {
-                        Ok(rules) => parsed.push(rules),
-                        Err(e) => {
-                            self.list_status.entry(name.clone()).or_default().failed();
-                            errors.push(e.report());
-                        }
+                    let in_force = self.engine.list(name).map_or(0, |l| l.len());
+                    // Why the file is refused, and whether for shrinking.
+                    let refused = match read_rules(path) {
+                        Ok(rules) => match self.max_shrink.check(in_force, rules.len()) {
+                            Err(shrunk) if !force => Some((shrunk.refusal(name, "blokir rules reload --force").to_string(), true)),
+                            _ => {
+                                parsed.push(rules);
+                                None
+                            }
+                        },
+                        Err(e) => Some((e.report(), false)),
+                    };
+                    if let Some((why, shrunk)) = refused {
+                        let status = self.list_status.entry(name.clone()).or_default();
+                        status.failed();
+                        status.shrinks_refused += u64::from(shrunk);
+                        errors.push(why);
                     }
                 }
                 if !errors.is_empty() {
@@ -530,7 +549,7 @@ async fn handle_connection(stream: UnixStream, shared: Shared) {
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::error(format!("bad request: {e}")),
             Ok(Request::ListsAdd { def }) => lists::ops::update(&shared, Update::Add(def)).await,
-            Ok(Request::ListsUpdate { name }) => lists::ops::update(&shared, Update::Refresh(name)).await,
+            Ok(Request::ListsUpdate { name, force }) => lists::ops::update(&shared, Update::Refresh { name, force }).await,
             Ok(req) => tokio::task::spawn_blocking(move || lock(&shared).handle(req)).await.unwrap_or_else(|e| Response::error(format!("internal error: {e}"))),
         },
     };

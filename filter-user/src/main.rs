@@ -21,7 +21,7 @@ use blokir::{
         parse_tcp_action, parse_tls_port,
     },
     replay,
-    rules::formats::Format,
+    rules::{formats::Format, shrink::MaxShrink},
 };
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use filter_common::{reply::DnsAction, reset::TcpAction, rules::DEFAULT_RULE_CAPACITY};
@@ -175,6 +175,13 @@ enum Command {
         /// body) before the download is given up.
         #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "30")]
         fetch_idle_timeout: std::time::Duration,
+        /// The largest share of a list one update may take away (0% to
+        /// 100%): a rule file reloaded or a list refreshed with fewer rules
+        /// than that leaves is refused (an emptied file, a cut-off download),
+        /// the last good version stays; `rules reload --force` and `lists
+        /// update --force` apply it anyway. 100% lets everything through.
+        #[arg(long, value_name = "PERCENT", default_value_t = MaxShrink::DEFAULT)]
+        max_shrink: MaxShrink,
     },
     /// Detach the program and remove everything blokir pinned (for when no
     /// daemon runs, e.g. after it was killed or stopped without --cleanup).
@@ -303,7 +310,12 @@ enum RulesCommand {
         names: Vec<String>,
     },
     /// Re-read every rule file (all parse, or nothing changes).
-    Reload,
+    Reload {
+        /// Apply files that take away more of their list than `run`'s
+        /// --max-shrink allows (an emptied file lifts its list).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -340,6 +352,10 @@ enum ListsCommand {
         /// Skip bad lines (counted and reported) instead of refusing the list.
         #[arg(long)]
         skip_bad_lines: bool,
+        /// The largest share of the list one update may take away (default:
+        /// `run`'s --max-shrink).
+        #[arg(long, value_name = "PERCENT")]
+        max_shrink: Option<MaxShrink>,
     },
     /// Every named list: version in force, rules, actions, last check.
     Ls,
@@ -366,7 +382,13 @@ enum ListsCommand {
     Rm { name: String },
     /// Check a list's source now (a conditional GET for URLs); a new
     /// version is put in force.
-    Update { name: String },
+    Update {
+        name: String,
+        /// Put it in force even if it takes away more of the list than its
+        /// --max-shrink allows.
+        #[arg(long)]
+        force: bool,
+    },
     /// Put the version before the one in force back (or --to VERSION).
     Rollback {
         name: String,
@@ -441,6 +463,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             quic,
             fetch_connect_timeout,
             fetch_idle_timeout,
+            max_shrink,
         } => {
             let tls_ports = match TlsPorts::from_args(&tls_ports) {
                 Ok(p) => p,
@@ -471,6 +494,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 on_exit,
                 traffic: TrafficPolicy { http_ports, tls_ports, quic },
                 fetch_timeouts: Timeouts { connect: fetch_connect_timeout, idle: fetch_idle_timeout },
+                max_shrink,
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let result = runtime.block_on(daemon::run(opts));
@@ -487,7 +511,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 RulesCommand::Del { allow, patterns } => Request::Del { rules: with_action(allow, patterns) },
                 RulesCommand::List => Request::List,
                 RulesCommand::Check { names } => Request::Check { names },
-                RulesCommand::Reload => Request::Reload,
+                RulesCommand::Reload { force } => Request::Reload { force },
             };
             let response = control::call(&cli.socket, &request)?;
             Ok(print(&request, &response, output))
@@ -509,7 +533,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Lists { command, output } => {
             let request = match command {
-                ListsCommand::Add { name, source, format, action, tcp_action, ech_outer, refresh, sha256, skip_bad_lines } => {
+                ListsCommand::Add { name, source, format, action, tcp_action, ech_outer, refresh, sha256, skip_bad_lines, max_shrink } => {
                     // The daemon reads files from its own directory: send an absolute path.
                     let source = if lists::fetch::is_url(&source) || source.contains("://") {
                         source
@@ -517,7 +541,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         std::path::absolute(&source).with_context(|| format!("--source {source:?}"))?.display().to_string()
                     };
                     let settings = ListSettings { action, tcp_action, ech_outer: ech_outer.then_some(true) };
-                    let def = ListDef { name, source, format, settings, refresh_secs: refresh, sha256, skip_bad_lines };
+                    let def = ListDef { name, source, format, settings, refresh_secs: refresh, sha256, skip_bad_lines, max_shrink };
                     if let Err(e) = def.validate() {
                         eprintln!("blokir: {e}");
                         return Ok(ExitCode::from(EXIT_USAGE));
@@ -534,7 +558,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Request::ListsSet { name, change, clear }
                 }
                 ListsCommand::Rm { name } => Request::ListsRm { name },
-                ListsCommand::Update { name } => Request::ListsUpdate { name },
+                ListsCommand::Update { name, force } => Request::ListsUpdate { name, force },
                 ListsCommand::Rollback { name, to } => Request::ListsRollback { name, to },
             };
             let response = control::call(&cli.socket, &request)?;

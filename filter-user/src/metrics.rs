@@ -358,6 +358,13 @@ fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], f
         MetricType::Counter,
         status.iter().map(|(l, s)| (vec![("list", l.as_str())], s.failures)),
     )?;
+    family(
+        enc,
+        "blokir_list_shrinks_refused",
+        "Of those, updates refused for taking away more of the list than --max-shrink allows (an emptied file, a cut-off download); the last good version stayed.",
+        MetricType::Counter,
+        status.iter().map(|(l, s)| (vec![("list", l.as_str())], s.shrinks_refused)),
+    )?;
 
     if let Some((c, cap)) = flows {
         family(

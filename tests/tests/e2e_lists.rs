@@ -598,3 +598,78 @@ fn lists_rm_on_a_read_only_state_dir_keeps_the_kernel_and_the_disk_in_agreement(
     assert_resolves(&topo, &["t.me"]);
     daemon.stop().unwrap();
 }
+
+/// Lists that empty themselves: a list server answering a cut-off body and a
+/// list file emptied in place, picked up by their scheduled refreshes, and a
+/// rule file cut short and reloaded. Each update that would take away more
+/// than the list's --max-shrink is refused, counted, and the last good
+/// version stays in force (real queries are still blocked); by hand it is
+/// refused with the way out, and `--force` applies it.
+#[test]
+fn a_list_that_empties_itself_is_refused_and_kept_until_forced() {
+    let topo = Topology::new().unwrap();
+    let server = ListServer::start(&topo);
+    let lines = |names: &[&str]| names.iter().map(|n| format!("{n}\n")).collect::<String>();
+    let (national, tp, fl) = (&TELEGRAM_NAMES[..4], &TELEGRAM_NAMES[4..8], &TELEGRAM_NAMES[8..]);
+    let rules = write(&topo, "national.rules", &lines(national));
+    let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &["--mode", "generic"]).unwrap();
+    server.publish(&lines(tp));
+    // Its own limit: a cut to half would pass run's 50% default.
+    ok(&daemon, &["lists", "add", "tp", "--source", &server.url(), "--refresh", "10s", "--max-shrink", "20%"]);
+    let file = write(&topo, "fl.txt", &lines(fl));
+    ok(&daemon, &["lists", "add", "fl", "--source", file.to_str().unwrap(), "--refresh", "10s"]);
+    assert_blocked(&topo, &TELEGRAM_NAMES);
+
+    // Unattended: the server cuts the body in half, the file is emptied.
+    server.publish(&lines(&tp[..2]));
+    std::fs::write(&file, "").unwrap();
+    let started = Instant::now();
+    let lists = loop {
+        let lists = ls(&daemon);
+        if ["tp", "fl"].iter().all(|l| lists[*l]["last_error"].is_string()) {
+            break lists;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "not refreshed: {lists:?}");
+        thread::sleep(Duration::from_millis(300));
+    };
+    for (list, had, has, limit) in [("tp", 4, 2, "20%"), ("fl", 3, 0, "50%")] {
+        let error = lists[list]["last_error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("{has} rules where {had} are in force")) && error.contains(&format!("--max-shrink {limit}")),
+            "{list}: {error}"
+        );
+        assert!(error.contains(&format!("`blokir lists update {list} --force`")), "{error}");
+        assert_eq!((&lists[list]["version"], &lists[list]["rules"]), (&1.into(), &had.into()), "{list}");
+    }
+    assert_blocked(&topo, &TELEGRAM_NAMES);
+    let m = daemon.metrics().unwrap();
+    for list in ["tp", "fl"] {
+        let refused = m.value("blokir_list_shrinks_refused_total", &[("list", list)]);
+        assert!(refused.is_some_and(|n| n >= 1), "{list}: {}", m.lines_of("blokir_list_shrinks").join("\n"));
+        assert_eq!(m.value("blokir_list_version", &[("list", list)]), Some(1));
+    }
+    assert_eq!(m.value("blokir_list_shrinks_refused_total", &[("list", "national")]), Some(0));
+
+    // By hand: refused the same way, now with an empty body; --force applies it.
+    server.publish("");
+    let out = refused(&daemon, &["lists", "update", "tp"]);
+    assert!(out.stderr.contains("0 rules where 4 are in force") && out.stderr.contains("--force"), "{out}");
+    assert_blocked(&topo, tp);
+    let out = ok(&daemon, &["lists", "update", "tp", "--force"]);
+    assert!(out.contains("version 2 in force, 0 rules"), "{out}");
+    assert!(ok(&daemon, &["lists", "update", "fl", "--force"]).contains("version 2 in force, 0 rules"));
+    assert_resolves(&topo, &[tp, fl].concat());
+
+    // A rule file cut to one name of four: `rules reload` refuses it.
+    std::fs::write(&rules, lines(&national[..1])).unwrap();
+    let out = refused(&daemon, &["rules", "reload"]);
+    assert!(out.stderr.contains("list national: the new version has 1 rules where 4 are in force"), "{out}");
+    assert!(out.stderr.contains("`blokir rules reload --force`"), "{out}");
+    assert_blocked(&topo, national);
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("blokir_list_shrinks_refused_total", &[("list", "national")]), Some(1));
+    ok(&daemon, &["rules", "reload", "--force"]);
+    assert_blocked(&topo, &national[..1]);
+    assert_resolves(&topo, &national[1..]);
+    daemon.stop().unwrap();
+}
