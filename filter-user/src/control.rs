@@ -74,6 +74,23 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Whether it may change the rules, the lists or their status.
+    pub fn changes(&self) -> bool {
+        match self {
+            Request::List | Request::Check { .. } | Request::Status | Request::ListsLs => false,
+            Request::Add { .. }
+            | Request::Del { .. }
+            | Request::Reload { .. }
+            | Request::ListsAdd { .. }
+            | Request::ListsRm { .. }
+            | Request::ListsUpdate { .. }
+            | Request::ListsRollback { .. }
+            | Request::ListsSet { .. } => true,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,

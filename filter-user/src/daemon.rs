@@ -81,6 +81,8 @@ pub struct State {
     pub list_status: BTreeMap<String, ListStatus>,
     pub(crate) fetch_timeouts: crate::lists::fetch::Timeouts,
     pub(crate) max_shrink: MaxShrink,
+    /// Where /metrics finds the figures it serves during a change.
+    published: metrics::Published,
 }
 
 /// Bookkeeping of one list's updates. Every source of a list's rules (a
@@ -182,6 +184,7 @@ impl State {
             list_status: BTreeMap::new(),
             fetch_timeouts: opts.fetch_timeouts,
             max_shrink: opts.max_shrink,
+            published: metrics::Published::default(),
         };
         state.replace_list_told(LOCAL_LIST, None, &local)?;
         for ((name, path), rules) in state.files.clone().iter().zip(parsed) {
@@ -227,10 +230,21 @@ impl State {
     }
 
     pub fn handle(&mut self, request: Request) -> Response {
-        match self.dispatch(request) {
+        let changes = request.changes();
+        let response = match self.dispatch(request) {
             Ok(r) => r,
             Err(e) => Response::error(format!("{e:#}")),
+        };
+        if changes {
+            self.publish();
         }
+        response
+    }
+
+    /// Hands /metrics the figures after a change (rules, lists, their
+    /// status), for scrapes made while the next change holds the lock.
+    pub(crate) fn publish(&self) {
+        self.published.publish(self);
     }
 
     fn dispatch(&mut self, request: Request) -> anyhow::Result<Response> {
@@ -442,6 +456,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let opts = Arc::new(opts);
     let (o, p) = (opts.clone(), pins.clone());
     let mut state = tokio::task::spawn_blocking(move || State::new(&o, &p)).await??;
+    state.published = metrics_ctx.published();
     tracing::info!(rules = state.engine.rule_count(), nodes = state.engine.node_count(), "rules loaded");
     // Switch only once every rule is in place: from the first packet on,
     // filtering by this program is complete.
@@ -479,7 +494,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         });
     }
-    metrics_ctx.set_ready(shared.clone());
+    metrics_ctx.set_ready(shared.clone())?;
     let control_task = tokio::spawn(serve_control(socket_listener, shared.clone()));
     let refresh_task = tokio::spawn(lists::ops::refresh_loop(shared.clone()));
 

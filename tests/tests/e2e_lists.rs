@@ -673,3 +673,68 @@ fn a_list_that_empties_itself_is_refused_and_kept_until_forced() {
     assert_resolves(&topo, &national[1..]);
     daemon.stop().unwrap();
 }
+
+/// A scrape of /metrics from a thread of its own in `topo`'s edge namespace
+/// (where the daemon serves it): the status line and the body.
+fn scrape(topo: &Topology) -> thread::JoinHandle<(String, String)> {
+    let netns = std::fs::File::open(format!("/run/netns/{}", topo.edge())).unwrap();
+    thread::spawn(move || {
+        // SAFETY: moves only this thread into the edge namespace.
+        assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        let mut conn = std::net::TcpStream::connect(blokir_tests::netns::METRICS_ADDR).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        write!(conn, "GET /metrics HTTP/1.1\r\nHost: blokir\r\nConnection: close\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+    })
+}
+
+/// /metrics never waits for a list swap, which holds the daemon's lock for
+/// as long as it takes: while `lists update` swaps 300,000 names (and a
+/// `blokir status`, which needs that lock, hangs behind it), 50 concurrent
+/// scrapes are all answered in full, before the swap ends.
+#[test]
+fn fifty_concurrent_scrapes_are_answered_while_a_big_list_swaps() {
+    const N: usize = 300_000;
+    let topo = Topology::new().unwrap();
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
+    let source = topo.dir().join("big.txt");
+    let write_version = |range: std::ops::Range<usize>| std::fs::write(&source, generated(range).map(|n| n + "\n").collect::<String>()).unwrap();
+    write_version(0..N);
+    let out = daemon.cli_within(&["lists", "add", "big", "--source", source.to_str().unwrap()], Duration::from_secs(300)).unwrap();
+    assert!(out.success(), "{out}");
+    // Every name new: the most work a swap of this size can be.
+    write_version(N..2 * N);
+    let socket = topo.socket();
+    let cli = |args: &'static [&'static str]| {
+        let mut cmd = Command::new(blokir_tests::blokir_bin().unwrap());
+        cmd.arg("--socket").arg(&socket).args(args);
+        thread::spawn(move || blokir_tests::netns::run(&mut cmd, Duration::from_secs(300)).unwrap())
+    };
+    let swap = cli(&["lists", "update", "big"]);
+    // The swap holds the lock once a status asked after it has not come back.
+    let blocked_status = loop {
+        assert!(!swap.is_finished(), "the swap ended before a status request was seen waiting for it: {:?}", swap.join().unwrap());
+        let status = cli(&["status", "--output", "json"]);
+        thread::sleep(Duration::from_millis(300));
+        if !status.is_finished() {
+            break status;
+        }
+    };
+    let scrapes: Vec<_> = (0..50).map(|_| scrape(&topo)).collect();
+    let answers: Vec<(String, String)> = scrapes.into_iter().map(|s| s.join().unwrap()).collect();
+    let (swap_done, status_done) = (swap.is_finished(), blocked_status.is_finished());
+    for (status, body) in &answers {
+        assert!(status.contains(" 200 ") && body.contains("blokir_list_rules{list=\"big\"}") && body.contains("blokir_packets_total"), "{status}\n{body}");
+    }
+    assert!(!swap_done && !status_done, "the scrapes ended after the swap (swap done: {swap_done}, status done: {status_done})");
+    let out = swap.join().unwrap();
+    assert!(out.success() && out.stdout.contains("version 2 in force"), "{out}");
+    assert!(blocked_status.join().unwrap().success());
+    // After the swap, the figures are the new version's.
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("blokir_list_version", &[("list", "big")]), Some(2));
+    daemon.stop().unwrap();
+}

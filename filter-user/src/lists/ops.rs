@@ -382,7 +382,12 @@ pub async fn update(shared: &Shared, update: Update) -> Response {
         Err(e) => return Response::error(format!("fetching: {e}")),
     };
     let shared = shared.clone();
-    tokio::task::spawn_blocking(move || lock(&shared).finish(def, current, fetched, started, force))
+    tokio::task::spawn_blocking(move || {
+        let mut state = lock(&shared);
+        let response = state.finish(def, current, fetched, started, force);
+        state.publish();
+        response
+    })
         .await
         .context("applying")
         .and_then(|r| r)
