@@ -358,6 +358,8 @@ impl State {
             "version": env!("CARGO_PKG_VERSION"),
             "attached": attached,
             "pin_dir": self.pins.describe(),
+            "pins_outlive_daemon": self.pins.outlives_daemon(),
+            "pins": self.pins.persistence(),
             "adopted_maps": self.kernel.adopted_maps(),
             "program_loaded_at": loaded_at,
             "on_exit": self.on_exit,
@@ -443,16 +445,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.ifaces.is_empty() {
         bail!("no interface given (--iface)");
     }
-    // Everything that can fail is done before switching the interfaces; the
-    // socket file is removed on every way out.
-    let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket, "control socket")?;
-    let metrics_endpoint = metrics::bind(&opts.metrics).await?;
-    // /healthz and /readyz answer while the rules load (readyz: 503).
-    let metrics_ctx = metrics::Context::new(opts.ifaces.clone());
-    tracing::info!(endpoint = metrics_endpoint.describe, "serving /metrics, /healthz, /readyz");
-    let mut metrics_task = tokio::spawn(metrics_endpoint.serve(metrics_ctx.clone()));
+    // Everything that can fail is done before switching the interfaces, and
+    // nothing is announced before it could refuse; the socket file is
+    // removed on every way out.
     let pins = PinDir::create(&opts.pin_dir)?;
     let _lock: PinLock = pins.lock()?;
+    let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket, "control socket")?;
+    let metrics_endpoint = metrics::bind(&opts.metrics).await?;
+    let endpoint = metrics_endpoint.describe.clone();
+    // /healthz and /readyz answer while the rules load (readyz: 503).
+    let metrics_ctx = metrics::Context::new(opts.ifaces.clone(), pins.clone());
+    let mut metrics_task = tokio::spawn(metrics_endpoint.serve(metrics_ctx.clone()));
     let opts = Arc::new(opts);
     let (o, p) = (opts.clone(), pins.clone());
     let mut state = tokio::task::spawn_blocking(move || State::new(&o, &p)).await??;
@@ -495,6 +498,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         });
     }
     metrics_ctx.set_ready(shared.clone())?;
+    tracing::info!(endpoint, "serving /metrics, /healthz, /readyz");
     let control_task = tokio::spawn(serve_control(socket_listener, shared.clone()));
     let refresh_task = tokio::spawn(lists::ops::refresh_loop(shared.clone()));
 

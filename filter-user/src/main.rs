@@ -756,6 +756,7 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
                 s(&d["pin_dir"]),
                 s(&d["on_exit"])
             );
+            println!("{}", s(&d["pins"]));
             let adopted: Vec<String> = d["adopted_maps"].as_array().cloned().unwrap_or_default().iter().map(s).collect();
             println!("state adopted from the previous program: {}", if adopted.is_empty() { "none (fresh)".to_string() } else { adopted.join(", ") });
             println!("{:16}  {:8}  {:8}  {:7}  {:6}  {:7}  TOOK OVER FROM", "IFACE", "ATTACHED", "MODE", "PROGRAM", "LINK", "PINNED");

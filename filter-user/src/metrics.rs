@@ -56,6 +56,8 @@ use crate::{
 pub struct Context {
     state: OnceLock<Shared>,
     ifaces: Vec<String>,
+    /// Where the pins are, and whether they outlive the daemon (/readyz).
+    pins: String,
     readers: OnceLock<MapReaders>,
     published: Published,
     flows: OnceLock<Flows>,
@@ -136,10 +138,11 @@ impl Figures {
 }
 
 impl Context {
-    pub fn new(ifaces: Vec<String>) -> Arc<Self> {
+    pub fn new(ifaces: Vec<String>, pins: crate::pin::PinDir) -> Arc<Self> {
         Arc::new(Context {
             state: OnceLock::new(),
             ifaces,
+            pins: pins.persistence(),
             readers: OnceLock::new(),
             published: Published::default(),
             flows: OnceLock::new(),
@@ -550,9 +553,10 @@ async fn metrics_page(AxumState(ctx): AxumState<Arc<Context>>, headers: HeaderMa
 }
 
 async fn readyz(AxumState(ctx): AxumState<Arc<Context>>) -> Response {
+    let pins = ctx.pins.clone();
     match tokio::task::spawn_blocking(move || ctx.not_ready()).await {
-        Ok(None) => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Ok(None) => (StatusCode::OK, format!("ready\n{pins}\n")).into_response(),
+        Ok(Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n{pins}\n")).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }

@@ -177,6 +177,33 @@ impl PinDir {
         Ok(dir)
     }
 
+    /// Whether the pins outlive this process (and so the program stays
+    /// attached when it dies): on the outer namespace's bpffs, in the host's
+    /// mount namespace, or on a bpffs the host sees at the same path. A
+    /// bpffs mounted only in this process's own mount namespace dies with it.
+    pub fn outlives_daemon(&self) -> bool {
+        if self.outer.is_some() || !private_mount_namespace() {
+            return true;
+        }
+        let dev = |p: &Path| std::fs::metadata(p).ok().map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+        let Some(own) = dev(&self.root) else { return false };
+        let inside = self.root.strip_prefix("/").unwrap_or(&self.root);
+        let outside = |pid: u32| dev(&Path::new(&format!("/proc/{pid}/root")).join(inside));
+        [Some(1), parent_of(std::process::id())].into_iter().flatten().any(|pid| outside(pid) == Some(own))
+    }
+
+    /// Where the pins are and whether they outlive the daemon, in a line
+    /// (`blokir status`, /readyz).
+    pub fn persistence(&self) -> String {
+        match self.outlives_daemon() {
+            true => format!("pins in {}: they outlive the daemon (the program keeps filtering if it dies; the next start takes over)", self.describe()),
+            false => format!(
+                "pins in {}: on a bpffs of this mount namespace only, they die with the daemon and the program detaches (mount bpffs on the host and use --pin-dir there)",
+                self.describe()
+            ),
+        }
+    }
+
     /// The directory as the operator knows it, and where it really is when
     /// that is the outer namespace's bpffs.
     pub fn describe(&self) -> String {

@@ -192,6 +192,10 @@ fn under_ip_netns_exec_with_the_default_pin_dir_a_sigkill_and_restart_leak_nothi
     let d = topo.start_daemon_default_pins(std::slice::from_ref(&telegram), &[]).unwrap();
     let s = status(&d);
     assert!(s["pin_dir"].as_str().is_some_and(|p| p.contains("outside this mount namespace")), "{s}");
+    assert_eq!(s["pins_outlive_daemon"], true, "{s}");
+    // /readyz says so too.
+    let readyz = topo.run_in(topo.edge(), &["curl", "-sS", &format!("http://{}/readyz", blokir_tests::netns::METRICS_ADDR)], Duration::from_secs(10)).unwrap();
+    assert!(readyz.stdout.starts_with("ready\npins in /sys/fs/bpf/blokir (on the bpffs outside this mount namespace): they outlive the daemon"), "{readyz}");
     assert!(host_pins.join("links").join(blokir_tests::netns::EDGE_CLIENT_IFACE).exists(), "the link is not pinned on the host's bpffs: {s}");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -245,6 +249,15 @@ fn exit_behaviours_default_keeps_filtering_detach_on_exit_and_cleanup() {
     cmd.arg("--state-dir").arg(topo.dir().join("other-state"));
     let other = blokir_tests::netns::run(&mut cmd, Duration::from_secs(30)).unwrap();
     assert!(!other.success() && other.stderr.contains("another blokir daemon is using the pin directory"), "{other}");
+    // Refused before anything is announced.
+    assert!(!other.stderr.contains("serving"), "{other}");
+    // So is a bad rule file.
+    let bad = write(&topo, "bad.rules", "t.me\nbad..name\n");
+    let mut cmd = std::process::Command::new(topo.blokir().unwrap());
+    cmd.arg("--socket").arg(topo.dir().join("other.sock")).args(["run", "--iface", "c0", "--metrics-addr", "127.0.0.1:0", "--rules"]).arg(&bad);
+    cmd.arg("--pin-dir").arg(topo.dir().join("bpf/other")).arg("--state-dir").arg(topo.dir().join("other-state"));
+    let other = blokir_tests::netns::run(&mut cmd, Duration::from_secs(30)).unwrap();
+    assert!(!other.success() && other.stderr.contains("bad.rules:2") && !other.stderr.contains("serving"), "{other}");
     d.stop().unwrap();
     assert!(topo.xdp_attached().unwrap(), "the default stop detached the program");
     let pinned = topo.pinned();
@@ -511,4 +524,44 @@ fn a_tls_hello_half_read_before_a_restart_is_blocked_after_it_end_to_end() {
     // starts no flow and passes.
     let (got, cut) = hello_across_a_restart(true);
     assert!(got > cut, "without the pinned flow state the name segment should have passed (the server got {got} bytes)");
+}
+
+/// Pins on a bpffs mounted only in the daemon's own mount namespace (here
+/// by a wrapper under `ip netns exec`) die with it: `status` and /readyz
+/// say so, where an operator looks.
+#[test]
+fn pins_that_would_die_with_the_daemon_are_reported_as_such() {
+    let topo = Topology::new().unwrap();
+    let private = topo.dir().join("private-bpf");
+    std::fs::create_dir_all(&private).unwrap();
+    let mut cmd = topo.daemon_command_default_pins(&[]).unwrap();
+    // The same daemon command, behind a wrapper that mounts its own bpffs.
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    // `netns exec EDGE`, then the daemon's own.
+    let (ip_exec, daemon) = args.split_at(3);
+    let script = format!("mount -t bpf bpf {0} && exec \"$@\" --pin-dir {0}/blokir --cleanup", private.display());
+    let mut wrapped = std::process::Command::new(&program);
+    wrapped.args(ip_exec).args(["sh", "-c", &script, "sh"]).args(daemon);
+    let log = topo.dir().join("private.log");
+    let file = std::fs::File::create(&log).unwrap();
+    // `ip netns exec` and the wrapper exec the daemon: it keeps this pid.
+    let mut child = wrapped.stdin(std::process::Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap();
+    let started = Instant::now();
+    let s = loop {
+        let out = topo.blokir_cli(&["status", "--output", "json"]).unwrap();
+        if out.success() {
+            break serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the daemon did not start: {out}\n{}", std::fs::read_to_string(&log).unwrap());
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s["pins_outlive_daemon"], false, "{s}");
+    assert!(s["pins"].as_str().is_some_and(|p| p.contains("they die with the daemon")), "{s}");
+    let table = topo.blokir_cli(&["status"]).unwrap();
+    assert!(table.stdout.contains("they die with the daemon and the program detaches"), "{table}");
+    let readyz = topo.run_in(topo.edge(), &["curl", "-sS", &format!("http://{}/readyz", blokir_tests::netns::METRICS_ADDR)], Duration::from_secs(10)).unwrap();
+    assert!(readyz.stdout.starts_with("ready\n") && readyz.stdout.contains("they die with the daemon"), "{readyz}");
+    blokir_tests::netns::send_signal(child.id(), "TERM").unwrap();
+    assert!(child.wait().unwrap().success(), "{}", std::fs::read_to_string(&log).unwrap());
 }
