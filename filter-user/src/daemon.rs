@@ -567,12 +567,54 @@ async fn handle_connection(stream: UnixStream, shared: Shared) {
         Err(e) => Response::error(format!("reading the request: {e}")),
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::error(format!("bad request: {e}")),
-            Ok(Request::ListsAdd { def }) => lists::ops::update(&shared, Update::Add(def)).await,
-            Ok(Request::ListsUpdate { name, force }) => lists::ops::update(&shared, Update::Refresh { name, force }).await,
+            Ok(Request::ListsAdd { def }) => {
+                let name = def.name.clone();
+                let Some(r) = unless_gone(write.as_ref(), lists::ops::update(&shared, Update::Add(def))).await else {
+                    tracing::info!(list = name, "lists add: the client went away; request cancelled, the list's update lock freed");
+                    return;
+                };
+                r
+            }
+            Ok(Request::ListsUpdate { name, force }) => {
+                let list = name.clone();
+                let Some(r) = unless_gone(write.as_ref(), lists::ops::update(&shared, Update::Refresh { name, force })).await else {
+                    tracing::info!(list, "lists update: the client went away; request cancelled, the list's update lock freed");
+                    return;
+                };
+                r
+            }
             Ok(req) => tokio::task::spawn_blocking(move || lock(&shared).handle(req)).await.unwrap_or_else(|e| Response::error(format!("internal error: {e}"))),
         },
     };
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
     out.push(b'\n');
     let _ = write.write_all(&out).await;
+}
+
+/// `work`'s response, or None if the client goes away first (a CLI stopped
+/// with Ctrl-C closes its socket): `work` is then dropped, which cancels the
+/// request where it waits (the list's update lock, the download, whose
+/// thread is left to end at its timeout with its result unused); a swap
+/// already under way completes.
+async fn unless_gone(client: &UnixStream, work: impl std::future::Future<Output = Response>) -> Option<Response> {
+    tokio::select! {
+        r = work => Some(r),
+        _ = gone(client) => None,
+    }
+}
+
+/// Returns once the peer has closed its end. Its half-close after the
+/// request (the CLI's `shutdown(Write)`) is not that: only a socket shut
+/// both ways reports POLLHUP.
+async fn gone(client: &UnixStream) {
+    use std::os::fd::AsRawFd as _;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let mut p = libc::pollfd { fd: client.as_raw_fd(), events: 0, revents: 0 };
+        // SAFETY: one valid pollfd, no wait.
+        if unsafe { libc::poll(&mut p, 1, 0) } == 1 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            return;
+        }
+    }
 }

@@ -738,3 +738,53 @@ fn fifty_concurrent_scrapes_are_answered_while_a_big_list_swaps() {
     assert_eq!(m.value("blokir_list_version", &[("list", "big")]), Some(2));
     daemon.stop().unwrap();
 }
+
+/// Ctrl-C on `blokir lists add URL` whose server accepts and never answers
+/// cancels the daemon's side of it: the daemon logs the cancel and frees the
+/// list, so adding the same list again from a file goes through at once
+/// instead of waiting the 30 s idle timeout of the abandoned download.
+#[test]
+fn an_interrupted_cli_cancels_its_list_download_in_the_daemon() {
+    let topo = Topology::new().unwrap();
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let netns = std::fs::File::open(format!("/run/netns/{}", topo.edge())).unwrap();
+    thread::spawn(move || {
+        // SAFETY: moves only this thread into the edge namespace.
+        assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        tx.send(listener.local_addr().unwrap().port()).unwrap();
+        // Accepts, says so, and never answers.
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let _ = tx.send(0);
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while (&conn).read(&mut buf).is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let url = format!("http://127.0.0.1:{}/list.txt", rx.recv_timeout(Duration::from_secs(5)).unwrap());
+    let mut cli = Command::new(blokir_tests::blokir_bin().unwrap())
+        .arg("--socket")
+        .arg(topo.socket())
+        .args(["lists", "add", "tp", "--source", &url])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The daemon's download has reached the server.
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0), "the daemon never connected");
+    blokir_tests::netns::send_signal(cli.id(), "INT").unwrap();
+    assert!(!cli.wait().unwrap().success());
+    let started = Instant::now();
+    while !daemon.log().contains("client went away; request cancelled") {
+        assert!(started.elapsed() < Duration::from_secs(10), "no cancel in the log:\n{}", daemon.log());
+        thread::sleep(Duration::from_millis(100));
+    }
+    // The same list, from a file: not held up by the abandoned download.
+    let file = write(&topo, "tp.rules", "t.me\n");
+    let out = ok(&daemon, &["lists", "add", "tp", "--source", file.to_str().unwrap()]);
+    assert!(out.contains("version 1 in force"), "{out}");
+    assert_blocked(&topo, &["t.me"]);
+    daemon.stop().unwrap();
+}
