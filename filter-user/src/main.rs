@@ -794,7 +794,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/blokir.toml");
         let args = ["blokir", "run", "--config", path, "--answer-ttl", "30"].map(std::ffi::OsString::from).to_vec();
         let cli = Cli::try_parse_from(config::expand(args, &Cli::command()).unwrap()).unwrap();
-        let Command::Run { ifaces, rules, dns, metrics_addr, pin_dir, detach_on_exit, cleanup, .. } = cli.command else { panic!("not run") };
+        let Command::Run { ifaces, rules, dns, metrics_addr, pin_dir, detach_on_exit, cleanup, max_shrink, .. } = cli.command else { panic!("not run") };
         assert_eq!(ifaces, ["eth1"]);
         assert_eq!(rules, [PathBuf::from("/etc/blokir/national.rules")]);
         let policy = dns.policy();
@@ -802,6 +802,7 @@ mod tests {
         assert_eq!(metrics_addr.to_string(), "127.0.0.1:9947");
         assert_eq!(pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(!detach_on_exit && !cleanup);
+        assert_eq!(max_shrink, MaxShrink::DEFAULT);
     }
 
     #[test]
