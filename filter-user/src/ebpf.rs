@@ -578,12 +578,7 @@ impl Kernel {
         let own = |data: &MapData| -> anyhow::Result<PerCpuArray<MapData, u64>> {
             Ok(PerCpuArray::try_from(Map::from_map_data(MapData::from_id(data.info()?.id())?)?)?)
         };
-        Ok(MapReaders {
-            counters: own(self.counters.map())?,
-            list_hits: own(self.list_hits.map())?,
-            hits: self.hits_view.clone(),
-            map_ids: self.map_ids()?,
-        })
+        Ok(MapReaders { counters: own(self.counters.map())?, list_hits: own(self.list_hits.map())?, hits: self.hits_view.clone(), map_ids: self.map_ids()? })
     }
 
     /// The event ring buffer (for the one reader of the event log).

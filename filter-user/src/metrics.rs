@@ -5,11 +5,11 @@
 //! hits are exported, so millions of rules never become millions of series.
 
 use std::{
+    collections::BTreeMap,
     fmt::{self, Debug},
     net::SocketAddr,
     path::{Path, PathBuf},
     str::FromStr,
-    collections::BTreeMap,
     sync::{Arc, Mutex, OnceLock, TryLockError, atomic::Ordering},
     time::{Duration, Instant, UNIX_EPOCH},
 };
@@ -132,7 +132,12 @@ impl Figures {
             top,
             nodes: state.engine.node_count() as u64,
             capacity: state.kernel.capacity(),
-            attached: state.kernel.attachments().iter().map(|a| (a.iface.clone(), if a.mode == crate::ebpf::Mode::Native { "native" } else { "generic" })).collect(),
+            attached: state
+                .kernel
+                .attachments()
+                .iter()
+                .map(|a| (a.iface.clone(), if a.mode == crate::ebpf::Mode::Native { "native" } else { "generic" }))
+                .collect(),
         }
     }
 }
@@ -373,13 +378,7 @@ impl Collector for Blokir {
             MetricType::Counter,
             lists.iter().zip(&list_hits).map(|((l, _, _), h)| (vec![("list", l.as_str())], h[1])),
         )?;
-        family(
-            &mut enc,
-            "blokir_list_rules",
-            "Rules in each list.",
-            MetricType::Gauge,
-            lists.iter().map(|(l, _, n)| (vec![("list", l.as_str())], *n as u64)),
-        )?;
+        family(&mut enc, "blokir_list_rules", "Rules in each list.", MetricType::Gauge, lists.iter().map(|(l, _, n)| (vec![("list", l.as_str())], *n as u64)))?;
         family(
             &mut enc,
             "blokir_rule_hits",

@@ -214,8 +214,7 @@ impl PinDir {
         // Outside views unreadable (a unit's bounding set without
         // CAP_SYS_PTRACE, as systemd sandboxes services): a mount that
         // propagates to or from another namespace is one the host has.
-        seen.iter().all(Option::is_none)
-            && std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| propagated_bpffs(&m, &self.root).unwrap_or(false))
+        seen.iter().all(Option::is_none) && std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| propagated_bpffs(&m, &self.root).unwrap_or(false))
     }
 
     /// Where the pins are and whether they outlive the daemon, in a line

@@ -634,10 +634,7 @@ fn a_list_that_empties_itself_is_refused_and_kept_until_forced() {
     };
     for (list, had, has, limit) in [("tp", 4, 2, "20%"), ("fl", 3, 0, "50%")] {
         let error = lists[list]["last_error"].as_str().unwrap();
-        assert!(
-            error.contains(&format!("{has} rules where {had} are in force")) && error.contains(&format!("--max-shrink {limit}")),
-            "{list}: {error}"
-        );
+        assert!(error.contains(&format!("{has} rules where {had} are in force")) && error.contains(&format!("--max-shrink {limit}")), "{list}: {error}");
         assert!(error.contains(&format!("`blokir lists update {list} --force`")), "{error}");
         assert_eq!((&lists[list]["version"], &lists[list]["rules"]), (&1.into(), &had.into()), "{list}");
     }

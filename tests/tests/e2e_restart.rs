@@ -209,10 +209,10 @@ fn with_the_systemd_units_sandbox_a_sigkill_and_restart_leak_nothing() {
         assert_eq!(bounding(&pid.to_string()), unit & bounding("self"));
         let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
         let field = |l: &str, i: usize| l.split(' ').nth(i).unwrap_or_default().to_string();
-        let root = mounts.lines().filter(|l| field(l, 4) == "/").last().unwrap();
+        let root = mounts.lines().rfind(|l| field(l, 4) == "/").unwrap();
         assert!(field(root, 5).starts_with("ro"), "{root}");
         // The last mount on a point is the one seen there.
-        let proc_ = mounts.lines().filter(|l| field(l, 4) == "/proc").last().unwrap();
+        let proc_ = mounts.lines().rfind(|l| field(l, 4) == "/proc").unwrap();
         assert!(proc_.contains("hidepid=invisible") && proc_.contains("subset=pid"), "{proc_}");
     });
 }
@@ -573,7 +573,7 @@ fn pins_that_would_die_with_the_daemon_are_reported_as_such() {
     let topo = Topology::new().unwrap();
     let private = topo.dir().join("private-bpf");
     std::fs::create_dir_all(&private).unwrap();
-    let mut cmd = topo.daemon_command_default_pins(&[]).unwrap();
+    let cmd = topo.daemon_command_default_pins(&[]).unwrap();
     // The same daemon command, behind a wrapper that mounts its own bpffs.
     let program = cmd.get_program().to_string_lossy().into_owned();
     let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();

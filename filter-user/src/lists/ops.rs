@@ -105,7 +105,14 @@ impl State {
 
     /// Puts a fetched version in force, or says why not (the rules in force
     /// stay as they are).
-    fn finish(&mut self, def: ListDef, current: Option<Version>, fetched: Result<Fetched, FetchError>, started: Instant, force: bool) -> anyhow::Result<Response> {
+    fn finish(
+        &mut self,
+        def: ListDef,
+        current: Option<Version>,
+        fetched: Result<Fetched, FetchError>,
+        started: Instant,
+        force: bool,
+    ) -> anyhow::Result<Response> {
         let name = def.name.clone();
         // `lists set` may have changed the list's settings during the fetch.
         let def = self.registry.get(&name).map_or(def, |e| e.def.clone());
@@ -388,10 +395,10 @@ pub async fn update(shared: &Shared, update: Update) -> Response {
         state.publish();
         response
     })
-        .await
-        .context("applying")
-        .and_then(|r| r)
-        .unwrap_or_else(|e| Response::error(format!("{e:#}")))
+    .await
+    .context("applying")
+    .and_then(|r| r)
+    .unwrap_or_else(|e| Response::error(format!("{e:#}")))
 }
 
 /// Checks each list with a refresh interval when it is due; failures are

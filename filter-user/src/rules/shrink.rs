@@ -26,11 +26,7 @@ impl MaxShrink {
     pub fn check(self, in_force: usize, new: usize) -> Result<(), Shrunk> {
         let removed = in_force.saturating_sub(new);
         // removed / in_force > percent / 100, without rounding.
-        if (removed as u128) * 100 > u128::from(self.0) * in_force as u128 {
-            Err(Shrunk { in_force, new, limit: self })
-        } else {
-            Ok(())
-        }
+        if (removed as u128) * 100 > u128::from(self.0) * in_force as u128 { Err(Shrunk { in_force, new, limit: self }) } else { Ok(()) }
     }
 }
 

@@ -344,13 +344,7 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
              answered during the swap: **p50 {:.1} ms, p99 {:.1} ms**, max {:.1} ms (`metrics_scrape_p99_ms_during_swap`). A scrape \
              reads the counters from the maps itself and the lists' figures as published after the last change, so it never waits \
              for a swap.\n",
-            s.rules,
-            s.changed,
-            s.swap_s,
-            s.scrapes,
-            s.p50_ms,
-            s.p99_ms,
-            s.max_ms
+            s.rules, s.changed, s.swap_s, s.scrapes, s.p50_ms, s.p99_ms, s.max_ms
         )?;
     }
 
