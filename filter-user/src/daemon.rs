@@ -567,22 +567,14 @@ async fn handle_connection(stream: UnixStream, shared: Shared) {
         Err(e) => Response::error(format!("reading the request: {e}")),
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::error(format!("bad request: {e}")),
-            Ok(Request::ListsAdd { def }) => {
-                let name = def.name.clone();
-                let Some(r) = unless_gone(write.as_ref(), lists::ops::update(&shared, Update::Add(def))).await else {
-                    tracing::info!(list = name, "lists add: the client went away; request cancelled, the list's update lock freed");
-                    return;
-                };
-                r
-            }
-            Ok(Request::ListsUpdate { name, force }) => {
-                let list = name.clone();
-                let Some(r) = unless_gone(write.as_ref(), lists::ops::update(&shared, Update::Refresh { name, force })).await else {
-                    tracing::info!(list, "lists update: the client went away; request cancelled, the list's update lock freed");
-                    return;
-                };
-                r
-            }
+            Ok(Request::ListsAdd { def }) => match update_unless_gone(&shared, write.as_ref(), Update::Add(def)).await {
+                Some(r) => r,
+                None => return,
+            },
+            Ok(Request::ListsUpdate { name, force }) => match update_unless_gone(&shared, write.as_ref(), Update::Refresh { name, force }).await {
+                Some(r) => r,
+                None => return,
+            },
             Ok(req) => tokio::task::spawn_blocking(move || lock(&shared).handle(req)).await.unwrap_or_else(|e| Response::error(format!("internal error: {e}"))),
         },
     };
@@ -591,15 +583,19 @@ async fn handle_connection(stream: UnixStream, shared: Shared) {
     let _ = write.write_all(&out).await;
 }
 
-/// `work`'s response, or None if the client goes away first (a CLI stopped
-/// with Ctrl-C closes its socket): `work` is then dropped, which cancels the
-/// request where it waits (the list's update lock, the download, whose
-/// thread is left to end at its timeout with its result unused); a swap
-/// already under way completes.
-async fn unless_gone(client: &UnixStream, work: impl std::future::Future<Output = Response>) -> Option<Response> {
+/// The list update's response, or None if the client goes away first (a
+/// CLI stopped with Ctrl-C closes its socket): the update is then dropped,
+/// which cancels it where it waits (the list's update lock, the download,
+/// whose thread is left to end at its timeout with its result unused) and
+/// frees the list for the next command; a swap already under way completes.
+async fn update_unless_gone(shared: &Shared, client: &UnixStream, update: Update) -> Option<Response> {
+    let list = update.list().to_string();
     tokio::select! {
-        r = work => Some(r),
-        _ = gone(client) => None,
+        r = lists::ops::update(shared, update) => Some(r),
+        _ = gone(client) => {
+            tracing::info!(list, "the client went away; request cancelled, the list is free for the next command");
+            None
+        }
     }
 }
 

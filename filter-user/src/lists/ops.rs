@@ -44,6 +44,26 @@ pub enum Update {
     Refresh { name: String, force: bool },
 }
 
+impl Update {
+    /// The list it is to.
+    pub fn list(&self) -> &str {
+        match self {
+            Update::Add(def) => &def.name,
+            Update::Refresh { name, .. } => name,
+        }
+    }
+}
+
+/// What a fetch brought, and how to take it.
+struct Download {
+    /// The version in force when the fetch began.
+    current: Option<Version>,
+    fetched: Result<Fetched, FetchError>,
+    started: Instant,
+    /// Even if it takes away more of the list than `--max-shrink` allows.
+    force: bool,
+}
+
 /// A list's copy on disk, parsed with the list's format.
 fn parse_copy(registry: &Registry, def: &ListDef, v: &Version) -> anyhow::Result<Parsed> {
     let bytes = registry.read_copy(&def.name, v)?;
@@ -105,19 +125,12 @@ impl State {
 
     /// Puts a fetched version in force, or says why not (the rules in force
     /// stay as they are).
-    fn finish(
-        &mut self,
-        def: ListDef,
-        current: Option<Version>,
-        fetched: Result<Fetched, FetchError>,
-        started: Instant,
-        force: bool,
-    ) -> anyhow::Result<Response> {
+    fn finish(&mut self, def: ListDef, download: Download) -> anyhow::Result<Response> {
         let name = def.name.clone();
         // `lists set` may have changed the list's settings during the fetch.
         let def = self.registry.get(&name).map_or(def, |e| e.def.clone());
         let failures = self.list_status.get(&name).map_or(0, |s| s.failures);
-        let result = self.put_in_force(def, current, fetched, started, force);
+        let result = self.put_in_force(def, download);
         if let Err(e) = &result {
             if self.registry.get(&name).is_some() {
                 self.registry.checked(&name, Some(format!("{e:#}")))?;
@@ -145,14 +158,8 @@ impl State {
         status.version = number;
     }
 
-    fn put_in_force(
-        &mut self,
-        def: ListDef,
-        current: Option<Version>,
-        fetched: Result<Fetched, FetchError>,
-        started: Instant,
-        force: bool,
-    ) -> anyhow::Result<Response> {
+    fn put_in_force(&mut self, def: ListDef, download: Download) -> anyhow::Result<Response> {
+        let Download { current, fetched, started, force } = download;
         let name = def.name.clone();
         let (bytes, etag, last_modified) = match fetched? {
             Fetched::NotModified => {
@@ -369,10 +376,8 @@ impl State {
 
 /// Fetches (unlocked) and puts in force (locked) a new list or version.
 pub async fn update(shared: &Shared, update: Update) -> Response {
-    let (list, force) = match &update {
-        Update::Add(def) => (update_lock(&def.name), false),
-        Update::Refresh { name, force } => (update_lock(name), *force),
-    };
+    let list = update_lock(update.list());
+    let force = matches!(update, Update::Refresh { force: true, .. });
     let _one_at_a_time = list.lock().await;
     let started = Instant::now();
     let (begun, timeouts) = {
@@ -391,7 +396,7 @@ pub async fn update(shared: &Shared, update: Update) -> Response {
     let shared = shared.clone();
     tokio::task::spawn_blocking(move || {
         let mut state = lock(&shared);
-        let response = state.finish(def, current, fetched, started, force);
+        let response = state.finish(def, Download { current, fetched, started, force });
         state.publish();
         response
     })
