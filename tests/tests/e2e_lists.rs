@@ -477,7 +477,8 @@ fn logs_off_a_terminal_are_plain_and_json_logs_are_one_object_a_line() {
     cmd.env_remove("NO_COLOR").args(["--mode", "generic", "--cleanup"]).stdout(file.try_clone().unwrap()).stderr(file);
     let mut child = cmd.spawn().unwrap();
     let started = Instant::now();
-    while !std::fs::read_to_string(&path).unwrap().contains("rules loaded") {
+    // Logged once ready.
+    while !std::fs::read_to_string(&path).unwrap().contains("serving /metrics") {
         assert!(started.elapsed() < Duration::from_secs(30) && child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&path).unwrap());
         thread::sleep(Duration::from_millis(100));
     }
@@ -485,7 +486,7 @@ fn logs_off_a_terminal_are_plain_and_json_logs_are_one_object_a_line() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
     let log = std::fs::read_to_string(&path).unwrap();
-    assert!(log.contains("serving /metrics") && !log.contains('\u{1b}'), "{log:?}");
+    assert!(log.contains("rules loaded") && !log.contains('\u{1b}'), "{log:?}");
 
     let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
     ok(&daemon, &["rules", "add", "t.me"]);
@@ -638,6 +639,7 @@ fn a_list_that_empties_itself_is_refused_and_kept_until_forced() {
         assert!(error.contains(&format!("`blokir lists update {list} --force`")), "{error}");
         assert_eq!((&lists[list]["version"], &lists[list]["rules"]), (&1.into(), &had.into()), "{list}");
     }
+    assert_eq!((&lists["tp"]["max_shrink"], &lists["fl"]["max_shrink"]), (&20.into(), &serde_json::Value::Null));
     assert_blocked(&topo, &TELEGRAM_NAMES);
     let m = daemon.metrics().unwrap();
     for list in ["tp", "fl"] {

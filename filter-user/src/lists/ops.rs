@@ -350,6 +350,8 @@ impl State {
                     "own": e.def.settings,
                     "refresh_secs": e.def.refresh_secs,
                     "sha256": e.def.sha256,
+                    // The list's own --max-shrink, in percent (null: run's).
+                    "max_shrink": e.def.max_shrink,
                     "version": e.active,
                     "versions": e.versions.iter().map(|v| v.number).collect::<Vec<_>>(),
                     "rules": self.engine.list(&e.def.name).map_or(0, |l| l.len()),
