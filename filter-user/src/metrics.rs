@@ -81,10 +81,23 @@ const FLOW_COUNT_MAX_AGE: Duration = Duration::from_secs(10);
 pub struct Published(Arc<Mutex<Option<Arc<Figures>>>>);
 
 impl Published {
-    /// Reads `state`'s figures (under the lock its caller holds) for the
-    /// scrapes to come.
-    pub fn publish(&self, state: &State) -> Arc<Figures> {
-        let f = Arc::new(Figures::read(state));
+    /// After a change, under the lock its caller holds: the lists, their
+    /// status and the map figures for the scrapes to come. The top rules
+    /// stay as last ranked (ranking walks every rule's hits: a scrape does
+    /// it when the lock is free, not every `rules add`).
+    pub fn publish(&self, state: &State) {
+        let top = self.last().map(|f| (f.top.clone(), f.ranked));
+        self.set(Figures::read(state, top));
+    }
+
+    /// For a scrape that found the lock free: everything, the top rules
+    /// ranked afresh.
+    fn refresh(&self, state: &State) -> Arc<Figures> {
+        self.set(Figures::read(state, None))
+    }
+
+    fn set(&self, figures: Figures) -> Arc<Figures> {
+        let f = Arc::new(figures);
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(f.clone());
         f
     }
@@ -96,6 +109,8 @@ impl Published {
 
 /// The daemon's side of a scrape, read under its lock.
 pub struct Figures {
+    /// When the top rules were ranked, and how long that took.
+    ranked: (Instant, Duration),
     /// Each list: name, id, rules.
     lists: Vec<(String, u8, usize)>,
     status: BTreeMap<String, ListStatus>,
@@ -108,25 +123,15 @@ pub struct Figures {
 }
 
 impl Figures {
-    fn read(state: &State) -> Self {
-        // Top N rules by hits (ties: lower id first).
-        let hits = state.kernel.rule_hits();
-        let mut top: Vec<(u64, u32)> =
-            state.engine.all_rules().map(|(id, _, _)| (hits.get(id as usize).copied().unwrap_or(0), id)).filter(|(h, _)| *h > 0).collect();
-        let n = state.top_rules.min(top.len());
-        if n > 0 && n < top.len() {
-            top.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        }
-        top.truncate(n);
-        top.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let top = top
-            .iter()
-            .filter_map(|(h, id)| {
-                let info = state.engine.rule(*id)?;
-                Some((state.engine.list_name(info.list)?.to_string(), info.rule.to_string(), *h))
-            })
-            .collect();
+    /// `state`'s figures, with `top` as the top rules (and when they were
+    /// ranked), or ranked now.
+    fn read(state: &State, top: Option<(Vec<(String, String, u64)>, (Instant, Duration))>) -> Self {
+        let (top, ranked) = top.unwrap_or_else(|| {
+            let started = Instant::now();
+            (Self::top(state), (started, started.elapsed()))
+        });
         Figures {
+            ranked,
             lists: state.engine.lists().iter().map(|l| (l.name.clone(), l.id, l.len())).collect(),
             status: state.list_status.clone(),
             top,
@@ -139,6 +144,25 @@ impl Figures {
                 .map(|a| (a.iface.clone(), if a.mode == crate::ebpf::Mode::Native { "native" } else { "generic" }))
                 .collect(),
         }
+    }
+
+    /// The top `--top-rules` rules by hits (ties: lower id first).
+    fn top(state: &State) -> Vec<(String, String, u64)> {
+        let hits = state.kernel.rule_hits();
+        let mut top: Vec<(u64, u32)> =
+            state.engine.all_rules().map(|(id, _, _)| (hits.get(id as usize).copied().unwrap_or(0), id)).filter(|(h, _)| *h > 0).collect();
+        let n = state.top_rules.min(top.len());
+        if n > 0 && n < top.len() {
+            top.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        }
+        top.truncate(n);
+        top.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        top.iter()
+            .filter_map(|(h, id)| {
+                let info = state.engine.rule(*id)?;
+                Some((state.engine.list_name(info.list)?.to_string(), info.rule.to_string(), *h))
+            })
+            .collect()
     }
 }
 
@@ -176,7 +200,7 @@ impl Context {
                 }
                 Err(e) => tracing::warn!("opening the TLS flow table: {e:#}"),
             }
-            self.published.publish(&state);
+            self.published.refresh(&state);
         }
         let _ = self.state.set(shared);
         Ok(())
@@ -184,16 +208,25 @@ impl Context {
 
     /// The daemon's figures: read now if its lock is free, else the last
     /// ones published (a list swap in flight holds the lock; the figures
-    /// from before it are served until it ends).
+    /// from before it are served until it ends). Ranking the top rules
+    /// walks every rule under the lock: scrapes rank again only once the
+    /// last ranking is twice as old as it took, so that however many
+    /// scrape at once, they hold the lock at most half the time and never
+    /// crowd the control socket out of it (with few rules, every scrape
+    /// ranks afresh).
     fn figures(&self, shared: &Shared) -> Option<Arc<Figures>> {
+        let last = self.published.last();
+        if last.as_ref().is_some_and(|f| f.ranked.0.elapsed() < 2 * f.ranked.1) {
+            return last;
+        }
         let state = match shared.try_lock() {
             Ok(s) => Some(s),
             Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
             Err(TryLockError::WouldBlock) => None,
         };
         match state {
-            Some(state) => Some(self.published.publish(&state)),
-            None => self.published.last(),
+            Some(state) => Some(self.published.refresh(&state)),
+            None => last,
         }
     }
 
