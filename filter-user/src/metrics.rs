@@ -107,6 +107,9 @@ impl Published {
     }
 }
 
+/// One of the top rules by hits: list, rule, hits.
+type TopRule = (String, String, u64);
+
 /// The daemon's side of a scrape, read under its lock.
 pub struct Figures {
     /// When the top rules were ranked, and how long that took.
@@ -114,8 +117,7 @@ pub struct Figures {
     /// Each list: name, id, rules.
     lists: Vec<(String, u8, usize)>,
     status: BTreeMap<String, ListStatus>,
-    /// The top rules by hits: list, rule, hits.
-    top: Vec<(String, String, u64)>,
+    top: Vec<TopRule>,
     nodes: u64,
     capacity: u32,
     /// Interfaces attached, with their XDP mode.
@@ -125,7 +127,7 @@ pub struct Figures {
 impl Figures {
     /// `state`'s figures, with `top` as the top rules (and when they were
     /// ranked), or ranked now.
-    fn read(state: &State, top: Option<(Vec<(String, String, u64)>, (Instant, Duration))>) -> Self {
+    fn read(state: &State, top: Option<(Vec<TopRule>, (Instant, Duration))>) -> Self {
         let (top, ranked) = top.unwrap_or_else(|| {
             let started = Instant::now();
             (Self::top(state), (started, started.elapsed()))
@@ -147,7 +149,7 @@ impl Figures {
     }
 
     /// The top `--top-rules` rules by hits (ties: lower id first).
-    fn top(state: &State) -> Vec<(String, String, u64)> {
+    fn top(state: &State) -> Vec<TopRule> {
         let hits = state.kernel.rule_hits();
         let mut top: Vec<(u64, u32)> =
             state.engine.all_rules().map(|(id, _, _)| (hits.get(id as usize).copied().unwrap_or(0), id)).filter(|(h, _)| *h > 0).collect();
