@@ -159,6 +159,14 @@ pub struct L3 {
     pub end: usize,
     /// Not the first fragment: there is no transport header to read.
     pub later_fragment: bool,
+    /// The first fragment of a fragmented datagram (offset 0, more to
+    /// come): its transport header, if whole, is the datagram's, but its
+    /// payload is not all here (see `inspect::Fragmented`).
+    pub first_fragment: bool,
+    /// A first fragment that ends inside the IPv6 extension headers (RFC
+    /// 8200 4.5 has receivers drop it): `proto` is the header not reached
+    /// past, `l4_off` the end.
+    pub headers_cut: bool,
     /// A bare fixed header: no IPv4 options or IPv6 extension headers, and
     /// not a fragment. Only such packets are answered in place.
     pub plain: bool,
@@ -210,7 +218,18 @@ pub fn parse_ipv4<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
     let end = clamp_end(p, off + total);
     // Fragment offset or more-fragments set: a fragment.
     let fragment = frag & 0x3fff != 0;
-    Ok(L3 { af: Af::V4, proto, l3_off: off, l4_off: off + ihl, end, later_fragment: frag & 0x1fff != 0, plain: ihl == 20 && !fragment })
+    let later_fragment = frag & 0x1fff != 0;
+    Ok(L3 {
+        af: Af::V4,
+        proto,
+        l3_off: off,
+        l4_off: off + ihl,
+        end,
+        later_fragment,
+        first_fragment: fragment && !later_fragment,
+        headers_cut: false,
+        plain: ihl == 20 && !fragment,
+    })
 }
 
 #[inline(always)]
@@ -227,41 +246,62 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
     let end = clamp_end(p, off + 40 + payload);
     let mut hdr = off + 40;
     let mut later_fragment = false;
+    let mut first_fragment = false;
     let mut fragment = false;
+    // Whether the chain runs past the packet's end. Only decided on after
+    // the loop: a branch on the fragment flags inside it would have the
+    // verifier walk it once per combination.
+    let mut cut = false;
     // One pass per extension header, and one more to reach the transport
     // header behind the last of them.
     for _ in 0..=MAX_IPV6_EXT_HEADERS {
         match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
-                let nh = p.u8_at(hdr).ok_or(BAD)?;
-                let len = p.u8_at(hdr + 1).ok_or(BAD)? as usize;
+                let (Some(nh), Some(len)) = (p.u8_at(hdr), p.u8_at(hdr + 1)) else {
+                    cut = true;
+                    break;
+                };
                 next = nh;
-                hdr += (len + 1) * 8;
+                hdr += (len as usize + 1) * 8;
             }
-            // Fragment header: 8 bytes.
+            // Fragment header: 8 bytes; offset 0 with M set is a first
+            // fragment, offset 0 without M a whole (atomic) datagram.
             44 => {
-                let nh = p.u8_at(hdr).ok_or(BAD)?;
-                let frag = p.be16_at(hdr + 2).ok_or(BAD)?;
+                let (Some(nh), Some(frag)) = (p.u8_at(hdr), p.be16_at(hdr + 2)) else {
+                    cut = true;
+                    break;
+                };
                 later_fragment = frag & 0xfff8 != 0;
+                first_fragment = frag & 0xfff9 == 1;
                 fragment = true;
                 next = nh;
                 hdr += 8;
             }
             // Authentication header: (len + 2) * 4 bytes.
             51 => {
-                let nh = p.u8_at(hdr).ok_or(BAD)?;
-                let len = p.u8_at(hdr + 1).ok_or(BAD)? as usize;
+                let (Some(nh), Some(len)) = (p.u8_at(hdr), p.u8_at(hdr + 1)) else {
+                    cut = true;
+                    break;
+                };
                 next = nh;
-                hdr += (len + 2) * 4;
+                hdr += (len as usize + 2) * 4;
             }
             _ => {
-                return Ok(L3 { af: Af::V6, proto: next, l3_off: off, l4_off: hdr, end, later_fragment, plain: hdr == off + 40 && !fragment });
+                let plain = hdr == off + 40 && !fragment;
+                return Ok(L3 { af: Af::V6, proto: next, l3_off: off, l4_off: hdr, end, later_fragment, first_fragment, headers_cut: false, plain });
             }
         }
         if hdr > end {
-            return Err(BAD);
+            cut = true;
+            break;
         }
+    }
+    // A first fragment whose chain runs past its end hides the transport
+    // header in a later fragment (a tiny-fragment evasion); any other
+    // packet so cut, or with a longer chain than followed, is malformed.
+    if cut && first_fragment {
+        return Ok(L3 { af: Af::V6, proto: next, l3_off: off, l4_off: end, end, later_fragment, first_fragment, headers_cut: true, plain: false });
     }
     Err(BAD)
 }

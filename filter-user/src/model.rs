@@ -533,6 +533,7 @@ pub fn counted(inspection: &Inspection) -> Vec<u32> {
     match *inspection {
         Inspection::Other | Inspection::TcpPayload => vec![],
         Inspection::Fragment => vec![counters::FRAGMENTS],
+        Inspection::FirstFragment { .. } => vec![counters::EVASION_FRAGMENT],
         Inspection::Quic { af, drop } => {
             let mut v = vec![proto_index(Proto::Quic, af, Outcome::Inspected)];
             if drop {

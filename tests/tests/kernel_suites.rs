@@ -6,6 +6,8 @@
 
 #[path = "dns_reply.rs"]
 mod dns_reply;
+#[path = "fragments.rs"]
+mod fragments;
 #[path = "http.rs"]
 mod http;
 #[path = "quic.rs"]
