@@ -169,12 +169,15 @@ pub const TCP_SERVER_RESETS: u32 = TCP_EARLY + 1;
 /// First IP fragments of datagrams blokir reads (`inspect::Fragmented`):
 /// dropped under the `drop` fragment policy, else passed unread.
 pub const EVASION_FRAGMENT: u32 = TCP_SERVER_RESETS + 1;
+/// HTTP requests with a second Host header (`http::Progress::HostRepeat`):
+/// the flow is blocked.
+pub const EVASION_HOST_REPEAT: u32 = EVASION_FRAGMENT + 1;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = EVASION_FRAGMENT + 1;
+pub const COUNTERS: u32 = EVASION_HOST_REPEAT + 1;
 
 /// Circumvention attempts seen, by their `/metrics` label
 /// (`blokir_evasions_total{kind}`).
-pub const EVASIONS: [(&str, u32); 1] = [("fragment", EVASION_FRAGMENT)];
+pub const EVASIONS: [(&str, u32); 2] = [("fragment", EVASION_FRAGMENT), ("host_repeat", EVASION_HOST_REPEAT)];
 
 #[inline(always)]
 pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {

@@ -247,7 +247,7 @@ impl Collector for Blokir {
         family(
             &mut enc,
             "blokir_evasions",
-            "Circumvention attempts seen: first IP fragments of DNS queries or of TCP to the HTTP and TLS ports, dropped or passed by --fragments (fragment).",
+            "Circumvention attempts seen: first IP fragments of DNS queries or of TCP to the HTTP and TLS ports, dropped or passed by --fragments (fragment); HTTP requests with a second Host header, blocked (host_repeat).",
             MetricType::Counter,
             rows,
         )?;

@@ -10,6 +10,8 @@ mod dns_reply;
 mod fragments;
 #[path = "http.rs"]
 mod http;
+#[path = "http_hosts.rs"]
+mod http_hosts;
 #[path = "quic.rs"]
 mod quic;
 #[path = "rst.rs"]
