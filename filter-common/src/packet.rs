@@ -165,7 +165,7 @@ pub struct L3 {
     pub first_fragment: bool,
     /// A first fragment that ends inside the IPv6 extension headers (RFC
     /// 8200 4.5 has receivers drop it): `proto` is the header not reached
-    /// past, `l4_off` the end.
+    /// past, `l4_off` the end (at most `MAX_PACKET_OFFSET`).
     pub headers_cut: bool,
     /// A bare fixed header: no IPv4 options or IPv6 extension headers, and
     /// not a fragment. Only such packets are answered in place.
@@ -216,17 +216,17 @@ pub fn parse_ipv4<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
         return Err(BAD);
     }
     let end = clamp_end(p, off + total);
-    // Fragment offset or more-fragments set: a fragment.
+    // Fragment offset or more-fragments set: a fragment; offset 0 with
+    // more-fragments: the first.
     let fragment = frag & 0x3fff != 0;
-    let later_fragment = frag & 0x1fff != 0;
     Ok(L3 {
         af: Af::V4,
         proto,
         l3_off: off,
         l4_off: off + ihl,
         end,
-        later_fragment,
-        first_fragment: fragment && !later_fragment,
+        later_fragment: frag & 0x1fff != 0,
+        first_fragment: frag & 0x3fff == 0x2000,
         headers_cut: false,
         plain: ihl == 20 && !fragment,
     })
@@ -258,7 +258,11 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
         match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
-                let (Some(nh), Some(len)) = (p.u8_at(hdr), p.u8_at(hdr + 1)) else {
+                let Some(nh) = p.u8_at(hdr) else {
+                    cut = true;
+                    break;
+                };
+                let Some(len) = p.u8_at(hdr + 1) else {
                     cut = true;
                     break;
                 };
@@ -268,7 +272,11 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
             // Fragment header: 8 bytes; offset 0 with M set is a first
             // fragment, offset 0 without M a whole (atomic) datagram.
             44 => {
-                let (Some(nh), Some(frag)) = (p.u8_at(hdr), p.be16_at(hdr + 2)) else {
+                let Some(nh) = p.u8_at(hdr) else {
+                    cut = true;
+                    break;
+                };
+                let Some(frag) = p.be16_at(hdr + 2) else {
                     cut = true;
                     break;
                 };
@@ -280,7 +288,11 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
             }
             // Authentication header: (len + 2) * 4 bytes.
             51 => {
-                let (Some(nh), Some(len)) = (p.u8_at(hdr), p.u8_at(hdr + 1)) else {
+                let Some(nh) = p.u8_at(hdr) else {
+                    cut = true;
+                    break;
+                };
+                let Some(len) = p.u8_at(hdr + 1) else {
                     cut = true;
                     break;
                 };
@@ -301,7 +313,10 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
     // header in a later fragment (a tiny-fragment evasion); any other
     // packet so cut, or with a longer chain than followed, is malformed.
     if cut && first_fragment {
-        return Ok(L3 { af: Af::V6, proto: next, l3_off: off, l4_off: end, end, later_fragment, first_fragment, headers_cut: true, plain: false });
+        // `l4_off` is not read behind a cut; bounded all the same, as every
+        // offset the verifier sees must be.
+        let l4_off = if end < MAX_PACKET_OFFSET { end } else { MAX_PACKET_OFFSET };
+        return Ok(L3 { af: Af::V6, proto: next, l3_off: off, l4_off, end, later_fragment, first_fragment, headers_cut: true, plain: false });
     }
     Err(BAD)
 }
