@@ -7,7 +7,7 @@ use crate::{
     counters::Proto,
     dns::{self, DnsSkip},
     name::{CanonBuf, Decision, canon_start, match_canon},
-    packet::{Af, IPPROTO_TCP, IPPROTO_UDP, L3, Malformed, Packet, Skip, parse_l3, parse_tcp, parse_udp},
+    packet::{Af, IPPROTO_TCP, IPPROTO_UDP, L3, Malformed, Packet, Skip, parse_l3_fragments, parse_tcp, parse_udp},
     quic,
     reply::QueryAt,
     rules::{Config, RuleLookup},
@@ -195,7 +195,7 @@ fn first_fragment<P: Packet + ?Sized>(p: &P, l3: &L3) -> Option<Fragmented> {
 /// The entry stage: Ethernet, VLANs, IP and the transport header.
 #[inline(always)]
 pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
-    let l3 = match parse_l3(p) {
+    let l3 = match parse_l3_fragments(p) {
         Ok(l3) => l3,
         Err(Skip::Other) => return Classified::Other,
         Err(Skip::Malformed(m)) => return Classified::Malformed(m),
