@@ -315,7 +315,7 @@ pub fn fragments(whole: &[u8], cut: usize) -> [Vec<u8>; 2] {
     let v6 = l3.af == Af::V6;
     let split = if v6 { l3.l3_off + 40 } else { l3.l4_off };
     let (head, rest) = (&whole[..split], &whole[split..l3.end]);
-    assert!(cut % 8 == 0 && cut > 0 && cut < rest.len(), "cut {cut} of {}", rest.len());
+    assert!(cut.is_multiple_of(8) && cut > 0 && cut < rest.len(), "cut {cut} of {}", rest.len());
     let piece = |offset: usize, bytes: &[u8], more: bool| {
         let mut f = head.to_vec();
         let ip = l3.l3_off;

@@ -69,7 +69,7 @@ fn fragmented_queries_never_reach_the_resolver_and_whole_unlisted_ones_do() {
     assert_eq!(send(&topo, &plain), ports(&plain), "without blokir the fragmented queries are answered\n{}", topo.resolver_log());
     assert_eq!(asked(&topo, LISTED), plain.len(), "{}", topo.resolver_log());
 
-    let daemon = topo.start_daemon(&[rules.clone()]).unwrap();
+    let daemon = topo.start_daemon(std::slice::from_ref(&rules)).unwrap();
     let mut cases = fragmented(LISTED, 21000);
     cases.extend(fragmented(UNLISTED, 22000));
     cases.extend([Case(LISTED, false, "whole", 23000), Case(LISTED, true, "whole", 23001)]);
