@@ -98,15 +98,20 @@ fn under_the_pass_policy_first_fragments_pass_unread_and_are_counted() {
     l.expect("drop again", &first, XDP_DROP, &[EVASION_FRAGMENT]);
 }
 
-#[test]
-fn fragments_of_other_traffic_pass_untouched() {
+/// A program with TLS read on port 443 only: TCP to 8443 is nobody's.
+fn tls_on_443_only() -> Loaded {
     let mut l = Loaded::new(&[LISTED]);
-    // TLS read on 443 only: TCP to 8443 is nobody's.
     let mut cfg = l.kernel.config();
     cfg.tls_all_ports = 0;
     cfg.tls_ports = [0; MAX_TLS_PORTS];
     cfg.tls_ports[0] = 443;
     l.kernel.write_config(cfg).unwrap();
+    l
+}
+
+#[test]
+fn fragments_of_other_traffic_pass_untouched() {
+    let mut l = tls_on_443_only();
     let hello = client_hello(LISTED);
     let mut icmp = dns(&Frame::udp(), LISTED);
     icmp[14 + 9] = 1;
@@ -132,12 +137,7 @@ fn fragments_of_other_traffic_pass_untouched() {
 
 #[test]
 fn tiny_first_fragments_are_dropped_whatever_their_port() {
-    let mut l = Loaded::new(&[LISTED]);
-    let mut cfg = l.kernel.config();
-    cfg.tls_all_ports = 0;
-    cfg.tls_ports = [0; MAX_TLS_PORTS];
-    cfg.tls_ports[0] = 443;
-    l.kernel.write_config(cfg).unwrap();
+    let mut l = tls_on_443_only();
     let hello = client_hello(LISTED);
     let cases = [
         // The TCP header's flags and data offset in the later fragment
