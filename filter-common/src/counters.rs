@@ -166,8 +166,18 @@ pub const TCP_EARLY: u32 = TLS_ECH_OUTER_BLOCKED + 1;
 /// closes the server's end of the blocked connection (the client's next SYN
 /// starts afresh).
 pub const TCP_SERVER_RESETS: u32 = TCP_EARLY + 1;
+/// First IP fragments of datagrams blokir reads (`inspect::Fragmented`):
+/// dropped under the `drop` fragment policy, else passed unread.
+pub const EVASION_FRAGMENT: u32 = TCP_SERVER_RESETS + 1;
+/// HTTP requests with a second Host header (`http::Progress::HostRepeat`):
+/// the flow is blocked.
+pub const EVASION_HOST_REPEAT: u32 = EVASION_FRAGMENT + 1;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = TCP_SERVER_RESETS + 1;
+pub const COUNTERS: u32 = EVASION_HOST_REPEAT + 1;
+
+/// Circumvention attempts seen, by their `/metrics` label
+/// (`blokir_evasions_total{kind}`).
+pub const EVASIONS: [(&str, u32); 2] = [("fragment", EVASION_FRAGMENT), ("host_repeat", EVASION_HOST_REPEAT)];
 
 #[inline(always)]
 pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {
@@ -208,7 +218,7 @@ mod tests {
             mark(*i);
         }
         mark(TCP_RESETS);
-        for (_, i) in TLS_EVENTS.iter().chain(&HTTP_EVENTS).chain(&TCP_EVENTS) {
+        for (_, i) in TLS_EVENTS.iter().chain(&HTTP_EVENTS).chain(&TCP_EVENTS).chain(&EVASIONS) {
             mark(*i);
         }
         for a in DnsAction::ALL {

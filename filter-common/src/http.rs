@@ -16,6 +16,13 @@
 //!   gives the name (optional whitespace, then the value up to `:port`, `/`,
 //!   whitespace or the line's end); other lines are skipped; an empty line
 //!   ends the head without a Host (HTTP/1.0);
+//! - every Host header counts: after the name the parser reads on to the
+//!   end of the head (the name is reported at the end of the segment that
+//!   completed it, or at the head's end, whichever comes first), and a
+//!   second Host header (a first one after an absolute-form target) is
+//!   `HostRepeat`: some servers serve the second of two, so a request with
+//!   two is blocked whatever they name (RFC 9112 3.2 has servers refuse it
+//!   with 400 anyway);
 //! - the name is written straight into canonical form (lowercased, one
 //!   trailing dot ignored), as the TLS parser does; bytes that cannot be in
 //!   a domain name (letters, digits, `-`, `_`, `.`) make it no name (IP
@@ -92,6 +99,10 @@ pub enum Progress {
     BadHost,
     /// Not an HTTP request.
     NotRequest,
+    /// A second Host header (see the module documentation).
+    HostRepeat,
+    /// The head ended after a name already reported.
+    End,
     /// No name within `MAX_HEAD_BYTES`, or a segment the kernel cannot read
     /// to its end.
     TooLong,
@@ -143,6 +154,17 @@ impl Request {
     pub const FLAG_RESET: u32 = 4;
     /// The blocked connection's server end was sent a RST.
     pub const FLAG_SERVER_CLOSED: u32 = 8;
+    /// A name was read (Host, or an absolute-form target): the parser reads
+    /// on, watching for another Host header.
+    const FLAG_NAMED: u32 = 16;
+    /// A Host header line was met.
+    const FLAG_HOST_SEEN: u32 = 32;
+    /// The name was reported to the caller (`Progress::Name`).
+    const FLAG_REPORTED: u32 = 64;
+    /// The request head ended.
+    const FLAG_ENDED: u32 = 128;
+    /// The Host (or absolute-form target) was not a domain name.
+    const FLAG_BAD: u32 = 256;
 
     /// A parser at the first byte of a request whose first segment starts
     /// at sequence number `seq`.
@@ -199,6 +221,12 @@ impl Request {
         ld(&self.flags) & Request::FLAG_RESET != 0
     }
 
+    /// Whether the request head ended: a flow whose name passed is kept
+    /// until then, for a second Host header.
+    pub fn ended(&self) -> bool {
+        ld(&self.flags) & Request::FLAG_ENDED != 0
+    }
+
     /// Copies the finished name into a matcher buffer.
     pub fn copy_name(&self, buf: &mut CanonBuf) {
         buf.bytes.copy_from_slice(&self.name[..256]);
@@ -239,6 +267,8 @@ const DONE_NO_HOST: u32 = 3;
 const DONE_BAD_HOST: u32 = 4;
 const DONE_NOT_REQUEST: u32 = 5;
 const DONE_TOO_LONG: u32 = 6;
+const DONE_HOST_REPEAT: u32 = 7;
+const DONE_END: u32 = 8;
 
 /// Feeds the segment bytes `off..end` (which start at the parser's
 /// `next_seq`) to the parser, for at most `MAX_STEPS` bytes.
@@ -259,6 +289,14 @@ pub fn feed<P: Packet + ?Sized>(r: &mut Request, p: &P, off: usize, end: usize) 
     if ld(&r.done) == DONE_NOT_YET && cursor as usize >= end {
         st(&mut r.done, DONE_NEED_MORE);
     }
+    // A name read in this segment is reported at its end.
+    let flags = ld(&r.flags);
+    if ld(&r.done) == DONE_NEED_MORE && flags & (Request::FLAG_NAMED | Request::FLAG_REPORTED) == Request::FLAG_NAMED {
+        st(&mut r.done, DONE_NAME);
+    }
+    if ld(&r.done) == DONE_NAME {
+        st(&mut r.flags, flags | Request::FLAG_REPORTED);
+    }
     let consumed = cursor.wrapping_sub(off as u32);
     let next_seq = ld(&r.next_seq).wrapping_add(consumed);
     st(&mut r.next_seq, next_seq);
@@ -269,6 +307,8 @@ pub fn feed<P: Packet + ?Sized>(r: &mut Request, p: &P, off: usize, end: usize) 
         DONE_NO_HOST => Progress::NoHost,
         DONE_BAD_HOST => Progress::BadHost,
         DONE_TOO_LONG => Progress::TooLong,
+        DONE_HOST_REPEAT => Progress::HostRepeat,
+        DONE_END => Progress::End,
         _ => Progress::NotRequest,
     }
 }
@@ -315,10 +355,16 @@ fn step<P: Packet + ?Sized>(r: &mut Request, p: &P, end: usize) {
         }
         stage::LINE => line_byte(r, b),
         stage::HEADER_NAME => header_byte(r, b),
-        stage::END_CR => st(&mut r.done, if b == b'\n' { DONE_NO_HOST } else { DONE_NOT_REQUEST }),
+        stage::END_CR => {
+            if b == b'\n' {
+                head_end(r);
+            } else {
+                st(&mut r.done, DONE_NOT_REQUEST);
+            }
+        }
         stage::HOST_SPACE => {
             if b == b'\r' || b == b'\n' {
-                st(&mut r.done, DONE_BAD_HOST);
+                bad_host(r, b);
             } else if b != b' ' && b != b'\t' {
                 go(r, stage::HOST, 0);
                 host_byte(r, b);
@@ -425,10 +471,18 @@ fn header_byte(r: &mut Request, b: u8) {
     if m == 0 && b == b'\r' {
         go(r, stage::END_CR, 0);
     } else if m == 0 && b == b'\n' {
-        st(&mut r.done, DONE_NO_HOST);
+        head_end(r);
     } else if ascii_lower(b) == byte_of(b"host:", m) {
         if m + 1 == 5 {
-            go(r, stage::HOST_SPACE, 0);
+            let flags = ld(&r.flags);
+            if flags & Request::FLAG_HOST_SEEN != 0 {
+                st(&mut r.done, DONE_HOST_REPEAT);
+            } else {
+                st(&mut r.flags, flags | Request::FLAG_HOST_SEEN);
+                // After an absolute-form target, which names the host,
+                // the first Host header is skipped.
+                go(r, if flags & (Request::FLAG_NAMED | Request::FLAG_BAD) != 0 { stage::LINE } else { stage::HOST_SPACE }, 0);
+            }
         } else {
             st(&mut r.matched, m + 1);
         }
@@ -446,13 +500,13 @@ fn host_byte(r: &mut Request, b: u8) {
     let j = ld(&r.name_pos);
     let at = (CANON_END - (j as usize & CANON_END)) & CANON_END;
     if matches!(b, b':' | b'/' | b'?' | b'#' | b' ' | b'\t' | b'\r' | b'\n') {
-        finish_name(r);
+        finish_name(r, b);
     } else if j as usize > MAX_DOTTED_LEN {
-        st(&mut r.done, DONE_BAD_HOST);
+        bad_host(r, b);
     } else if b == b'.' {
         let len = j.wrapping_sub(ld(&r.label_start));
         if len == 0 || len as usize > MAX_LABEL_LEN {
-            st(&mut r.done, DONE_BAD_HOST);
+            bad_host(r, b);
         } else {
             r.name[at] = len as u8;
             r.name[256 + at] = 1;
@@ -464,26 +518,53 @@ fn host_byte(r: &mut Request, b: u8) {
         r.name[256 + at] = 0;
         st(&mut r.name_pos, j + 1);
     } else {
-        st(&mut r.done, DONE_BAD_HOST);
+        bad_host(r, b);
     }
 }
 
-/// Closes the last label (a trailing dot is allowed and ignored) and stores
-/// the canonical length.
+/// The Host (or absolute-form target) is no domain name: the parser reads
+/// on to the head's end (`BadHost` then), watching for another Host.
 #[inline(always)]
-fn finish_name(r: &mut Request) {
+fn bad_host(r: &mut Request, b: u8) {
+    let flags = ld(&r.flags);
+    st(&mut r.flags, flags | Request::FLAG_BAD);
+    line_byte(r, b);
+}
+
+/// The empty line that ends the head.
+#[inline(always)]
+fn head_end(r: &mut Request) {
+    let flags = ld(&r.flags) | Request::FLAG_ENDED;
+    st(&mut r.flags, flags);
+    let done = if flags & Request::FLAG_REPORTED != 0 {
+        DONE_END
+    } else if flags & Request::FLAG_NAMED != 0 {
+        DONE_NAME
+    } else if flags & Request::FLAG_BAD != 0 {
+        DONE_BAD_HOST
+    } else {
+        DONE_NO_HOST
+    };
+    st(&mut r.done, done);
+}
+
+/// Closes the last label (a trailing dot is allowed and ignored) and stores
+/// the canonical length; the parser reads on from `b`, the byte that ended
+/// the name.
+#[inline(always)]
+fn finish_name(r: &mut Request, b: u8) {
     let n = ld(&r.name_pos);
     let len = n.wrapping_sub(ld(&r.label_start));
     if len == 0 {
         // Empty, or "name." : the dot already closed the last label.
         if n < 2 {
-            st(&mut r.done, DONE_BAD_HOST);
+            bad_host(r, b);
             return;
         }
         st(&mut r.canon_len, n);
     } else {
         if n as usize > MAX_DOTTED_LEN || len as usize > MAX_LABEL_LEN {
-            st(&mut r.done, DONE_BAD_HOST);
+            bad_host(r, b);
             return;
         }
         let at = (CANON_END - (n as usize & CANON_END)) & CANON_END;
@@ -491,7 +572,9 @@ fn finish_name(r: &mut Request) {
         r.name[256 + at] = 1;
         st(&mut r.canon_len, n + 1);
     }
-    st(&mut r.done, DONE_NAME);
+    let flags = ld(&r.flags);
+    st(&mut r.flags, flags | Request::FLAG_NAMED);
+    line_byte(r, b);
 }
 
 #[cfg(test)]
@@ -606,6 +689,68 @@ mod tests {
         assert_eq!(parse(too_long.as_bytes(), &[]).0, Progress::BadHost);
         let label = std::format!("GET / HTTP/1.1\r\nHost: {}.example\r\n\r\n", "a".repeat(64));
         assert_eq!(parse(label.as_bytes(), &[]).0, Progress::BadHost);
+    }
+
+    /// Feeds the segments `cuts` make of `req` in order; every outcome.
+    fn outcomes(req: &[u8], cuts: &[usize]) -> Vec<Progress> {
+        let mut r = Box::new(Request::new(0));
+        let mut bounds = cuts.to_vec();
+        bounds.push(req.len());
+        let (mut start, mut out) = (0, Vec::new());
+        for end in bounds {
+            let seg = &req[start..end];
+            let progress = loop {
+                let crate::tls::Resume::At(at) = resume(&r, start as u32, 0, seg.len()) else { panic!("not in order") };
+                let p = feed(&mut r, seg, at, seg.len());
+                if p != Progress::StepsExhausted {
+                    break p;
+                }
+            };
+            out.push(progress);
+            // A name reported before the head's end leaves the flow read on.
+            if !(progress == Progress::NeedMore || matches!(progress, Progress::Name(_)) && !r.ended()) {
+                break;
+            }
+            start = end;
+        }
+        out
+    }
+
+    #[test]
+    fn a_second_host_header_is_a_repeat_wherever_the_request_is_cut() {
+        for (req, first) in [
+            (&b"GET / HTTP/1.1\r\nHost: a.example\r\nAccept: */*\r\nhost:b.example\r\n\r\n"[..], Progress::Name(10)),
+            (b"GET / HTTP/1.1\r\nHost: [::1]\r\nHost: b.example\r\n\r\n", Progress::NeedMore),
+            (b"GET / HTTP/1.1\r\nHost:\r\nHost: b.example\r\n\r\n", Progress::NeedMore),
+            (b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nHOST: b.example\r\n\r\n", Progress::Name(10)),
+        ] {
+            let what = std::string::String::from_utf8_lossy(req);
+            assert_eq!(outcomes(req, &[]), [Progress::HostRepeat], "{what}");
+            // Cut before the second Host: the first name is reported at
+            // the end of its segment, the repeat with the next.
+            let second = req.windows(6).rposition(|w| w.eq_ignore_ascii_case(b"\nhost:")).unwrap() + 1;
+            assert_eq!(outcomes(req, &[second]), [first, Progress::HostRepeat], "{what}");
+            // Cut at every byte.
+            let every: Vec<usize> = (1..req.len()).collect();
+            assert_eq!(outcomes(req, &every).last(), Some(&Progress::HostRepeat), "{what}");
+        }
+        // One Host after an absolute-form target is no repeat; neither is
+        // a header that merely starts like Host.
+        let one = b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nHostname: b\r\n\r\n";
+        assert_eq!(parse(one, &[]).1, Some(canon("a.example")));
+        assert_eq!(outcomes(one, &[]), [Progress::Name(10)]);
+    }
+
+    #[test]
+    fn the_name_is_reported_once_and_the_head_read_to_its_end() {
+        let req = b"GET / HTTP/1.1\r\nHost: a.example\r\nAccept: */*\r\n\r\n";
+        // The first segment ends inside Accept: the name, then the end.
+        assert_eq!(outcomes(req, &[40]), [Progress::Name(10), Progress::End]);
+        assert_eq!(outcomes(req, &[40, 45]), [Progress::Name(10), Progress::NeedMore, Progress::End]);
+        // Whole, or cut inside the name: the name at the head's end, or at
+        // the end of the segment that completed it.
+        assert_eq!(outcomes(req, &[]), [Progress::Name(10)]);
+        assert_eq!(outcomes(req, &[25]), [Progress::NeedMore, Progress::Name(10)]);
     }
 
     #[test]

@@ -7,11 +7,18 @@ use crate::{
     counters::Proto,
     dns::{self, DnsSkip},
     name::{CanonBuf, Decision, canon_start, match_canon},
-    packet::{Af, IPPROTO_TCP, IPPROTO_UDP, Malformed, Packet, Skip, parse_l3, parse_tcp, parse_udp},
+    packet::{Af, IPPROTO_TCP, IPPROTO_UDP, L3, Malformed, Packet, Skip, parse_l3_fragments, parse_tcp, parse_udp},
     quic,
     reply::QueryAt,
     rules::{Config, RuleLookup},
 };
+
+/// `Config::fragment_policy`: first fragments of datagrams blokir reads
+/// (`Fragmented`) are dropped (the default, 0 so that zeroed settings
+/// drop), or passed unread. Either way they are counted
+/// (`counters::EVASION_FRAGMENT`).
+pub const FRAGMENTS_DROP: u32 = 0;
+pub const FRAGMENTS_PASS: u32 = 1;
 
 /// Resources the inspection needs once it reaches a name.
 pub trait Env {
@@ -51,6 +58,11 @@ pub enum Inspection {
     TcpPayload,
     /// A later IP fragment: passed, it has no transport header.
     Fragment,
+    /// The first fragment of a datagram blokir reads (see `Fragmented`);
+    /// `drop` under the `drop` fragment policy (`Config::fragment_policy`).
+    FirstFragment {
+        drop: bool,
+    },
     /// The program has no settings yet: passed.
     Unconfigured,
     Malformed(Malformed),
@@ -71,7 +83,10 @@ pub enum Inspection {
 impl Inspection {
     /// Whether the packet is to be dropped.
     pub const fn blocks(&self) -> bool {
-        matches!(self, Inspection::Decided { decision: Decision::Block(_), .. } | Inspection::Quic { drop: true, .. })
+        matches!(
+            self,
+            Inspection::Decided { decision: Decision::Block(_), .. } | Inspection::Quic { drop: true, .. } | Inspection::FirstFragment { drop: true }
+        )
     }
 }
 
@@ -99,6 +114,8 @@ pub enum Classified {
     Other,
     /// A later IP fragment.
     Fragment,
+    /// The first fragment of a TCP or UDP datagram that may carry a name.
+    FirstFragment(Fragmented),
     Malformed(Malformed),
     /// A TCP segment with payload, not to port 53, to this port: for the
     /// HTTP stage if it is one of `Config::http_ports`, else the TLS stage
@@ -115,16 +132,82 @@ pub enum Classified {
     Dns(DnsAt),
 }
 
+/// The first fragment of a datagram that may carry a name. Fragments are
+/// not reassembled (XDP sees one frame at a time), so the name may lie in a
+/// fragment blokir never relates to its ports; but a datagram without its
+/// first fragment never reaches the application (the receiver's reassembly
+/// times out), so dropping the first fragment blocks the whole datagram,
+/// whatever order its fragments come in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fragmented {
+    /// UDP or TCP to port 53: always read.
+    Dns,
+    /// TCP to this port (not 53): read if it is an HTTP or a TLS port.
+    Tcp(u16),
+    /// The transport header (or the IPv6 extension headers before it) does
+    /// not fit whole in the first fragment: the ports or the TCP flags are
+    /// in a later fragment (RFC 1858, RFC 3128). Never sent by a real
+    /// stack; treated as a fragment to an inspected port.
+    Tiny,
+}
+
+impl Fragmented {
+    /// Whether a first fragment so classified is subject to the fragment
+    /// policy under settings `cfg` (on the host; the kernel reads the port
+    /// bitmaps).
+    pub fn is_inspected(self, cfg: &Config) -> bool {
+        match self {
+            Fragmented::Dns | Fragmented::Tiny => true,
+            Fragmented::Tcp(port) => cfg.is_http_port(port) || cfg.is_tls_port(port),
+        }
+    }
+}
+
+/// What a first fragment (`L3::first_fragment`) holds of its transport
+/// header: `None` for one that cannot carry a name blokir reads (another
+/// protocol, UDP to a port other than 53).
+#[inline(always)]
+fn first_fragment<P: Packet + ?Sized>(p: &P, l3: &L3) -> Option<Fragmented> {
+    if l3.headers_cut {
+        return Some(Fragmented::Tiny);
+    }
+    // The whole header must lie within the fragment: UDP's 8 bytes, TCP's
+    // 20 and its options (the data offset is in its 13th byte).
+    let min = match l3.proto {
+        IPPROTO_UDP => 8,
+        IPPROTO_TCP => 20,
+        _ => return None,
+    };
+    if l3.l4_off + min > l3.end {
+        return Some(Fragmented::Tiny);
+    }
+    let dst_port = p.be16_at(l3.l4_off + 2)?;
+    if l3.proto == IPPROTO_UDP {
+        return (dst_port == dns::DNS_PORT).then_some(Fragmented::Dns);
+    }
+    let doff = ((p.u8_at(l3.l4_off + 12)? >> 4) as usize) * 4;
+    if doff < 20 || l3.l4_off + doff > l3.end {
+        return Some(Fragmented::Tiny);
+    }
+    Some(if dst_port == dns::DNS_PORT { Fragmented::Dns } else { Fragmented::Tcp(dst_port) })
+}
+
 /// The entry stage: Ethernet, VLANs, IP and the transport header.
 #[inline(always)]
 pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
-    let l3 = match parse_l3(p) {
+    let l3 = match parse_l3_fragments(p) {
         Ok(l3) => l3,
         Err(Skip::Other) => return Classified::Other,
         Err(Skip::Malformed(m)) => return Classified::Malformed(m),
     };
     if l3.later_fragment {
         return if l3.proto == IPPROTO_UDP || l3.proto == IPPROTO_TCP { Classified::Fragment } else { Classified::Other };
+    }
+    if l3.first_fragment {
+        return match first_fragment(p, &l3) {
+            Some(f) => Classified::FirstFragment(f),
+            None => Classified::Other,
+        };
     }
     let (tcp, l4) = match l3.proto {
         IPPROTO_UDP => match parse_udp(p, &l3) {
@@ -214,6 +297,11 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
     match classify(p) {
         Classified::Other => Inspection::Other,
         Classified::Fragment => Inspection::Fragment,
+        Classified::FirstFragment(f) => match env.resources() {
+            Some((_, cfg, _)) if !f.is_inspected(cfg) => Inspection::Other,
+            Some((_, cfg, _)) => Inspection::FirstFragment { drop: cfg.is_configured() && cfg.fragment_policy == FRAGMENTS_DROP },
+            None => Inspection::FirstFragment { drop: false },
+        },
         Classified::Malformed(m) => Inspection::Malformed(m),
         Classified::TcpPayload(_) | Classified::TcpSyn(_) => Inspection::TcpPayload,
         Classified::Quic(af) => {

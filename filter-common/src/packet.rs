@@ -159,6 +159,15 @@ pub struct L3 {
     pub end: usize,
     /// Not the first fragment: there is no transport header to read.
     pub later_fragment: bool,
+    /// The first fragment of a fragmented datagram (offset 0, more to
+    /// come): its transport header, if whole, is the datagram's, but its
+    /// payload is not all here (see `inspect::Fragmented`). For IPv6, read
+    /// by `parse_l3_fragments` only.
+    pub first_fragment: bool,
+    /// A first fragment that ends inside the IPv6 extension headers (RFC
+    /// 8200 4.5 has receivers drop it): `proto` is the header not reached
+    /// past, `l4_off` the end (at most `MAX_PACKET_OFFSET`).
+    pub headers_cut: bool,
     /// A bare fixed header: no IPv4 options or IPv6 extension headers, and
     /// not a fragment. Only such packets are answered in place.
     pub plain: bool,
@@ -208,13 +217,37 @@ pub fn parse_ipv4<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
         return Err(BAD);
     }
     let end = clamp_end(p, off + total);
-    // Fragment offset or more-fragments set: a fragment.
+    // Fragment offset or more-fragments set: a fragment; offset 0 with
+    // more-fragments: the first.
     let fragment = frag & 0x3fff != 0;
-    Ok(L3 { af: Af::V4, proto, l3_off: off, l4_off: off + ihl, end, later_fragment: frag & 0x1fff != 0, plain: ihl == 20 && !fragment })
+    Ok(L3 {
+        af: Af::V4,
+        proto,
+        l3_off: off,
+        l4_off: off + ihl,
+        end,
+        later_fragment: frag & 0x1fff != 0,
+        first_fragment: frag & 0x3fff == 0x2000,
+        headers_cut: false,
+        plain: ihl == 20 && !fragment,
+    })
 }
 
+/// The IPv6 header and its extension chain, as far as the transport header.
+/// `first_fragment` and `headers_cut` are left false: see
+/// `parse_l3_fragments`.
 #[inline(always)]
 pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
+    walk_ipv6::<P, false>(p, off)
+}
+
+/// `parse_ipv6`; with `FRAGMENTS`, also whether the packet is a first
+/// fragment, and one whose chain runs past its end. Only the entry stage
+/// asks (through `parse_l3_fragments`): the flags it would otherwise carry
+/// through the walk double the states the verifier walks in the stream
+/// stages, which parse the lower layers again.
+#[inline(always)]
+fn walk_ipv6<P: Packet + ?Sized, const FRAGMENTS: bool>(p: &P, off: usize) -> Result<L3, Skip> {
     const BAD: Skip = Skip::Malformed(Malformed::Ipv6);
     let v = p.u8_at(off).ok_or(BAD)?;
     if v >> 4 != 6 {
@@ -227,52 +260,85 @@ pub fn parse_ipv6<P: Packet + ?Sized>(p: &P, off: usize) -> Result<L3, Skip> {
     let end = clamp_end(p, off + 40 + payload);
     let mut hdr = off + 40;
     let mut later_fragment = false;
+    let mut first_fragment = false;
     let mut fragment = false;
+    // A first fragment whose chain runs past its end hides the transport
+    // header in a later fragment (a tiny-fragment evasion); any other
+    // packet so cut is malformed.
+    let cut = |first_fragment: bool, next: u8| {
+        if !(FRAGMENTS && first_fragment) {
+            return Err(BAD);
+        }
+        // `l4_off` is not read behind a cut; bounded all the same, as every
+        // offset the verifier sees must be.
+        let l4_off = if end < MAX_PACKET_OFFSET { end } else { MAX_PACKET_OFFSET };
+        Ok(L3 { af: Af::V6, proto: next, l3_off: off, l4_off, end, later_fragment: false, first_fragment, headers_cut: true, plain: false })
+    };
     // One pass per extension header, and one more to reach the transport
     // header behind the last of them.
     for _ in 0..=MAX_IPV6_EXT_HEADERS {
         match next {
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
-                let nh = p.u8_at(hdr).ok_or(BAD)?;
-                let len = p.u8_at(hdr + 1).ok_or(BAD)? as usize;
+                let Some(nh) = p.u8_at(hdr) else { return cut(first_fragment, next) };
+                let Some(len) = p.u8_at(hdr + 1) else { return cut(first_fragment, next) };
                 next = nh;
-                hdr += (len + 1) * 8;
+                hdr += (len as usize + 1) * 8;
             }
-            // Fragment header: 8 bytes.
+            // Fragment header: 8 bytes. Offset 0 with M set is a first
+            // fragment; without M, a whole (atomic) datagram.
             44 => {
-                let nh = p.u8_at(hdr).ok_or(BAD)?;
-                let frag = p.be16_at(hdr + 2).ok_or(BAD)?;
+                let Some(nh) = p.u8_at(hdr) else { return cut(first_fragment, next) };
+                let Some(frag) = p.be16_at(hdr + 2) else { return cut(first_fragment, next) };
                 later_fragment = frag & 0xfff8 != 0;
+                if FRAGMENTS {
+                    first_fragment = frag & 0xfff9 == 1;
+                }
                 fragment = true;
                 next = nh;
                 hdr += 8;
             }
             // Authentication header: (len + 2) * 4 bytes.
             51 => {
-                let nh = p.u8_at(hdr).ok_or(BAD)?;
-                let len = p.u8_at(hdr + 1).ok_or(BAD)? as usize;
+                let Some(nh) = p.u8_at(hdr) else { return cut(first_fragment, next) };
+                let Some(len) = p.u8_at(hdr + 1) else { return cut(first_fragment, next) };
                 next = nh;
-                hdr += (len + 2) * 4;
+                hdr += (len as usize + 2) * 4;
             }
             _ => {
-                return Ok(L3 { af: Af::V6, proto: next, l3_off: off, l4_off: hdr, end, later_fragment, plain: hdr == off + 40 && !fragment });
+                let plain = hdr == off + 40 && !fragment;
+                return Ok(L3 { af: Af::V6, proto: next, l3_off: off, l4_off: hdr, end, later_fragment, first_fragment, headers_cut: false, plain });
             }
         }
         if hdr > end {
-            return Err(BAD);
+            return cut(first_fragment, next);
         }
     }
     Err(BAD)
 }
 
 /// The network layer after Ethernet: IPv4, IPv6, or `Skip::Other`.
+/// `first_fragment` and `headers_cut` are read for IPv4 only: see
+/// `parse_l3_fragments`.
 #[inline(always)]
 pub fn parse_l3<P: Packet + ?Sized>(p: &P) -> Result<L3, Skip> {
     let (ethertype, off) = parse_eth(p)?;
     match ethertype {
         ETH_P_IP => parse_ipv4(p, off),
         ETH_P_IPV6 => parse_ipv6(p, off),
+        _ => Err(Skip::Other),
+    }
+}
+
+/// `parse_l3`, with `first_fragment` and `headers_cut` read for IPv6 too
+/// (an IPv6 first fragment cut inside its extension headers is then no
+/// error): the entry stage's.
+#[inline(always)]
+pub fn parse_l3_fragments<P: Packet + ?Sized>(p: &P) -> Result<L3, Skip> {
+    let (ethertype, off) = parse_eth(p)?;
+    match ethertype {
+        ETH_P_IP => parse_ipv4(p, off),
+        ETH_P_IPV6 => walk_ipv6::<P, true>(p, off),
         _ => Err(Skip::Other),
     }
 }

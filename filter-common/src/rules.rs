@@ -169,6 +169,11 @@ pub struct Config {
     pub tls_ports: [u16; MAX_TLS_PORTS],
     /// 1: every port is a TLS port (the default); `tls_ports` is ignored.
     pub tls_all_ports: u32,
+    /// What first IP fragments of datagrams blokir reads get
+    /// (`inspect::FRAGMENTS_DROP` or `FRAGMENTS_PASS`).
+    pub fragment_policy: u32,
+    /// Keeps the size a multiple of 8: no padding bytes in the map value.
+    pub reserved: u32,
 }
 
 impl Default for Config {
@@ -188,6 +193,8 @@ impl Default for Config {
             http_ports,
             tls_ports: [0; MAX_TLS_PORTS],
             tls_all_ports: 1,
+            fragment_policy: crate::inspect::FRAGMENTS_DROP,
+            reserved: 0,
         }
     }
 }

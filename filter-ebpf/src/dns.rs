@@ -20,7 +20,7 @@ pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
     match *inspection {
         Inspection::Other => xdp_action::XDP_PASS,
         // Decided by the entry program; not a DNS stage outcome.
-        Inspection::TcpPayload | Inspection::Quic { .. } => xdp_action::XDP_PASS,
+        Inspection::TcpPayload | Inspection::Quic { .. } | Inspection::FirstFragment { .. } => xdp_action::XDP_PASS,
         Inspection::Fragment => {
             count(counters::FRAGMENTS);
             xdp_action::XDP_PASS

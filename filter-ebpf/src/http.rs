@@ -119,6 +119,16 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         Progress::NoHost => finish(&key, counters::HTTP_NO_HOST),
         Progress::BadHost => finish(&key, counters::HTTP_BAD_HOST),
         Progress::NotRequest => finish(&key, counters::HTTP_NOT_REQUEST),
+        // The head ended after a name that passed.
+        Progress::End => {
+            let _ = FLOWS.remove(&key);
+            xdp_action::XDP_PASS
+        }
+        Progress::HostRepeat => {
+            count(counters::EVASION_HOST_REPEAT);
+            req.block(false);
+            to_reset(pkt, Toward::Server(req.passed_seq), &key, false)
+        }
         Progress::TooLong | Progress::StepsExhausted => {
             count(counters::HTTP_TOO_LONG);
             req.block(false);

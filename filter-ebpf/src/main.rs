@@ -18,7 +18,7 @@ mod tls;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use filter_common::{
     counters::{self, Outcome, Proto},
-    inspect::{Classified, classify, dns_stage},
+    inspect::{Classified, FRAGMENTS_DROP, Fragmented, classify, dns_stage},
     quic::POLICY_DROP,
     rules::{STAGE_DNS, STAGE_HTTP, STAGE_TLS},
 };
@@ -32,7 +32,9 @@ use crate::{
 /// queries to `blokir_dns`, TCP payload to the HTTP ports to `blokir_http`,
 /// TCP payload to the TLS ports and clients' SYNs to either kind of port to
 /// `blokir_tls` by tail call, so that each stage is verified on its own.
-/// TCP to other ports passes unread.
+/// TCP to other ports passes unread. First IP fragments of what the stages
+/// read are dropped (or passed) by the fragment policy: the rest of such a
+/// datagram is never seen whole.
 #[xdp]
 pub fn blokir(ctx: XdpContext) -> u32 {
     let pkt = XdpPacket { ctx: &ctx };
@@ -40,6 +42,18 @@ pub fn blokir(ctx: XdpContext) -> u32 {
     match classify(&pkt) {
         Classified::Other => {}
         Classified::Fragment => count(counters::FRAGMENTS),
+        Classified::FirstFragment(f) => {
+            let inspected = match f {
+                Fragmented::Tcp(port) => has_port(&HTTP_PORTS, port) || has_port(&TLS_PORTS, port),
+                Fragmented::Dns | Fragmented::Tiny => true,
+            };
+            if inspected {
+                count(counters::EVASION_FRAGMENT);
+                if CONFIG.get(0).is_some_and(|c| c.is_configured() && c.fragment_policy == FRAGMENTS_DROP) {
+                    return xdp_action::XDP_DROP;
+                }
+            }
+        }
         Classified::Malformed(m) => count(counters::malformed_index(m)),
         // SAFETY (each tail call): the slots hold programs of this object;
         // the call returns only if a slot is empty, and then the packet passes.

@@ -5,7 +5,7 @@
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters::{self, Outcome, Proto},
-    flow::{KIND_TLS, Start},
+    flow::{KIND_HTTP, KIND_TLS, Start},
     inspect::Env as _,
     name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
@@ -264,6 +264,14 @@ fn forget(key: &FlowKey) -> u32 {
         if f.kind() == KIND_TLS && !unsafe { f.hello.ended() } {
             // SAFETY: as above.
             unsafe { f.hello.passed_seq = f.hello.next_seq };
+            return xdp_action::XDP_PASS;
+        }
+        // An HTTP request is read on to the end of its head, for a second
+        // Host header.
+        // SAFETY: `request` is read only for an HTTP flow.
+        if f.kind() == KIND_HTTP && !unsafe { f.request.ended() } {
+            // SAFETY: as above.
+            unsafe { f.request.passed_seq = f.request.next_seq };
             return xdp_action::XDP_PASS;
         }
     }

@@ -17,8 +17,8 @@ use blokir::{
     metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
     policy::{
-        DnsPolicy, ListSettings, QuicPolicy, Setting, TlsPort, TlsPorts, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action, parse_port,
-        parse_tcp_action, parse_tls_port,
+        DnsPolicy, FragmentPolicy, ListSettings, QuicPolicy, Setting, TlsPort, TlsPorts, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action,
+        parse_port, parse_tcp_action, parse_tls_port,
     },
     replay,
     rules::{formats::Format, shrink::MaxShrink},
@@ -163,6 +163,12 @@ enum Command {
         /// fall back to TCP, where the TLS server name is read).
         #[arg(long, value_enum, default_value_t = QuicPolicy::Pass)]
         quic: QuicPolicy,
+        /// What first IP fragments of DNS queries (UDP/TCP 53) and of TCP to
+        /// the HTTP and TLS ports get: drop (the datagram never reaches its
+        /// application; the name in it cannot be read), or pass unread.
+        /// Counted either way (blokir_evasions_total{kind="fragment"}).
+        #[arg(long, value_enum, default_value_t = FragmentPolicy::Drop)]
+        fragments: FragmentPolicy,
         /// On SIGINT/SIGTERM, detach the program and remove everything pinned
         /// under --pin-dir.
         #[arg(long)]
@@ -461,6 +467,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             http_ports,
             tls_ports,
             quic,
+            fragments,
             fetch_connect_timeout,
             fetch_idle_timeout,
             max_shrink,
@@ -492,7 +499,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 events,
                 pin_dir,
                 on_exit,
-                traffic: TrafficPolicy { http_ports, tls_ports, quic },
+                traffic: TrafficPolicy { http_ports, tls_ports, quic, fragments },
                 fetch_timeouts: Timeouts { connect: fetch_connect_timeout, idle: fetch_idle_timeout },
                 max_shrink,
             };

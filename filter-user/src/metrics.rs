@@ -397,6 +397,15 @@ impl Collector for Blokir {
             rows,
         )?;
 
+        let rows = counters::EVASIONS.map(|(k, i)| (vec![("kind", k)], get(i)));
+        family(
+            &mut enc,
+            "blokir_evasions",
+            "Circumvention attempts seen: first IP fragments of DNS queries or of TCP to the HTTP and TLS ports, dropped or passed by --fragments (fragment); HTTP requests with a second Host header, blocked (host_repeat).",
+            MetricType::Counter,
+            rows,
+        )?;
+
         let lists = &figures.lists;
         let list_hits: Vec<[u64; 2]> = lists.iter().map(|(_, id, _)| readers.list_hits(*id).unwrap_or_default()).collect();
         family(

@@ -257,6 +257,13 @@ impl Model {
             http::Progress::NoHost => ended(counters::HTTP_NO_HOST, &mut step),
             http::Progress::BadHost => ended(counters::HTTP_BAD_HOST, &mut step),
             http::Progress::NotRequest => ended(counters::HTTP_NOT_REQUEST, &mut step),
+            http::Progress::End => false,
+            http::Progress::HostRepeat => {
+                req.block(false);
+                step.counted.push(counters::EVASION_HOST_REPEAT);
+                step = block(p, false, req.passed_seq, step, &mut req.flags, Request::FLAG_SERVER_CLOSED);
+                true
+            }
             http::Progress::TooLong | http::Progress::StepsExhausted => {
                 req.block(false);
                 step.counted.push(counters::HTTP_TOO_LONG);
@@ -272,8 +279,11 @@ impl Model {
                     let resets = self.resets.contains(&step.rule.map_or(u32::MAX, |r| r.list()));
                     req.block(resets);
                     step = block(p, resets, req.passed_seq, step, &mut req.flags, Request::FLAG_SERVER_CLOSED);
+                } else if !req.ended() {
+                    // Read on to the head's end, for a second Host.
+                    req.passed_seq = req.next_seq;
                 }
-                blocked
+                blocked || !req.ended()
             }
         };
         if !keep {
@@ -533,6 +543,7 @@ pub fn counted(inspection: &Inspection) -> Vec<u32> {
     match *inspection {
         Inspection::Other | Inspection::TcpPayload => vec![],
         Inspection::Fragment => vec![counters::FRAGMENTS],
+        Inspection::FirstFragment { .. } => vec![counters::EVASION_FRAGMENT],
         Inspection::Quic { af, drop } => {
             let mut v = vec![proto_index(Proto::Quic, af, Outcome::Inspected)];
             if drop {

@@ -261,19 +261,33 @@ pub enum QuicPolicy {
     Drop,
 }
 
+/// What first IP fragments of datagrams blokir reads (UDP or TCP to port
+/// 53, TCP to an HTTP or TLS port, or a first fragment too short to say)
+/// get: dropped, so the datagram never reaches the application, or passed
+/// unread. Counted either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FragmentPolicy {
+    #[default]
+    Drop,
+    Pass,
+}
+
 /// Which traffic besides DNS is read: the TCP ports whose payload is read as
 /// HTTP requests, the TCP ports whose payload is read for TLS ClientHellos
-/// (payload to other ports passes unread), and the QUIC policy.
+/// (payload to other ports passes unread), the QUIC policy and the fragment
+/// policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrafficPolicy {
     pub http_ports: Vec<u16>,
     pub tls_ports: TlsPorts,
     pub quic: QuicPolicy,
+    pub fragments: FragmentPolicy,
 }
 
 impl Default for TrafficPolicy {
     fn default() -> Self {
-        TrafficPolicy { http_ports: vec![filter_common::http::HTTP_PORT], tls_ports: TlsPorts::All, quic: QuicPolicy::Pass }
+        TrafficPolicy { http_ports: vec![filter_common::http::HTTP_PORT], tls_ports: TlsPorts::All, quic: QuicPolicy::Pass, fragments: FragmentPolicy::Drop }
     }
 }
 
@@ -301,6 +315,10 @@ impl TrafficPolicy {
         cfg.quic_policy = match self.quic {
             QuicPolicy::Pass => filter_common::quic::POLICY_PASS,
             QuicPolicy::Drop => filter_common::quic::POLICY_DROP,
+        };
+        cfg.fragment_policy = match self.fragments {
+            FragmentPolicy::Drop => filter_common::inspect::FRAGMENTS_DROP,
+            FragmentPolicy::Pass => filter_common::inspect::FRAGMENTS_PASS,
         };
         Ok(())
     }
@@ -475,8 +493,12 @@ mod tests {
         assert!(parse_port("65536").is_err());
         let mut cfg = Config::default();
         assert_eq!(cfg.http_ports[..2], [80, 0]);
-        TrafficPolicy { http_ports: vec![8080, 80, 8080], quic: QuicPolicy::Drop, ..TrafficPolicy::default() }.apply_to(&mut cfg).unwrap();
+        assert_eq!(cfg.fragment_policy, filter_common::inspect::FRAGMENTS_DROP);
+        TrafficPolicy { http_ports: vec![8080, 80, 8080], quic: QuicPolicy::Drop, fragments: FragmentPolicy::Pass, ..TrafficPolicy::default() }
+            .apply_to(&mut cfg)
+            .unwrap();
         assert_eq!((cfg.http_ports[..3].to_vec(), cfg.quic_policy), (vec![80, 8080, 0], filter_common::quic::POLICY_DROP));
+        assert_eq!(cfg.fragment_policy, filter_common::inspect::FRAGMENTS_PASS);
         let many = TrafficPolicy { http_ports: (1..=17).collect(), ..TrafficPolicy::default() };
         assert!(many.apply_to(&mut cfg).unwrap_err().to_string().contains("at most 16"));
     }

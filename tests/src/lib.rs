@@ -166,6 +166,9 @@ pub fn counter_name(index: u32) -> String {
     if let Some((name, _)) = counters::TCP_EVENTS.iter().find(|(_, i)| *i == index) {
         return format!("tcp_{name}");
     }
+    if let Some((name, _)) = counters::EVASIONS.iter().find(|(_, i)| *i == index) {
+        return format!("evasion_{name}");
+    }
     if let Some((name, _)) = counters::ANSWER_FALLBACKS.iter().find(|(_, i)| *i == index) {
         return format!("reply_{name}");
     }

@@ -303,3 +303,58 @@ pub fn client_hello(sni: &str) -> Vec<u8> {
     rec.extend_from_slice(&hs);
     rec
 }
+
+/// The IP datagram in the Ethernet frame `whole` cut into two fragments,
+/// each a whole frame: the first carries the first `cut` bytes (a multiple
+/// of 8) of what follows the IPv4 header (the IPv6 fixed header: later
+/// extension headers are fragmentable, as a Destination Options header
+/// after the Fragment header is), more to come; the second the rest. IPv6
+/// gets a Fragment header. Checksums are left as they were.
+pub fn fragments(whole: &[u8], cut: usize) -> [Vec<u8>; 2] {
+    let l3 = filter_common::packet::parse_l3(whole).expect("an IP frame");
+    let v6 = l3.af == Af::V6;
+    let split = if v6 { l3.l3_off + 40 } else { l3.l4_off };
+    let (head, rest) = (&whole[..split], &whole[split..l3.end]);
+    assert!(cut.is_multiple_of(8) && cut > 0 && cut < rest.len(), "cut {cut} of {}", rest.len());
+    let piece = |offset: usize, bytes: &[u8], more: bool| {
+        let mut f = head.to_vec();
+        let ip = l3.l3_off;
+        if v6 {
+            let next = f[ip + 6];
+            f[ip + 6] = 44;
+            f[ip + 4..ip + 6].copy_from_slice(&((8 + bytes.len()) as u16).to_be_bytes());
+            f.extend_from_slice(&[next, 0]);
+            f.extend_from_slice(&((offset as u16) | u16::from(more)).to_be_bytes());
+            f.extend_from_slice(&0x0b10_c1d0u32.to_be_bytes());
+        } else {
+            let ihl = split - ip;
+            f[ip + 2..ip + 4].copy_from_slice(&((ihl + bytes.len()) as u16).to_be_bytes());
+            f[ip + 6..ip + 8].copy_from_slice(&((offset as u16 / 8) | if more { 0x2000 } else { 0 }).to_be_bytes());
+            f[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+            let sum = ipv4_checksum(&f[ip..split]);
+            f[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+        }
+        f.extend_from_slice(bytes);
+        f
+    };
+    [piece(0, &rest[..cut], true), piece(cut, &rest[cut..], false)]
+}
+
+/// The IPv4 header checksum of `header` (its checksum field zero).
+pub fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]))).sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A plain HTTP/1.1 GET for `/` with these Host headers, in order.
+pub fn http_get(hosts: &[&str]) -> Vec<u8> {
+    let mut r = b"GET / HTTP/1.1\r\n".to_vec();
+    for h in hosts {
+        r.extend_from_slice(format!("Host: {h}\r\n").as_bytes());
+    }
+    r.extend_from_slice(b"User-Agent: blokir-tests\r\nAccept: */*\r\n\r\n");
+    r
+}

@@ -6,8 +6,12 @@
 
 #[path = "dns_reply.rs"]
 mod dns_reply;
+#[path = "fragments.rs"]
+mod fragments;
 #[path = "http.rs"]
 mod http;
+#[path = "http_hosts.rs"]
+mod http_hosts;
 #[path = "quic.rs"]
 mod quic;
 #[path = "rst.rs"]

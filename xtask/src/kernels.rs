@@ -26,7 +26,7 @@ pub const MATRIX: &[&str] = &["6.1", "6.12"];
 /// The packet-level suites run in every guest (the end-to-end ones need
 /// real clients and servers the initramfs does not carry; the guest's own
 /// attach check stands for them), in one binary
-/// (`tests/tests/kernel_suites.rs`: dns_reply, http, quic, rst, tls, xdp) so
+/// (`tests/tests/kernel_suites.rs`: dns_reply, fragments, http, http_hosts, quic, rst, tls, xdp) so
 /// that a guest verifies the program once. The replays of every capture and the verifier figures are
 /// the guest's own steps.
 const SUITES: &[&str] = &["kernel_suites"];
