@@ -691,12 +691,12 @@ fn scrape(topo: &Topology) -> thread::JoinHandle<(String, String)> {
 }
 
 /// /metrics never waits for a list swap, which holds the daemon's lock for
-/// as long as it takes: while `lists update` swaps 300,000 names (and a
+/// as long as it takes: while `lists update` swaps 600,000 names (and a
 /// `blokir status`, which needs that lock, hangs behind it), 50 concurrent
 /// scrapes are all answered in full, before the swap ends.
 #[test]
 fn fifty_concurrent_scrapes_are_answered_while_a_big_list_swaps() {
-    const N: usize = 300_000;
+    const N: usize = 600_000;
     let topo = Topology::new().unwrap();
     let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
     let source = topo.dir().join("big.txt");
