@@ -35,8 +35,12 @@ pub enum Request {
     Check {
         names: Vec<String>,
     },
-    /// Re-reads every rule file.
-    Reload,
+    /// Re-reads every rule file; `force`: even those that take away more of
+    /// their list than `--max-shrink` allows.
+    Reload {
+        #[serde(default)]
+        force: bool,
+    },
     Status,
     /// Adds a named list: fetched, parsed and in force, or refused.
     ListsAdd {
@@ -49,6 +53,9 @@ pub enum Request {
     /// Fetches a named list's source again (conditionally for URLs).
     ListsUpdate {
         name: String,
+        /// Even if it takes away more of the list than `--max-shrink` allows.
+        #[serde(default)]
+        force: bool,
     },
     /// Puts the previous kept version (or version `to`) back in force.
     ListsRollback {
@@ -65,6 +72,23 @@ pub enum Request {
         #[serde(default)]
         clear: Vec<Setting>,
     },
+}
+
+impl Request {
+    /// Whether it may change the rules, the lists or their status.
+    pub fn changes(&self) -> bool {
+        match self {
+            Request::List | Request::Check { .. } | Request::Status | Request::ListsLs => false,
+            Request::Add { .. }
+            | Request::Del { .. }
+            | Request::Reload { .. }
+            | Request::ListsAdd { .. }
+            | Request::ListsRm { .. }
+            | Request::ListsUpdate { .. }
+            | Request::ListsRollback { .. }
+            | Request::ListsSet { .. } => true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

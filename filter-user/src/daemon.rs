@@ -27,7 +27,7 @@ use crate::{
     metrics,
     pin::{PinDir, PinLock, mode_name},
     policy::{DnsPolicy, ListPolicy, TrafficPolicy},
-    rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, store::Store},
+    rules::{Engine, LOCAL_LIST, Rule, engine::ChangeSummary, file::read_rules, shrink::MaxShrink, store::Store},
 };
 
 pub struct Options {
@@ -47,6 +47,8 @@ pub struct Options {
     pub traffic: TrafficPolicy,
     /// How long list servers may take.
     pub fetch_timeouts: crate::lists::fetch::Timeouts,
+    /// How much of a list one update may take away unless forced.
+    pub max_shrink: MaxShrink,
 }
 
 /// What a clean stop (SIGINT/SIGTERM) does with the program.
@@ -78,6 +80,9 @@ pub struct State {
     /// Freshness of each list, by name (for /metrics and alerts).
     pub list_status: BTreeMap<String, ListStatus>,
     pub(crate) fetch_timeouts: crate::lists::fetch::Timeouts,
+    pub(crate) max_shrink: MaxShrink,
+    /// Where /metrics finds the figures it serves during a change.
+    published: metrics::Published,
 }
 
 /// Bookkeeping of one list's updates. Every source of a list's rules (a
@@ -93,6 +98,9 @@ pub struct ListStatus {
     /// Updates refused (unreadable or bad file, capacity, a kernel write).
     pub failures: u64,
     pub last_failure: Option<SystemTime>,
+    /// Of those, updates refused for taking away more than `--max-shrink`
+    /// of the list.
+    pub shrinks_refused: u64,
 }
 
 impl ListStatus {
@@ -175,6 +183,8 @@ impl State {
             registry,
             list_status: BTreeMap::new(),
             fetch_timeouts: opts.fetch_timeouts,
+            max_shrink: opts.max_shrink,
+            published: metrics::Published::default(),
         };
         state.replace_list_told(LOCAL_LIST, None, &local)?;
         for ((name, path), rules) in state.files.clone().iter().zip(parsed) {
@@ -220,10 +230,21 @@ impl State {
     }
 
     pub fn handle(&mut self, request: Request) -> Response {
-        match self.dispatch(request) {
+        let changes = request.changes();
+        let response = match self.dispatch(request) {
             Ok(r) => r,
             Err(e) => Response::error(format!("{e:#}")),
+        };
+        if changes {
+            self.publish();
         }
+        response
+    }
+
+    /// Hands /metrics the figures after a change (rules, lists, their
+    /// status), for scrapes made while the next change holds the lock.
+    pub(crate) fn publish(&self) {
+        self.published.publish(self);
     }
 
     fn dispatch(&mut self, request: Request) -> anyhow::Result<Response> {
@@ -246,18 +267,30 @@ impl State {
                 }
                 Ok(Response::ok(String::new(), serde_json::to_value(rows)?))
             }
-            Request::Reload => {
-                // All files parse, or nothing changes; each refused file
-                // counts as a failed update of its list.
+            Request::Reload { force } => {
+                // All files parse (and none takes away more of its list
+                // than --max-shrink, unless forced), or nothing changes;
+                // each refused file counts as a failed update of its list.
                 let mut parsed = Vec::new();
                 let mut errors = Vec::new();
                 for (name, path) in &self.files {
-                    match read_rules(path) {
-                        Ok(rules) => parsed.push(rules),
-                        Err(e) => {
-                            self.list_status.entry(name.clone()).or_default().failed();
-                            errors.push(e.report());
-                        }
+                    let in_force = self.engine.list(name).map_or(0, |l| l.len());
+                    // Why the file is refused, and whether for shrinking.
+                    let refused = match read_rules(path) {
+                        Ok(rules) => match self.max_shrink.check(in_force, rules.len()) {
+                            Err(shrunk) if !force => Some((shrunk.refusal(name, "blokir rules reload --force").to_string(), true)),
+                            _ => {
+                                parsed.push(rules);
+                                None
+                            }
+                        },
+                        Err(e) => Some((e.report(), false)),
+                    };
+                    if let Some((why, shrunk)) = refused {
+                        let status = self.list_status.entry(name.clone()).or_default();
+                        status.failed();
+                        status.shrinks_refused += u64::from(shrunk);
+                        errors.push(why);
                     }
                 }
                 if !errors.is_empty() {
@@ -325,6 +358,8 @@ impl State {
             "version": env!("CARGO_PKG_VERSION"),
             "attached": attached,
             "pin_dir": self.pins.describe(),
+            "pins_outlive_daemon": self.pins.outlives_daemon(),
+            "pins": self.pins.persistence(),
             "adopted_maps": self.kernel.adopted_maps(),
             "program_loaded_at": loaded_at,
             "on_exit": self.on_exit,
@@ -410,19 +445,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.ifaces.is_empty() {
         bail!("no interface given (--iface)");
     }
-    // Everything that can fail is done before switching the interfaces; the
-    // socket file is removed on every way out.
-    let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket, "control socket")?;
-    let metrics_endpoint = metrics::bind(&opts.metrics).await?;
-    // /healthz and /readyz answer while the rules load (readyz: 503).
-    let metrics_ctx = metrics::Context::new(opts.ifaces.clone());
-    tracing::info!(endpoint = metrics_endpoint.describe, "serving /metrics, /healthz, /readyz");
-    let mut metrics_task = tokio::spawn(metrics_endpoint.serve(metrics_ctx.clone()));
+    // Everything that can fail is done before switching the interfaces, and
+    // nothing is announced before it could refuse; the socket file is
+    // removed on every way out.
     let pins = PinDir::create(&opts.pin_dir)?;
     let _lock: PinLock = pins.lock()?;
+    let (socket_listener, _socket_file) = SocketFile::bind(&opts.socket, "control socket")?;
+    let metrics_endpoint = metrics::bind(&opts.metrics).await?;
+    let endpoint = metrics_endpoint.describe.clone();
+    // /healthz and /readyz answer while the rules load (readyz: 503).
+    let metrics_ctx = metrics::Context::new(opts.ifaces.clone(), pins.clone());
+    let mut metrics_task = tokio::spawn(metrics_endpoint.serve(metrics_ctx.clone()));
     let opts = Arc::new(opts);
     let (o, p) = (opts.clone(), pins.clone());
     let mut state = tokio::task::spawn_blocking(move || State::new(&o, &p)).await??;
+    state.published = metrics_ctx.published();
     tracing::info!(rules = state.engine.rule_count(), nodes = state.engine.node_count(), "rules loaded");
     // Switch only once every rule is in place: from the first packet on,
     // filtering by this program is complete.
@@ -460,7 +497,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         });
     }
-    metrics_ctx.set_ready(shared.clone());
+    metrics_ctx.set_ready(shared.clone())?;
+    tracing::info!(endpoint, "serving /metrics, /healthz, /readyz");
     let control_task = tokio::spawn(serve_control(socket_listener, shared.clone()));
     let refresh_task = tokio::spawn(lists::ops::refresh_loop(shared.clone()));
 
@@ -529,12 +567,50 @@ async fn handle_connection(stream: UnixStream, shared: Shared) {
         Err(e) => Response::error(format!("reading the request: {e}")),
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::error(format!("bad request: {e}")),
-            Ok(Request::ListsAdd { def }) => lists::ops::update(&shared, Update::Add(def)).await,
-            Ok(Request::ListsUpdate { name }) => lists::ops::update(&shared, Update::Refresh(name)).await,
+            Ok(Request::ListsAdd { def }) => match update_unless_gone(&shared, write.as_ref(), Update::Add(def)).await {
+                Some(r) => r,
+                None => return,
+            },
+            Ok(Request::ListsUpdate { name, force }) => match update_unless_gone(&shared, write.as_ref(), Update::Refresh { name, force }).await {
+                Some(r) => r,
+                None => return,
+            },
             Ok(req) => tokio::task::spawn_blocking(move || lock(&shared).handle(req)).await.unwrap_or_else(|e| Response::error(format!("internal error: {e}"))),
         },
     };
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
     out.push(b'\n');
     let _ = write.write_all(&out).await;
+}
+
+/// The list update's response, or None if the client goes away first (a
+/// CLI stopped with Ctrl-C closes its socket): the update is then dropped,
+/// which cancels it where it waits (the list's update lock, the download,
+/// whose thread is left to end at its timeout with its result unused) and
+/// frees the list for the next command; a swap already under way completes.
+async fn update_unless_gone(shared: &Shared, client: &UnixStream, update: Update) -> Option<Response> {
+    let list = update.list().to_string();
+    tokio::select! {
+        r = lists::ops::update(shared, update) => Some(r),
+        _ = gone(client) => {
+            tracing::info!(list, "the client went away; request cancelled, the list is free for the next command");
+            None
+        }
+    }
+}
+
+/// Returns once the peer has closed its end. Its half-close after the
+/// request (the CLI's `shutdown(Write)`) is not that: only a socket shut
+/// both ways reports POLLHUP.
+async fn gone(client: &UnixStream) {
+    use std::os::fd::AsRawFd as _;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let mut p = libc::pollfd { fd: client.as_raw_fd(), events: 0, revents: 0 };
+        // SAFETY: one valid pollfd, no wait.
+        if unsafe { libc::poll(&mut p, 1, 0) } == 1 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            return;
+        }
+    }
 }

@@ -4,13 +4,14 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     ptr::NonNull,
+    sync::Arc,
     time::SystemTime,
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, ProgramArray},
     programs::{
         ProgramError, ProgramInfo, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -153,7 +154,7 @@ pub struct Kernel {
     list_hits: PerCpuArray<MapData, u64>,
     list_actions: Array<MapData, u32>,
     rule_hits: Array<MapData, u64>,
-    hits_view: HitsView,
+    hits_view: Arc<HitsView>,
     /// Kept open (and pinned by the daemon): the kernel empties a program
     /// array once no file refers to it.
     _stages: ProgramArray<MapData>,
@@ -259,7 +260,7 @@ impl Kernel {
         let list_actions = Array::try_from(take(MAP_LIST_ACTIONS)?)?;
         let hits_map = take(MAP_RULE_HITS)?;
         let hits_view = match &hits_map {
-            Map::Array(data) => HitsView::map(data, capacity)?,
+            Map::Array(data) => Arc::new(HitsView::map(data, capacity)?),
             _ => bail!("{MAP_RULE_HITS} is not an array"),
         };
         let rule_hits = Array::try_from(hits_map)?;
@@ -481,15 +482,12 @@ impl Kernel {
 
     /// The global counters, summed over CPUs, indexed as in `counters`.
     pub fn counters(&self) -> anyhow::Result<Vec<u64>> {
-        (0..counters::COUNTERS).map(|i| Ok(self.counters.get(&i, 0)?.iter().sum())).collect()
+        sum_counters(&self.counters)
     }
 
     /// `[blocked, allowed]` for list `id`, summed over CPUs.
     pub fn list_hits(&self, id: u8) -> anyhow::Result<[u64; 2]> {
-        let base = u32::from(id) * counters::LIST_COUNTERS;
-        debug_assert!(u32::from(id) < MAX_LISTS);
-        let get = |k: u32| -> anyhow::Result<u64> { Ok(self.list_hits.get(&(base + k), 0)?.iter().sum()) };
-        Ok([get(counters::LIST_BLOCKED)?, get(counters::LIST_ALLOWED)?])
+        sum_list_hits(&self.list_hits, id)
     }
 
     /// Zeroes list `id`'s counters, for a list that takes a freed id.
@@ -562,20 +560,25 @@ impl Kernel {
     /// The kernel's memory accounting (`memlock` in fdinfo) of every map the
     /// programs use, by map name.
     pub fn map_memory(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        map_memory(&self.map_ids()?)
+    }
+
+    /// The ids of every map the programs use.
+    fn map_ids(&self) -> anyhow::Result<Vec<u32>> {
         let mut ids = std::collections::BTreeSet::new();
         for name in PROGRAMS {
             let prog: &Xdp = self.ebpf.program(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
             ids.extend(prog.info()?.map_ids()?.unwrap_or_default());
         }
-        let mut out = Vec::new();
-        for id in ids {
-            let info = aya::maps::MapInfo::from_id(id)?;
-            let fd = info.fd()?;
-            let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
-            let bytes = fdinfo.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
-            out.push((info.name_as_str().unwrap_or("").to_string(), bytes));
-        }
-        Ok(out)
+        Ok(ids.into_iter().collect())
+    }
+
+    /// Handles of their own on what /metrics reads (see `MapReaders`).
+    pub fn readers(&self) -> anyhow::Result<MapReaders> {
+        let own = |data: &MapData| -> anyhow::Result<PerCpuArray<MapData, u64>> {
+            Ok(PerCpuArray::try_from(Map::from_map_data(MapData::from_id(data.info()?.id())?)?)?)
+        };
+        Ok(MapReaders { counters: own(self.counters.map())?, list_hits: own(self.list_hits.map())?, hits: self.hits_view.clone(), map_ids: self.map_ids()? })
     }
 
     /// The event ring buffer (for the one reader of the event log).
@@ -727,6 +730,62 @@ impl Drop for HitsView {
         // SAFETY: unmapping what `map` mapped.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
+}
+
+/// What /metrics reads from the kernel, on handles of its own: the
+/// counters, the per-list and per-rule hits, and the maps' memory. Reading
+/// them never takes the daemon's lock, so a scrape never waits for a list
+/// swap.
+pub struct MapReaders {
+    counters: PerCpuArray<MapData, u64>,
+    list_hits: PerCpuArray<MapData, u64>,
+    hits: Arc<HitsView>,
+    map_ids: Vec<u32>,
+}
+
+impl MapReaders {
+    /// Every counter, summed over CPUs (indexes of `filter_common::counters`).
+    pub fn counters(&self) -> anyhow::Result<Vec<u64>> {
+        sum_counters(&self.counters)
+    }
+
+    /// `[blocked, allowed]` for list `id`, summed over CPUs.
+    pub fn list_hits(&self, id: u8) -> anyhow::Result<[u64; 2]> {
+        sum_list_hits(&self.list_hits, id)
+    }
+
+    /// Each rule id's hits (a shared read-only mapping of the kernel's array).
+    pub fn rule_hits(&self) -> &[u64] {
+        self.hits.as_slice()
+    }
+
+    pub fn map_memory(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        map_memory(&self.map_ids)
+    }
+}
+
+fn sum_counters(map: &PerCpuArray<MapData, u64>) -> anyhow::Result<Vec<u64>> {
+    (0..counters::COUNTERS).map(|i| Ok(map.get(&i, 0)?.iter().sum())).collect()
+}
+
+fn sum_list_hits(map: &PerCpuArray<MapData, u64>, id: u8) -> anyhow::Result<[u64; 2]> {
+    let base = u32::from(id) * counters::LIST_COUNTERS;
+    debug_assert!(u32::from(id) < MAX_LISTS);
+    let get = |k: u32| -> anyhow::Result<u64> { Ok(map.get(&(base + k), 0)?.iter().sum()) };
+    Ok([get(counters::LIST_BLOCKED)?, get(counters::LIST_ALLOWED)?])
+}
+
+/// The kernel's memory accounting (`memlock` in fdinfo) of maps `ids`, by name.
+fn map_memory(ids: &[u32]) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for &id in ids {
+        let info = aya::maps::MapInfo::from_id(id)?;
+        let fd = info.fd()?;
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
+        let bytes = fdinfo.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        out.push((info.name_as_str().unwrap_or("").to_string(), bytes));
+    }
+    Ok(out)
 }
 
 /// BPF_MAP_UPDATE_BATCH and BPF_MAP_DELETE_BATCH, which aya does not wrap.

@@ -21,7 +21,7 @@ use blokir::{
         parse_port, parse_tcp_action, parse_tls_port,
     },
     replay,
-    rules::formats::Format,
+    rules::{formats::Format, shrink::MaxShrink},
 };
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use filter_common::{reply::DnsAction, reset::TcpAction, rules::DEFAULT_RULE_CAPACITY};
@@ -181,6 +181,13 @@ enum Command {
         /// body) before the download is given up.
         #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "30")]
         fetch_idle_timeout: std::time::Duration,
+        /// The largest share of a list one update may take away (0% to
+        /// 100%): a rule file reloaded or a list refreshed with fewer rules
+        /// than that leaves is refused (an emptied file, a cut-off download),
+        /// the last good version stays; `rules reload --force` and `lists
+        /// update --force` apply it anyway. 100% lets everything through.
+        #[arg(long, value_name = "PERCENT", default_value_t = MaxShrink::DEFAULT)]
+        max_shrink: MaxShrink,
     },
     /// Detach the program and remove everything blokir pinned (for when no
     /// daemon runs, e.g. after it was killed or stopped without --cleanup).
@@ -309,7 +316,12 @@ enum RulesCommand {
         names: Vec<String>,
     },
     /// Re-read every rule file (all parse, or nothing changes).
-    Reload,
+    Reload {
+        /// Apply files that take away more of their list than `run`'s
+        /// --max-shrink allows (an emptied file lifts its list).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -346,6 +358,10 @@ enum ListsCommand {
         /// Skip bad lines (counted and reported) instead of refusing the list.
         #[arg(long)]
         skip_bad_lines: bool,
+        /// The largest share of the list one update may take away (default:
+        /// `run`'s --max-shrink).
+        #[arg(long, value_name = "PERCENT")]
+        max_shrink: Option<MaxShrink>,
     },
     /// Every named list: version in force, rules, actions, last check.
     Ls,
@@ -372,7 +388,13 @@ enum ListsCommand {
     Rm { name: String },
     /// Check a list's source now (a conditional GET for URLs); a new
     /// version is put in force.
-    Update { name: String },
+    Update {
+        name: String,
+        /// Put it in force even if it takes away more of the list than its
+        /// --max-shrink allows.
+        #[arg(long)]
+        force: bool,
+    },
     /// Put the version before the one in force back (or --to VERSION).
     Rollback {
         name: String,
@@ -448,6 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             fragments,
             fetch_connect_timeout,
             fetch_idle_timeout,
+            max_shrink,
         } => {
             let tls_ports = match TlsPorts::from_args(&tls_ports) {
                 Ok(p) => p,
@@ -478,6 +501,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 on_exit,
                 traffic: TrafficPolicy { http_ports, tls_ports, quic, fragments },
                 fetch_timeouts: Timeouts { connect: fetch_connect_timeout, idle: fetch_idle_timeout },
+                max_shrink,
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let result = runtime.block_on(daemon::run(opts));
@@ -494,7 +518,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 RulesCommand::Del { allow, patterns } => Request::Del { rules: with_action(allow, patterns) },
                 RulesCommand::List => Request::List,
                 RulesCommand::Check { names } => Request::Check { names },
-                RulesCommand::Reload => Request::Reload,
+                RulesCommand::Reload { force } => Request::Reload { force },
             };
             let response = control::call(&cli.socket, &request)?;
             Ok(print(&request, &response, output))
@@ -516,7 +540,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Lists { command, output } => {
             let request = match command {
-                ListsCommand::Add { name, source, format, action, tcp_action, ech_outer, refresh, sha256, skip_bad_lines } => {
+                ListsCommand::Add { name, source, format, action, tcp_action, ech_outer, refresh, sha256, skip_bad_lines, max_shrink } => {
                     // The daemon reads files from its own directory: send an absolute path.
                     let source = if lists::fetch::is_url(&source) || source.contains("://") {
                         source
@@ -524,7 +548,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         std::path::absolute(&source).with_context(|| format!("--source {source:?}"))?.display().to_string()
                     };
                     let settings = ListSettings { action, tcp_action, ech_outer: ech_outer.then_some(true) };
-                    let def = ListDef { name, source, format, settings, refresh_secs: refresh, sha256, skip_bad_lines };
+                    let def = ListDef { name, source, format, settings, refresh_secs: refresh, sha256, skip_bad_lines, max_shrink };
                     if let Err(e) = def.validate() {
                         eprintln!("blokir: {e}");
                         return Ok(ExitCode::from(EXIT_USAGE));
@@ -541,7 +565,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Request::ListsSet { name, change, clear }
                 }
                 ListsCommand::Rm { name } => Request::ListsRm { name },
-                ListsCommand::Update { name } => Request::ListsUpdate { name },
+                ListsCommand::Update { name, force } => Request::ListsUpdate { name, force },
                 ListsCommand::Rollback { name, to } => Request::ListsRollback { name, to },
             };
             let response = control::call(&cli.socket, &request)?;
@@ -739,6 +763,7 @@ fn print(request: &Request, r: &Response, output: Output) -> ExitCode {
                 s(&d["pin_dir"]),
                 s(&d["on_exit"])
             );
+            println!("{}", s(&d["pins"]));
             let adopted: Vec<String> = d["adopted_maps"].as_array().cloned().unwrap_or_default().iter().map(s).collect();
             println!("state adopted from the previous program: {}", if adopted.is_empty() { "none (fresh)".to_string() } else { adopted.join(", ") });
             println!("{:16}  {:8}  {:8}  {:7}  {:6}  {:7}  TOOK OVER FROM", "IFACE", "ATTACHED", "MODE", "PROGRAM", "LINK", "PINNED");
@@ -776,7 +801,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/blokir.toml");
         let args = ["blokir", "run", "--config", path, "--answer-ttl", "30"].map(std::ffi::OsString::from).to_vec();
         let cli = Cli::try_parse_from(config::expand(args, &Cli::command()).unwrap()).unwrap();
-        let Command::Run { ifaces, rules, dns, metrics_addr, pin_dir, detach_on_exit, cleanup, .. } = cli.command else { panic!("not run") };
+        let Command::Run { ifaces, rules, dns, metrics_addr, pin_dir, detach_on_exit, cleanup, max_shrink, .. } = cli.command else { panic!("not run") };
         assert_eq!(ifaces, ["eth1"]);
         assert_eq!(rules, [PathBuf::from("/etc/blokir/national.rules")]);
         let policy = dns.policy();
@@ -784,6 +809,7 @@ mod tests {
         assert_eq!(metrics_addr.to_string(), "127.0.0.1:9947");
         assert_eq!(pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(!detach_on_exit && !cleanup);
+        assert_eq!(max_shrink, MaxShrink::DEFAULT);
     }
 
     #[test]

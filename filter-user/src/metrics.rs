@@ -5,11 +5,12 @@
 //! hits are exported, so millions of rules never become millions of series.
 
 use std::{
+    collections::BTreeMap,
     fmt::{self, Debug},
     net::SocketAddr,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::{Arc, OnceLock, atomic::Ordering},
+    sync::{Arc, Mutex, OnceLock, TryLockError, atomic::Ordering},
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
@@ -39,33 +40,150 @@ use tokio_rustls::{TlsAcceptor, rustls, server::TlsStream};
 
 use crate::socket::SocketFile;
 use crate::{
-    daemon::{Shared, State, lock},
-    ebpf::{FlowCensus, FlowTable},
+    daemon::{ListStatus, Shared, State, lock},
+    ebpf::{FlowCensus, FlowTable, MapReaders},
     events::EventCounts,
 };
 
 /// What the endpoint serves from: the daemon's state once the rules are
 /// loaded and the program attached, and the interfaces it should be on.
+///
+/// A scrape never waits for the daemon's lock, which a list swap holds for
+/// as long as it takes (seconds for millions of rules): the kernel's figures
+/// come from map handles of the endpoint's own (`MapReaders`), and the
+/// daemon's (lists, their status, the top rules' names) from `Figures`,
+/// taken afresh when the lock is free and otherwise the last ones taken.
 pub struct Context {
     state: OnceLock<Shared>,
     ifaces: Vec<String>,
-    flows: std::sync::Mutex<Option<FlowCount>>,
+    /// Where the pins are, and whether they outlive the daemon (/readyz).
+    pins: String,
+    readers: OnceLock<MapReaders>,
+    published: Published,
+    flows: OnceLock<Flows>,
     events: OnceLock<Arc<EventCounts>>,
 }
 
 /// Counting the flow table walks all of it (see `FlowTable`): done at most
-/// once per `FLOW_COUNT_MAX_AGE`, outside the daemon's lock.
-struct FlowCount {
-    table: FlowTable,
-    at: Instant,
-    value: FlowCensus,
+/// once per `FLOW_COUNT_MAX_AGE`, by one scrape at a time; the others show
+/// the last count meanwhile.
+struct Flows {
+    table: Mutex<FlowTable>,
+    capacity: u32,
+    counted: Mutex<Option<(Instant, FlowCensus)>>,
 }
 
 const FLOW_COUNT_MAX_AGE: Duration = Duration::from_secs(10);
 
+/// The daemon's figures as last read: after each change (`State::publish`)
+/// and by each scrape that finds the daemon's lock free.
+#[derive(Clone, Default)]
+pub struct Published(Arc<Mutex<Option<Arc<Figures>>>>);
+
+impl Published {
+    /// After a change, under the lock its caller holds: the lists, their
+    /// status and the map figures for the scrapes to come. The top rules
+    /// stay as last ranked (ranking walks every rule's hits: a scrape does
+    /// it when the lock is free, not every `rules add`).
+    pub fn publish(&self, state: &State) {
+        let top = self.last().map(|f| (f.top.clone(), f.ranked));
+        self.set(Figures::read(state, top));
+    }
+
+    /// For a scrape that found the lock free: everything, the top rules
+    /// ranked afresh.
+    fn refresh(&self, state: &State) -> Arc<Figures> {
+        self.set(Figures::read(state, None))
+    }
+
+    fn set(&self, figures: Figures) -> Arc<Figures> {
+        let f = Arc::new(figures);
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(f.clone());
+        f
+    }
+
+    fn last(&self) -> Option<Arc<Figures>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// One of the top rules by hits: list, rule, hits.
+type TopRule = (String, String, u64);
+
+/// The daemon's side of a scrape, read under its lock.
+pub struct Figures {
+    /// When the top rules were ranked, and how long that took.
+    ranked: (Instant, Duration),
+    /// Each list: name, id, rules.
+    lists: Vec<(String, u8, usize)>,
+    status: BTreeMap<String, ListStatus>,
+    top: Vec<TopRule>,
+    nodes: u64,
+    capacity: u32,
+    /// Interfaces attached, with their XDP mode.
+    attached: Vec<(String, &'static str)>,
+}
+
+impl Figures {
+    /// `state`'s figures, with `top` as the top rules (and when they were
+    /// ranked), or ranked now.
+    fn read(state: &State, top: Option<(Vec<TopRule>, (Instant, Duration))>) -> Self {
+        let (top, ranked) = top.unwrap_or_else(|| {
+            let started = Instant::now();
+            (Self::top(state), (started, started.elapsed()))
+        });
+        Figures {
+            ranked,
+            lists: state.engine.lists().iter().map(|l| (l.name.clone(), l.id, l.len())).collect(),
+            status: state.list_status.clone(),
+            top,
+            nodes: state.engine.node_count() as u64,
+            capacity: state.kernel.capacity(),
+            attached: state
+                .kernel
+                .attachments()
+                .iter()
+                .map(|a| (a.iface.clone(), if a.mode == crate::ebpf::Mode::Native { "native" } else { "generic" }))
+                .collect(),
+        }
+    }
+
+    /// The top `--top-rules` rules by hits (ties: lower id first).
+    fn top(state: &State) -> Vec<TopRule> {
+        let hits = state.kernel.rule_hits();
+        let mut top: Vec<(u64, u32)> =
+            state.engine.all_rules().map(|(id, _, _)| (hits.get(id as usize).copied().unwrap_or(0), id)).filter(|(h, _)| *h > 0).collect();
+        let n = state.top_rules.min(top.len());
+        if n > 0 && n < top.len() {
+            top.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        }
+        top.truncate(n);
+        top.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        top.iter()
+            .filter_map(|(h, id)| {
+                let info = state.engine.rule(*id)?;
+                Some((state.engine.list_name(info.list)?.to_string(), info.rule.to_string(), *h))
+            })
+            .collect()
+    }
+}
+
 impl Context {
-    pub fn new(ifaces: Vec<String>) -> Arc<Self> {
-        Arc::new(Context { state: OnceLock::new(), ifaces, flows: std::sync::Mutex::new(None), events: OnceLock::new() })
+    pub fn new(ifaces: Vec<String>, pins: crate::pin::PinDir) -> Arc<Self> {
+        Arc::new(Context {
+            state: OnceLock::new(),
+            ifaces,
+            pins: pins.persistence(),
+            readers: OnceLock::new(),
+            published: Published::default(),
+            flows: OnceLock::new(),
+            events: OnceLock::new(),
+        })
+    }
+
+    /// Where the daemon publishes its figures after each change.
+    pub fn published(&self) -> Published {
+        self.published.clone()
     }
 
     /// The event log's counters, served from now on.
@@ -74,50 +192,86 @@ impl Context {
     }
 
     /// Called once the rules are in the maps and the program is attached.
-    pub fn set_ready(&self, shared: Shared) {
+    pub fn set_ready(&self, shared: Shared) -> anyhow::Result<()> {
+        {
+            let state = lock(&shared);
+            let _ = self.readers.set(state.kernel.readers().context("opening the maps /metrics reads")?);
+            match state.kernel.flow_table() {
+                Ok(t) => {
+                    let _ = self.flows.set(Flows { capacity: t.capacity, table: Mutex::new(t), counted: Mutex::new(None) });
+                }
+                Err(e) => tracing::warn!("opening the TLS flow table: {e:#}"),
+            }
+            self.published.refresh(&state);
+        }
         let _ = self.state.set(shared);
+        Ok(())
+    }
+
+    /// The daemon's figures: read now if its lock is free, else the last
+    /// ones published (a list swap in flight holds the lock; the figures
+    /// from before it are served until it ends). Ranking the top rules
+    /// walks every rule under the lock: scrapes rank again only once the
+    /// last ranking is twice as old as it took, so that however many
+    /// scrape at once, they hold the lock at most half the time and never
+    /// crowd the control socket out of it (with few rules, every scrape
+    /// ranks afresh).
+    fn figures(&self, shared: &Shared) -> Option<Arc<Figures>> {
+        let last = self.published.last();
+        if last.as_ref().is_some_and(|f| f.ranked.0.elapsed() < 2 * f.ranked.1) {
+            return last;
+        }
+        let state = match shared.try_lock() {
+            Ok(s) => Some(s),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        match state {
+            Some(state) => Some(self.published.refresh(&state)),
+            None => last,
+        }
     }
 
     /// The flows in the flow table (at most `FLOW_COUNT_MAX_AGE` old) and its
     /// capacity.
-    fn flows(&self, shared: &Shared) -> Option<(FlowCensus, u32)> {
-        let mut cache = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.as_ref().is_none_or(|c| c.at.elapsed() >= FLOW_COUNT_MAX_AGE) {
-            let table = match cache.take() {
-                Some(c) => c.table,
-                None => match lock(shared).kernel.flow_table() {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::warn!("opening the TLS flow table: {e:#}");
-                        return None;
-                    }
-                },
+    fn flows(&self) -> Option<(FlowCensus, u32)> {
+        let flows = self.flows.get()?;
+        let fresh = || flows.counted.lock().unwrap_or_else(|e| e.into_inner()).filter(|(at, _)| at.elapsed() < FLOW_COUNT_MAX_AGE);
+        if fresh().is_none() {
+            // One scrape walks the table; the others show the last count
+            // (all wait for the very first).
+            let have_one = flows.counted.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+            let table = match flows.table.try_lock() {
+                Ok(t) => Some(t),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) if have_one => None,
+                Err(TryLockError::WouldBlock) => Some(flows.table.lock().unwrap_or_else(|e| e.into_inner())),
             };
-            match table.census() {
-                Ok(value) => *cache = Some(FlowCount { table, at: Instant::now(), value }),
-                Err(e) => {
-                    tracing::warn!("counting TLS flows: {e:#}");
-                    return None;
+            if let Some(table) = table
+                && fresh().is_none()
+            {
+                match table.census() {
+                    Ok(c) => *flows.counted.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), c)),
+                    Err(e) => tracing::warn!("counting TLS flows: {e:#}"),
                 }
             }
         }
-        cache.as_ref().map(|c| (c.value, c.table.capacity))
+        let counted = *flows.counted.lock().unwrap_or_else(|e| e.into_inner());
+        counted.map(|(_, c)| (c, flows.capacity))
     }
 
     /// Why the daemon is not ready to filter, if it is not.
     fn not_ready(&self) -> Option<String> {
-        let Some(shared) = self.state.get() else { return Some("loading the rules".into()) };
-        let state = lock(shared);
-        let missing: Vec<&str> = self.ifaces.iter().filter(|i| !state.kernel.attachments().iter().any(|a| &a.iface == *i)).map(String::as_str).collect();
+        let Some(figures) = self.published.last() else { return Some("loading the rules".into()) };
+        let missing: Vec<&str> = self.ifaces.iter().filter(|i| !figures.attached.iter().any(|(a, _)| a == *i)).map(String::as_str).collect();
         (!missing.is_empty()).then(|| format!("not attached to {}", missing.join(", ")))
     }
 }
 
 struct Blokir {
-    shared: Shared,
-    ifaces: Vec<String>,
+    ctx: Arc<Context>,
+    figures: Arc<Figures>,
     flows: Option<(FlowCensus, u32)>,
-    events: Option<Arc<EventCounts>>,
 }
 
 impl Debug for Blokir {
@@ -151,8 +305,8 @@ fn gauge_in<'a>(enc: &mut DescriptorEncoder, name: &str, help: &str, unit: Unit,
 
 impl Collector for Blokir {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        let state = lock(&self.shared);
-        let c = match state.kernel.counters() {
+        let (Some(readers), figures) = (self.ctx.readers.get(), &self.figures) else { return Err(fmt::Error) };
+        let c = match readers.counters() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("reading counters: {e:#}");
@@ -252,65 +406,41 @@ impl Collector for Blokir {
             rows,
         )?;
 
-        let lists = state.engine.lists();
-        let list_hits: Vec<[u64; 2]> = lists.iter().map(|l| state.kernel.list_hits(l.id).unwrap_or_default()).collect();
+        let lists = &figures.lists;
+        let list_hits: Vec<[u64; 2]> = lists.iter().map(|(_, id, _)| readers.list_hits(*id).unwrap_or_default()).collect();
         family(
             &mut enc,
             "blokir_list_blocked",
             "Packets blocked by a rule of each list.",
             MetricType::Counter,
-            lists.iter().zip(&list_hits).map(|(l, h)| (vec![("list", l.name.as_str())], h[0])),
+            lists.iter().zip(&list_hits).map(|((l, _, _), h)| (vec![("list", l.as_str())], h[0])),
         )?;
         family(
             &mut enc,
             "blokir_list_allowed",
             "Packets passed by an allow rule of each list.",
             MetricType::Counter,
-            lists.iter().zip(&list_hits).map(|(l, h)| (vec![("list", l.name.as_str())], h[1])),
+            lists.iter().zip(&list_hits).map(|((l, _, _), h)| (vec![("list", l.as_str())], h[1])),
         )?;
-        family(
-            &mut enc,
-            "blokir_list_rules",
-            "Rules in each list.",
-            MetricType::Gauge,
-            lists.iter().map(|l| (vec![("list", l.name.as_str())], l.len() as u64)),
-        )?;
-
-        // Top N rules by hits (ties: lower id first).
-        let hits = state.kernel.rule_hits();
-        let mut top: Vec<(u64, u32)> =
-            state.engine.all_rules().map(|(id, _, _)| (hits.get(id as usize).copied().unwrap_or(0), id)).filter(|(h, _)| *h > 0).collect();
-        let n = state.top_rules.min(top.len());
-        if n > 0 && n < top.len() {
-            top.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        }
-        top.truncate(n);
-        top.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let rows: Vec<(String, String, u64)> = top
-            .iter()
-            .filter_map(|(h, id)| {
-                let info = state.engine.rule(*id)?;
-                Some((state.engine.list_name(info.list)?.to_string(), info.rule.to_string(), *h))
-            })
-            .collect();
+        family(&mut enc, "blokir_list_rules", "Rules in each list.", MetricType::Gauge, lists.iter().map(|(l, _, n)| (vec![("list", l.as_str())], *n as u64)))?;
         family(
             &mut enc,
             "blokir_rule_hits",
             "Packets matched by each rule (the top rules by hits only).",
             MetricType::Counter,
-            rows.iter().map(|(l, r, h)| (vec![("list", l.as_str()), ("rule", r.as_str())], *h)),
+            figures.top.iter().map(|(l, r, h)| (vec![("list", l.as_str()), ("rule", r.as_str())], *h)),
         )?;
 
-        family(&mut enc, "blokir_rule_nodes", "Name nodes in the kernel rule map.", MetricType::Gauge, [(vec![], state.engine.node_count() as u64)])?;
+        family(&mut enc, "blokir_rule_nodes", "Name nodes in the kernel rule map.", MetricType::Gauge, [(vec![], figures.nodes)])?;
         family(
             &mut enc,
             "blokir_rule_capacity",
             "Name nodes (and rule ids) the kernel maps hold.",
             MetricType::Gauge,
-            [(vec![], u64::from(state.kernel.capacity()))],
+            [(vec![], u64::from(figures.capacity))],
         )?;
-        encode_state(&mut enc, &state, &self.ifaces, self.flows)?;
-        if let Some(ev) = &self.events {
+        encode_state(&mut enc, figures, readers, &self.ctx.ifaces, self.flows)?;
+        if let Some(ev) = self.ctx.events.get() {
             let rows = [("logged", ev.logged.load(Ordering::Relaxed)), ("suppressed", ev.suppressed.load(Ordering::Relaxed))];
             family(
                 &mut enc,
@@ -326,11 +456,10 @@ impl Collector for Blokir {
 }
 
 /// The families that read the daemon's bookkeeping and map metadata.
-fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], flows: Option<(FlowCensus, u32)>) -> fmt::Result {
+fn encode_state(enc: &mut DescriptorEncoder, figures: &Figures, readers: &MapReaders, ifaces: &[String], flows: Option<(FlowCensus, u32)>) -> fmt::Result {
     // Each configured interface: 1 with the mode in use, or 0 (mode "none")
     // when the program is not attached there.
-    let mut attached: Vec<(String, &'static str, u64)> =
-        state.kernel.attachments().iter().map(|a| (a.iface.clone(), if a.mode == crate::ebpf::Mode::Native { "native" } else { "generic" }, 1)).collect();
+    let mut attached: Vec<(String, &'static str, u64)> = figures.attached.iter().map(|(i, m)| (i.clone(), *m, 1)).collect();
     for i in ifaces {
         if !attached.iter().any(|(a, _, _)| a == i) {
             attached.push((i.clone(), "none", 0));
@@ -344,7 +473,7 @@ fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], f
         attached.iter().map(|(i, m, v)| (vec![("iface", i.as_str()), ("mode", *m)], *v)),
     )?;
 
-    let status = &state.list_status;
+    let status = &figures.status;
     family(
         enc,
         "blokir_list_version",
@@ -366,6 +495,13 @@ fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], f
         "Updates of each list that were refused (unreadable or bad file, capacity, kernel write); the rules in force stayed as they were.",
         MetricType::Counter,
         status.iter().map(|(l, s)| (vec![("list", l.as_str())], s.failures)),
+    )?;
+    family(
+        enc,
+        "blokir_list_shrinks_refused",
+        "Of those, updates refused for taking away more of the list than --max-shrink allows (an emptied file, a cut-off download); the last good version stayed.",
+        MetricType::Counter,
+        status.iter().map(|(l, s)| (vec![("list", l.as_str())], s.shrinks_refused)),
     )?;
 
     if let Some((c, cap)) = flows {
@@ -396,7 +532,7 @@ fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], f
             [(vec![], u64::from(cap))],
         )?;
     }
-    match state.kernel.map_memory() {
+    match readers.map_memory() {
         Ok(maps) => {
             let names: Vec<(String, f64)> = maps.into_iter().map(|(n, b)| (n.to_ascii_lowercase(), b as f64)).collect();
             gauge_in(
@@ -415,10 +551,11 @@ fn encode_state(enc: &mut DescriptorEncoder, state: &State, ifaces: &[String], f
 /// Renders the metrics page in OpenMetrics (`openmetrics`) or in the
 /// Prometheus text format 0.0.4 (for clients that do not ask for OpenMetrics,
 /// such as curl and `promtool check metrics`).
-fn render(ctx: &Context, shared: &Shared, openmetrics: bool) -> Result<String, fmt::Error> {
-    let flows = ctx.flows(shared);
+fn render(ctx: &Arc<Context>, shared: &Shared, openmetrics: bool) -> Result<String, fmt::Error> {
+    let figures = ctx.figures(shared).ok_or(fmt::Error)?;
+    let flows = ctx.flows();
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Blokir { shared: shared.clone(), ifaces: ctx.ifaces.clone(), flows, events: ctx.events.get().cloned() }));
+    registry.register_collector(Box::new(Blokir { ctx: ctx.clone(), figures, flows }));
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(if openmetrics { out } else { to_text_format(&out) })
@@ -459,9 +596,10 @@ async fn metrics_page(AxumState(ctx): AxumState<Arc<Context>>, headers: HeaderMa
 }
 
 async fn readyz(AxumState(ctx): AxumState<Arc<Context>>) -> Response {
+    let pins = ctx.pins.clone();
     match tokio::task::spawn_blocking(move || ctx.not_ready()).await {
-        Ok(None) => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Ok(None) => (StatusCode::OK, format!("ready\n{pins}\n")).into_response(),
+        Ok(Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n{pins}\n")).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }

@@ -122,6 +122,24 @@ fn private_mount_namespace() -> bool {
     }
 }
 
+/// Whether the bpffs mount holding `path` (per a mountinfo's lines) is in a
+/// propagation group (`shared:N` or `master:N`), i.e. not this namespace's
+/// alone; None when no bpffs mount holds it.
+fn propagated_bpffs(mountinfo: &str, path: &Path) -> Option<bool> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [TAGS...] - FSTYPE SOURCE SUPER
+            let (head, tail) = line.split_once(" - ")?;
+            let fields: Vec<&str> = head.split(' ').collect();
+            let point = Path::new(fields.get(4)?);
+            (tail.split(' ').next() == Some("bpf") && path.starts_with(point))
+                .then(|| (point.as_os_str().len(), fields[6..].iter().any(|t| t.starts_with("shared:") || t.starts_with("master:"))))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, propagated)| propagated)
+}
+
 impl PinDir {
     /// The pin directory at `root` (on the outer bpffs where `create` would
     /// put it), without touching the file system.
@@ -175,6 +193,40 @@ impl PinDir {
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
         Ok(dir)
+    }
+
+    /// Whether the pins outlive this process (and so the program stays
+    /// attached when it dies): on the outer namespace's bpffs, in the host's
+    /// mount namespace, or on a bpffs the host sees at the same path. A
+    /// bpffs mounted only in this process's own mount namespace dies with it.
+    pub fn outlives_daemon(&self) -> bool {
+        if self.outer.is_some() || !private_mount_namespace() {
+            return true;
+        }
+        let dev = |p: &Path| std::fs::metadata(p).ok().map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+        let Some(own) = dev(&self.root) else { return false };
+        let inside = self.root.strip_prefix("/").unwrap_or(&self.root);
+        let outside = |pid: u32| dev(&Path::new(&format!("/proc/{pid}/root")).join(inside));
+        let seen = [Some(1), parent_of(std::process::id())].into_iter().flatten().map(outside).collect::<Vec<_>>();
+        if seen.contains(&Some(own)) {
+            return true;
+        }
+        // Outside views unreadable (a unit's bounding set without
+        // CAP_SYS_PTRACE, as systemd sandboxes services): a mount that
+        // propagates to or from another namespace is one the host has.
+        seen.iter().all(Option::is_none) && std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| propagated_bpffs(&m, &self.root).unwrap_or(false))
+    }
+
+    /// Where the pins are and whether they outlive the daemon, in a line
+    /// (`blokir status`, /readyz).
+    pub fn persistence(&self) -> String {
+        match self.outlives_daemon() {
+            true => format!("pins in {}: they outlive the daemon (the program keeps filtering if it dies; the next start takes over)", self.describe()),
+            false => format!(
+                "pins in {}: on a bpffs of this mount namespace only, they die with the daemon and the program detaches (mount bpffs on the host and use --pin-dir there)",
+                self.describe()
+            ),
+        }
     }
 
     /// The directory as the operator knows it, and where it really is when
@@ -345,6 +397,20 @@ mod tests {
         assert_ne!(a, lists_tag(&["local"]));
         // bpffs refuses names with dots: the tag is plain hex.
         assert!(a.len() == 16 && a.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    /// Mountinfo as a systemd service sees it (the host's bpffs, a slave of
+    /// its mount) and as a wrapper that mounted its own bpffs does.
+    #[test]
+    fn a_bpffs_is_the_hosts_when_its_mount_propagates() {
+        let service = "25 1 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+                       31 25 0:28 / /sys/fs/bpf rw,nosuid,nodev master:9 - bpf bpf rw,mode=700\n";
+        assert_eq!(propagated_bpffs(service, Path::new("/sys/fs/bpf/blokir")), Some(true));
+        let own = "40 30 0:50 / /tmp/x/bpf rw,relatime - bpf bpf rw\n\
+                   41 40 0:51 / /tmp/x/bpf/inner rw,relatime shared:3 - tmpfs tmpfs rw\n";
+        assert_eq!(propagated_bpffs(own, Path::new("/tmp/x/bpf/blokir")), Some(false));
+        assert_eq!(propagated_bpffs(own, Path::new("/var/lib/blokir")), None);
+        assert_eq!(propagated_bpffs(&format!("{service}{own}"), Path::new("/tmp/x/bpf/blokir")), Some(false), "the innermost bpffs counts");
     }
 
     #[test]

@@ -586,6 +586,54 @@ impl Topology {
         Ok(cmd)
     }
 
+    /// `blokir run` (default pin directory) as the packaged systemd unit
+    /// (packaging/systemd/blokir.service) runs it, in the edge namespace:
+    /// joined as `NetworkNamespacePath=` joins one (nsenter: the host's /sys
+    /// and its bpffs stay), in a mount namespace of its own, slave to the
+    /// host's, as systemd gives each sandboxed service, with the unit's
+    /// `ProtectSystem=strict` (every mount read-only but /dev, /proc, /sys
+    /// (`ReadWritePaths=/sys/fs/bpf`) and the state and runtime directories),
+    /// `ProtectProc=invisible` and `ProcSubset=pid`, `NoNewPrivileges=yes`
+    /// and its `CapabilityBoundingSet=`. Not reproduced: PrivateTmp,
+    /// PrivateDevices, the system call filter, MemoryDenyWriteExecute.
+    pub fn daemon_command_as_unit(&self, rules: &[PathBuf]) -> anyhow::Result<Command> {
+        let plain = self.daemon_command_default_pins(rules)?;
+        // `ip netns exec EDGE` off, the daemon's own arguments kept.
+        let daemon: Vec<std::ffi::OsString> = plain.get_args().skip(3).map(ToOwned::to_owned).collect();
+        let unit = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd/blokir.service"))?;
+        let caps = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+            .context("no CapabilityBoundingSet= in the unit")?
+            .split_whitespace()
+            .map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+            .collect::<String>();
+        let writable = [self.state_dir(), self.socket().parent().context("socket dir")?.to_path_buf()];
+        for d in &writable {
+            std::fs::create_dir_all(d)?;
+        }
+        let script = format!(
+            r#"set -e
+for m in $(awk '{{print $5}}' /proc/self/mountinfo | sort -u); do
+  case "$m" in /dev|/dev/*|/proc|/proc/*|/sys|/sys/*) ;; *) mount -o remount,bind,ro "$m" 2>/dev/null || true ;; esac
+done
+for d in {writable}; do mount --bind "$d" "$d"; mount -o remount,bind,rw "$d"; done
+mount -t proc -o hidepid=invisible,subset=pid proc /proc
+exec setpriv --no-new-privs --bounding-set -all{caps} "$@""#,
+            writable = writable.iter().map(|d| format!("'{}'", d.display())).collect::<Vec<_>>().join(" "),
+        );
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.edge)).args(["--", "unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", &script, "sh"]);
+        cmd.args(daemon).env("NO_COLOR", "1");
+        Ok(cmd)
+    }
+
+    /// `start_daemon_as_given` for the daemon as the systemd unit runs it
+    /// (`daemon_command_as_unit`).
+    pub fn start_daemon_as_unit(&self, rules: &[PathBuf], options: &[&str]) -> anyhow::Result<Daemon> {
+        self.spawn_daemon(self.daemon_command_as_unit(rules)?, options)
+    }
+
     /// Starts the daemon and waits until it answers `blokir status` with the
     /// program attached.
     pub fn start_daemon(&self, rules: &[PathBuf]) -> anyhow::Result<Daemon> {

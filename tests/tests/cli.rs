@@ -116,6 +116,24 @@ fn bad_fetch_timeouts_are_refused_at_parse_time() {
     }
 }
 
+/// Bad `--max-shrink` values, of `run` and of `lists add`, are refused at
+/// parse time with the range.
+#[test]
+fn a_bad_max_shrink_is_refused_at_parse_time() {
+    let dir = tempfile::tempdir().unwrap();
+    for value in ["101%", "150", "half", "0.5"] {
+        let mut run = Command::new(blokir_bin().unwrap());
+        run.args(["run", "--iface", "blokir-none0", "--pin-dir"]).arg(dir.path().join("pins")).args(["--max-shrink", value]);
+        let mut add = Command::new(blokir_bin().unwrap());
+        add.args(["lists", "add", "a", "--source", "/x", "--max-shrink", value]);
+        for cmd in [&mut run, &mut add] {
+            let out = netns::run(cmd, Duration::from_secs(10)).unwrap();
+            let why = format!("\"{value}\" is not a share of a list: a percentage from 0% to 100%");
+            assert!(out.code() == Some(2) && out.stderr.contains(&why), "{value}: {out}");
+        }
+    }
+}
+
 /// Bad `--tls-ports` values are refused with the reason (exit 2) before
 /// anything is loaded, from the command line and from a config file.
 #[test]

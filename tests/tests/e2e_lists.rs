@@ -477,7 +477,8 @@ fn logs_off_a_terminal_are_plain_and_json_logs_are_one_object_a_line() {
     cmd.env_remove("NO_COLOR").args(["--mode", "generic", "--cleanup"]).stdout(file.try_clone().unwrap()).stderr(file);
     let mut child = cmd.spawn().unwrap();
     let started = Instant::now();
-    while !std::fs::read_to_string(&path).unwrap().contains("rules loaded") {
+    // Logged once ready.
+    while !std::fs::read_to_string(&path).unwrap().contains("serving /metrics") {
         assert!(started.elapsed() < Duration::from_secs(30) && child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&path).unwrap());
         thread::sleep(Duration::from_millis(100));
     }
@@ -485,7 +486,7 @@ fn logs_off_a_terminal_are_plain_and_json_logs_are_one_object_a_line() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
     let log = std::fs::read_to_string(&path).unwrap();
-    assert!(log.contains("serving /metrics") && !log.contains('\u{1b}'), "{log:?}");
+    assert!(log.contains("rules loaded") && !log.contains('\u{1b}'), "{log:?}");
 
     let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
     ok(&daemon, &["rules", "add", "t.me"]);
@@ -596,5 +597,193 @@ fn lists_rm_on_a_read_only_state_dir_keeps_the_kernel_and_the_disk_in_agreement(
     let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
     assert!(!ls(&daemon).contains_key("tp"));
     assert_resolves(&topo, &["t.me"]);
+    daemon.stop().unwrap();
+}
+
+/// Lists that empty themselves: a list server answering a cut-off body and a
+/// list file emptied in place, picked up by their scheduled refreshes, and a
+/// rule file cut short and reloaded. Each update that would take away more
+/// than the list's --max-shrink is refused, counted, and the last good
+/// version stays in force (real queries are still blocked); by hand it is
+/// refused with the way out, and `--force` applies it.
+#[test]
+fn a_list_that_empties_itself_is_refused_and_kept_until_forced() {
+    let topo = Topology::new().unwrap();
+    let server = ListServer::start(&topo);
+    let lines = |names: &[&str]| names.iter().map(|n| format!("{n}\n")).collect::<String>();
+    let (national, tp, fl) = (&TELEGRAM_NAMES[..4], &TELEGRAM_NAMES[4..8], &TELEGRAM_NAMES[8..]);
+    let rules = write(&topo, "national.rules", &lines(national));
+    let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &["--mode", "generic"]).unwrap();
+    server.publish(&lines(tp));
+    // Its own limit: a cut to half would pass run's 50% default.
+    ok(&daemon, &["lists", "add", "tp", "--source", &server.url(), "--refresh", "10s", "--max-shrink", "20%"]);
+    let file = write(&topo, "fl.txt", &lines(fl));
+    ok(&daemon, &["lists", "add", "fl", "--source", file.to_str().unwrap(), "--refresh", "10s"]);
+    assert_blocked(&topo, &TELEGRAM_NAMES);
+
+    // Unattended: the server cuts the body in half, the file is emptied.
+    server.publish(&lines(&tp[..2]));
+    std::fs::write(&file, "").unwrap();
+    let started = Instant::now();
+    let lists = loop {
+        let lists = ls(&daemon);
+        if ["tp", "fl"].iter().all(|l| lists[*l]["last_error"].is_string()) {
+            break lists;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "not refreshed: {lists:?}");
+        thread::sleep(Duration::from_millis(300));
+    };
+    for (list, had, has, limit) in [("tp", 4, 2, "20%"), ("fl", 3, 0, "50%")] {
+        let error = lists[list]["last_error"].as_str().unwrap();
+        assert!(error.contains(&format!("{has} rules where {had} are in force")) && error.contains(&format!("--max-shrink {limit}")), "{list}: {error}");
+        assert!(error.contains(&format!("`blokir lists update {list} --force`")), "{error}");
+        assert_eq!((&lists[list]["version"], &lists[list]["rules"]), (&1.into(), &had.into()), "{list}");
+    }
+    assert_eq!((&lists["tp"]["max_shrink"], &lists["fl"]["max_shrink"]), (&20.into(), &serde_json::Value::Null));
+    assert_blocked(&topo, &TELEGRAM_NAMES);
+    let m = daemon.metrics().unwrap();
+    for list in ["tp", "fl"] {
+        let refused = m.value("blokir_list_shrinks_refused_total", &[("list", list)]);
+        assert!(refused.is_some_and(|n| n >= 1), "{list}: {}", m.lines_of("blokir_list_shrinks").join("\n"));
+        assert_eq!(m.value("blokir_list_version", &[("list", list)]), Some(1));
+    }
+    assert_eq!(m.value("blokir_list_shrinks_refused_total", &[("list", "national")]), Some(0));
+
+    // By hand: refused the same way, now with an empty body; --force applies it.
+    server.publish("");
+    let out = refused(&daemon, &["lists", "update", "tp"]);
+    assert!(out.stderr.contains("0 rules where 4 are in force") && out.stderr.contains("--force"), "{out}");
+    assert_blocked(&topo, tp);
+    let out = ok(&daemon, &["lists", "update", "tp", "--force"]);
+    assert!(out.contains("version 2 in force, 0 rules"), "{out}");
+    assert!(ok(&daemon, &["lists", "update", "fl", "--force"]).contains("version 2 in force, 0 rules"));
+    assert_resolves(&topo, &[tp, fl].concat());
+
+    // A rule file cut to one name of four: `rules reload` refuses it.
+    std::fs::write(&rules, lines(&national[..1])).unwrap();
+    let out = refused(&daemon, &["rules", "reload"]);
+    assert!(out.stderr.contains("list national: the new version has 1 rules where 4 are in force"), "{out}");
+    assert!(out.stderr.contains("`blokir rules reload --force`"), "{out}");
+    assert_blocked(&topo, national);
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("blokir_list_shrinks_refused_total", &[("list", "national")]), Some(1));
+    ok(&daemon, &["rules", "reload", "--force"]);
+    assert_blocked(&topo, &national[..1]);
+    assert_resolves(&topo, &national[1..]);
+    daemon.stop().unwrap();
+}
+
+/// A scrape of /metrics from a thread of its own in `topo`'s edge namespace
+/// (where the daemon serves it): the status line and the body.
+fn scrape(topo: &Topology) -> thread::JoinHandle<(String, String)> {
+    let netns = std::fs::File::open(format!("/run/netns/{}", topo.edge())).unwrap();
+    thread::spawn(move || {
+        // SAFETY: moves only this thread into the edge namespace.
+        assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        let mut conn = std::net::TcpStream::connect(blokir_tests::netns::METRICS_ADDR).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        write!(conn, "GET /metrics HTTP/1.1\r\nHost: blokir\r\nConnection: close\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+    })
+}
+
+/// /metrics never waits for a list swap, which holds the daemon's lock for
+/// as long as it takes: while `lists update` swaps 600,000 names (and a
+/// `blokir status`, which needs that lock, hangs behind it), 50 concurrent
+/// scrapes are all answered in full, before the swap ends.
+#[test]
+fn fifty_concurrent_scrapes_are_answered_while_a_big_list_swaps() {
+    const N: usize = 600_000;
+    let topo = Topology::new().unwrap();
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
+    let source = topo.dir().join("big.txt");
+    let write_version = |range: std::ops::Range<usize>| std::fs::write(&source, generated(range).map(|n| n + "\n").collect::<String>()).unwrap();
+    write_version(0..N);
+    let out = daemon.cli_within(&["lists", "add", "big", "--source", source.to_str().unwrap()], Duration::from_secs(300)).unwrap();
+    assert!(out.success(), "{out}");
+    // Every name new: the most work a swap of this size can be.
+    write_version(N..2 * N);
+    let socket = topo.socket();
+    let cli = |args: &'static [&'static str]| {
+        let mut cmd = Command::new(blokir_tests::blokir_bin().unwrap());
+        cmd.arg("--socket").arg(&socket).args(args);
+        thread::spawn(move || blokir_tests::netns::run(&mut cmd, Duration::from_secs(300)).unwrap())
+    };
+    let swap = cli(&["lists", "update", "big"]);
+    // The swap holds the lock once a status asked after it has not come back.
+    let blocked_status = loop {
+        assert!(!swap.is_finished(), "the swap ended before a status request was seen waiting for it: {:?}", swap.join().unwrap());
+        let status = cli(&["status", "--output", "json"]);
+        thread::sleep(Duration::from_millis(300));
+        if !status.is_finished() {
+            break status;
+        }
+    };
+    let scrapes: Vec<_> = (0..50).map(|_| scrape(&topo)).collect();
+    let answers: Vec<(String, String)> = scrapes.into_iter().map(|s| s.join().unwrap()).collect();
+    let (swap_done, status_done) = (swap.is_finished(), blocked_status.is_finished());
+    for (status, body) in &answers {
+        assert!(status.contains(" 200 ") && body.contains("blokir_list_rules{list=\"big\"}") && body.contains("blokir_packets_total"), "{status}\n{body}");
+    }
+    assert!(!swap_done && !status_done, "the scrapes ended after the swap (swap done: {swap_done}, status done: {status_done})");
+    let out = swap.join().unwrap();
+    assert!(out.success() && out.stdout.contains("version 2 in force"), "{out}");
+    assert!(blocked_status.join().unwrap().success());
+    // After the swap, the figures are the new version's.
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("blokir_list_version", &[("list", "big")]), Some(2));
+    daemon.stop().unwrap();
+}
+
+/// Ctrl-C on `blokir lists add URL` whose server accepts and never answers
+/// cancels the daemon's side of it: the daemon logs the cancel and frees the
+/// list, so adding the same list again from a file goes through at once
+/// instead of waiting the 30 s idle timeout of the abandoned download.
+#[test]
+fn an_interrupted_cli_cancels_its_list_download_in_the_daemon() {
+    let topo = Topology::new().unwrap();
+    let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let netns = std::fs::File::open(format!("/run/netns/{}", topo.edge())).unwrap();
+    thread::spawn(move || {
+        // SAFETY: moves only this thread into the edge namespace.
+        assert_eq!(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        tx.send(listener.local_addr().unwrap().port()).unwrap();
+        // Accepts, says so, and never answers.
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let _ = tx.send(0);
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while (&conn).read(&mut buf).is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let url = format!("http://127.0.0.1:{}/list.txt", rx.recv_timeout(Duration::from_secs(5)).unwrap());
+    let mut cli = Command::new(blokir_tests::blokir_bin().unwrap())
+        .arg("--socket")
+        .arg(topo.socket())
+        .args(["lists", "add", "tp", "--source", &url])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The daemon's download has reached the server.
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0), "the daemon never connected");
+    blokir_tests::netns::send_signal(cli.id(), "INT").unwrap();
+    assert!(!cli.wait().unwrap().success());
+    let started = Instant::now();
+    while !daemon.log().contains("client went away; request cancelled") {
+        assert!(started.elapsed() < Duration::from_secs(10), "no cancel in the log:\n{}", daemon.log());
+        thread::sleep(Duration::from_millis(100));
+    }
+    // The same list, from a file: not held up by the abandoned download.
+    let file = write(&topo, "tp.rules", "t.me\n");
+    let out = ok(&daemon, &["lists", "add", "tp", "--source", file.to_str().unwrap()]);
+    assert!(out.contains("version 1 in force"), "{out}");
+    assert_blocked(&topo, &["t.me"]);
     daemon.stop().unwrap();
 }

@@ -184,14 +184,57 @@ fn sigkill_and_restart_under_a_stream_of_queries_lets_nothing_blocked_through_an
 /// netns exec`, finds them there.
 #[test]
 fn under_ip_netns_exec_with_the_default_pin_dir_a_sigkill_and_restart_leak_nothing() {
+    sigkill_and_restart_with_the_default_pin_dir(Topology::start_daemon_default_pins, "outside this mount namespace", |_| ());
+}
+
+/// The same, with the daemon sandboxed as the packaged systemd unit
+/// sandboxes it (`Topology::daemon_command_as_unit`: its own mount
+/// namespace, the file system read-only but /sys/fs/bpf and its
+/// directories, /proc showing processes only, its capability bounding set)
+/// and in the edge namespace as `NetworkNamespacePath=` puts it.
+#[test]
+fn with_the_systemd_units_sandbox_a_sigkill_and_restart_leak_nothing() {
+    sigkill_and_restart_with_the_default_pin_dir(Topology::start_daemon_as_unit, "/sys/fs/bpf/blokir", |d| {
+        // The sandbox is in place: seen from outside, the daemon's
+        // capabilities are the unit's bounding set, its root is read-only,
+        // its /proc shows processes only, and PID 1's root is out of reach.
+        let pid = d.pid();
+        let bounding = |pid: &str| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            u64::from_str_radix(status.lines().find_map(|l| l.strip_prefix("CapBnd:")).unwrap().trim(), 16).unwrap()
+        };
+        // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_SYS_RESOURCE 24, CAP_PERFMON 38,
+        // CAP_BPF 39, of those this machine allows at all.
+        let unit: u64 = [12, 21, 24, 38, 39].iter().map(|b| 1u64 << b).sum();
+        assert_eq!(bounding(&pid.to_string()), unit & bounding("self"));
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        let field = |l: &str, i: usize| l.split(' ').nth(i).unwrap_or_default().to_string();
+        let root = mounts.lines().rfind(|l| field(l, 4) == "/").unwrap();
+        assert!(field(root, 5).starts_with("ro"), "{root}");
+        // The last mount on a point is the one seen there.
+        let proc_ = mounts.lines().rfind(|l| field(l, 4) == "/proc").unwrap();
+        assert!(proc_.contains("hidepid=invisible") && proc_.contains("subset=pid"), "{proc_}");
+    });
+}
+
+/// Kills the daemon (started by `start`, default pin directory, whose
+/// `status` names it `pin_dir`) under a stream of queries, restarts it, and
+/// counts blocked queries answered: none may be.
+fn sigkill_and_restart_with_the_default_pin_dir(start: fn(&Topology, &[PathBuf], &[&str]) -> anyhow::Result<Daemon>, pin_dir: &str, check: fn(&Daemon)) {
     let host_pins = Path::new(blokir::pin::DEFAULT_PIN_DIR);
     let topo = Arc::new(Topology::new().unwrap());
     let cleanup = || topo.run_in(topo.edge(), &[topo.blokir().unwrap().to_str().unwrap(), "cleanup"], Duration::from_secs(30)).unwrap();
     assert!(!host_pins.join("links").exists() || cleanup().success(), "a stale {} could not be cleaned", host_pins.display());
-    let telegram = write(&topo, "telegram.rules", &telegram_rules());
-    let d = topo.start_daemon_default_pins(std::slice::from_ref(&telegram), &[]).unwrap();
+    // Every name the stream expects blocked (ADDED too).
+    let telegram = write(&topo, "telegram.rules", &format!("{}{ADDED}\n", telegram_rules()));
+    let d = start(&topo, std::slice::from_ref(&telegram), &[]).unwrap();
+    check(&d);
     let s = status(&d);
-    assert!(s["pin_dir"].as_str().is_some_and(|p| p.contains("outside this mount namespace")), "{s}");
+    assert!(s["pin_dir"].as_str().is_some_and(|p| p.contains(pin_dir)), "{s}");
+    assert_eq!(s["pins_outlive_daemon"], true, "{s}");
+    // /readyz says so too.
+    let readyz = topo.run_in(topo.edge(), &["curl", "-sS", &format!("http://{}/readyz", blokir_tests::netns::METRICS_ADDR)], Duration::from_secs(10)).unwrap();
+    assert!(readyz.stdout.starts_with("ready\npins in /sys/fs/bpf/blokir") && readyz.stdout.contains("they outlive the daemon"), "{readyz}");
     assert!(host_pins.join("links").join(blokir_tests::netns::EDGE_CLIENT_IFACE).exists(), "the link is not pinned on the host's bpffs: {s}");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -205,7 +248,7 @@ fn under_ip_netns_exec_with_the_default_pin_dir_a_sigkill_and_restart_leak_nothi
     d.kill().unwrap();
     thread::sleep(Duration::from_secs(2));
     assert!(topo.xdp_attached().unwrap(), "the program went away with the killed daemon");
-    d = topo.start_daemon_default_pins(std::slice::from_ref(&telegram), &[]).unwrap();
+    d = start(&topo, std::slice::from_ref(&telegram), &[]).unwrap();
     let s = status(&d);
     assert_eq!(s["attached"][0]["adopted"], true, "the new daemon did not take over the pinned link: {s}");
     thread::sleep(Duration::from_secs(2));
@@ -218,7 +261,7 @@ fn under_ip_netns_exec_with_the_default_pin_dir_a_sigkill_and_restart_leak_nothi
     for (at, a, b) in &seen.answers {
         assert!(*b || a.resolved_to_expected(), "{} was not answered (at {at:?}): traffic stopped\n{a}", a.query);
     }
-    eprintln!("{} blocked queries across a SIGKILL and a restart under ip netns exec: none answered", blocked.len());
+    eprintln!("{} blocked queries across a SIGKILL and a restart: none answered", blocked.len());
     d.kill().unwrap();
     let out = cleanup();
     assert!(out.success() && !host_pins.join("links").join(blokir_tests::netns::EDGE_CLIENT_IFACE).exists(), "{out}");
@@ -245,6 +288,15 @@ fn exit_behaviours_default_keeps_filtering_detach_on_exit_and_cleanup() {
     cmd.arg("--state-dir").arg(topo.dir().join("other-state"));
     let other = blokir_tests::netns::run(&mut cmd, Duration::from_secs(30)).unwrap();
     assert!(!other.success() && other.stderr.contains("another blokir daemon is using the pin directory"), "{other}");
+    // Refused before anything is announced.
+    assert!(!other.stderr.contains("serving"), "{other}");
+    // So is a bad rule file.
+    let bad = write(&topo, "bad.rules", "t.me\nbad..name\n");
+    let mut cmd = std::process::Command::new(topo.blokir().unwrap());
+    cmd.arg("--socket").arg(topo.dir().join("other.sock")).args(["run", "--iface", "c0", "--metrics-addr", "127.0.0.1:0", "--rules"]).arg(&bad);
+    cmd.arg("--pin-dir").arg(topo.dir().join("bpf/other")).arg("--state-dir").arg(topo.dir().join("other-state"));
+    let other = blokir_tests::netns::run(&mut cmd, Duration::from_secs(30)).unwrap();
+    assert!(!other.success() && other.stderr.contains("bad.rules:2") && !other.stderr.contains("serving"), "{other}");
     d.stop().unwrap();
     assert!(topo.xdp_attached().unwrap(), "the default stop detached the program");
     let pinned = topo.pinned();
@@ -511,4 +563,44 @@ fn a_tls_hello_half_read_before_a_restart_is_blocked_after_it_end_to_end() {
     // starts no flow and passes.
     let (got, cut) = hello_across_a_restart(true);
     assert!(got > cut, "without the pinned flow state the name segment should have passed (the server got {got} bytes)");
+}
+
+/// Pins on a bpffs mounted only in the daemon's own mount namespace (here
+/// by a wrapper under `ip netns exec`) die with it: `status` and /readyz
+/// say so, where an operator looks.
+#[test]
+fn pins_that_would_die_with_the_daemon_are_reported_as_such() {
+    let topo = Topology::new().unwrap();
+    let private = topo.dir().join("private-bpf");
+    std::fs::create_dir_all(&private).unwrap();
+    let cmd = topo.daemon_command_default_pins(&[]).unwrap();
+    // The same daemon command, behind a wrapper that mounts its own bpffs.
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    // `netns exec EDGE`, then the daemon's own.
+    let (ip_exec, daemon) = args.split_at(3);
+    let script = format!("mount -t bpf bpf {0} && exec \"$@\" --pin-dir {0}/blokir --cleanup", private.display());
+    let mut wrapped = std::process::Command::new(&program);
+    wrapped.args(ip_exec).args(["sh", "-c", &script, "sh"]).args(daemon);
+    let log = topo.dir().join("private.log");
+    let file = std::fs::File::create(&log).unwrap();
+    // `ip netns exec` and the wrapper exec the daemon: it keeps this pid.
+    let mut child = wrapped.stdin(std::process::Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap();
+    let started = Instant::now();
+    let s = loop {
+        let out = topo.blokir_cli(&["status", "--output", "json"]).unwrap();
+        if out.success() {
+            break serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the daemon did not start: {out}\n{}", std::fs::read_to_string(&log).unwrap());
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s["pins_outlive_daemon"], false, "{s}");
+    assert!(s["pins"].as_str().is_some_and(|p| p.contains("they die with the daemon")), "{s}");
+    let table = topo.blokir_cli(&["status"]).unwrap();
+    assert!(table.stdout.contains("they die with the daemon and the program detaches"), "{table}");
+    let readyz = topo.run_in(topo.edge(), &["curl", "-sS", &format!("http://{}/readyz", blokir_tests::netns::METRICS_ADDR)], Duration::from_secs(10)).unwrap();
+    assert!(readyz.stdout.starts_with("ready\n") && readyz.stdout.contains("they die with the daemon"), "{readyz}");
+    blokir_tests::netns::send_signal(child.id(), "TERM").unwrap();
+    assert!(child.wait().unwrap().success(), "{}", std::fs::read_to_string(&log).unwrap());
 }

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     policy::ListSettings,
-    rules::formats::{BadLines, Format},
+    rules::{
+        formats::{BadLines, Format},
+        shrink::MaxShrink,
+    },
 };
 
 pub use registry::{Registry, Version};
@@ -47,6 +50,9 @@ pub struct ListDef {
     /// Skip bad lines (counted and reported) instead of refusing the list.
     #[serde(default)]
     pub skip_bad_lines: bool,
+    /// The list's own `--max-shrink` (default: `run`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shrink: Option<MaxShrink>,
 }
 
 impl ListDef {
@@ -132,6 +138,7 @@ mod tests {
             refresh_secs: None,
             sha256: None,
             skip_bad_lines: false,
+            max_shrink: None,
         }
     }
 

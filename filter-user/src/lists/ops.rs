@@ -23,6 +23,7 @@ use crate::{
     rules::{
         LOCAL_LIST, Rule,
         formats::{Parsed, parse_list},
+        shrink::ShrinkRefused,
     },
 };
 
@@ -35,10 +36,32 @@ fn update_lock(name: &str) -> Arc<tokio::sync::Mutex<()>> {
     UPDATES.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default().clone()
 }
 
-/// What to fetch: a new list, or a new version of one.
+/// What to fetch: a new list, or a new version of one (`force`: even if
+/// it takes away more of the list than its `--max-shrink` allows; a
+/// scheduled refresh never forces).
 pub enum Update {
     Add(ListDef),
-    Refresh(String),
+    Refresh { name: String, force: bool },
+}
+
+impl Update {
+    /// The list it is to.
+    pub fn list(&self) -> &str {
+        match self {
+            Update::Add(def) => &def.name,
+            Update::Refresh { name, .. } => name,
+        }
+    }
+}
+
+/// What a fetch brought, and how to take it.
+struct Download {
+    /// The version in force when the fetch began.
+    current: Option<Version>,
+    fetched: Result<Fetched, FetchError>,
+    started: Instant,
+    /// Even if it takes away more of the list than `--max-shrink` allows.
+    force: bool,
 }
 
 /// A list's copy on disk, parsed with the list's format.
@@ -93,7 +116,7 @@ impl State {
                 }
                 Ok((def.clone(), None))
             }
-            Update::Refresh(name) => {
+            Update::Refresh { name, .. } => {
                 let Some(entry) = self.registry.get(name) else { bail!("no list {name} (see `blokir lists ls`)") };
                 Ok((entry.def.clone(), entry.active_version().cloned()))
             }
@@ -102,12 +125,12 @@ impl State {
 
     /// Puts a fetched version in force, or says why not (the rules in force
     /// stay as they are).
-    fn finish(&mut self, def: ListDef, current: Option<Version>, fetched: Result<Fetched, FetchError>, started: Instant) -> anyhow::Result<Response> {
+    fn finish(&mut self, def: ListDef, download: Download) -> anyhow::Result<Response> {
         let name = def.name.clone();
         // `lists set` may have changed the list's settings during the fetch.
         let def = self.registry.get(&name).map_or(def, |e| e.def.clone());
         let failures = self.list_status.get(&name).map_or(0, |s| s.failures);
-        let result = self.put_in_force(def, current, fetched, started);
+        let result = self.put_in_force(def, download);
         if let Err(e) = &result {
             if self.registry.get(&name).is_some() {
                 self.registry.checked(&name, Some(format!("{e:#}")))?;
@@ -115,6 +138,9 @@ impl State {
                 let status = self.list_status.entry(name).or_default();
                 if status.failures == failures {
                     status.failed();
+                }
+                if e.downcast_ref::<ShrinkRefused>().is_some() {
+                    status.shrinks_refused += 1;
                 }
             } else {
                 // A list that was never added has no status to keep.
@@ -132,7 +158,8 @@ impl State {
         status.version = number;
     }
 
-    fn put_in_force(&mut self, def: ListDef, current: Option<Version>, fetched: Result<Fetched, FetchError>, started: Instant) -> anyhow::Result<Response> {
+    fn put_in_force(&mut self, def: ListDef, download: Download) -> anyhow::Result<Response> {
+        let Download { current, fetched, started, force } = download;
         let name = def.name.clone();
         let (bytes, etag, last_modified) = match fetched? {
             Fetched::NotModified => {
@@ -161,6 +188,10 @@ impl State {
         let parse_ms = parse_started.elapsed().as_secs_f64() * 1000.0;
         if let Some(report) = parsed.skip_report() {
             tracing::warn!(list = name, "{report}");
+        }
+        let in_force = self.engine.list(&name).map_or(0, |l| l.len());
+        if !force && let Err(shrunk) = def.max_shrink.unwrap_or(self.max_shrink).check(in_force, parsed.rules.len()) {
+            return Err(shrunk.refusal(&name, &format!("blokir lists update {name} --force")).into());
         }
         let version = Version {
             number: 0,
@@ -319,6 +350,8 @@ impl State {
                     "own": e.def.settings,
                     "refresh_secs": e.def.refresh_secs,
                     "sha256": e.def.sha256,
+                    // The list's own --max-shrink, in percent (null: run's).
+                    "max_shrink": e.def.max_shrink,
                     "version": e.active,
                     "versions": e.versions.iter().map(|v| v.number).collect::<Vec<_>>(),
                     "rules": self.engine.list(&e.def.name).map_or(0, |l| l.len()),
@@ -345,10 +378,8 @@ impl State {
 
 /// Fetches (unlocked) and puts in force (locked) a new list or version.
 pub async fn update(shared: &Shared, update: Update) -> Response {
-    let list = update_lock(match &update {
-        Update::Add(def) => &def.name,
-        Update::Refresh(name) => name,
-    });
+    let list = update_lock(update.list());
+    let force = matches!(update, Update::Refresh { force: true, .. });
     let _one_at_a_time = list.lock().await;
     let started = Instant::now();
     let (begun, timeouts) = {
@@ -365,11 +396,16 @@ pub async fn update(shared: &Shared, update: Update) -> Response {
         Err(e) => return Response::error(format!("fetching: {e}")),
     };
     let shared = shared.clone();
-    tokio::task::spawn_blocking(move || lock(&shared).finish(def, current, fetched, started))
-        .await
-        .context("applying")
-        .and_then(|r| r)
-        .unwrap_or_else(|e| Response::error(format!("{e:#}")))
+    tokio::task::spawn_blocking(move || {
+        let mut state = lock(&shared);
+        let response = state.finish(def, Download { current, fetched, started, force });
+        state.publish();
+        response
+    })
+    .await
+    .context("applying")
+    .and_then(|r| r)
+    .unwrap_or_else(|e| Response::error(format!("{e:#}")))
 }
 
 /// Checks each list with a refresh interval when it is due; failures are
@@ -387,7 +423,7 @@ pub async fn refresh_loop(shared: Shared) {
             }
             let shared = shared.clone();
             tokio::spawn(async move {
-                let r = update(&shared, Update::Refresh(name.clone())).await;
+                let r = update(&shared, Update::Refresh { name: name.clone(), force: false }).await;
                 if r.ok {
                     tracing::info!(list = name, "{}", r.message);
                 } else {

@@ -219,6 +219,7 @@ mod tests {
             refresh_secs: None,
             sha256: None,
             skip_bad_lines: false,
+            max_shrink: None,
         }
     }
 

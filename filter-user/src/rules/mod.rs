@@ -1,11 +1,13 @@
 //! Rules: how operators write them (`pattern`), rule files (`file`), the
 //! engine that turns lists into kernel map entries (`engine`), and the local
-//! list that `blokir rules add/del` edits and that is kept on disk (`store`).
+//! list that `blokir rules add/del` edits and that is kept on disk (`store`),
+//! and how much one update may take away from a list (`shrink`).
 
 pub mod engine;
 pub mod file;
 pub mod formats;
 pub mod pattern;
+pub mod shrink;
 pub mod store;
 
 pub use engine::{ChangeSummary, CheckResult, Engine, EngineError, Target};

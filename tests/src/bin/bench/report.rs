@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::{
     Args,
     micro::{CLASSES, ClassResult, Micro},
-    veth::{PROBES, Veth},
+    veth::{PROBES, SCRAPERS, Veth},
 };
 
 /// The classes whose packets carry a name that is read and matched.
@@ -94,6 +94,11 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
         "rule_capacity": load.capacity,
         "daemon_rss_mib": veth.map(|v| v.daemon.rss_kib as f64 / 1024.0),
         "daemon_ready_seconds": veth.map(|v| v.daemon.ready_s),
+        "metrics_scrape_p50_ms_during_swap": veth.map(|v| v.scrapes.p50_ms),
+        "metrics_scrape_p99_ms_during_swap": veth.map(|v| v.scrapes.p99_ms),
+        "metrics_scrape_max_ms_during_swap": veth.map(|v| v.scrapes.max_ms),
+        "metrics_scrapes_during_swap": veth.map(|v| v.scrapes.scrapes),
+        "metrics_swap_seconds": veth.map(|v| v.scrapes.swap_s),
         "iptables_1k_net_cpu_ns": ipt_net,
         "blokir_program_ns_veth": blokir_prog,
         "live_dns_mix_net_ns_1k_rules": live(1000),
@@ -152,6 +157,16 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
         if args.quick { format!(" (measured {:.2} s)", load.load_s()) } else { String::new() },
         ok(load.load_s() * scale_to_2m <= 5.0)
     )?;
+    match veth {
+        Some(v) => writeln!(
+            w,
+            "| /metrics p99 latency, {SCRAPERS} scrapers during a swap of {} rules (`metrics_scrape_p99_ms_during_swap`) | {:.1} ms | < 100 ms: {} |",
+            v.scrapes.rules,
+            v.scrapes.p99_ms,
+            ok(v.scrapes.p99_ms < 100.0)
+        )?,
+        None => writeln!(w, "| /metrics p99 latency during a swap | not measured (`--no-veth`) | < 100 ms |")?,
+    }
     match ratio {
         Some(x) => writeln!(w, "| iptables CPU per packet ÷ blokir's, 1,000 rules (`iptables_1k_cpu_ratio`) | {x:.0}× | ≥ 100×: {} |", ok(x >= 100.0))?,
         None => writeln!(w, "| iptables CPU per packet ÷ blokir's, 1,000 rules | not measured | ≥ 100× |")?,
@@ -317,6 +332,19 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
             d.hwm_kib as f64 / 1024.0,
             dm as f64 / 1048576.0,
             dm as f64 / d.rules as f64
+        )?;
+    }
+
+    if let Some(v) = veth {
+        let s = &v.scrapes;
+        writeln!(
+            w,
+            "/metrics during a list swap: {SCRAPERS} clients scraped the daemon in a loop while `blokir rules reload` swapped its {} rules \
+             for a version changing {} of them ({:.1} s under the daemon's lock: parse, plan, map writes). {} scrapes were begun and \
+             answered during the swap: **p50 {:.1} ms, p99 {:.1} ms**, max {:.1} ms (`metrics_scrape_p99_ms_during_swap`). A scrape \
+             reads the counters from the maps itself and the lists' figures as published after the last change, so it never waits \
+             for a swap.\n",
+            s.rules, s.changed, s.swap_s, s.scrapes, s.p50_ms, s.p99_ms, s.max_ms
         )?;
     }
 

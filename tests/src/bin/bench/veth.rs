@@ -97,9 +97,26 @@ pub struct Daemon2M {
     pub maps: Vec<MapMem>,
 }
 
+/// /metrics scraped by `SCRAPERS` clients at once while the daemon swaps
+/// its whole list for a new version (`rules reload`).
+pub struct ScrapesDuringSwap {
+    pub rules: usize,
+    /// Rules the new version changes (added + removed).
+    pub changed: usize,
+    pub swap_s: f64,
+    /// Scrapes begun and answered during the swap.
+    pub scrapes: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+pub const SCRAPERS: usize = 50;
+
 pub struct Veth {
     pub runs: Vec<Run>,
     pub daemon: Daemon2M,
+    pub scrapes: ScrapesDuringSwap,
     pub seconds: f64,
     /// Distinct queries in the traffic.
     pub ring: usize,
@@ -265,6 +282,86 @@ impl Drop for Net {
             let _ = run_cmd(Command::new("ip").args(["netns", "del", ns]), Duration::from_secs(10));
         }
     }
+}
+
+/// `SCRAPERS` clients scrape /metrics in a loop while the daemon (serving
+/// `file`, the whole list) reloads a version of it with one rule in 20
+/// changed; the latencies of the scrapes begun and answered during the swap.
+fn scrapes_during_swap(net: &Net, p: &Params, list: &List, file: &Path) -> anyhow::Result<ScrapesDuringSwap> {
+    let n = p.max_rules - 1;
+    let mut text = String::from("telegram.org\n");
+    let mut changed = 0;
+    for i in 0..n {
+        let rule = list.rule(i);
+        if i % 20 == 0 {
+            // The leaving rule, and the arriving one.
+            changed += 2;
+            text.push_str(&format!("swapped-{i}.bench.test\n"));
+        } else {
+            text.push_str(&rule);
+            text.push('\n');
+        }
+    }
+    std::fs::write(file, text)?;
+    let done = Arc::new(AtomicBool::new(false));
+    let swapping = Arc::new(AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..SCRAPERS)
+        .map(|_| {
+            let (done, swapping) = (done.clone(), swapping.clone());
+            in_netns(&net.router, move || {
+                let mut during = Vec::new();
+                while !done.load(Ordering::Acquire) {
+                    let began_in_swap = swapping.load(Ordering::Acquire);
+                    let t = Instant::now();
+                    scrape_once()?;
+                    if began_in_swap && swapping.load(Ordering::Acquire) {
+                        during.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                }
+                Ok(during)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let socket = p.dir.join("blokir.sock");
+    swapping.store(true, Ordering::Release);
+    let t = Instant::now();
+    let out = run_cmd(Command::new(&p.blokir).arg("--socket").arg(&socket).args(["rules", "reload", "--force"]), Duration::from_secs(600))?;
+    let swap_s = t.elapsed().as_secs_f64();
+    swapping.store(false, Ordering::Release);
+    done.store(true, Ordering::Release);
+    let mut ms = Vec::new();
+    for s in scrapers {
+        ms.extend(s.join().map_err(|_| anyhow!("a scraper panicked"))??);
+    }
+    if !out.success() {
+        bail!("rules reload during the scrapes: {out}");
+    }
+    if ms.is_empty() {
+        bail!("no scrape was answered during the {swap_s:.1} s swap");
+    }
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    let r = ScrapesDuringSwap { rules: p.max_rules, changed, swap_s, scrapes: ms.len(), p50_ms: at(0.5), p99_ms: at(0.99), max_ms: at(1.0) };
+    eprintln!(
+        "bench: {SCRAPERS} scrapers during a {:.1} s swap of {} rules: {} scrapes, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        r.swap_s, r.rules, r.scrapes, r.p50_ms, r.p99_ms, r.max_ms
+    );
+    Ok(r)
+}
+
+/// One GET /metrics from the daemon in this thread's namespace, read whole.
+fn scrape_once() -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect("127.0.0.1:9947").context("connecting to /metrics")?;
+    conn.set_read_timeout(Some(Duration::from_secs(600)))?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: blokir\r\nConnection: close\r\n\r\n")?;
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply)?;
+    if !reply.starts_with(b"HTTP/1.1 200") {
+        bail!("/metrics answered {:?}", String::from_utf8_lossy(&reply[..reply.len().min(100)]));
+    }
+    Ok(())
 }
 
 /// Runs `f` on a new thread inside namespace `ns`.
@@ -610,6 +707,7 @@ pub fn run(list: &List, index: &ListIndex, p: &Params) -> anyhow::Result<Veth> {
         Daemon2M { rules: p.max_rules, ready_s, rss_kib: status_kib(pid, "VmRSS:"), hwm_kib: status_kib(pid, "VmHWM:"), maps: maps_of(&pid.to_string())? };
     eprintln!("bench: the daemon with {} rules: ready in {ready_s:.1} s, RSS {} MiB (peak {} MiB)", p.max_rules, daemon.rss_kib / 1024, daemon.hwm_kib / 1024);
     runs.push(measure(&net, &t, &format!("blokir, {} rules", p.max_rules), p.max_rules, seconds, Some(pid))?);
+    let scrapes = scrapes_during_swap(&net, p, list, &file)?;
     net.stop_daemon();
 
     for k in SIZES {
@@ -618,5 +716,5 @@ pub fn run(list: &List, index: &ListIndex, p: &Params) -> anyhow::Result<Veth> {
     }
     net.iptables_restore("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")?;
     drop(net);
-    Ok(Veth { runs, daemon, seconds, ring })
+    Ok(Veth { runs, daemon, scrapes, seconds, ring })
 }
