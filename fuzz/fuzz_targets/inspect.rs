@@ -80,6 +80,9 @@ fuzz_target!(|data: &[u8]| {
                 assert!(block && !allow, "blocked {:?}: block rule {block}, allow rule {allow}", q.query.name());
             }
         }
+        // A first IP fragment that may carry a query is dropped whole
+        // (--fragments drop, the default): blocked, not a bypass.
+        Inspection::FirstFragment { drop: true } => {}
         other => {
             if let Some((_, q)) = found {
                 panic!("bypass: {other:?} for a well-formed query for {:?}", q.query.name());
