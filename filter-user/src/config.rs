@@ -28,9 +28,10 @@ const SUBCOMMAND: &str = "run";
 const NOT_SETTABLE: [&str; 3] = ["config", "help", "version"];
 
 /// `args` (a whole command line) with the settings of the file named by
-/// `run --config FILE` inserted after `run`; unchanged without `--config`.
+/// `run --config FILE` inserted after `run` (or `doctor`, which takes
+/// `run`'s flags); unchanged without `--config`.
 pub fn expand(args: Vec<OsString>, cmd: &clap::Command) -> Result<Vec<OsString>, ConfigError> {
-    let Some(run_at) = args.iter().skip(1).position(|a| a == SUBCOMMAND).map(|i| i + 1) else { return Ok(args) };
+    let Some(run_at) = args.iter().skip(1).position(|a| a == SUBCOMMAND || a == "doctor").map(|i| i + 1) else { return Ok(args) };
     let Some(path) = config_path(&args[run_at + 1..]) else { return Ok(args) };
     let settings = read(&path, cmd)?;
     let mut out = args[..=run_at].to_vec();

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod doctor;
 pub mod ebpf;
 pub mod events;
 pub mod excerpt;

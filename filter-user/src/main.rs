@@ -11,6 +11,7 @@ use blokir::{
     config,
     control::{self, DEFAULT_SOCKET, Request, Response},
     daemon::{self, OnExit, Options},
+    doctor,
     ebpf::Mode,
     events::{self, EventLog},
     lists::{self, ListDef, fetch::Timeouts, parse_interval},
@@ -91,103 +92,21 @@ fn init_logging(format: LogFormat) {
 #[derive(Subcommand)]
 enum Command {
     /// Load the XDP program and the rules, attach, and serve until stopped.
-    Run {
-        /// Read settings from this TOML file: keys are these flags' names
-        /// (`dns-action = "nxdomain"`, `iface = ["eth1"]`); flags given here win.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Interface to filter (repeat for several).
-        #[arg(long = "iface", required = true)]
-        ifaces: Vec<String>,
-        #[arg(long, value_enum, default_value_t = Mode::Auto)]
-        mode: Mode,
-        /// Rule files; each feeds the list named after the file (repeatable).
-        #[arg(long = "rules")]
-        rules: Vec<PathBuf>,
-        /// Where the local list (`blokir rules add`) is kept.
-        #[arg(long, default_value = "/var/lib/blokir")]
-        state_dir: PathBuf,
-        /// Where /metrics, /healthz and /readyz are served: HOST:PORT, or
-        /// unix:/path (a socket created mode 0600).
-        #[arg(long, default_value = "127.0.0.1:9947")]
-        metrics_addr: Listen,
-        /// Serve the endpoint over TLS with this PEM certificate chain
-        /// (needs --metrics-tls-key).
-        #[arg(long, requires = "metrics_tls_key")]
-        metrics_tls_cert: Option<PathBuf>,
-        /// The PEM private key for --metrics-tls-cert.
-        #[arg(long, requires = "metrics_tls_cert")]
-        metrics_tls_key: Option<PathBuf>,
-        /// Require HTTP basic auth: a file of `user:bcrypt-hash` lines (as in
-        /// Prometheus's web config).
-        #[arg(long)]
-        metrics_basic_auth_file: Option<PathBuf>,
-        /// Log blocked names (target blokir::events): protocol, family, list,
-        /// rule and name, never an address. Off by default.
-        #[arg(long)]
-        event_log: bool,
-        /// With --event-log: events logged per second at most (N or N/s).
-        #[arg(long, value_parser = events::parse_rate, default_value = "100/s", requires = "event_log")]
-        event_log_rate: u32,
-        /// With --event-log: one event per N blocks of each rule (1/N).
-        #[arg(long, value_parser = events::parse_sample, default_value = "1/1", requires = "event_log")]
-        event_log_sample: u32,
-        /// Name nodes and rule ids the kernel maps hold (2 to 16777215).
-        #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY, value_parser = rule_capacity)]
-        rule_capacity: u32,
-        /// Rules exported with their own hit counter on /metrics.
-        #[arg(long, default_value_t = 100)]
-        top_rules: usize,
+    Run(RunArgs),
+    /// Check whether this box can run blokir with these settings (the same
+    /// flags and --config as `run`): kernel, privileges, each interface
+    /// (native XDP tried with a no-op program), pin and state directories,
+    /// the metrics address. OK / WARN / FAIL per line; exit code 5 on a
+    /// FAIL. `run` makes the same checks first (all but the native trial).
+    Doctor {
         #[command(flatten)]
-        dns: DnsArgs,
-        /// Where the XDP links and the state shared across restarts are
-        /// pinned (on bpffs; mounted at /sys/fs/bpf if missing).
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// On SIGINT/SIGTERM, detach the program (keep the pinned maps). By
-        /// default it stays attached and keeps filtering with the last rules.
-        #[arg(long, conflicts_with = "cleanup")]
-        detach_on_exit: bool,
-        /// TCP ports whose payload is read as HTTP requests (their Host
-        /// blocked like a server name): comma-separated or repeated, at most
-        /// 16. A TLS ClientHello sent to them is read too.
-        #[arg(long = "http-ports", value_name = "PORT[,PORT...]", value_parser = parse_port, value_delimiter = ',', default_value = "80")]
-        http_ports: Vec<u16>,
-        /// TCP ports whose payload is read for TLS ClientHellos: `all` (a
-        /// hello is recognized by its content on any port), or ports,
-        /// comma-separated or repeated, at most 16. Payload to other ports
-        /// (and not to an HTTP port) passes unread.
-        #[arg(long = "tls-ports", value_name = "all|PORT[,PORT...]", value_parser = parse_tls_port, value_delimiter = ',', default_value = "all")]
-        tls_ports: Vec<TlsPort>,
-        /// What QUIC Initials (UDP/443) get: pass (counted), or drop (browsers
-        /// fall back to TCP, where the TLS server name is read).
-        #[arg(long, value_enum, default_value_t = QuicPolicy::Pass)]
-        quic: QuicPolicy,
-        /// What first IP fragments of DNS queries (UDP/TCP 53) and of TCP to
-        /// the HTTP and TLS ports get: drop (the datagram never reaches its
-        /// application; the name in it cannot be read), or pass unread.
-        /// Counted either way (blokir_evasions_total{kind="fragment"}).
-        #[arg(long, value_enum, default_value_t = FragmentPolicy::Drop)]
-        fragments: FragmentPolicy,
-        /// On SIGINT/SIGTERM, detach the program and remove everything pinned
-        /// under --pin-dir.
+        run: RunArgs,
+        /// Do not attach a no-op program to try native XDP (on some drivers
+        /// an attachment restarts the rings: a moment without traffic).
         #[arg(long)]
-        cleanup: bool,
-        /// Seconds a list server (`lists add --source URL`) may take to
-        /// accept the connection.
-        #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "10")]
-        fetch_connect_timeout: std::time::Duration,
-        /// Seconds a list server may stay silent (no byte of its answer or
-        /// body) before the download is given up.
-        #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "30")]
-        fetch_idle_timeout: std::time::Duration,
-        /// The largest share of a list one update may take away (0% to
-        /// 100%): a rule file reloaded or a list refreshed with fewer rules
-        /// than that leaves is refused (an emptied file, a cut-off download),
-        /// the last good version stays; `rules reload --force` and `lists
-        /// update --force` apply it anyway. 100% lets everything through.
-        #[arg(long, value_name = "PERCENT", default_value_t = MaxShrink::DEFAULT)]
-        max_shrink: MaxShrink,
+        no_trial: bool,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Detach the program and remove everything blokir pinned (for when no
     /// daemon runs, e.g. after it was killed or stopped without --cleanup).
@@ -239,6 +158,107 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+}
+
+/// `blokir run`'s settings (also `blokir doctor`'s).
+#[derive(Args)]
+struct RunArgs {
+    /// Read settings from this TOML file: keys are these flags' names
+    /// (`dns-action = "nxdomain"`, `iface = ["eth1"]`); flags given here win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Interface to filter (repeat for several).
+    #[arg(long = "iface", required = true)]
+    ifaces: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    mode: Mode,
+    /// Rule files; each feeds the list named after the file (repeatable).
+    #[arg(long = "rules")]
+    rules: Vec<PathBuf>,
+    /// Where the local list (`blokir rules add`) is kept.
+    #[arg(long, default_value = "/var/lib/blokir")]
+    state_dir: PathBuf,
+    /// Where /metrics, /healthz and /readyz are served: HOST:PORT, or
+    /// unix:/path (a socket created mode 0600).
+    #[arg(long, default_value = "127.0.0.1:9947")]
+    metrics_addr: Listen,
+    /// Serve the endpoint over TLS with this PEM certificate chain
+    /// (needs --metrics-tls-key).
+    #[arg(long, requires = "metrics_tls_key")]
+    metrics_tls_cert: Option<PathBuf>,
+    /// The PEM private key for --metrics-tls-cert.
+    #[arg(long, requires = "metrics_tls_cert")]
+    metrics_tls_key: Option<PathBuf>,
+    /// Require HTTP basic auth: a file of `user:bcrypt-hash` lines (as in
+    /// Prometheus's web config).
+    #[arg(long)]
+    metrics_basic_auth_file: Option<PathBuf>,
+    /// Log blocked names (target blokir::events): protocol, family, list,
+    /// rule and name, never an address. Off by default.
+    #[arg(long)]
+    event_log: bool,
+    /// With --event-log: events logged per second at most (N or N/s).
+    #[arg(long, value_parser = events::parse_rate, default_value = "100/s", requires = "event_log")]
+    event_log_rate: u32,
+    /// With --event-log: one event per N blocks of each rule (1/N).
+    #[arg(long, value_parser = events::parse_sample, default_value = "1/1", requires = "event_log")]
+    event_log_sample: u32,
+    /// Name nodes and rule ids the kernel maps hold (2 to 16777215).
+    #[arg(long, default_value_t = DEFAULT_RULE_CAPACITY, value_parser = rule_capacity)]
+    rule_capacity: u32,
+    /// Rules exported with their own hit counter on /metrics.
+    #[arg(long, default_value_t = 100)]
+    top_rules: usize,
+    #[command(flatten)]
+    dns: DnsArgs,
+    /// Where the XDP links and the state shared across restarts are
+    /// pinned (on bpffs; mounted at /sys/fs/bpf if missing).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// On SIGINT/SIGTERM, detach the program (keep the pinned maps). By
+    /// default it stays attached and keeps filtering with the last rules.
+    #[arg(long, conflicts_with = "cleanup")]
+    detach_on_exit: bool,
+    /// TCP ports whose payload is read as HTTP requests (their Host
+    /// blocked like a server name): comma-separated or repeated, at most
+    /// 16. A TLS ClientHello sent to them is read too.
+    #[arg(long = "http-ports", value_name = "PORT[,PORT...]", value_parser = parse_port, value_delimiter = ',', default_value = "80")]
+    http_ports: Vec<u16>,
+    /// TCP ports whose payload is read for TLS ClientHellos: `all` (a
+    /// hello is recognized by its content on any port), or ports,
+    /// comma-separated or repeated, at most 16. Payload to other ports
+    /// (and not to an HTTP port) passes unread.
+    #[arg(long = "tls-ports", value_name = "all|PORT[,PORT...]", value_parser = parse_tls_port, value_delimiter = ',', default_value = "all")]
+    tls_ports: Vec<TlsPort>,
+    /// What QUIC Initials (UDP/443) get: pass (counted), or drop (browsers
+    /// fall back to TCP, where the TLS server name is read).
+    #[arg(long, value_enum, default_value_t = QuicPolicy::Pass)]
+    quic: QuicPolicy,
+    /// What first IP fragments of DNS queries (UDP/TCP 53) and of TCP to
+    /// the HTTP and TLS ports get: drop (the datagram never reaches its
+    /// application; the name in it cannot be read), or pass unread.
+    /// Counted either way (blokir_evasions_total{kind="fragment"}).
+    #[arg(long, value_enum, default_value_t = FragmentPolicy::Drop)]
+    fragments: FragmentPolicy,
+    /// On SIGINT/SIGTERM, detach the program and remove everything pinned
+    /// under --pin-dir.
+    #[arg(long)]
+    cleanup: bool,
+    /// Seconds a list server (`lists add --source URL`) may take to
+    /// accept the connection.
+    #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "10")]
+    fetch_connect_timeout: std::time::Duration,
+    /// Seconds a list server may stay silent (no byte of its answer or
+    /// body) before the download is given up.
+    #[arg(long, value_name = "SECS", value_parser = seconds, default_value = "30")]
+    fetch_idle_timeout: std::time::Duration,
+    /// The largest share of a list one update may take away (0% to
+    /// 100%): a rule file reloaded or a list refreshed with fewer rules
+    /// than that leaves is refused (an emptied file, a cut-off download),
+    /// the last good version stays; `rules reload --force` and `lists
+    /// update --force` apply it anyway. 100% lets everything through.
+    #[arg(long, value_name = "PERCENT", default_value_t = MaxShrink::DEFAULT)]
+    max_shrink: MaxShrink,
 }
 
 /// What blocked DNS queries get, for `run` and `replay`.
@@ -440,12 +460,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if matches!(cli.command, Command::Run { .. } | Command::Replay { .. }) {
+    if matches!(cli.command, Command::Run(_) | Command::Replay { .. }) {
         // Before reading lists, mounting bpffs or binding anything.
         blokir::support::check_floor()?;
     }
     match cli.command {
-        Command::Run {
+        Command::Run(RunArgs {
             ifaces,
             mode,
             rules,
@@ -471,7 +491,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             fetch_connect_timeout,
             fetch_idle_timeout,
             max_shrink,
-        } => {
+        }) => {
             let tls_ports = match TlsPorts::from_args(&tls_ports) {
                 Ok(p) => p,
                 Err(e) => {
@@ -479,6 +499,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_USAGE));
                 }
             };
+            // The doctor's checks, but for the native trial: a start that
+            // would fail half-way fails here, with the doctor's words.
+            let findings = doctor::examine(&doctor::Target {
+                ifaces: &ifaces,
+                mode,
+                state_dir: &state_dir,
+                pin_dir: &pin_dir,
+                metrics: &metrics_addr,
+                native_trial: false,
+                daemon_running: false,
+            });
+            for f in findings.iter().filter(|f| f.level == doctor::Level::Warn) {
+                tracing::warn!("{}", f.to_string().replace("\n      -> ", "; "));
+            }
+            if let Some(why) = doctor::refusal(&findings) {
+                eprintln!("blokir: cannot start (`blokir doctor` checks the same):\n{why}");
+                return Ok(ExitCode::from(doctor::EXIT_PREFLIGHT));
+            }
             let on_exit = match (detach_on_exit, cleanup) {
                 (_, true) => OnExit::Cleanup,
                 (true, _) => OnExit::Detach,
@@ -510,6 +548,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             result?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { run, no_trial, output } => {
+            let findings = doctor::examine(&doctor::Target {
+                ifaces: &run.ifaces,
+                mode: run.mode,
+                state_dir: &run.state_dir,
+                pin_dir: &run.pin_dir,
+                metrics: &run.metrics_addr,
+                native_trial: !no_trial,
+                daemon_running: true,
+            });
+            let worst = doctor::worst(&findings);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "result": worst, "checks": findings }))?),
+                Output::Table => {
+                    for f in &findings {
+                        println!("{f}");
+                    }
+                    println!(
+                        "{}",
+                        match worst {
+                            doctor::Level::Ok => "blokir can run here with these settings.",
+                            doctor::Level::Warn => "blokir can run here with these settings; read the warnings.",
+                            doctor::Level::Fail => "blokir cannot run here with these settings: fix the FAIL lines.",
+                        }
+                    );
+                }
+            }
+            Ok(match worst {
+                doctor::Level::Fail => ExitCode::from(doctor::EXIT_PREFLIGHT),
+                _ => ExitCode::SUCCESS,
+            })
         }
         Command::Rules { command, output } => {
             let with_action = |allow: bool, p: Vec<String>| p.into_iter().map(|p| if allow { format!("allow {p}") } else { p }).collect();
@@ -801,7 +871,9 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/blokir.toml");
         let args = ["blokir", "run", "--config", path, "--answer-ttl", "30"].map(std::ffi::OsString::from).to_vec();
         let cli = Cli::try_parse_from(config::expand(args, &Cli::command()).unwrap()).unwrap();
-        let Command::Run { ifaces, rules, dns, metrics_addr, pin_dir, detach_on_exit, cleanup, max_shrink, .. } = cli.command else { panic!("not run") };
+        let Command::Run(RunArgs { ifaces, rules, dns, metrics_addr, pin_dir, detach_on_exit, cleanup, max_shrink, .. }) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(ifaces, ["eth1"]);
         assert_eq!(rules, [PathBuf::from("/etc/blokir/national.rules")]);
         let policy = dns.policy();
@@ -843,10 +915,12 @@ mod tests {
     #[test]
     fn tcp_action_flags() {
         let parse = |extra: &[&str]| Cli::try_parse_from([&["blokir", "run", "--iface", "eth1"], extra].concat());
-        let Command::Run { dns, .. } = parse(&["--tcp-action", "reset", "--list-tcp-action", "local=drop"]).unwrap().command else { panic!("not run") };
+        let Command::Run(RunArgs { dns, .. }) = parse(&["--tcp-action", "reset", "--list-tcp-action", "local=drop"]).unwrap().command else {
+            panic!("not run")
+        };
         let p = dns.policy();
         assert_eq!((p.tcp_default, p.tcp_per_list), (TcpAction::Reset, vec![("local".to_string(), TcpAction::Drop)]));
-        let Command::Run { dns, .. } = parse(&[]).unwrap().command else { panic!("not run") };
+        let Command::Run(RunArgs { dns, .. }) = parse(&[]).unwrap().command else { panic!("not run") };
         assert_eq!(dns.policy().tcp_default, TcpAction::Drop);
         let Err(e) = parse(&["--tcp-action", "rst"]) else { panic!("accepted --tcp-action rst") };
         assert!(e.to_string().contains("unknown TCP action \"rst\""), "{e}");

@@ -140,6 +140,37 @@ fn propagated_bpffs(mountinfo: &str, path: &Path) -> Option<bool> {
         .map(|(_, propagated)| propagated)
 }
 
+fn private_namespace_without_bpffs() -> String {
+    format!(
+        "this process has a mount namespace of its own (ip netns exec, a container) with no bpffs at {BPFFS_MOUNT}, and none is reachable outside it: \
+         pins on a bpffs mounted here would die with the daemon and detach the program; mount bpffs on the host (`mount -t bpf bpf {BPFFS_MOUNT}`) \
+         or give --pin-dir on a bpffs that outlives this namespace"
+    )
+}
+
+fn not_on_bpffs(root: &Path) -> String {
+    format!("the pin directory {} is not on a BPF file system: mount one there (`mount -t bpf bpf DIR`) or choose another --pin-dir", root.display())
+}
+
+/// What [`PinDir::create`] would meet at `given`, touching nothing: where
+/// the pins would go and whether they outlive the daemon, or why `create`
+/// would refuse (`blokir doctor`, and `run` before it starts).
+pub fn preflight(given: &Path) -> Result<String, String> {
+    let dir = PinDir::at(given);
+    let mount = Path::new(BPFFS_MOUNT);
+    if dir.root.starts_with(mount) && !is_bpffs(mount) {
+        return match private_mount_namespace() {
+            true => Err(private_namespace_without_bpffs()),
+            false => Ok(format!("no bpffs at {BPFFS_MOUNT} yet: `blokir run` mounts it and pins in {}", given.display())),
+        };
+    }
+    let existing = dir.root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    match is_bpffs(existing) {
+        true => Ok(dir.persistence()),
+        false => Err(not_on_bpffs(&dir.root)),
+    }
+}
+
 impl PinDir {
     /// The pin directory at `root` (on the outer bpffs where `create` would
     /// put it), without touching the file system.
@@ -168,11 +199,7 @@ impl PinDir {
             None => (given.clone(), None),
         };
         if root.starts_with(mount) && !is_bpffs(mount) && private_mount_namespace() {
-            bail!(
-                "this process has a mount namespace of its own (ip netns exec, a container) with no bpffs at {BPFFS_MOUNT}, and none is reachable outside it: \
-                 pins on a bpffs mounted here would die with the daemon and detach the program; mount bpffs on the host (`mount -t bpf bpf {BPFFS_MOUNT}`) \
-                 or give --pin-dir on a bpffs that outlives this namespace"
-            );
+            bail!("{}", private_namespace_without_bpffs());
         }
         if root.starts_with(mount) && !is_bpffs(mount) {
             let src = CString::new("bpf")?;
@@ -186,7 +213,7 @@ impl PinDir {
         }
         std::fs::create_dir_all(&root).with_context(|| format!("creating the pin directory {}", root.display()))?;
         if !is_bpffs(&root) {
-            bail!("the pin directory {} is not on a BPF file system: mount one there (`mount -t bpf bpf DIR`) or choose another --pin-dir", root.display());
+            bail!("{}", not_on_bpffs(&root));
         }
         let dir = PinDir { root, outer, given };
         for d in [dir.maps_dir(), dir.links_dir(), dir.stages_dir()] {

@@ -8,6 +8,8 @@ use std::{fmt, path::PathBuf};
 pub const FLOOR: (u32, u32) = (5, 15);
 /// The kernels `cargo xtask test` boots and runs the suites on.
 pub const TESTED: &str = "6.1, 6.12 and 6.18";
+/// The same, as `major.minor`.
+pub const TESTED_VERSIONS: [(u32, u32); 3] = [(6, 1), (6, 12), (6, 18)];
 /// `blokir run` and `blokir replay` exit with this code when the kernel
 /// cannot run blokir.
 pub const EXIT_UNSUPPORTED: u8 = 4;

@@ -283,17 +283,18 @@ fn exit_behaviours_default_keeps_filtering_detach_on_exit_and_cleanup() {
     let table = cli_ok(&d, &["status"]);
     assert!(table.lines().any(|l| l.split_whitespace().take(3).eq(["c0", "yes", mode.as_str()])), "{table}");
     // A second daemon on the same pin directory is refused.
-    let mut cmd = std::process::Command::new(topo.blokir().unwrap());
+    let mut cmd = topo.exec(topo.edge(), topo.blokir().unwrap());
     cmd.arg("--socket").arg(topo.dir().join("other.sock")).args(["run", "--iface", "c0", "--pin-dir", pin, "--metrics-addr", "127.0.0.1:0"]);
     cmd.arg("--state-dir").arg(topo.dir().join("other-state"));
     let other = blokir_tests::netns::run(&mut cmd, Duration::from_secs(30)).unwrap();
     assert!(!other.success() && other.stderr.contains("another blokir daemon is using the pin directory"), "{other}");
     // Refused before anything is announced.
     assert!(!other.stderr.contains("serving"), "{other}");
-    // So is a bad rule file.
+    // So is a bad rule file (on an interface of its own: c0 holds the
+    // first daemon's program, which another pin directory cannot take over).
     let bad = write(&topo, "bad.rules", "t.me\nbad..name\n");
-    let mut cmd = std::process::Command::new(topo.blokir().unwrap());
-    cmd.arg("--socket").arg(topo.dir().join("other.sock")).args(["run", "--iface", "c0", "--metrics-addr", "127.0.0.1:0", "--rules"]).arg(&bad);
+    let mut cmd = topo.exec(topo.edge(), topo.blokir().unwrap());
+    cmd.arg("--socket").arg(topo.dir().join("other.sock")).args(["run", "--iface", "lo", "--metrics-addr", "127.0.0.1:0", "--rules"]).arg(&bad);
     cmd.arg("--pin-dir").arg(topo.dir().join("bpf/other")).arg("--state-dir").arg(topo.dir().join("other-state"));
     let other = blokir_tests::netns::run(&mut cmd, Duration::from_secs(30)).unwrap();
     assert!(!other.success() && other.stderr.contains("bad.rules:2") && !other.stderr.contains("serving"), "{other}");

@@ -32,7 +32,7 @@ pub const MATRIX: &[&str] = &["6.1", "6.12"];
 const SUITES: &[&str] = &["kernel_suites"];
 
 /// What each guest runs, in order (`--steps` picks some).
-pub const STEPS: &[&str] = &["load", "replay", "attach", "suites"];
+pub const STEPS: &[&str] = &["load", "replay", "attach", "doctor", "suites"];
 
 /// Where downloaded kernels are kept between runs.
 fn cache() -> PathBuf {

@@ -91,6 +91,10 @@ fn main() -> anyhow::Result<()> {
             r.step(&format!("attach-{mode}"), res);
         }
     }
+    if wanted("doctor") {
+        let res = doctor(&blokir);
+        r.step("doctor", res);
+    }
     if wanted("suites") {
         let mut entries: Vec<_> = std::fs::read_dir(&suites).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
         entries.sort();
@@ -186,6 +190,34 @@ fn run_suites(binary: &Path) -> anyhow::Result<Vec<(String, anyhow::Result<Strin
     let all = if out.status.success() { Ok(format!("{summary} in {:.0?}", start.elapsed())) } else { Err(anyhow!("{summary}; exit {}", out.status)) };
     results.push(("all".to_string(), all));
     Ok(results)
+}
+
+/// `blokir doctor` on a free veth: every check passes on a kernel of the
+/// matrix, native XDP is tried and left detached; a missing interface is a
+/// FAIL with exit code 5.
+fn doctor(blokir: &Path) -> anyhow::Result<String> {
+    let net = Veth::new()?;
+    let run = |iface: &str| {
+        Command::new(blokir)
+            .args(["doctor", "--iface", iface, "--state-dir", "/tmp/doctor-state", "--pin-dir", "/sys/fs/bpf/doctor", "--output", "json"])
+            .env("NO_COLOR", "1")
+            .output()
+    };
+    let out = run(EDGE_IFACE)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "blokir doctor exited with {}: {text} {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    let report: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("blokir doctor's JSON: {text}"))?;
+    let checks = report["checks"].as_array().context("no checks")?;
+    let level =
+        |check: &str| checks.iter().find(|c| c["check"] == check).map(|c| (c["level"].as_str().unwrap_or_default().to_string(), c["detail"].to_string()));
+    for check in ["kernel", "privileges", &format!("iface {EDGE_IFACE}"), &format!("native {EDGE_IFACE}")] {
+        let (lvl, detail) = level(check).with_context(|| format!("no {check} line in {text}"))?;
+        ensure!(lvl == "ok", "{check}: {lvl} {detail}");
+    }
+    ensure!(!net.xdp_attached()?, "the no-op program stayed attached to {EDGE_IFACE}");
+    let missing = run("missing0")?;
+    ensure!(missing.status.code() == Some(5), "a missing interface: exit {} ({})", missing.status, String::from_utf8_lossy(&missing.stdout));
+    Ok(format!("{} checks, worst {}", checks.len(), report["result"]))
 }
 
 /// The program on a veth pair in `mode`: listed names' DNS queries and
