@@ -35,8 +35,11 @@ const EXIT_REFUSED: u8 = 3;
 /// As clap's own exit code for a bad command line.
 const EXIT_USAGE: u8 = 2;
 
+/// `blokir --version`: the release and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BLOKIR_COMMIT"), ")");
+
 #[derive(Parser)]
-#[command(name = "blokir", version, about = "Block listed domains in XDP: DNS queries, at line rate")]
+#[command(name = "blokir", version = VERSION, about = "Block listed domains in XDP: DNS queries, TLS server names and HTTP Host names, at line rate")]
 // The last of a repeated option wins (wrappers may append overrides).
 #[command(args_override_self = true)]
 struct Cli {
@@ -140,6 +143,10 @@ enum Command {
     /// Print the shell completion script for SHELL, e.g.
     /// `blokir completions bash > /etc/bash_completion.d/blokir`.
     Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (blokir.1 and one per subcommand) into DIR,
+    /// for packagers.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// Run every packet of a capture (pcap or pcapng) through the real XDP
     /// program, in order, with the given rules; print each packet's verdict,
     /// the name read and the rule that matched. Needs root (it loads the
@@ -671,6 +678,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::Manpages { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let cmd = Cli::command();
+            clap_mangen::generate_to(cmd, &dir).with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Completions { shell } => {
             // Into memory first: clap_complete panics on a failed write.
             let mut script = Vec::new();

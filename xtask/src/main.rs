@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod kernels;
+mod package;
 mod setup;
 
 use std::{
@@ -53,6 +54,14 @@ enum Task {
         #[arg(long, default_value_t = 25)]
         timeout_minutes: u64,
     },
+    /// Build target/debian/blokir_VERSION_amd64.deb (release binary, systemd
+    /// unit, /etc/blokir/blokir.toml, manual pages, completions, the Grafana
+    /// dashboard and alert rules); with --check, lint it, install it on this
+    /// machine, check it and purge it (as `cargo xtask test` does).
+    Package {
+        #[arg(long)]
+        check: bool,
+    },
     /// Set up and run the benchmark suite (release build, as root): the
     /// per-packet cost of each packet class against a no-op XDP program,
     /// scaling to 2M rules, memory and load times, and iptables string
@@ -82,6 +91,17 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { quick } => {
             setup::all()?;
             bench::run(quick)
+        }
+        Task::Package { check } => {
+            setup::all()?;
+            let deb = package::build()?;
+            if check {
+                if !is_root() {
+                    bail!("the check installs and purges the package: run `cargo xtask package --check` as root");
+                }
+                package::check(&deb)?;
+            }
+            Ok(())
         }
     }
 }
@@ -139,6 +159,8 @@ fn test(fuzz_seconds: u32) -> anyhow::Result<()> {
     // One test binary at a time: the end-to-end tests share the kernel's
     // namespaces and interfaces, and each file's tests run serially.
     run(cargo(&["test", "--", "--test-threads=1"]).env("BLOKIR_BIN", &bin))?;
+    // The Debian package, installed, checked and purged.
+    package::check(&package::build()?)?;
     // The kernels ISP boxes run, booted under QEMU with the kernel suites.
     kernels::run_matrix(&kernels::Options { kernels: Vec::new(), steps: Vec::new(), timeout: std::time::Duration::from_secs(25 * 60) })?;
     setup::fuzz(fuzz_seconds)

@@ -36,6 +36,10 @@ const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "prometheus",
     "systemd",
+    // The Debian package: its linter, and man to read its manual pages.
+    "lintian",
+    "man-db",
+    "dpkg-dev",
     "python3",
     // The kernel matrix: Debian's kernels booted under QEMU with an
     // initramfs of busybox, blokir and the test programs.
