@@ -4,6 +4,7 @@
 pub mod netns;
 pub mod noop;
 pub mod packets;
+pub mod web;
 
 use std::{mem::ManuallyDrop, path::PathBuf, sync::Mutex};
 

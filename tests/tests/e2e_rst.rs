@@ -13,47 +13,17 @@
 //! Run as root, serially:
 //! `BLOKIR_BIN=target/debug/blokir cargo test -p blokir-tests --test e2e_rst -- --test-threads=1`.
 
-use std::{
-    net::IpAddr,
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+use std::{net::IpAddr, time::Duration};
+
+use blokir_tests::{
+    netns::{Daemon, Topology},
+    web::{PAGE, curl, start_servers},
 };
-
-use blokir_tests::netns::{Captured, Daemon, RESOLVER4, RESOLVER6, Topology, run, start};
-
-/// A line of the s_server `-www` status page.
-const PAGE: &str = "Ciphers supported in s_server binary";
-
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// curl to `scheme://name/` at `server`, with its time.
-fn curl(topo: &Topology, scheme: &str, name: &str, server: IpAddr, max_time: u32) -> (Captured, Duration) {
-    let port = if scheme == "https" { 443 } else { 80 };
-    let addr = match server {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("[{a}]"),
-    };
-    let mut cmd = topo.exec(topo.client(), "curl");
-    cmd.args(["-sSk", "--max-time", &max_time.to_string(), "--resolve", &format!("{name}:{port}:{addr}"), &format!("{scheme}://{name}/")]);
-    let started = Instant::now();
-    let out = start(&mut cmd).unwrap().finish(Duration::from_secs(u64::from(max_time) + 5)).unwrap();
-    (out, started.elapsed())
-}
 
 /// curl to a listed name fails at once with a connection reset.
 #[track_caller]
 fn assert_reset(topo: &Topology, scheme: &str, name: &str, server: IpAddr) {
-    let (out, took) = curl(topo, scheme, name, server, 5);
+    let (out, took) = curl(topo, scheme, name, server, 5).unwrap();
     let what = format!("{scheme}://{name} at {server}, {took:.2?}");
     assert!(matches!(out.code(), Some(35 | 56)), "{what}: curl should fail with a reset: {out}");
     assert!(out.stderr.contains("reset by peer"), "{what}: {out}");
@@ -67,55 +37,10 @@ fn assert_reset(topo: &Topology, scheme: &str, name: &str, server: IpAddr) {
 /// curl to a listed name whose flows are dropped waits for its 2 s timeout.
 #[track_caller]
 fn assert_stalls(topo: &Topology, scheme: &str, name: &str, server: IpAddr) {
-    let (out, took) = curl(topo, scheme, name, server, 2);
+    let (out, took) = curl(topo, scheme, name, server, 2).unwrap();
     let what = format!("{scheme}://{name} at {server}, {took:.2?}");
     assert_eq!(out.code(), Some(28), "{what}: curl should time out: {out}");
     assert!(took >= Duration::from_millis(1900), "{what}");
-}
-
-/// Real servers in the resolver namespace: `openssl s_server -www` on :443
-/// (one connection at a time) and Python `http.server` on :80, on both
-/// families' addresses; returns once all four listen.
-fn start_servers(topo: &Topology) -> ([IpAddr; 2], Killed) {
-    let r = topo.resolver().to_string();
-    let (cert, key) = (topo.dir().join("cert.pem"), topo.dir().join("key.pem"));
-    let out = run(
-        Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=test", "-days", "1", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert),
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert!(out.success(), "{out}");
-    let www = topo.dir().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    let mut procs = Vec::new();
-    let servers = [IpAddr::from(RESOLVER4), IpAddr::from(RESOLVER6)];
-    for a in servers {
-        let accept = match a {
-            IpAddr::V4(a) => format!("{a}:443"),
-            IpAddr::V6(a) => format!("[{a}]:443"),
-        };
-        let mut cmd = topo.exec(&r, "openssl");
-        cmd.args(["s_server", "-accept", &accept, "-www", "-quiet", "-cert"]).arg(&cert).arg("-key").arg(&key);
-        procs.push(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-        let mut cmd = topo.exec(&r, "python3");
-        cmd.args(["-m", "http.server", "--bind", &a.to_string(), "--directory"]).arg(&www).arg("80");
-        procs.push(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    }
-    let procs = Killed(procs);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = topo.run_in(&r, &["ss", "-H", "-n", "-l", "-t"], Duration::from_secs(5)).unwrap().ok().unwrap().stdout;
-        if out.matches(":443").count() >= 2 && out.matches(":80 ").count() >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "servers not listening after 10 s:\n{out}");
-        thread::sleep(Duration::from_millis(50));
-    }
-    (servers, procs)
 }
 
 #[test]
@@ -131,14 +56,14 @@ fn listed_names_fail_at_once_with_a_reset_unlisted_ones_are_served_and_drop_list
         .expect("starting blokir in the edge namespace");
     assert!(topo.xdp_attached().unwrap());
 
-    let (servers, _procs) = start_servers(&topo);
+    let (servers, _procs) = start_servers(&topo).unwrap();
 
     // Unlisted names first: s_server serves one connection at a time, and a
     // reset connection stays open on its side.
     for server in servers {
-        let (out, _) = curl(&topo, "https", "fine.example", server, 5);
+        let (out, _) = curl(&topo, "https", "fine.example", server, 5).unwrap();
         assert!(out.success() && out.stdout.contains(PAGE), "https fine.example at {server}: {out}");
-        let (out, _) = curl(&topo, "http", "fine.example", server, 5);
+        let (out, _) = curl(&topo, "http", "fine.example", server, 5).unwrap();
         assert!(out.success(), "http fine.example at {server}: {out}");
     }
 
@@ -186,10 +111,10 @@ fn lists_row(d: &Daemon, name: &str) -> serde_json::Value {
 fn a_named_lists_tcp_action_is_set_from_the_cli_at_once_and_kept_across_restarts() {
     let topo = Topology::new().unwrap();
     let daemon = topo.start_daemon_with(&[], &["--mode", "generic"]).expect("starting blokir in the edge namespace");
-    let (servers, _procs) = start_servers(&topo);
+    let (servers, _procs) = start_servers(&topo).unwrap();
     let server = servers[0];
     // The unlisted name first (s_server serves one connection at a time).
-    let (out, _) = curl(&topo, "https", "fine.example", server, 5);
+    let (out, _) = curl(&topo, "https", "fine.example", server, 5).unwrap();
     assert!(out.success() && out.stdout.contains(PAGE), "https fine.example: {out}");
 
     let source = topo.dir().join("rst.rules");
@@ -209,7 +134,7 @@ fn a_named_lists_tcp_action_is_set_from_the_cli_at_once_and_kept_across_restarts
     assert!(out.contains("TCP action drop"), "{out}");
     assert_stalls(&topo, "http", "blocked.example", server);
     assert_stalls(&topo, "https", "www.blocked.example", server);
-    let (out, _) = curl(&topo, "http", "fine.example", server, 5);
+    let (out, _) = curl(&topo, "http", "fine.example", server, 5).unwrap();
     assert!(out.success(), "http fine.example (the server is up): {out}");
     let row = lists_row(&daemon, "rst");
     assert_eq!((&row["tcp_action"], &row["version"], &row["last_error"]), (&"drop".into(), &1.into(), &serde_json::Value::Null), "{row}");
@@ -237,7 +162,7 @@ fn a_named_lists_tcp_action_is_set_from_the_cli_at_once_and_kept_across_restarts
     // An ECH-outer list never blocks HTTP requests.
     cli_ok(&daemon, &["lists", "set", "rst", "--ech-outer", "true"]);
     assert_eq!(lists_row(&daemon, "rst")["ech_outer"], true);
-    let (out, _) = curl(&topo, "http", "blocked.example", server, 5);
+    let (out, _) = curl(&topo, "http", "blocked.example", server, 5).unwrap();
     assert!(out.success(), "http blocked.example (ECH-outer list): {out}");
     daemon.stop().unwrap();
 }

@@ -180,20 +180,7 @@ impl Attempt {
                 cmd.args(["10", "python3", "-c", PYTHON, &self.server.to_string(), name]);
                 cmd
             }
-            Client::Chromium => {
-                // Only the test name is mapped: Chromium's own background
-                // requests (component updates, accounts) would otherwise go
-                // to the single-threaded s_server and hold it with a POST.
-                // `--timeout` ends a stalled page load with an empty DOM.
-                let mut cmd = topo.exec(c, "timeout");
-                cmd.args(["-k", "3", "30", "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]);
-                cmd.args(["--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic"]);
-                cmd.args(["--ignore-certificate-errors", "--timeout=5000"]);
-                cmd.arg(format!("--user-data-dir={}", topo.dir().join(format!("chromium-{n}")).display()));
-                cmd.arg(format!("--host-resolver-rules=MAP {name} {host}, MAP * ~NOTFOUND"));
-                cmd.args(["--dump-dom", &format!("https://{name}/")]);
-                cmd
-            }
+            Client::Chromium => blokir_tests::web::chromium(topo, name, self.server, &topo.dir().join(format!("chromium-{n}"))),
         }
     }
 }

@@ -2,10 +2,14 @@
 //! 2017 order.
 //!
 //! Without `--iface`, it builds a small network of its own (three network
-//! namespaces: a client, a router and a DNS server, all on 198.18.0.0/15 and
-//! 2001:db8::/32), runs blokir on the router, shows real `dig` queries being
-//! blocked or resolved, the counters, and a rule added live, then removes
-//! everything. It exits non-zero if any query got what it should not.
+//! namespaces: a client, a router and a server, all on 198.18.0.0/15 and
+//! 2001:db8::/32), runs blokir on the router with two lists (one dropped,
+//! one answered NXDOMAIN and reset), and shows real `dig`, `curl` and
+//! headless Chromium against dnsmasq, openssl s_server and Python's
+//! http.server: DNS, HTTPS and HTTP blocked or served, the counters, a rule
+//! added live, a `kill -9` and restart under a stream of queries, and a
+//! closing table; then removes everything. It exits non-zero if anything
+//! got what it should not.
 //!
 //! With `--iface IFACE`, it writes `target/demo/telegram.rules` and runs
 //! `blokir run --iface IFACE --rules target/demo/telegram.rules` in the
