@@ -172,12 +172,18 @@ pub const EVASION_FRAGMENT: u32 = TCP_SERVER_RESETS + 1;
 /// HTTP requests with a second Host header (`http::Progress::HostRepeat`):
 /// the flow is blocked.
 pub const EVASION_HOST_REPEAT: u32 = EVASION_FRAGMENT + 1;
+/// Urgent data (URG) on a TCP flow being read (`flow::sign::URGENT`).
+pub const EVASION_URGENT: u32 = EVASION_HOST_REPEAT + 1;
+/// Fake segments on a TCP flow being read: ones the receiver discards
+/// (`flow::sign::NO_ACK`, `SIGNED`).
+pub const EVASION_FAKE: u32 = EVASION_URGENT + 1;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = EVASION_HOST_REPEAT + 1;
+pub const COUNTERS: u32 = EVASION_FAKE + 1;
 
 /// Circumvention attempts seen, by their `/metrics` label
 /// (`blokir_evasions_total{kind}`).
-pub const EVASIONS: [(&str, u32); 2] = [("fragment", EVASION_FRAGMENT), ("host_repeat", EVASION_HOST_REPEAT)];
+pub const EVASIONS: [(&str, u32); 4] =
+    [("fragment", EVASION_FRAGMENT), ("host_repeat", EVASION_HOST_REPEAT), ("urgent", EVASION_URGENT), ("fake", EVASION_FAKE)];
 
 #[inline(always)]
 pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {

@@ -172,8 +172,10 @@ pub struct Config {
     /// What first IP fragments of datagrams blokir reads get
     /// (`inspect::FRAGMENTS_DROP` or `FRAGMENTS_PASS`).
     pub fragment_policy: u32,
-    /// Keeps the size a multiple of 8: no padding bytes in the map value.
-    pub reserved: u32,
+    /// What a TCP flow being read that carries fake segments or urgent
+    /// bytes gets (`flow::TAMPER_BLOCK` or `TAMPER_PASS`). Also keeps the
+    /// size a multiple of 8: no padding bytes in the map value.
+    pub tamper_policy: u32,
 }
 
 impl Default for Config {
@@ -194,7 +196,7 @@ impl Default for Config {
             tls_ports: [0; MAX_TLS_PORTS],
             tls_all_ports: 1,
             fragment_policy: crate::inspect::FRAGMENTS_DROP,
-            reserved: 0,
+            tamper_policy: crate::flow::TAMPER_BLOCK,
         }
     }
 }

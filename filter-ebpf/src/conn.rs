@@ -5,9 +5,9 @@
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters,
-    flow::{Start, start_of},
+    flow::{self, Flow, Start, TAMPER_BLOCK, Tamper, start_of},
     inspect::Env as _,
-    packet::L4,
+    packet::{L4, TCP_URG},
     reply::NoReply,
     reset::{Toward, build_reset},
     rules::STAGE_REPLY,
@@ -15,7 +15,7 @@ use filter_common::{
 };
 
 use crate::{
-    maps::{FLOWS, Maps, REPLY_JOB, ReplyJob, STAGES, SYNS, count},
+    maps::{CONFIG, FLOW_INIT, FLOWS, Maps, REPLY_JOB, ReplyJob, STAGES, SYNS, count},
     packet::XdpPacket,
 };
 
@@ -51,20 +51,93 @@ pub fn syn(pkt: &XdpPacket, key: &FlowKey, l4: &L4) -> Option<u32> {
     Some(xdp_action::XDP_PASS)
 }
 
-/// Where a data segment of an untracked flow stands to its connection's
-/// start; the first segment clears the record.
+/// Where a data segment (`len` bytes at `seq`) of an untracked flow stands
+/// to its connection's start. Early ones are counted. The record stays
+/// until `started` (the HTTP stage hands a hello on to the TLS stage, which
+/// looks again).
 #[inline(always)]
-pub fn start(key: &FlowKey, seq: u32) -> Start {
+pub fn start(key: &FlowKey, seq: u32, len: usize) -> Start {
     // SAFETY: a u32 of the map.
     let expect = SYNS.get_ptr(key).map(|e| unsafe { core::ptr::read_volatile(e) });
-    let start = start_of(expect, seq);
-    if start == Start::First {
-        let _ = SYNS.remove(key);
-    }
+    let start = start_of(expect, seq, len as u32);
     if start == Start::Early {
         count(counters::TCP_EARLY);
     }
     start
+}
+
+/// The connection's first data segment was taken (read, or passed unread):
+/// its start is no longer needed.
+#[inline(always)]
+pub fn started(key: &FlowKey, start: Start) {
+    if let Start::First { .. } = start {
+        let _ = SYNS.remove(key);
+    }
+}
+
+/// A segment bearing `signs` (`fake_signs`, not 0) on a flow being read,
+/// under the tamper policy: the flow is blocked, its server end closed as
+/// for a listed name; or the segment, which the receiver discards, passes
+/// unread; or the flow is forgotten and the segment passes. Never read: a
+/// path that went on to the parser would have the verifier walk the parser
+/// once more.
+#[inline(always)]
+pub fn tamper(pkt: &XdpPacket, flow: &mut Flow, key: &FlowKey, signs: u32) -> u32 {
+    let policy = CONFIG.get(0).map_or(TAMPER_BLOCK, |c| c.tamper_policy);
+    match flow::tamper(signs, policy) {
+        Tamper::Block { counter } => {
+            count(counter);
+            flow.block(false);
+            to_reset(pkt, Toward::Server(flow.passed_seq()), key, false)
+        }
+        Tamper::Skip { counter } => {
+            count(counter);
+            xdp_action::XDP_PASS
+        }
+        Tamper::Forget { counter } => {
+            count(counter);
+            let _ = FLOWS.remove(key);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// A connection's first data segment that does not start a hello or a
+/// request but bears urgent data or lacks an ACK (`flow::suspect_first`):
+/// its bytes are not what the receiver reads (an urgent byte before the
+/// hello, ByeDPI's `--disoob`; a fake). Under `block` the flow is recorded
+/// as blocked (a TLS flow, whatever the port: the stages treat it alike)
+/// and the server's end closed by a RST made of the segment at the
+/// connection's start (`at`), without the parser's path. Under `pass` it
+/// passes unread (a segment without ACK leaves the start on record: the
+/// receiver discards it).
+#[inline(always)]
+pub fn tamper_first(pkt: &XdpPacket, key: &FlowKey, start: Start, flags: u8, at: u32) -> u32 {
+    let signs = if flags & TCP_URG != 0 { flow::sign::URGENT } else { flow::sign::NO_ACK };
+    let policy = CONFIG.get(0).map_or(TAMPER_BLOCK, |c| c.tamper_policy);
+    match flow::tamper(signs, policy) {
+        Tamper::Block { counter } => {
+            count(counter);
+            started(key, start);
+            if let Some(init) = FLOW_INIT.get_ptr_mut(0) {
+                // SAFETY: per-CPU staging slot, written whole by `reset`.
+                let init = unsafe { &mut *init };
+                unsafe { init.hello.reset(at) };
+                init.block(false);
+                let _ = FLOWS.insert(key, init, 0);
+            }
+            to_reset(pkt, Toward::Server(at), key, false)
+        }
+        Tamper::Skip { counter } => {
+            count(counter);
+            xdp_action::XDP_PASS
+        }
+        Tamper::Forget { counter } => {
+            count(counter);
+            started(key, start);
+            xdp_action::XDP_PASS
+        }
+    }
 }
 
 /// Hands a segment of the blocked flow `key` to the answer stage to become

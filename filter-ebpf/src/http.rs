@@ -7,10 +7,10 @@
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters::{self, Proto},
-    flow::{KIND_HTTP, KIND_TLS, Start},
+    flow::{KIND_HTTP, KIND_TLS, Start, suspect_first},
     http::{MAX_ROUNDS, Progress, feed, resume, starts_request},
     inspect::Env as _,
-    packet::{IPPROTO_TCP, parse_l3, parse_tcp},
+    packet::{IPPROTO_TCP, fake_signs, parse_l3, parse_tcp},
     reset::Toward,
     rules::{STAGE_HTTP, STAGE_TLS},
     tls::{FlowKey, Resume, starts_hello},
@@ -37,6 +37,8 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     }
     let af = l3.af;
     // Stage boundary (see `Env::opaque`).
+    let tcp = Maps::opaque(l3.l4_off);
+    let flags = l4.flags;
     let off = Maps::opaque(l4.payload_off);
     let end = Maps::opaque(l4.payload_end);
     let seq = l4.data_seq();
@@ -48,23 +50,34 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     let flow = match FLOWS.get_ptr_mut(&key) {
         Some(f) => f,
         None => {
-            if conn::start(&key, seq) == Start::Early {
-                return xdp_action::XDP_DROP;
-            }
-            if starts_hello(pkt, off, end) {
+            let start = conn::start(&key, seq, end.saturating_sub(off));
+            let trim = match start {
+                Start::Early => return xdp_action::XDP_DROP,
+                Start::Stale => return xdp_action::XDP_PASS,
+                Start::First { trim } => trim,
+                Start::Unknown => 0,
+            };
+            let at = off + trim as usize;
+            // The TLS stage looks at the start again, and takes it.
+            if starts_hello(pkt, at, end) {
                 return to_tls(pkt);
             }
-            if !starts_request(pkt, off, end) {
+            if !starts_request(pkt, at, end) {
+                if suspect_first(start, flags) {
+                    return conn::tamper_first(pkt, &key, start, flags, seq.wrapping_add(trim));
+                }
+                conn::started(&key, start);
                 return xdp_action::XDP_PASS;
             }
             let Some(init) = FLOW_INIT.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
             // SAFETY: per-CPU staging slot; `reset` writes the variant whole
             // but for the name bytes, which are written before read.
             let init = unsafe { &mut *init };
-            unsafe { init.request.reset(seq) };
+            unsafe { init.request.reset(seq.wrapping_add(trim)) };
             if FLOWS.insert(&key, init, 0).is_err() {
                 return xdp_action::XDP_PASS;
             }
+            conn::started(&key, start);
             match FLOWS.get_ptr_mut(&key) {
                 Some(f) => f,
                 None => return xdp_action::XDP_PASS,
@@ -78,11 +91,22 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         KIND_TLS => return to_tls(pkt),
         _ => return xdp_action::XDP_PASS,
     }
+    let first_round = {
+        // SAFETY: the variant `kind` names.
+        let req = unsafe { &flow.request };
+        if req.is_blocked() {
+            return if req.resets() { to_reset(pkt, Toward::Client, &key, false) } else { xdp_action::XDP_DROP };
+        }
+        req.rounds == 0
+    };
+    // Fake segments and urgent bytes (see `conn::tamper`), once per segment.
+    // Through a map, so that the paths through the option walk rejoin.
+    let signs = if first_round { Maps::opaque(fake_signs(pkt, flags, tcp, off, end) as usize) as u32 } else { 0 };
+    if signs != 0 {
+        return conn::tamper(pkt, flow, &key, signs);
+    }
     // SAFETY: the variant `kind` names.
     let req = unsafe { &mut flow.request };
-    if req.is_blocked() {
-        return if req.resets() { to_reset(pkt, Toward::Client, &key, false) } else { xdp_action::XDP_DROP };
-    }
     let start = match resume(req, seq, off, end) {
         Resume::At(start) => start,
         Resume::Behind => return xdp_action::XDP_PASS,

@@ -5,10 +5,10 @@
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters::{self, Outcome, Proto},
-    flow::{KIND_HTTP, KIND_TLS, Start},
+    flow::{KIND_HTTP, KIND_TLS, Start, suspect_first},
     inspect::Env as _,
     name::{CanonBuf, Decision, canon_start, match_canon},
-    packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
+    packet::{Af, IPPROTO_TCP, fake_signs, parse_l3, parse_tcp},
     reset::{LIST_TCP_RESET, Toward},
     rules::{LIST_ECH_OUTER, RuleRef},
     rules::{STAGE_MATCH, STAGE_TLS},
@@ -36,26 +36,37 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     }
     let af = l3.af;
     // Stage boundary (see `Env::opaque`).
+    let tcp = Maps::opaque(l3.l4_off);
+    let flags = l4.flags;
     let off = Maps::opaque(l4.payload_off);
     let end = Maps::opaque(l4.payload_end);
     let seq = l4.data_seq();
     let flow = match FLOWS.get_ptr_mut(&key) {
         Some(h) => h,
         None => {
-            if conn::start(&key, seq) == Start::Early {
-                return xdp_action::XDP_DROP;
-            }
-            if !starts_hello(pkt, off, end) {
+            let start = conn::start(&key, seq, end.saturating_sub(off));
+            let trim = match start {
+                Start::Early => return xdp_action::XDP_DROP,
+                Start::Stale => return xdp_action::XDP_PASS,
+                Start::First { trim } => trim,
+                Start::Unknown => 0,
+            };
+            if !starts_hello(pkt, off + trim as usize, end) {
+                if suspect_first(start, flags) {
+                    return conn::tamper_first(pkt, &key, start, flags, seq.wrapping_add(trim));
+                }
+                conn::started(&key, start);
                 return xdp_action::XDP_PASS;
             }
             let Some(init) = FLOW_INIT.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
             // SAFETY: per-CPU staging slot; `reset` writes the variant whole
             // but for the name bytes, which are written before read.
             let init = unsafe { &mut *init };
-            unsafe { init.hello.reset(seq) };
+            unsafe { init.hello.reset(seq.wrapping_add(trim)) };
             if FLOWS.insert(&key, init, 0).is_err() {
                 return xdp_action::XDP_PASS;
             }
+            conn::started(&key, start);
             match FLOWS.get_ptr_mut(&key) {
                 Some(h) => h,
                 None => return xdp_action::XDP_PASS,
@@ -69,11 +80,23 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     if flow.kind() != KIND_TLS {
         return xdp_action::XDP_PASS;
     }
+    let first_round = {
+        // SAFETY: the variant `kind` names.
+        let hello = unsafe { &flow.hello };
+        if hello.is_blocked() {
+            return if hello.resets() { to_reset(pkt, Toward::Client, &key, false) } else { xdp_action::XDP_DROP };
+        }
+        hello.rounds == 0
+    };
+    // Fake segments and urgent bytes (see `conn::tamper`), looked at once
+    // per segment (not again in the rounds that go on with it).
+    // Through a map, so that the paths through the option walk rejoin.
+    let signs = if first_round { Maps::opaque(fake_signs(pkt, flags, tcp, off, end) as usize) as u32 } else { 0 };
+    if signs != 0 {
+        return conn::tamper(pkt, flow, &key, signs);
+    }
     // SAFETY: the variant `kind` names.
     let hello = unsafe { &mut flow.hello };
-    if hello.is_blocked() {
-        return if hello.resets() { to_reset(pkt, Toward::Client, &key, false) } else { xdp_action::XDP_DROP };
-    }
     let start = match resume(hello, seq, off, end) {
         Resume::At(start) => start,
         // Already read (a retransmission).

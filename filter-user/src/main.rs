@@ -18,8 +18,8 @@ use blokir::{
     metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
     policy::{
-        DnsPolicy, FragmentPolicy, ListSettings, QuicPolicy, Setting, TlsPort, TlsPorts, TrafficPolicy, parse_action, parse_list_action, parse_list_tcp_action,
-        parse_port, parse_tcp_action, parse_tls_port,
+        DnsPolicy, FragmentPolicy, ListSettings, QuicPolicy, Setting, TamperPolicy, TlsPort, TlsPorts, TrafficPolicy, parse_action, parse_list_action,
+        parse_list_tcp_action, parse_port, parse_tcp_action, parse_tls_port,
     },
     replay,
     rules::{formats::Format, shrink::MaxShrink},
@@ -247,6 +247,13 @@ struct RunArgs {
     /// Counted either way (blokir_evasions_total{kind="fragment"}).
     #[arg(long, value_enum, default_value_t = FragmentPolicy::Drop)]
     fragments: FragmentPolicy,
+    /// What a TLS or HTTP flow whose name is being read gets when it
+    /// carries urgent bytes (URG) or a fake segment the server discards
+    /// (no ACK, a TCP MD5 or TCP-AO option): block, or pass (counted,
+    /// read as the server reads it). Counted either way
+    /// (blokir_evasions_total{kind="urgent"|"fake"}).
+    #[arg(long, value_enum, default_value_t = TamperPolicy::Block)]
+    on_tamper: TamperPolicy,
     /// On SIGINT/SIGTERM, detach the program and remove everything pinned
     /// under --pin-dir.
     #[arg(long)]
@@ -495,6 +502,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_ports,
             quic,
             fragments,
+            on_tamper,
             fetch_connect_timeout,
             fetch_idle_timeout,
             max_shrink,
@@ -544,7 +552,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 events,
                 pin_dir,
                 on_exit,
-                traffic: TrafficPolicy { http_ports, tls_ports, quic, fragments },
+                traffic: TrafficPolicy { http_ports, tls_ports, quic, fragments, tamper: on_tamper },
                 fetch_timeouts: Timeouts { connect: fetch_connect_timeout, idle: fetch_idle_timeout },
                 max_shrink,
             };

@@ -401,7 +401,7 @@ impl Collector for Blokir {
         family(
             &mut enc,
             "blokir_evasions",
-            "Circumvention attempts seen: first IP fragments of DNS queries or of TCP to the HTTP and TLS ports, dropped or passed by --fragments (fragment); HTTP requests with a second Host header, blocked (host_repeat).",
+            "Circumvention attempts seen: first IP fragments of DNS queries or of TCP to the HTTP and TLS ports, dropped or passed by --fragments (fragment); HTTP requests with a second Host header, blocked (host_repeat); urgent bytes (urgent) and fake segments the server discards (fake) on TLS and HTTP flows being read, blocked or passed by --on-tamper.",
             MetricType::Counter,
             rows,
         )?;

@@ -6,15 +6,15 @@
 //! model is the specification of the glue). `blokir replay` uses it to name
 //! what the kernel decided on: the name read and the rule that matched.
 
-use std::collections::{HashMap, hash_map::Entry};
+use std::collections::HashMap;
 
 use filter_common::{
     counters::{self, Outcome, Proto},
-    flow::{Start, start_of},
+    flow::{Start, Tamper, start_of, suspect_first, tamper},
     http::{self, Request, starts_request},
     inspect::{Env, Inspection, inspect},
     name::{CANON_CAP, CanonBuf, Decision, canon_start, match_canon},
-    packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
+    packet::{Af, IPPROTO_TCP, fake_signs, parse_l3, parse_tcp},
     reply::{DnsAction, NoReply},
     reset::{TcpAction, Toward, build_reset},
     rules::{Config, MAX_LISTS, RuleRef},
@@ -187,15 +187,41 @@ impl Model {
     }
 
     /// A data segment of an untracked flow against its connection's start
-    /// (`conn::start`): the drop of an early one.
-    fn early(&mut self, key: &FlowKey, seq: u32) -> Option<Step> {
-        match start_of(self.syns.get(key).copied(), seq) {
-            Start::First => {
-                self.syns.remove(key);
-                None
+    /// (`conn::start`): the drop of an early one, the pass of a stale one,
+    /// or where it stands (the record stays until `started`).
+    fn start(&self, key: &FlowKey, seq: u32, len: usize) -> Result<Start, Step> {
+        match start_of(self.syns.get(key).copied(), seq, len as u32) {
+            Start::Early => Err(Step { verdict: XDP_DROP, counted: vec![counters::TCP_EARLY], ..Step::default() }),
+            Start::Stale => Err(Step { verdict: XDP_PASS, ..Step::default() }),
+            start => Ok(start),
+        }
+    }
+
+    /// `conn::started`.
+    fn started(&mut self, key: &FlowKey, start: Start) {
+        if let Start::First { .. } = start {
+            self.syns.remove(key);
+        }
+    }
+
+    /// `conn::tamper_first`: a suspect first segment that starts no flow.
+    fn tamper_first(&mut self, p: &[u8], key: &FlowKey, start: Start, flags: u8, cfg: &Config, at: u32) -> Step {
+        let signs = if flags & filter_common::packet::TCP_URG != 0 { filter_common::flow::sign::URGENT } else { filter_common::flow::sign::NO_ACK };
+        match tamper(signs, cfg.tamper_policy) {
+            Tamper::Block { counter } => {
+                self.started(key, start);
+                let mut hello = Box::new(Hello::new(at));
+                hello.block(false);
+                let step = block(p, false, at, Step { counted: vec![counter], ..Step::default() }, &mut hello.flags, Hello::FLAG_SERVER_CLOSED);
+                self.requests.remove(key);
+                self.flows.insert(*key, Flow { hello, seen: None });
+                step
             }
-            Start::Early => Some(Step { verdict: XDP_DROP, counted: vec![counters::TCP_EARLY], ..Step::default() }),
-            Start::Unknown => None,
+            Tamper::Skip { counter } => Step { verdict: XDP_PASS, counted: vec![counter], ..Step::default() },
+            Tamper::Forget { counter } => {
+                self.started(key, start);
+                Step { verdict: XDP_PASS, counted: vec![counter], ..Step::default() }
+            }
         }
     }
 
@@ -211,18 +237,33 @@ impl Model {
             return pass;
         }
         let seq = l4.data_seq();
-        let tracked = self.flows.contains_key(&key) || self.requests.contains_key(&key);
-        if !tracked && let Some(step) = self.early(&key, seq) {
-            return step;
-        }
-        if self.flows.contains_key(&key) || (!tracked && starts_hello(p, off, end)) {
+        if self.flows.contains_key(&key) {
             return self.stream(engine, cfg, p);
         }
-        let flow = match self.requests.entry(key) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) if starts_request(p, off, end) => e.insert(HttpFlow { request: Box::new(Request::new(seq)), seen: None }),
-            Entry::Vacant(_) => return pass,
-        };
+        if !self.requests.contains_key(&key) {
+            let start = match self.start(&key, seq, end.saturating_sub(off)) {
+                Ok(start) => start,
+                Err(step) => return step,
+            };
+            let trim = match start {
+                Start::First { trim } => trim,
+                _ => 0,
+            };
+            let at = off + trim as usize;
+            if starts_hello(p, at, end) {
+                return self.stream(engine, cfg, p);
+            }
+            if !starts_request(p, at, end) {
+                if suspect_first(start, l4.flags) {
+                    return self.tamper_first(p, &key, start, l4.flags, cfg, seq.wrapping_add(trim));
+                }
+                self.started(&key, start);
+                return pass;
+            }
+            self.requests.insert(key, HttpFlow { request: Box::new(Request::new(seq.wrapping_add(trim))), seen: None });
+            self.started(&key, start);
+        }
+        let flow = self.requests.get_mut(&key).expect("tracked");
         let mut step = Step { proto: Some((Proto::Http, l3.af)), ..pass };
         let req = &mut flow.request;
         if req.is_blocked() {
@@ -231,6 +272,25 @@ impl Model {
                 return reset(p, Toward::Client, step);
             }
             return Step { verdict: XDP_DROP, ..step };
+        }
+        let signs = fake_signs(p, l4.flags, l3.l4_off, l4.payload_off, l4.payload_end);
+        if signs != 0 {
+            match tamper(signs, cfg.tamper_policy) {
+                Tamper::Block { counter } => {
+                    req.block(false);
+                    step.counted.push(counter);
+                    return block(p, false, req.passed_seq, step, &mut req.flags, Request::FLAG_SERVER_CLOSED);
+                }
+                Tamper::Skip { counter } => {
+                    step.counted.push(counter);
+                    return step;
+                }
+                Tamper::Forget { counter } => {
+                    step.counted.push(counter);
+                    self.requests.remove(&key);
+                    return step;
+                }
+            }
         }
         let mut progress = http::Progress::StepsExhausted;
         for _ in 0..http::MAX_ROUNDS {
@@ -307,16 +367,26 @@ impl Model {
         if self.requests.contains_key(&key) {
             return pass;
         }
-        if !self.flows.contains_key(&key)
-            && let Some(step) = self.early(&key, seq)
-        {
-            return step;
+        if !self.flows.contains_key(&key) {
+            let start = match self.start(&key, seq, end.saturating_sub(off)) {
+                Ok(start) => start,
+                Err(step) => return step,
+            };
+            let trim = match start {
+                Start::First { trim } => trim,
+                _ => 0,
+            };
+            if !starts_hello(p, off + trim as usize, end) {
+                if suspect_first(start, l4.flags) {
+                    return self.tamper_first(p, &key, start, l4.flags, cfg, seq.wrapping_add(trim));
+                }
+                self.started(&key, start);
+                return pass;
+            }
+            self.flows.insert(key, Flow { hello: Box::new(Hello::new(seq.wrapping_add(trim))), seen: None });
+            self.started(&key, start);
         }
-        let flow = match self.flows.entry(key) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) if starts_hello(p, off, end) => e.insert(Flow { hello: Box::new(Hello::new(seq)), seen: None }),
-            Entry::Vacant(_) => return pass,
-        };
+        let flow = self.flows.get_mut(&key).expect("tracked");
         let mut step = Step { proto: Some((Proto::Tls, l3.af)), ..pass };
         let hello = &mut flow.hello;
         if hello.is_blocked() {
@@ -326,6 +396,25 @@ impl Model {
                 return reset(p, Toward::Client, step);
             }
             return Step { verdict: XDP_DROP, ..step };
+        }
+        let signs = fake_signs(p, l4.flags, l3.l4_off, l4.payload_off, l4.payload_end);
+        if signs != 0 {
+            match tamper(signs, cfg.tamper_policy) {
+                Tamper::Block { counter } => {
+                    hello.block(false);
+                    step.counted.push(counter);
+                    return block(p, false, hello.passed_seq, step, &mut hello.flags, Hello::FLAG_SERVER_CLOSED);
+                }
+                Tamper::Skip { counter } => {
+                    step.counted.push(counter);
+                    return step;
+                }
+                Tamper::Forget { counter } => {
+                    step.counted.push(counter);
+                    self.flows.remove(&key);
+                    return step;
+                }
+            }
         }
         let mut progress = Progress::StepsExhausted;
         for _ in 0..MAX_ROUNDS {

@@ -273,6 +273,18 @@ pub enum FragmentPolicy {
     Pass,
 }
 
+/// What a TCP flow being read (a ClientHello or HTTP request head) gets
+/// when it carries urgent bytes or a fake segment (one the receiver
+/// discards: no ACK, an MD5 or TCP-AO option): blocked, or counted and read
+/// as the receiver reads it. See README "Evasions".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TamperPolicy {
+    #[default]
+    Block,
+    Pass,
+}
+
 /// Which traffic besides DNS is read: the TCP ports whose payload is read as
 /// HTTP requests, the TCP ports whose payload is read for TLS ClientHellos
 /// (payload to other ports passes unread), the QUIC policy and the fragment
@@ -283,11 +295,18 @@ pub struct TrafficPolicy {
     pub tls_ports: TlsPorts,
     pub quic: QuicPolicy,
     pub fragments: FragmentPolicy,
+    pub tamper: TamperPolicy,
 }
 
 impl Default for TrafficPolicy {
     fn default() -> Self {
-        TrafficPolicy { http_ports: vec![filter_common::http::HTTP_PORT], tls_ports: TlsPorts::All, quic: QuicPolicy::Pass, fragments: FragmentPolicy::Drop }
+        TrafficPolicy {
+            http_ports: vec![filter_common::http::HTTP_PORT],
+            tls_ports: TlsPorts::All,
+            quic: QuicPolicy::Pass,
+            fragments: FragmentPolicy::Drop,
+            tamper: TamperPolicy::Block,
+        }
     }
 }
 
@@ -319,6 +338,10 @@ impl TrafficPolicy {
         cfg.fragment_policy = match self.fragments {
             FragmentPolicy::Drop => filter_common::inspect::FRAGMENTS_DROP,
             FragmentPolicy::Pass => filter_common::inspect::FRAGMENTS_PASS,
+        };
+        cfg.tamper_policy = match self.tamper {
+            TamperPolicy::Block => filter_common::flow::TAMPER_BLOCK,
+            TamperPolicy::Pass => filter_common::flow::TAMPER_PASS,
         };
         Ok(())
     }

@@ -56,6 +56,17 @@ fn main() {
     for (i, r) in requests.iter().enumerate() {
         write("http_request", &format!("request-{i}"), &[&[(i as u8) * 67][..], r].concat());
     }
+    // tcp_signs: flags, options, payload.
+    let signs: [&[u8]; 5] = [
+        b"\x18\x01\x01\x08\x0a\0\0\0\x01\0\0\0\x02x",
+        b"\x18\x01\x01\x13\x12\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0x",
+        b"\x38\x1d\x10\x01\x01\0\0\0\0\0\0\0\0\0\0\0\0x",
+        b"\x08\x01\x01\x01\x01\x01\x01\x01\x01\x01\x01\x01\x01\x13\x12x",
+        b"\x10",
+    ];
+    for (i, s) in signs.iter().enumerate() {
+        write("tcp_signs", &format!("segment-{i}"), s);
+    }
     for (i, hello) in captured_hellos().iter().enumerate() {
         // The first byte of a tls_hello input chooses the segmentation.
         write("tls_hello", &format!("captured-{i}"), &[&[i as u8][..], hello].concat());

@@ -43,6 +43,12 @@ pub struct Frame {
     pub ack: u32,
     /// A client's SYN (no ACK) instead of a data segment.
     pub syn: bool,
+    /// A data segment without the ACK flag (a "fooled" fake).
+    pub no_ack: bool,
+    /// URG set, with this urgent pointer.
+    pub urgent: Option<u16>,
+    /// Raw TCP options (padded to a multiple of 4 with EOL).
+    pub tcp_options: Vec<u8>,
 }
 
 impl Default for Frame {
@@ -59,6 +65,9 @@ impl Default for Frame {
             seq: 1000,
             ack: 1,
             syn: false,
+            no_ack: false,
+            urgent: None,
+            tcp_options: Vec::new(),
         }
     }
 }
@@ -102,6 +111,21 @@ impl Frame {
         (self.syn, self.seq) = (true, isn);
         self
     }
+    /// A data segment without ACK.
+    pub fn no_ack(mut self) -> Self {
+        self.no_ack = true;
+        self
+    }
+    /// URG set, with urgent pointer `ptr`.
+    pub fn urgent(mut self, ptr: u16) -> Self {
+        self.urgent = Some(ptr);
+        self
+    }
+    /// Raw TCP options.
+    pub fn tcp_options(mut self, options: &[u8]) -> Self {
+        self.tcp_options = options.to_vec();
+        self
+    }
     pub fn seq_ack(mut self, seq: u32, ack: u32) -> Self {
         (self.seq, self.ack) = (seq, ack);
         self
@@ -133,8 +157,16 @@ impl Frame {
                     h.syn = true;
                 } else {
                     h.psh = true;
-                    h.ack = true;
-                    h.acknowledgment_number = self.ack;
+                    h.ack = !self.no_ack;
+                    h.acknowledgment_number = if self.no_ack { 0 } else { self.ack };
+                }
+                if let Some(ptr) = self.urgent {
+                    (h.urg, h.urgent_pointer) = (true, ptr);
+                }
+                if !self.tcp_options.is_empty() {
+                    let mut o = self.tcp_options.clone();
+                    o.resize(o.len().div_ceil(4) * 4, 0);
+                    h.set_options_raw(&o).unwrap();
                 }
                 h.write(&mut l4).unwrap();
                 l4.extend_from_slice(payload);

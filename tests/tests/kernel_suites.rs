@@ -6,6 +6,8 @@
 
 #[path = "dns_reply.rs"]
 mod dns_reply;
+#[path = "evasion_stream.rs"]
+mod evasion_stream;
 #[path = "fragments.rs"]
 mod fragments;
 #[path = "http.rs"]

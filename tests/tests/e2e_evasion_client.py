@@ -1,0 +1,152 @@
+"""The attacker of e2e_evasion_stream: for each case, a real TCP connection
+(the kernel's handshake, its sequence numbers read off the wire with a
+packet socket), then the ClientHello or HTTP request sent from a raw socket
+as a circumvention tool sends it:
+
+- plain: one segment;
+- seqovl (zapret): the first segment starts 5 junk bytes before ISN + 1;
+- oob (ByeDPI --oob): part one with an urgent byte after it (URG, pointer
+  after the byte), then part two;
+- disoob: the urgent byte first, then the hello's first part, then part two;
+- fakedsplit-FOOL (zapret): a fake of part one naming an unlisted host of
+  the same length, fooled so the server discards it, the real part one, the
+  fake again, the real part two. FOOL: noack (no ACK flag), md5 (a TCP MD5
+  option the server has no key for).
+
+argv: CLIENT4 SERVER4 CLIENT6 SERVER6 CASES, CASES a JSON list of
+{"name", "fake", "v6", "tls", "how", "sport"}. Prints "done".
+"""
+
+import json
+import socket
+import ssl
+import struct
+import sys
+import time
+
+CLIENT4, SERVER4, CLIENT6, SERVER6 = sys.argv[1:5]
+CASES = json.loads(sys.argv[5])
+AF6 = socket.AF_INET6
+ETH_P_ALL = 3
+
+
+def checksum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def client_hello(name):
+    """A real ClientHello from Python's ssl (OpenSSL) for `name`."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=name)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+
+def http_request(name):
+    return ("GET / HTTP/1.1\r\nHost: %s\r\nUser-Agent: e2e\r\nAccept: */*\r\n\r\n" % name).encode()
+
+
+def tcp(src, dst, sport, dport, seq, ack, flags, payload, v6, options=b"", urg=0):
+    options += b"\0" * (-len(options) % 4)
+    off = (20 + len(options)) // 4
+    h = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack, off << 4, flags, 64240, 0, urg) + options
+    if v6:
+        pseudo = socket.inet_pton(AF6, src) + socket.inet_pton(AF6, dst) + struct.pack("!I3xB", len(h) + len(payload), 6)
+    else:
+        pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!xBH", 6, len(h) + len(payload))
+    s = checksum(pseudo + h + payload)
+    return h[:16] + struct.pack("!H", s) + h[18:] + payload
+
+
+def ip(src, dst, data, v6, ttl=64):
+    if v6:
+        return struct.pack("!IHBB16s16s", 0x60000000, len(data), 6, ttl, socket.inet_pton(AF6, src), socket.inet_pton(AF6, dst)) + data
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(data), 0, 0x4000, ttl, 6, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    return h[:10] + struct.pack("!H", checksum(h)) + h[12:] + data
+
+
+ACK, PSH, URG = 0x10, 0x08, 0x20
+MD5 = bytes([1, 1, 19, 18]) + bytes(16)
+
+
+def handshake(sniff, v6, sport, dport, src, dst):
+    """Connects a real socket; returns it, ISN + 1 and the server's ISN + 1."""
+    s = socket.socket(AF6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((src, sport))
+    s.connect((dst, dport))
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        frame = sniff.recv(65535)
+        if v6:
+            if frame[12:14] != b"\x86\xdd" or frame[20] != 6:
+                continue
+            t = frame[54:]
+        else:
+            if frame[12:14] != b"\x08\x00" or frame[23] != 6:
+                continue
+            t = frame[14 + (frame[14] & 15) * 4 :]
+        sp, dp, seq, ack = struct.unpack("!HHII", t[:12])
+        if sp == dport and dp == sport and t[13] & 0x12 == 0x12:
+            return s, ack, (seq + 1) & 0xFFFFFFFF
+    raise SystemExit("no SYN-ACK for port %d" % sport)
+
+
+def run(case, sniff, raw4, raw6):
+    v6, tls, sport, how = case["v6"], case["tls"], case["sport"], case["how"]
+    src, dst = (CLIENT6, SERVER6) if v6 else (CLIENT4, SERVER4)
+    dport = 443 if tls else 80
+    real = client_hello(case["name"]) if tls else http_request(case["name"])
+    fake = real.replace(case["name"].encode(), case["fake"].encode())
+    assert len(fake) == len(real) and fake != real
+    cut = real.index(case["name"].encode()) + 4
+    sock, isn1, ack = handshake(sniff, v6, sport, dport, src, dst)
+    raw = raw6 if v6 else raw4
+
+    def send(rel, payload, flags=ACK | PSH, options=b"", urg=0):
+        a = ack if flags & ACK else 0
+        raw.sendto(ip(src, dst, tcp(src, dst, sport, dport, isn1 + rel, a, flags, payload, v6, options, urg), v6), (dst, 0))
+        time.sleep(0.05)
+
+    if how == "plain":
+        send(0, real)
+    elif how == "seqovl":
+        send(-5, b"Z" * 5 + real)
+    elif how == "oob":
+        first = real[:cut] + b"X"
+        send(0, first, ACK | PSH | URG, urg=len(first))
+        send(cut + 1, real[cut:])
+    elif how == "disoob":
+        send(0, b"X" + real[:cut], ACK | PSH | URG, urg=1)
+        send(cut + 1, real[cut:])
+    elif how.startswith("fakedsplit-"):
+        fool = how.split("-", 1)[1]
+        fooled = {"noack": dict(flags=PSH), "md5": dict(options=MD5)}[fool]
+        send(0, fake[:cut], **fooled)
+        send(0, real[:cut])
+        send(0, fake[:cut], **fooled)
+        send(cut, real[cut:])
+    else:
+        raise SystemExit("unknown case " + how)
+    return sock
+
+
+sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+sniff.bind(("eth0", 0))
+sniff.settimeout(5)
+raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+raw6 = socket.socket(AF6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+open_socks = [run(c, sniff, raw4, raw6) for c in CASES]
+# Time for the server to read and answer, before the sockets close.
+time.sleep(1.5)
+print("done")
