@@ -349,9 +349,27 @@ fn sorted_rules(rules: Vec<Rule>) -> Vec<Rule> {
     };
     let mut order: Vec<(u128, u32)> = rules.par_iter().enumerate().map(|(i, r)| (prefix(r), i as u32)).collect();
     order.par_sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| rules[a.1 as usize].cmp(&rules[b.1 as usize])));
-    let mut slots: Vec<Option<Rule>> = rules.into_iter().map(Some).collect();
-    order.into_iter().filter_map(|(_, i)| slots[i as usize].take()).collect()
+    // Rule `from[k]` goes to place `k`: moved there in place, cycle by
+    // cycle, so no second copy of the list is ever held.
+    let mut from: Vec<u32> = order.into_iter().map(|(_, i)| i).collect();
+    let mut rules = rules;
+    for start in 0..from.len() {
+        let mut at = start;
+        while from[at] != DONE {
+            let src = from[at] as usize;
+            from[at] = DONE;
+            if src == start {
+                break;
+            }
+            rules.swap(at, src);
+            at = src;
+        }
+    }
+    rules
 }
+
+/// A place of `sorted_rules` already filled.
+const DONE: u32 = u32::MAX;
 
 /// About `n` pieces of `bytes`, each ending after a newline (the last at the
 /// end), with the number of lines before each.
