@@ -18,6 +18,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    hash::{BuildHasherDefault, Hasher},
     path::PathBuf,
 };
 
@@ -25,6 +26,7 @@ use filter_common::{
     name::{CanonBuf, Decision, canon_start, dotted_to_canon, full_name_key, match_canon},
     rules::{Config, MAX_DEPTH, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef},
 };
+use rayon::prelude::*;
 use smallvec::SmallVec;
 
 use super::pattern::{Action, PatternError, Rule, Scope, normalize_name};
@@ -58,6 +60,37 @@ pub enum EngineError {
     TooManyLists,
 }
 
+/// A `NameKey` is already a keyed 128-bit hash of the name: the engine's
+/// maps fold it instead of hashing it again with SipHash (which was a
+/// quarter of a 2M-name load).
+#[derive(Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        // A folded multiply mixes into both ends (hashbrown reads the low
+        // bits for the bucket and the top 7 for the tag).
+        let m = u128::from(self.0) * 0x9e37_79b9_7f4a_7c15;
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+        }
+    }
+    fn write_usize(&mut self, _: usize) {
+        // The length prefix of the key's array: always 2.
+    }
+}
+
+type KeyMap<V> = HashMap<NameKey, V, BuildHasherDefault<KeyHasher>>;
+
+/// A place in a list's ids for a rule id not chosen yet (never a rule id:
+/// those are below `MAX_RULE_ID`).
+const FRESH: u32 = u32::MAX;
+
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     id: u32,
@@ -84,6 +117,10 @@ pub struct ListInfo {
     pub name: String,
     pub source: Option<PathBuf>,
     ids: Vec<u32>,
+    /// Whether `ids` are in the order of their rules (`Rule`'s `Ord`), with
+    /// no two equal: a new version (sorted too) is then compared with a
+    /// merge, without looking up a single unchanged rule.
+    sorted: bool,
 }
 
 impl ListInfo {
@@ -144,7 +181,7 @@ pub struct Engine {
     hash_r: [u64; 2],
     node_capacity: usize,
     rule_capacity: u32,
-    nodes: HashMap<NameKey, Node>,
+    nodes: KeyMap<Node>,
     rules: Vec<Option<RuleInfo>>,
     free_ids: Vec<u32>,
     lists: Vec<ListInfo>,
@@ -152,7 +189,7 @@ pub struct Engine {
 }
 
 /// The engine's node map as the matcher sees it (what the kernel map holds).
-pub struct Nodes<'a>(&'a HashMap<NameKey, Node>);
+pub struct Nodes<'a>(&'a KeyMap<Node>);
 
 impl RuleLookup for Nodes<'_> {
     fn lookup(&self, key: &NameKey) -> Option<NodeRules> {
@@ -168,7 +205,7 @@ impl Engine {
             hash_r,
             node_capacity,
             rule_capacity,
-            nodes: HashMap::new(),
+            nodes: KeyMap::default(),
             rules: vec![None],
             free_ids: Vec::new(),
             lists: Vec::new(),
@@ -259,36 +296,77 @@ impl Engine {
 
     /// Plans replacing the rules of list `name` (created if new) by `rules`.
     pub fn plan_replace(&self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> Result<Change, EngineError> {
-        let list = match self.list(name) {
-            Some(l) => ListInfo { source: source.or_else(|| l.source.clone()), ..l.clone() },
+        let old = self.list(name);
+        let list = match old {
+            Some(l) => ListInfo { id: l.id, name: l.name.clone(), source: source.or_else(|| l.source.clone()), ids: Vec::new(), sorted: false },
             None => {
                 let used: HashSet<u8> = self.lists.iter().map(|l| l.id).collect();
                 let id = (0..MAX_LISTS as u8).find(|i| !used.contains(i)).ok_or(EngineError::TooManyLists)?;
-                ListInfo { id, name: name.to_string(), source, ids: Vec::new() }
+                ListInfo { id, name: name.to_string(), source, ids: Vec::new(), sorted: true }
             }
         };
-        let mut seen = HashSet::new();
-        let mut kept = HashSet::new();
-        let mut added_rules = Vec::new();
+        let old_ids: &[u32] = old.map_or(&[], |l| &l.ids);
+        // Lists come sorted and deduplicated from the parser; anything else
+        // is deduplicated here.
+        let sorted = rules.windows(2).all(|w| w[0] < w[1]);
+        // `new_ids` in the order of `rules`: a kept rule's id, or a place
+        // for a fresh one (filled below, in `added_rules` order).
         let mut new_ids = Vec::with_capacity(rules.len());
-        let mut affected: HashMap<NameKey, (u8, Vec<Slot>)> = HashMap::new();
-        for rule in rules {
-            if !seen.insert(rule) {
-                continue;
-            }
-            let (key, depth) = self.key_of(&rule.name);
-            let existing = self.nodes.get(&key).and_then(|n| n.slots.iter().find(|s| s.list == list.id && s.scope == rule.scope && s.action == rule.action));
-            match existing {
-                Some(s) => {
-                    kept.insert(s.id);
-                    new_ids.push(s.id);
+        let mut added_rules: Vec<&Rule> = Vec::new();
+        let mut kept = vec![false; self.rules.len()];
+        let mut kept_count = 0;
+        if sorted && old.is_none_or(|l| l.sorted) {
+            // Both sorted: one merge says what stays, what comes, what goes.
+            let rule_of = |id: u32| self.rule(id).map(|r| &r.rule);
+            let mut olds = old_ids.iter().copied().peekable();
+            for rule in rules {
+                while olds.peek().is_some_and(|id| rule_of(*id).is_none_or(|r| r < rule)) {
+                    olds.next();
                 }
-                None => {
-                    added_rules.push((key, depth, rule.clone()));
+                match olds.peek() {
+                    Some(&id) if rule_of(id) == Some(rule) => {
+                        olds.next();
+                        kept[id as usize] = true;
+                        kept_count += 1;
+                        new_ids.push(id);
+                    }
+                    _ => {
+                        added_rules.push(rule);
+                        new_ids.push(FRESH);
+                    }
+                }
+            }
+        } else {
+            // Per rule: whether the node holds the same rule of this list
+            // already; on every core (read-only).
+            let existing: Vec<Option<u32>> = rules
+                .par_iter()
+                .map(|rule| {
+                    let (key, _) = self.key_of(&rule.name);
+                    let found =
+                        self.nodes.get(&key).and_then(|n| n.slots.iter().find(|s| s.list == list.id && s.scope == rule.scope && s.action == rule.action));
+                    found.map(|s| s.id)
+                })
+                .collect();
+            let mut seen = HashSet::new();
+            for (rule, existing) in rules.iter().zip(existing) {
+                if !sorted && !seen.insert(rule) {
+                    continue;
+                }
+                match existing {
+                    Some(id) => {
+                        kept[id as usize] = true;
+                        kept_count += 1;
+                        new_ids.push(id);
+                    }
+                    None => {
+                        added_rules.push(rule);
+                        new_ids.push(FRESH);
+                    }
                 }
             }
         }
-        let removed: Vec<u32> = list.ids.iter().copied().filter(|id| !kept.contains(id)).collect();
+        let removed: Vec<u32> = old_ids.iter().copied().filter(|id| !kept[*id as usize]).collect();
 
         // Fresh ids: from the free list first, then never-used ones. Ids
         // removed by this change are not reused by it, so no counter is
@@ -298,22 +376,30 @@ impl Engine {
         if added_rules.len() > available {
             return Err(EngineError::RuleCapacity { needed: added_rules.len(), available, capacity: self.rule_capacity });
         }
+        let mut affected: KeyMap<(u8, SmallVec<[Slot; 1]>)> = KeyMap::default();
+        affected.reserve(added_rules.len() + removed.len());
+        let added_keys: Vec<(NameKey, u8)> = added_rules.par_iter().map(|rule| self.key_of(&rule.name)).collect();
         let mut fresh = self.free_ids.iter().rev().copied().chain(self.rules.len() as u32..);
         let mut added = Vec::with_capacity(added_rules.len());
-        for (key, depth, rule) in added_rules {
+        for (rule, (key, depth)) in added_rules.into_iter().zip(added_keys) {
             let id = fresh.next().unwrap_or_default();
-            affected.entry(key).or_insert_with(|| (depth, Vec::new())).1.push(Slot { id, list: list.id, scope: rule.scope, action: rule.action });
-            new_ids.push(id);
-            added.push((id, rule));
+            affected.entry(key).or_insert_with(|| (depth, SmallVec::new())).1.push(Slot { id, list: list.id, scope: rule.scope, action: rule.action });
+            added.push((id, rule.clone()));
+        }
+        // The fresh ids, in place (`added` is in `rules` order too).
+        let mut fresh_ids = added.iter().map(|(id, _)| *id);
+        for id in new_ids.iter_mut().filter(|id| **id == FRESH) {
+            *id = fresh_ids.next().unwrap_or_default();
         }
         let ids_used = added.len();
-        for id in &removed {
-            if let Some(info) = self.rule(*id) {
-                let (key, depth) = self.key_of(&info.rule.name);
-                affected.entry(key).or_insert_with(|| (depth, Vec::new()));
-            }
+        let removed_keys: Vec<(NameKey, u8)> = removed.par_iter().filter_map(|id| self.rule(*id).map(|info| self.key_of(&info.rule.name))).collect();
+        for (key, depth) in removed_keys {
+            affected.entry(key).or_insert_with(|| (depth, SmallVec::new()));
         }
-        let removed_set: HashSet<u32> = removed.iter().copied().collect();
+        let mut removed_set = vec![false; self.rules.len()];
+        for id in &removed {
+            removed_set[*id as usize] = true;
+        }
 
         let mut depth_counts = self.depth_counts.clone();
         let mut nodes_after = self.nodes.len() as isize;
@@ -321,7 +407,8 @@ impl Engine {
         let mut phases: [Vec<(NameKey, Option<NodeRules>)>; 4] = Default::default();
         for (key, (depth, new_slots)) in affected {
             let old = self.nodes.get(&key);
-            let mut slots: SmallVec<[Slot; 1]> = old.map(|n| n.slots.iter().copied().filter(|s| !removed_set.contains(&s.id)).collect()).unwrap_or_default();
+            let mut slots: SmallVec<[Slot; 1]> =
+                old.map(|n| n.slots.iter().copied().filter(|s| !removed_set.get(s.id as usize).copied().unwrap_or(false)).collect()).unwrap_or_default();
             slots.extend(new_slots);
             let old_value = old.map(|n| n.value).unwrap_or_default();
             let new_value = value_of(&slots);
@@ -346,9 +433,9 @@ impl Engine {
         let old_mask = mask_of(&self.depth_counts);
         let depth_final = mask_of(&depth_counts);
         let writes = phases.iter().map(Vec::len).sum();
-        let summary = ChangeSummary { added: added.len(), removed: removed.len(), unchanged: kept.len(), writes };
+        let summary = ChangeSummary { added: added.len(), removed: removed.len(), unchanged: kept_count, writes };
         Ok(Change {
-            list: ListInfo { ids: new_ids, ..list },
+            list: ListInfo { ids: new_ids, sorted, ..list },
             added,
             removed,
             nodes: node_updates,
@@ -412,6 +499,7 @@ impl Engine {
             self.rules[id as usize] = None;
             self.free_ids.push(id);
         }
+        self.nodes.reserve(nodes.len());
         for (key, node) in nodes {
             match node {
                 Some(n) => self.nodes.insert(key, n),
@@ -599,8 +687,16 @@ mod tests {
             let mut engine = Engine::new(r, 1 << 16, 1 << 16);
             let (n_other, n_old, n_new) = (rng.random_range(0..6), rng.random_range(0..12), rng.random_range(0..12));
             let other = random_rules(&mut rng, &names, n_other);
-            let old = random_rules(&mut rng, &names, n_old);
-            let new = random_rules(&mut rng, &names, n_new);
+            let mut old = random_rules(&mut rng, &names, n_old);
+            let mut new = random_rules(&mut rng, &names, n_new);
+            if round % 2 == 0 {
+                // As the parser gives them: the engine then merges the two
+                // versions instead of looking every rule up.
+                for rules in [&mut old, &mut new] {
+                    rules.sort();
+                    rules.dedup();
+                }
+            }
             let all_old: Vec<Rule> = other.iter().chain(&old).cloned().collect();
             let all_new: Vec<Rule> = other.iter().chain(&new).cloned().collect();
             let probes: Vec<(String, bool, bool)> = names.iter().map(|n| (n.clone(), reference_blocked(&all_old, n), reference_blocked(&all_new, n))).collect();
