@@ -62,6 +62,7 @@ pub struct Context {
     published: Published,
     flows: OnceLock<Flows>,
     events: OnceLock<Arc<EventCounts>>,
+    quic: OnceLock<Arc<crate::quic::counts::QuicCounts>>,
 }
 
 /// Counting the flow table walks all of it (see `FlowTable`): done at most
@@ -178,6 +179,7 @@ impl Context {
             published: Published::default(),
             flows: OnceLock::new(),
             events: OnceLock::new(),
+            quic: OnceLock::new(),
         })
     }
 
@@ -189,6 +191,11 @@ impl Context {
     /// The event log's counters, served from now on.
     pub fn event_counts(&self) -> Arc<EventCounts> {
         self.events.get_or_init(Default::default).clone()
+    }
+
+    /// The QUIC reader's counters (`--quic read`), served from now on.
+    pub fn quic_counts(&self) -> Arc<crate::quic::counts::QuicCounts> {
+        self.quic.get_or_init(Default::default).clone()
     }
 
     /// Called once the rules are in the maps and the program is attached.
@@ -397,6 +404,14 @@ impl Collector for Blokir {
             rows,
         )?;
 
+        let rows = counters::QUIC_FATES.map(|(k, i)| (vec![("fate", k)], get(i)));
+        family(
+            &mut enc,
+            "blokir_quic_initials",
+            "QUIC client Initials in the kernel's QUIC stage (--quic read): handed up to the daemon, or not (over the per-flow cap, over the per-CPU budget).",
+            MetricType::Counter,
+            rows,
+        )?;
         let rows = counters::EVASIONS.map(|(k, i)| (vec![("kind", k)], get(i)));
         family(
             &mut enc,
@@ -448,6 +463,30 @@ impl Collector for Blokir {
                 "Blocked-name events of the opt-in event log: logged, or held back by --event-log-rate.",
                 MetricType::Counter,
                 rows.map(|(o, v)| (vec![("outcome", o)], v)),
+            )?;
+        }
+        if let Some(q) = self.ctx.quic.get() {
+            family(
+                &mut enc,
+                "blokir_quic_reader",
+                "QUIC Initials read by the daemon (--quic read), by outcome: read, undecryptable, gave_up (reassembly), not_hello, no_name; hellos whose name was read (name), blocked, allowed; lost (the kernel's perf buffer was full).",
+                MetricType::Counter,
+                q.outcomes().map(|(o, v)| (vec![("outcome", o)], v)),
+            )?;
+            let mut cumulative = 0;
+            let mut rows = Vec::new();
+            let bounds: Vec<String> = crate::quic::counts::LATENCY_BUCKETS_US.iter().map(|b| format!("{}", *b as f64 / 1e6)).collect();
+            for (i, c) in q.latency.iter().enumerate() {
+                cumulative += c.load(Ordering::Relaxed);
+                rows.push((i, cumulative));
+            }
+            let rows: Vec<(Vec<(&str, &str)>, u64)> = rows.iter().map(|(i, v)| (vec![("le", bounds.get(*i).map_or("+Inf", |s| s.as_str()))], *v)).collect();
+            family(
+                &mut enc,
+                "blokir_quic_verdict_latency_bucket",
+                "Blocked QUIC flows by the time from the Initial's handoff in the kernel to the verdict in the map (seconds, cumulative).",
+                MetricType::Counter,
+                rows,
             )?;
         }
         family(&mut enc, "blokir_build_info", "Build information.", MetricType::Gauge, [(vec![("version", env!("CARGO_PKG_VERSION"))], 1)])?;

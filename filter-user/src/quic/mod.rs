@@ -6,11 +6,14 @@
 //! with the kernel's own parser (`reader`) and decides with the same rules
 //! as for TLS over TCP.
 
+pub mod counts;
+pub mod handoff;
 pub mod initial;
 pub mod reader;
 pub mod seal;
 pub mod stream;
 #[cfg(test)]
 mod tests;
+pub mod verdict;
 
 pub use reader::{Event, Reader};
