@@ -21,7 +21,7 @@ use filter_common::{
     counters::{self, Outcome, Proto},
     inspect::{Classified, FRAGMENTS_DROP, Fragmented, classify, dns_stage},
     quic::{POLICY_DROP, POLICY_READ},
-    rules::{STAGE_DNS, STAGE_HTTP, STAGE_QUIC, STAGE_TLS},
+    rules::{STAGE_DNS, STAGE_HTTP, STAGE_TLS},
 };
 
 use crate::{
@@ -78,9 +78,13 @@ pub fn blokir(ctx: XdpContext) -> u32 {
                     count(counters::proto_index(Proto::Quic, af, Outcome::Blocked));
                     return xdp_action::XDP_DROP;
                 }
-                // SAFETY: as above.
-                Some(POLICY_READ) => unsafe { STAGES.tail_call(&ctx, STAGE_QUIC) },
+                Some(POLICY_READ) => quic::enter(&ctx, true),
                 _ => {}
+            }
+        }
+        Classified::QuicOther => {
+            if CONFIG.get(0).is_some_and(|c| c.is_configured() && c.quic_policy == POLICY_READ) {
+                quic::enter(&ctx, false);
             }
         }
         Classified::Dns(at) => {

@@ -1,7 +1,7 @@
 //! The QUIC stage (`--quic read`): a client Initial passes (XDP cannot wait
 //! for the daemon), and a copy goes up to the daemon, which reads its
 //! server name and writes the flows the rules block into `QUIC_BLOCKED`;
-//! their later Initials are dropped here. Bounded: at most `PER_FLOW_CAP`
+//! every later datagram of theirs to UDP/443 is dropped here. Bounded: at most `PER_FLOW_CAP`
 //! Initials per flow and `CPU_BUDGET` per CPU per `BUDGET_WINDOW_NS` go up.
 
 use aya_ebpf::{
@@ -29,9 +29,30 @@ pub static QUIC_SEEN: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(QU
 #[map(name = "QUIC_INITIALS")]
 pub static QUIC_INITIALS: PerfEventByteArray = PerfEventByteArray::new(0);
 
+/// Per CPU: what the entry program classified the datagram it tail-calls
+/// the stage for as (`JOB_*`).
+#[map(name = "QUIC_JOB")]
+pub static QUIC_JOB: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+pub const JOB_OTHER: u32 = 0;
+pub const JOB_INITIAL: u32 = 1;
+
 /// Per CPU: the budget window's start and the Initials handed up in it.
 #[map(name = "QUIC_BUDGET")]
 pub static QUIC_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Tail-calls the QUIC stage for a datagram to UDP/443 (`initial` or not);
+/// returns only if it could not.
+#[inline(always)]
+pub fn enter(ctx: &XdpContext, initial: bool) {
+    if let Some(job) = QUIC_JOB.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; the tail call returns only if the slot is
+        // empty (then the packet passes).
+        unsafe {
+            *job = if initial { JOB_INITIAL } else { JOB_OTHER };
+            crate::maps::STAGES.tail_call(ctx, filter_common::rules::STAGE_QUIC);
+        }
+    }
+}
 
 pub fn stage(ctx: &XdpContext) -> u32 {
     let pkt = XdpPacket { ctx };
@@ -42,6 +63,11 @@ pub fn stage(ctx: &XdpContext) -> u32 {
     if unsafe { QUIC_BLOCKED.get(&key) }.is_some() {
         count(counters::proto_index(Proto::Quic, l3.af, Outcome::Blocked));
         return xdp_action::XDP_DROP;
+    }
+    // Not an Initial (a Handshake or short-header packet of a flow not
+    // blocked, or any other datagram to UDP/443): passes, not handed up.
+    if QUIC_JOB.get(0).copied() != Some(JOB_INITIAL) {
+        return xdp_action::XDP_PASS;
     }
     let seen = match QUIC_SEEN.get_ptr_mut(&key) {
         // SAFETY: the flow's value; a race between CPUs only blurs the cap.
