@@ -465,7 +465,10 @@ impl Collector for Blokir {
                 rows.map(|(o, v)| (vec![("outcome", o)], v)),
             )?;
         }
-        if let Some(q) = self.ctx.quic.get() {
+        // Served with zeros unless `--quic read` is on, like the kernel's
+        // counters: the dashboard reads them either way.
+        {
+            let q = self.ctx.quic.get().cloned().unwrap_or_default();
             family(
                 &mut enc,
                 "blokir_quic_reader",
@@ -473,21 +476,20 @@ impl Collector for Blokir {
                 MetricType::Counter,
                 q.outcomes().map(|(o, v)| (vec![("outcome", o)], v)),
             )?;
-            let mut cumulative = 0;
-            let mut rows = Vec::new();
-            let bounds: Vec<String> = crate::quic::counts::LATENCY_BUCKETS_US.iter().map(|b| format!("{}", *b as f64 / 1e6)).collect();
-            for (i, c) in q.latency.iter().enumerate() {
-                cumulative += c.load(Ordering::Relaxed);
-                rows.push((i, cumulative));
-            }
-            let rows: Vec<(Vec<(&str, &str)>, u64)> = rows.iter().map(|(i, v)| (vec![("le", bounds.get(*i).map_or("+Inf", |s| s.as_str()))], *v)).collect();
-            family(
-                &mut enc,
-                "blokir_quic_verdict_latency_bucket",
-                "Blocked QUIC flows by the time from the Initial's handoff in the kernel to the verdict in the map (seconds, cumulative).",
-                MetricType::Counter,
-                rows,
+            // Per-bucket counts: the encoder makes them cumulative (the
+            // last bucket, slower than all bounds, goes to +Inf).
+            let bounds = crate::quic::counts::LATENCY_BUCKETS_US.iter().map(|b| *b as f64 / 1e6).chain([f64::INFINITY]);
+            let buckets: Vec<(f64, u64)> = bounds.zip(q.latency.iter().map(|c| c.load(Ordering::Relaxed))).collect();
+            let count = buckets.iter().map(|(_, c)| c).sum();
+            let sum = q.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let mut m = enc.encode_descriptor(
+                "blokir_quic_verdict_latency_seconds",
+                "Blocked QUIC flows by the time from the Initial's handoff in the kernel to the verdict in the map.",
+                None,
+                MetricType::Histogram,
             )?;
+            let no_labels: Vec<(&str, &str)> = Vec::new();
+            m.encode_family(&no_labels)?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
         family(&mut enc, "blokir_build_info", "Build information.", MetricType::Gauge, [(vec![("version", env!("CARGO_PKG_VERSION"))], 1)])?;
         Ok(())
