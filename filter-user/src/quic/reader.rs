@@ -77,7 +77,6 @@ struct Flow {
     first: Option<(Version, Vec<u8>, Keys)>,
     stream: CryptoStream,
     hello: Box<Hello>,
-    reported: bool,
     done: bool,
     seen: Instant,
 }
@@ -112,7 +111,7 @@ impl Reader {
     pub fn datagram(&mut self, key: FlowKey, datagram: &[u8], now: Instant) -> Event {
         if !self.flows.contains_key(&key) {
             self.make_room(now);
-            let flow = Flow { first: None, stream: CryptoStream::default(), hello: Box::new(Hello::new_handshake()), reported: false, done: false, seen: now };
+            let flow = Flow { first: None, stream: CryptoStream::default(), hello: Box::new(Hello::new_handshake()), done: false, seen: now };
             self.flows.insert(key, flow);
         }
         let flow = self.flows.get_mut(&key).expect("inserted above");
@@ -219,7 +218,6 @@ fn parse(flow: &mut Flow) -> Event {
             Progress::Name(len) => {
                 let mut canon = Box::<CanonBuf>::default();
                 hello.copy_name(&mut canon);
-                flow.reported = true;
                 event = Event::Name { canon: Canon(canon), len, ech: hello.has_ech(), ended: hello.ended() };
                 if hello.ended() {
                     return event;
