@@ -178,7 +178,15 @@ pub const EVASION_URGENT: u32 = EVASION_HOST_REPEAT + 1;
 /// (`flow::sign::NO_ACK`, `SIGNED`).
 pub const EVASION_FAKE: u32 = EVASION_URGENT + 1;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = EVASION_FAKE + 1;
+/// QUIC client Initials handed to the daemon (`--quic read`), and those
+/// not handed up: past the per-flow cap, or over the per-CPU budget.
+pub const QUIC_HANDED_UP: u32 = EVASION_FAKE + 1;
+pub const QUIC_OVER_CAP: u32 = QUIC_HANDED_UP + 1;
+pub const QUIC_OVER_BUDGET: u32 = QUIC_OVER_CAP + 1;
+/// Entries in the counter array.
+pub const COUNTERS: u32 = QUIC_OVER_BUDGET + 1;
+/// `blokir_quic_initials_total{fate=...}`.
+pub const QUIC_FATES: [(&str, u32); 3] = [("handed_up", QUIC_HANDED_UP), ("over_flow_cap", QUIC_OVER_CAP), ("over_budget", QUIC_OVER_BUDGET)];
 
 /// Circumvention attempts seen, by their `/metrics` label
 /// (`blokir_evasions_total{kind}`).
@@ -224,7 +232,7 @@ mod tests {
             mark(*i);
         }
         mark(TCP_RESETS);
-        for (_, i) in TLS_EVENTS.iter().chain(&HTTP_EVENTS).chain(&TCP_EVENTS).chain(&EVASIONS) {
+        for (_, i) in TLS_EVENTS.iter().chain(&HTTP_EVENTS).chain(&TCP_EVENTS).chain(&EVASIONS).chain(&QUIC_FATES) {
             mark(*i);
         }
         for a in DnsAction::ALL {

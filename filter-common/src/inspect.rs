@@ -128,6 +128,9 @@ pub enum Classified {
     /// A QUIC Initial (see `quic::is_initial`), counted and subject to the
     /// QUIC policy in the entry program.
     Quic(Af),
+    /// Another datagram to UDP/443: with `--quic read`, dropped if its flow
+    /// is blocked (the QUIC stage), else passed.
+    QuicOther,
     /// A DNS message to port 53: for the DNS stage.
     Dns(DnsAt),
 }
@@ -213,6 +216,7 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
         IPPROTO_UDP => match parse_udp(p, &l3) {
             Ok(l4) if l4.dst_port == dns::DNS_PORT => (0, l4),
             Ok(l4) if l4.dst_port == quic::QUIC_PORT && quic::is_initial(p, l4.payload_off, l4.payload_end) => return Classified::Quic(l3.af),
+            Ok(l4) if l4.dst_port == quic::QUIC_PORT => return Classified::QuicOther,
             Ok(_) => return Classified::Other,
             Err(Skip::Malformed(m)) => return Classified::Malformed(m),
             Err(Skip::Other) => return Classified::Other,
@@ -295,7 +299,7 @@ pub fn dns_stage<P: Packet + ?Sized, E: Env>(p: &P, at: &DnsAt, env: &mut E) -> 
 #[inline(always)]
 pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
     match classify(p) {
-        Classified::Other => Inspection::Other,
+        Classified::Other | Classified::QuicOther => Inspection::Other,
         Classified::Fragment => Inspection::Fragment,
         Classified::FirstFragment(f) => match env.resources() {
             Some((_, cfg, _)) if !f.is_inspected(cfg) => Inspection::Other,

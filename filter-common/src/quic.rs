@@ -25,6 +25,43 @@ pub const MAX_CID_LEN: u8 = 20;
 /// `Config::quic_policy`: what Initials get.
 pub const POLICY_PASS: u32 = 0;
 pub const POLICY_DROP: u32 = 1;
+/// Initials pass and are handed to the daemon, which reads their server
+/// name and blocks the flow (`QUIC_BLOCKED`) if the rules say so.
+pub const POLICY_READ: u32 = 2;
+
+/// The stage that hands Initials up and drops blocked flows.
+pub const QUIC_PROGRAM_NAME: &str = "blokir_quic";
+/// Client flows (`tls::FlowKey`, UDP) the daemon blocked; LRU.
+pub const MAP_QUIC_BLOCKED: &str = "QUIC_BLOCKED";
+pub const QUIC_BLOCKED_CAPACITY: u32 = 1 << 16;
+/// Initials handed up per flow (LRU): the cap bounds what one flow costs.
+pub const MAP_QUIC_SEEN: &str = "QUIC_SEEN";
+pub const QUIC_SEEN_CAPACITY: u32 = 1 << 16;
+/// Initials handed up per flow at most: a hello takes one to three, a
+/// Retry or a lost packet a few more.
+pub const PER_FLOW_CAP: u32 = 8;
+/// Initials handed up per CPU per `BUDGET_WINDOW_NS` at most.
+pub const CPU_BUDGET: u64 = 2000;
+pub const BUDGET_WINDOW_NS: u64 = 10_000_000;
+/// The perf event array the Initials go up by (`bpf_perf_event_output`
+/// with the packet as context: the kernel copies a variable length of
+/// packet bytes, which XDP cannot do into a ring buffer record before 5.18's
+/// `bpf_xdp_load_bytes`).
+pub const MAP_QUIC_INITIALS: &str = "QUIC_INITIALS";
+/// Bytes of a frame handed up at most (Ethernet to the end of the UDP
+/// payload).
+pub const MAX_HANDED_UP: u32 = 1600;
+
+/// The record before each frame handed up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InitialMeta {
+    /// Bytes of the frame that follow.
+    pub len: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` when it was handed up (verdict latency).
+    pub ktime_ns: u64,
+}
 
 /// Whether the UDP payload `off..end` is a client's QUIC Initial: a long
 /// header with the fixed bit, version 1 or 2 with that version's Initial

@@ -35,7 +35,9 @@ pub const STAGE_MATCH: u32 = 1;
 pub const STAGE_REPLY: u32 = 2;
 pub const STAGE_DNS: u32 = 3;
 pub const STAGE_HTTP: u32 = 4;
-pub const STAGE_COUNT: u32 = 5;
+/// The QUIC stage (`quic::QUIC_PROGRAM_NAME`).
+pub const STAGE_QUIC: u32 = 5;
+pub const STAGE_COUNT: u32 = 6;
 pub const MAP_STAGES: &str = "STAGES";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_SYNS: &str = "SYNS";

@@ -238,6 +238,17 @@ impl Hello {
         (self.taken, self.done, self.canon_len, self.rounds) = (0, 0, 0, 0);
     }
 
+    /// A parser at the first byte of a bare handshake stream, with no TLS
+    /// record layer around it: QUIC's CRYPTO stream (RFC 9001 4.1) carries
+    /// the ClientHello that way (read by the daemon, see
+    /// filter-user's `quic`).
+    pub fn new_handshake() -> Self {
+        let mut h = Hello::new(0);
+        h.rec_need = 0;
+        h.record_left = u32::MAX;
+        h
+    }
+
     /// The canonical length of the finished name.
     pub fn canon_len(&self) -> usize {
         ld(&self.canon_len) as usize

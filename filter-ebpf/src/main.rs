@@ -13,13 +13,14 @@ mod dns;
 mod http;
 mod maps;
 mod packet;
+mod quic;
 mod tls;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use filter_common::{
     counters::{self, Outcome, Proto},
     inspect::{Classified, FRAGMENTS_DROP, Fragmented, classify, dns_stage},
-    quic::POLICY_DROP,
+    quic::{POLICY_DROP, POLICY_READ},
     rules::{STAGE_DNS, STAGE_HTTP, STAGE_TLS},
 };
 
@@ -72,9 +73,18 @@ pub fn blokir(ctx: XdpContext) -> u32 {
         }
         Classified::Quic(af) => {
             count(counters::proto_index(Proto::Quic, af, Outcome::Inspected));
-            if CONFIG.get(0).is_some_and(|c| c.is_configured() && c.quic_policy == POLICY_DROP) {
-                count(counters::proto_index(Proto::Quic, af, Outcome::Blocked));
-                return xdp_action::XDP_DROP;
+            match CONFIG.get(0).map(|c| if c.is_configured() { c.quic_policy } else { 0 }) {
+                Some(POLICY_DROP) => {
+                    count(counters::proto_index(Proto::Quic, af, Outcome::Blocked));
+                    return xdp_action::XDP_DROP;
+                }
+                Some(POLICY_READ) => quic::enter(&ctx, true),
+                _ => {}
+            }
+        }
+        Classified::QuicOther => {
+            if CONFIG.get(0).is_some_and(|c| c.is_configured() && c.quic_policy == POLICY_READ) {
+                quic::enter(&ctx, false);
             }
         }
         Classified::Dns(at) => {
@@ -109,6 +119,13 @@ pub fn blokir_tls(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn blokir_http(ctx: XdpContext) -> u32 {
     http::stream(&XdpPacket { ctx: &ctx })
+}
+
+/// The QUIC stage: client Initials handed to the daemon, blocked flows
+/// dropped.
+#[xdp]
+pub fn blokir_quic(ctx: XdpContext) -> u32 {
+    quic::stage(&ctx)
 }
 
 /// The answer stage: a blocked DNS query turned into its answer, or a

@@ -497,6 +497,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         });
     }
+    if opts.traffic.quic == crate::policy::QuicPolicy::Read {
+        let (perf, blocked) = lock(&shared).kernel.take_quic()?;
+        let counts = metrics_ctx.quic_counts();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::quic::handoff::run(perf, blocked, shared, counts).await {
+                tracing::error!("QUIC reader stopped: {e:#}");
+            }
+        });
+    }
     metrics_ctx.set_ready(shared.clone())?;
     tracing::info!(endpoint, "serving /metrics, /healthz, /readyz");
     let control_task = tokio::spawn(serve_control(socket_listener, shared.clone()));

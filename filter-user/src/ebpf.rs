@@ -21,12 +21,13 @@ use aya::{
 use filter_common::{
     counters,
     flow::Flow,
+    quic::{MAP_QUIC_BLOCKED, MAP_QUIC_INITIALS, QUIC_PROGRAM_NAME},
     reply::DnsAction,
     reset::{TcpAction, list_action_word},
     rules::{
         Config, DNS_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS,
         MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME,
-        REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_HTTP, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_HTTP, STAGE_MATCH, STAGE_QUIC, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::FlowKey,
 };
@@ -37,7 +38,7 @@ use crate::{
 };
 
 /// The entry program and the stages it tail-calls.
-const PROGRAMS: [&str; 6] = [PROGRAM_NAME, DNS_PROGRAM_NAME, TLS_PROGRAM_NAME, HTTP_PROGRAM_NAME, MATCH_PROGRAM_NAME, REPLY_PROGRAM_NAME];
+const PROGRAMS: [&str; 7] = [PROGRAM_NAME, DNS_PROGRAM_NAME, TLS_PROGRAM_NAME, HTTP_PROGRAM_NAME, MATCH_PROGRAM_NAME, REPLY_PROGRAM_NAME, QUIC_PROGRAM_NAME];
 
 /// The XDP program, built by build.rs with the pinned BPF toolchain.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blokir"));
@@ -246,6 +247,7 @@ impl Kernel {
             (STAGE_HTTP, stage_fd(&ebpf, HTTP_PROGRAM_NAME)?),
             (STAGE_MATCH, stage_fd(&ebpf, MATCH_PROGRAM_NAME)?),
             (STAGE_REPLY, stage_fd(&ebpf, REPLY_PROGRAM_NAME)?),
+            (STAGE_QUIC, stage_fd(&ebpf, QUIC_PROGRAM_NAME)?),
         ];
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"));
         let rules_map = take(MAP_RULES)?;
@@ -582,6 +584,19 @@ impl Kernel {
     }
 
     /// The event ring buffer (for the one reader of the event log).
+    /// The QUIC stage's maps, for the daemon's reader (`quic::handoff`):
+    /// the Initials handed up, and the blocked flows.
+    pub fn take_quic(&mut self) -> anyhow::Result<(aya::maps::PerfEventArray<MapData>, HashMap<MapData, FlowKey, u32>)> {
+        let perf = self.ebpf.take_map(MAP_QUIC_INITIALS).ok_or_else(|| anyhow!("map {MAP_QUIC_INITIALS} missing (or already taken)"))?;
+        let blocked = self.ebpf.take_map(MAP_QUIC_BLOCKED).ok_or_else(|| anyhow!("map {MAP_QUIC_BLOCKED} missing (or already taken)"))?;
+        Ok((aya::maps::PerfEventArray::try_from(perf)?, HashMap::try_from(blocked)?))
+    }
+
+    /// Whether list `id` is an ECH-outer list (`LIST_ACTIONS`).
+    pub fn list_is_ech_outer(&self, id: u32) -> bool {
+        self.list_actions.get(&id, 0).is_ok_and(|w| w & filter_common::rules::LIST_ECH_OUTER != 0)
+    }
+
     pub fn take_events(&mut self) -> anyhow::Result<aya::maps::RingBuf<MapData>> {
         let map = self.ebpf.take_map(MAP_EVENTS).ok_or_else(|| anyhow!("map {MAP_EVENTS} missing (or already taken)"))?;
         Ok(aya::maps::RingBuf::try_from(map)?)

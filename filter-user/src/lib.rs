@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod pin;
 pub mod policy;
+pub mod quic;
 pub mod replay;
 pub mod rules;
 pub mod socket;

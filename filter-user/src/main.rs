@@ -237,8 +237,10 @@ struct RunArgs {
     /// (and not to an HTTP port) passes unread.
     #[arg(long = "tls-ports", value_name = "all|PORT[,PORT...]", value_parser = parse_tls_port, value_delimiter = ',', default_value = "all")]
     tls_ports: Vec<TlsPort>,
-    /// What QUIC Initials (UDP/443) get: pass (counted), or drop (browsers
-    /// fall back to TCP, where the TLS server name is read).
+    /// What QUIC Initials (UDP/443) get: pass (counted), drop (browsers
+    /// fall back to TCP, where the TLS server name is read), or read (passed,
+    /// and the daemon reads their server name: blocked flows' later
+    /// Initials are dropped).
     #[arg(long, value_enum, default_value_t = QuicPolicy::Pass)]
     quic: QuicPolicy,
     /// What first IP fragments of DNS queries (UDP/TCP 53) and of TCP to

@@ -62,6 +62,7 @@ pub struct Context {
     published: Published,
     flows: OnceLock<Flows>,
     events: OnceLock<Arc<EventCounts>>,
+    quic: OnceLock<Arc<crate::quic::counts::QuicCounts>>,
 }
 
 /// Counting the flow table walks all of it (see `FlowTable`): done at most
@@ -178,6 +179,7 @@ impl Context {
             published: Published::default(),
             flows: OnceLock::new(),
             events: OnceLock::new(),
+            quic: OnceLock::new(),
         })
     }
 
@@ -189,6 +191,11 @@ impl Context {
     /// The event log's counters, served from now on.
     pub fn event_counts(&self) -> Arc<EventCounts> {
         self.events.get_or_init(Default::default).clone()
+    }
+
+    /// The QUIC reader's counters (`--quic read`), served from now on.
+    pub fn quic_counts(&self) -> Arc<crate::quic::counts::QuicCounts> {
+        self.quic.get_or_init(Default::default).clone()
     }
 
     /// Called once the rules are in the maps and the program is attached.
@@ -397,6 +404,14 @@ impl Collector for Blokir {
             rows,
         )?;
 
+        let rows = counters::QUIC_FATES.map(|(k, i)| (vec![("fate", k)], get(i)));
+        family(
+            &mut enc,
+            "blokir_quic_initials",
+            "QUIC client Initials in the kernel's QUIC stage (--quic read): handed up to the daemon, or not (over the per-flow cap, over the per-CPU budget).",
+            MetricType::Counter,
+            rows,
+        )?;
         let rows = counters::EVASIONS.map(|(k, i)| (vec![("kind", k)], get(i)));
         family(
             &mut enc,
@@ -449,6 +464,32 @@ impl Collector for Blokir {
                 MetricType::Counter,
                 rows.map(|(o, v)| (vec![("outcome", o)], v)),
             )?;
+        }
+        // Served with zeros unless `--quic read` is on, like the kernel's
+        // counters: the dashboard reads them either way.
+        {
+            let q = self.ctx.quic.get().cloned().unwrap_or_default();
+            family(
+                &mut enc,
+                "blokir_quic_reader",
+                "QUIC Initials read by the daemon (--quic read), by outcome: read, undecryptable, gave_up (reassembly), not_hello, no_name; hellos whose name was read (name), blocked, allowed; lost (the kernel's perf buffer was full).",
+                MetricType::Counter,
+                q.outcomes().map(|(o, v)| (vec![("outcome", o)], v)),
+            )?;
+            // Per-bucket counts: the encoder makes them cumulative (the
+            // last bucket, slower than all bounds, goes to +Inf).
+            let bounds = crate::quic::counts::LATENCY_BUCKETS_US.iter().map(|b| *b as f64 / 1e6).chain([f64::INFINITY]);
+            let buckets: Vec<(f64, u64)> = bounds.zip(q.latency.iter().map(|c| c.load(Ordering::Relaxed))).collect();
+            let count = buckets.iter().map(|(_, c)| c).sum();
+            let sum = q.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let mut m = enc.encode_descriptor(
+                "blokir_quic_verdict_latency_seconds",
+                "Blocked QUIC flows by the time from the Initial's handoff in the kernel to the verdict in the map.",
+                None,
+                MetricType::Histogram,
+            )?;
+            let no_labels: Vec<(&str, &str)> = Vec::new();
+            m.encode_family(&no_labels)?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
         family(&mut enc, "blokir_build_info", "Build information.", MetricType::Gauge, [(vec![("version", env!("CARGO_PKG_VERSION"))], 1)])?;
         Ok(())

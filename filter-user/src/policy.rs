@@ -259,6 +259,9 @@ pub enum QuicPolicy {
     #[default]
     Pass,
     Drop,
+    /// Passed, and read by the daemon: a flow whose server name the rules
+    /// block has its later Initials dropped (see `quic`).
+    Read,
 }
 
 /// What first IP fragments of datagrams blokir reads (UDP or TCP to port
@@ -334,6 +337,7 @@ impl TrafficPolicy {
         cfg.quic_policy = match self.quic {
             QuicPolicy::Pass => filter_common::quic::POLICY_PASS,
             QuicPolicy::Drop => filter_common::quic::POLICY_DROP,
+            QuicPolicy::Read => filter_common::quic::POLICY_READ,
         };
         cfg.fragment_policy = match self.fragments {
             FragmentPolicy::Drop => filter_common::inspect::FRAGMENTS_DROP,

@@ -170,6 +170,9 @@ pub fn counter_name(index: u32) -> String {
     if let Some((name, _)) = counters::EVASIONS.iter().find(|(_, i)| *i == index) {
         return format!("evasion_{name}");
     }
+    if let Some((name, _)) = counters::QUIC_FATES.iter().find(|(_, i)| *i == index) {
+        return format!("quic_{name}");
+    }
     if let Some((name, _)) = counters::ANSWER_FALLBACKS.iter().find(|(_, i)| *i == index) {
         return format!("reply_{name}");
     }

@@ -134,3 +134,40 @@ fn chromium_initials_are_counted_and_pass_or_are_dropped_by_policy() {
     }
     eprintln!("done in {:.1?}", started.elapsed());
 }
+
+/// `--quic read`: Chromium's hello (two Initials, shuffled CRYPTO frames)
+/// is read by the daemon. Listed, the flow is blocked once its name is read:
+/// the Initials Chromium sends after that (it retransmits, as no server
+/// answers) never reach the listener, and every one of them is counted as
+/// blocked. Unlisted, every Initial reaches the listener and none is blocked.
+#[test]
+fn read_blocks_a_listed_name_and_passes_an_unlisted_one() {
+    let topo = Topology::new().unwrap();
+    for (n, (list, listed)) in (100..).zip([(".blocked.example\n", true), ("other.example\n", false)]) {
+        let rules = topo.dir().join(format!("quic-read-{n}.rules"));
+        std::fs::write(&rules, list).unwrap();
+        let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &["--quic", "read"]).expect("starting blokir");
+        let listener = Listener::start(&topo, n);
+        chromium(&topo, n, IpAddr::from(RESOLVER4));
+        thread::sleep(Duration::from_millis(300));
+        let m = daemon.metrics().unwrap();
+        let seen = m.value("blokir_inspected_total", &[("proto", "quic"), ("af", "ipv4")]).unwrap();
+        let blocked = m.value("blokir_blocked_total", &[("proto", "quic"), ("af", "ipv4")]).unwrap();
+        let names = m.value("blokir_quic_reader_total", &[("outcome", "name")]).unwrap();
+        let flows_blocked = m.value("blokir_quic_reader_total", &[("outcome", "blocked")]).unwrap();
+        let handed_up = m.value("blokir_quic_initials_total", &[("fate", "handed_up")]).unwrap();
+        let received = listener.initials("198.18.0.1");
+        eprintln!(
+            "listed {listed}: {seen} seen, {handed_up} handed up, {names} names, {flows_blocked} flows blocked, {blocked} Initials dropped, {received} received"
+        );
+        assert!(names >= 1, "no name read\n{}", m.text);
+        assert_eq!(received + blocked, seen, "every Initial seen was received or dropped\n{}", listener.text());
+        if listed {
+            assert!(flows_blocked >= 1 && blocked >= 1, "listed: nothing blocked\n{}", m.text);
+            assert!(received <= 2 * flows_blocked, "listed: {received} Initials reached the server after {flows_blocked} flows were blocked");
+        } else {
+            assert_eq!((flows_blocked, blocked), (0, 0), "unlisted\n{}", m.text);
+        }
+        daemon.stop().unwrap();
+    }
+}

@@ -134,3 +134,47 @@ fn chromium_initials_from_the_capture() {
         println!("{want} captured Initials, drop={drop}");
     }
 }
+
+/// `--quic read`, the kernel's side: Initials pass and go up to the daemon
+/// (at most `PER_FLOW_CAP` per flow); once the daemon writes a flow into
+/// `QUIC_BLOCKED`, every datagram of it to UDP/443 is dropped (Initials and
+/// short-header packets alike), and other flows are untouched.
+#[test]
+fn read_policy_hands_initials_up_and_drops_blocked_flows() {
+    use filter_common::{
+        quic::{MAP_QUIC_BLOCKED, PER_FLOW_CAP, POLICY_READ},
+        tls::FlowKey,
+    };
+    let mut l = Loaded::new(&["blocked.example"]);
+    let mut cfg = l.kernel.config();
+    cfg.quic_policy = POLICY_READ;
+    l.kernel.write_config(cfg).unwrap();
+    let inspected = counters::proto_index(Proto::Quic, Af::V4, Outcome::Inspected);
+    let blocked = counters::proto_index(Proto::Quic, Af::V4, Outcome::Blocked);
+    let initial = datagram(false, None, 443, &long_header(0xc3, VERSION_1, 8, 1200));
+    let short = datagram(false, None, 443, &long_header(0x43, VERSION_1, 8, 1200));
+    for i in 0..PER_FLOW_CAP + 2 {
+        let fate = if i < PER_FLOW_CAP { counters::QUIC_HANDED_UP } else { counters::QUIC_OVER_CAP };
+        l.expect(&format!("Initial {i}"), &initial, XDP_PASS, &[inspected, fate]);
+    }
+    l.expect("short header, flow not blocked", &short, XDP_PASS, &[]);
+    let key = FlowKey {
+        src: [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        dst: [198, 18, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        src_port: 50000,
+        dst_port: 443,
+        family: 4,
+    };
+    {
+        let map = l.kernel.map_mut(MAP_QUIC_BLOCKED).unwrap();
+        let mut blocked_flows: aya::maps::HashMap<_, FlowKey, u32> = aya::maps::HashMap::try_from(map).unwrap();
+        blocked_flows.insert(key, 1, 0).unwrap();
+    }
+    l.expect("Initial of the blocked flow", &initial, XDP_DROP, &[inspected, blocked]);
+    l.expect("short header of the blocked flow", &short, XDP_DROP, &[blocked]);
+    // Another client port: another flow.
+    let mut other = initial.clone();
+    other[34..36].copy_from_slice(&50001u16.to_be_bytes());
+    other[40..42].copy_from_slice(&[0, 0]); // no UDP checksum
+    l.expect("Initial of another flow", &other, XDP_PASS, &[inspected, counters::QUIC_HANDED_UP]);
+}
