@@ -81,6 +81,11 @@ pub static SYNS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(filter_
 #[map(name = "FLOW_INIT")]
 pub static FLOW_INIT: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU working copy of the DNS-over-TCP reader of the segment being
+/// read (`dns_tcp`): written back to `FLOWS` only if the segment passes.
+#[map(name = "DNS_WORK")]
+pub static DNS_WORK: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
 /// The stages reached by tail call, each verified on its own budget:
 /// `STAGE_DNS` (queries), `STAGE_TLS` (ClientHellos), `STAGE_HTTP` (HTTP
 /// requests), `STAGE_MATCH` (a finished server or Host name) and
@@ -98,7 +103,7 @@ pub struct MatchJob {
     pub start: u32,
     /// 0 for IPv4, 1 for IPv6.
     pub v6: u32,
-    /// The stream protocol (`Proto::Tls` or `Proto::Http`).
+    /// The stream protocol (`Proto::Tls`, `Proto::Http` or `Proto::DnsTcp`).
     pub proto: u32,
     /// 1 if the name was matched before (an ECH-outer rule waiting for
     /// ECH): not counted as inspected again.

@@ -6,6 +6,8 @@
 
 #[path = "dns_reply.rs"]
 mod dns_reply;
+#[path = "dns_tcp.rs"]
+mod dns_tcp;
 #[path = "fragments.rs"]
 mod fragments;
 #[path = "http.rs"]
