@@ -19,31 +19,57 @@ use filter_common::{
     dns_tcp::{Progress, feed, resume},
     flow::{Flow, KIND_DNS},
     inspect::Env as _,
-    packet::{IPPROTO_TCP, parse_l3, parse_tcp},
+    packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
     reply::DnsAction,
-    rules::STAGE_DNS_TCP,
+    rules::STAGE_DNS_TCP_READ,
     tls::{FlowKey, Resume},
 };
 
 use crate::{
-    maps::{DNS_WORK, FLOWS, Maps, SCRATCH, STAGES, SYNS, count},
+    maps::{DNS_TCP_JOB, DNS_WORK, DnsTcpJob, FLOWS, Maps, SCRATCH, STAGES, SYNS, count},
     packet::XdpPacket,
     tls::to_match,
 };
 
+/// The header half: reads the segment's layers and hands the flow and
+/// payload on through `DNS_TCP_JOB`. The reading half's loops would
+/// otherwise be verified once per header layout (VLANs, IPv6 extension
+/// headers), which the 6.1 verifier refuses as too large.
 #[inline(always)]
-pub fn stream(pkt: &XdpPacket) -> u32 {
+pub fn headers(pkt: &XdpPacket) -> u32 {
     let Ok(l3) = parse_l3(pkt) else { return xdp_action::XDP_PASS };
     if l3.proto != IPPROTO_TCP || l3.later_fragment {
         return xdp_action::XDP_PASS;
     }
     let Ok(l4) = parse_tcp(pkt, &l3) else { return xdp_action::XDP_PASS };
     let Some(key) = FlowKey::of(pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
-    let af = l3.af;
+    let Some(job) = DNS_TCP_JOB.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
+    // SAFETY: per-CPU slot.
+    unsafe {
+        *job = DnsTcpJob {
+            flow: key,
+            seq: l4.data_seq(),
+            v6: (l3.af == Af::V6) as u32,
+            off: Maps::opaque(l4.payload_off) as u32,
+            end: Maps::opaque(l4.payload_end) as u32,
+        };
+        // SAFETY: the slot holds the reading half.
+        STAGES.tail_call(pkt.ctx, STAGE_DNS_TCP_READ);
+    }
+    xdp_action::XDP_PASS
+}
+
+/// The reading half, for the segment `DNS_TCP_JOB` describes; also each
+/// later round of the segment.
+#[inline(always)]
+pub fn stream(pkt: &XdpPacket) -> u32 {
+    let Some(job) = DNS_TCP_JOB.get(0) else { return xdp_action::XDP_PASS };
+    let key = job.flow;
+    let af = if job.v6 == 0 { Af::V4 } else { Af::V6 };
     // Stage boundary (see `Env::opaque`).
-    let off = Maps::opaque(l4.payload_off);
-    let end = Maps::opaque(l4.payload_end);
-    let seq = l4.data_seq();
+    let off = Maps::opaque(job.off as usize);
+    let end = Maps::opaque(job.end as usize);
+    let seq = job.seq;
     let Some(work) = DNS_WORK.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
     // SAFETY: per-CPU slot, this packet's for the whole tail-call chain.
     let work = unsafe { &mut *work };
@@ -122,8 +148,8 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
 /// stage, after a question that passed).
 #[inline(always)]
 pub fn next(pkt: &XdpPacket) -> u32 {
-    // SAFETY: the slot holds this stage.
-    unsafe { STAGES.tail_call(pkt.ctx, STAGE_DNS_TCP) };
+    // SAFETY: the slot holds the reading half.
+    unsafe { STAGES.tail_call(pkt.ctx, STAGE_DNS_TCP_READ) };
     too_many()
 }
 
@@ -157,7 +183,7 @@ fn end_segment() {
 /// The segment passes: the reader is kept, in `FLOWS` with a message under
 /// way (counted as incomplete), or in `SYNS` as where the next one starts.
 #[inline(always)]
-fn commit(key: &FlowKey, work: &mut Flow, af: filter_common::packet::Af) -> u32 {
+fn commit(key: &FlowKey, work: &mut Flow, af: Af) -> u32 {
     // SAFETY: the DNS variant.
     let q = unsafe { &mut work.query };
     q.rounds = 0;

@@ -116,10 +116,17 @@ pub fn blokir_http(ctx: XdpContext) -> u32 {
     http::stream(&XdpPacket { ctx: &ctx })
 }
 
-/// The DNS-over-TCP stage: queries read across segments, with per-flow
-/// state.
+/// The DNS-over-TCP stage's header half: the segment's flow and payload,
+/// handed on to `blokir_dns_tcp_read`.
 #[xdp]
 pub fn blokir_dns_tcp(ctx: XdpContext) -> u32 {
+    dns_tcp::headers(&XdpPacket { ctx: &ctx })
+}
+
+/// The DNS-over-TCP stage's reading half: queries read across segments,
+/// with per-flow state.
+#[xdp]
+pub fn blokir_dns_tcp_read(ctx: XdpContext) -> u32 {
     dns_tcp::stream(&XdpPacket { ctx: &ctx })
 }
 

@@ -86,6 +86,22 @@ pub static FLOW_INIT: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "DNS_WORK")]
 pub static DNS_WORK: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
+/// What the DNS-over-TCP stage's header half hands its reading half: the
+/// segment's flow, sequence number, family and payload. Through map
+/// memory, so the reader is verified once, not once per header layout.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsTcpJob {
+    pub flow: FlowKey,
+    pub seq: u32,
+    pub v6: u32,
+    pub off: u32,
+    pub end: u32,
+}
+
+#[map(name = "DNS_TCP_JOB")]
+pub static DNS_TCP_JOB: PerCpuArray<DnsTcpJob> = PerCpuArray::with_max_entries(1, 0);
+
 /// The stages reached by tail call, each verified on its own budget:
 /// `STAGE_DNS` (queries), `STAGE_TLS` (ClientHellos), `STAGE_HTTP` (HTTP
 /// requests), `STAGE_MATCH` (a finished server or Host name) and

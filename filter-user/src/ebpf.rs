@@ -24,9 +24,10 @@ use filter_common::{
     reply::DnsAction,
     reset::{TcpAction, list_action_word},
     rules::{
-        Config, DNS_PROGRAM_NAME, DNS_TCP_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS,
-        MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules,
-        PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_DNS_TCP, STAGE_HTTP, STAGE_MATCH, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        Config, DNS_PROGRAM_NAME, DNS_TCP_PROGRAM_NAME, DNS_TCP_READ_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS,
+        MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME,
+        MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_DNS_TCP, STAGE_DNS_TCP_READ, STAGE_HTTP, STAGE_MATCH, STAGE_REPLY,
+        STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::FlowKey,
 };
@@ -37,7 +38,16 @@ use crate::{
 };
 
 /// The entry program and the stages it tail-calls.
-const PROGRAMS: [&str; 7] = [PROGRAM_NAME, DNS_PROGRAM_NAME, TLS_PROGRAM_NAME, HTTP_PROGRAM_NAME, DNS_TCP_PROGRAM_NAME, MATCH_PROGRAM_NAME, REPLY_PROGRAM_NAME];
+const PROGRAMS: [&str; 8] = [
+    PROGRAM_NAME,
+    DNS_PROGRAM_NAME,
+    TLS_PROGRAM_NAME,
+    HTTP_PROGRAM_NAME,
+    DNS_TCP_PROGRAM_NAME,
+    DNS_TCP_READ_PROGRAM_NAME,
+    MATCH_PROGRAM_NAME,
+    REPLY_PROGRAM_NAME,
+];
 
 /// The XDP program, built by build.rs with the pinned BPF toolchain.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blokir"));
@@ -245,6 +255,7 @@ impl Kernel {
             (STAGE_TLS, stage_fd(&ebpf, TLS_PROGRAM_NAME)?),
             (STAGE_HTTP, stage_fd(&ebpf, HTTP_PROGRAM_NAME)?),
             (STAGE_DNS_TCP, stage_fd(&ebpf, DNS_TCP_PROGRAM_NAME)?),
+            (STAGE_DNS_TCP_READ, stage_fd(&ebpf, DNS_TCP_READ_PROGRAM_NAME)?),
             (STAGE_MATCH, stage_fd(&ebpf, MATCH_PROGRAM_NAME)?),
             (STAGE_REPLY, stage_fd(&ebpf, REPLY_PROGRAM_NAME)?),
         ];

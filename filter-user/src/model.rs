@@ -320,8 +320,9 @@ impl Model {
             None => Box::new(Query::new(self.syns.get(&key).copied().unwrap_or(seq))),
         };
         let mut step = Step { proto: Some((Proto::DnsTcp, af)), ..pass };
-        // Tail calls so far: the entry program's into this stage.
-        let mut calls = 1;
+        // Tail calls so far: the entry program's into this stage, and its
+        // header half's into its reading half.
+        let mut calls = 2;
         let too_many = |mut step: Step| {
             step.counted.push(counters::DNS_TCP_TOO_MANY);
             Step { verdict: XDP_DROP, ..step }
@@ -329,7 +330,8 @@ impl Model {
         loop {
             let start = match dns_tcp::resume(&q, seq, off, end) {
                 Resume::At(start) => start,
-                Resume::Behind if calls > 1 => break,
+                // A later round, the segment read to its end.
+                Resume::Behind if calls > 2 => break,
                 Resume::Behind => return step,
                 Resume::Ahead => return Step { verdict: XDP_DROP, counted: vec![counters::DNS_TCP_OUT_OF_ORDER], ..step },
             };
