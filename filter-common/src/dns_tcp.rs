@@ -32,8 +32,9 @@ pub const BUF_LEN: usize = 512;
 pub const MAX_STEPS: usize = 64;
 
 /// The kernel's limit on tail calls in one packet's chain
-/// (`MAX_TAIL_CALL_CNT`): each question costs two (to the match stage and
-/// back), so about 15 questions are read per segment.
+/// (`MAX_TAIL_CALL_CNT`): each question costs three (to the question
+/// program, the match stage and back), so 10 short questions are read per
+/// segment.
 pub const MAX_TAIL_CALLS: usize = 33;
 
 /// The per-flow reader. Starts as `flow::Flow` requires: `next_seq`,
@@ -56,6 +57,9 @@ pub struct Query {
     total: u32,
     /// Per segment: the offset being read.
     cursor: u32,
+    /// Where the question's bytes end in `buf` (`Progress::Question`), for
+    /// the kernel's question program.
+    pub cursor_end: u32,
     /// Rounds (tail calls) spent on the current segment; 0 between
     /// segments (the kernel's per-CPU working copy uses it to tell a new
     /// segment from a round of the same one).
@@ -92,12 +96,13 @@ impl Query {
         self.pos = 0;
         self.total = 0;
         self.cursor = 0;
+        self.cursor_end = 0;
         self.rounds = 0;
     }
 
     /// A reader at sequence number `seq` (host use).
     pub fn new(seq: u32) -> Self {
-        let mut q = Query { next_seq: 0, kind: 0, passed_seq: 0, flags: 0, pos: 0, total: 0, cursor: 0, rounds: 0, buf: [0; BUF_LEN] };
+        let mut q = Query { next_seq: 0, kind: 0, passed_seq: 0, flags: 0, pos: 0, total: 0, cursor: 0, cursor_end: 0, rounds: 0, buf: [0; BUF_LEN] };
         q.reset(seq);
         q
     }

@@ -21,7 +21,7 @@ use filter_common::{
     inspect::Env as _,
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
     reply::DnsAction,
-    rules::STAGE_DNS_TCP_READ,
+    rules::{STAGE_DNS_TCP_QUESTION, STAGE_DNS_TCP_READ},
     tls::{FlowKey, Resume},
 };
 
@@ -125,10 +125,24 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         }
     };
     q.rounds = rounds + 1;
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return too_many() };
-    // SAFETY: per-CPU scratch.
-    let buf = unsafe { &mut *buf };
-    match parse_query(&q.buf[..], 2, Maps::opaque(msg_end), buf, Maps::opaque) {
+    q.cursor_end = msg_end as u32;
+    // SAFETY: the slot holds the question program.
+    unsafe { STAGES.tail_call(pkt.ctx, STAGE_DNS_TCP_QUESTION) };
+    too_many()
+}
+
+/// The question the reading half completed (in `DNS_WORK`), read in a
+/// program of its own: after the reader's loop, the 6.1 verifier walked
+/// the name's loop once per way out of it.
+#[inline(always)]
+pub fn question(pkt: &XdpPacket) -> u32 {
+    let (Some(job), Some(work), Some(buf)) = (DNS_TCP_JOB.get(0), DNS_WORK.get_ptr_mut(0), SCRATCH.get_ptr_mut(0)) else { return too_many() };
+    let key = job.flow;
+    let af = if job.v6 == 0 { Af::V4 } else { Af::V6 };
+    // SAFETY: per-CPU slots; the DNS variant.
+    let (q, buf) = unsafe { (&mut (*work).query, &mut *buf) };
+    let msg_end = Maps::opaque(q.cursor_end as usize);
+    match parse_query(&q.buf[..], 2, msg_end, buf, Maps::opaque) {
         Ok(question) => {
             // The name is in `SCRATCH` already.
             let _ = to_match(pkt, |_| {}, &key, question.canon_len, af, Proto::DnsTcp, false);

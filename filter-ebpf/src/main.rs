@@ -130,6 +130,13 @@ pub fn blokir_dns_tcp_read(ctx: XdpContext) -> u32 {
     dns_tcp::stream(&XdpPacket { ctx: &ctx })
 }
 
+/// The DNS-over-TCP stage's question: read from the reader's buffer and
+/// handed to the match stage.
+#[xdp]
+pub fn blokir_dns_tcp_question(ctx: XdpContext) -> u32 {
+    dns_tcp::question(&XdpPacket { ctx: &ctx })
+}
+
 /// The answer stage: a blocked DNS query turned into its answer, or a
 /// blocked TCP segment into a RST.
 #[xdp]

@@ -348,6 +348,11 @@ impl Model {
                     continue;
                 }
             };
+            // To the question program.
+            if calls >= dns_tcp::MAX_TAIL_CALLS {
+                return too_many(step);
+            }
+            calls += 1;
             let mut buf = CanonBuf::default();
             match parse_query(&q.buf[..], 2, msg_end, &mut buf, |x| x) {
                 Ok(question) => {

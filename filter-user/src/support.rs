@@ -49,6 +49,7 @@ pub fn feature(program: &str) -> &'static str {
         "blokir_http" => "HTTP Host names",
         "blokir_dns_tcp" => "DNS queries over TCP",
         "blokir_dns_tcp_read" => "DNS queries over TCP",
+        "blokir_dns_tcp_question" => "DNS queries over TCP",
         "blokir_match" => "matching TLS, HTTP and DNS-over-TCP names with the rules",
         "blokir_reply" => "DNS answers and TCP resets",
         _ => "an unnamed stage",

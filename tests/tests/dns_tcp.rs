@@ -175,9 +175,9 @@ fn the_prefix_alone_one_byte_segments_and_reordering() {
 fn a_segment_with_more_queries_than_one_pass_reads_is_held_back() {
     let mut l = Loaded::new(&RULES);
     let mut model = Model::default();
-    // 15 short queries are read in one pass (two tail calls each); 20 are
-    // not: the segment is dropped, counted, whatever the names.
-    for (n, sport, passes) in [(15usize, 34001u16, true), (20, 34002, false)] {
+    // 10 short queries are read in one pass (three tail calls each); 12
+    // are not: the segment is dropped, counted, whatever the names.
+    for (n, sport, passes) in [(10usize, 34001u16, true), (12, 34002, false)] {
         let stream: Vec<u8> = (0..n).flat_map(|i| prefixed(&format!("q{i}.example"))).collect();
         let conn = Conn::new(false, sport, stream, &[]);
         let what = format!("{n} queries in one segment");
