@@ -16,9 +16,9 @@ use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters::{self, Outcome, Proto},
     dns::{DnsSkip, parse_query},
-    dns_tcp::{Progress, feed, resume},
+    dns_tcp::{BUF_LEN, Progress, feed, resume},
     flow::{Flow, KIND_DNS},
-    inspect::Env as _,
+    inspect::{Env as _, OPAQUE_LIMIT},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
     reply::DnsAction,
     rules::{STAGE_DNS_TCP_QUESTION, STAGE_DNS_TCP_READ},
@@ -26,7 +26,7 @@ use filter_common::{
 };
 
 use crate::{
-    maps::{DNS_TCP_JOB, DNS_WORK, DnsTcpJob, FLOWS, Maps, SCRATCH, STAGES, SYNS, count},
+    maps::{DNS_TCP_JOB, DNS_WORK, DnsTcpJob, FLOWS, Maps, OPAQUE, SCRATCH, STAGES, SYNS, count},
     packet::XdpPacket,
     tls::to_match,
 };
@@ -134,18 +134,36 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
 /// The question the reading half completed (in `DNS_WORK`), read in a
 /// program of its own: after the reader's loop, the 6.1 verifier walked
 /// the name's loop once per way out of it.
+///
+/// Nothing branchy is live across the name's loop, as 6.1 walks the loop
+/// once per distinct state entering it: the end is masked rather than
+/// `opaque` (whose fallback path would enter with other bounds), and the
+/// flow and its family are read after the loop, not before. The name's
+/// length goes through `OPAQUE` as `Env::opaque` does, but with the slot
+/// looked up once, before the loop: `Maps::opaque`'s fallback for a failed
+/// lookup keeps the length known, and the code after the loop was then
+/// walked once per length.
 #[inline(always)]
 pub fn question(pkt: &XdpPacket) -> u32 {
-    let (Some(job), Some(work), Some(buf)) = (DNS_TCP_JOB.get(0), DNS_WORK.get_ptr_mut(0), SCRATCH.get_ptr_mut(0)) else { return too_many() };
-    let key = job.flow;
-    let af = if job.v6 == 0 { Af::V4 } else { Af::V6 };
+    let (Some(work), Some(buf), Some(hold)) = (DNS_WORK.get_ptr_mut(0), SCRATCH.get_ptr_mut(0), OPAQUE.get_ptr_mut(0)) else { return too_many() };
+    // SAFETY: per-CPU slot; volatile so the compiler keeps the round trip.
+    let opaque = |x: usize| unsafe {
+        core::ptr::write_volatile(hold, x.min(OPAQUE_LIMIT - 1) as u64);
+        core::ptr::read_volatile(hold) as usize & (OPAQUE_LIMIT - 1)
+    };
     // SAFETY: per-CPU slots; the DNS variant.
     let (q, buf) = unsafe { (&mut (*work).query, &mut *buf) };
-    let msg_end = Maps::opaque(q.cursor_end as usize);
-    match parse_query(&q.buf[..], 2, msg_end, buf, Maps::opaque) {
+    // The end is at most `READ_CAP`, below `BUF_LEN`: the mask changes
+    // nothing but gives every path one bound. Volatile, so that the
+    // compiler does not carry what it knows of the field.
+    // SAFETY: a plain field of the slot.
+    let msg_end = unsafe { core::ptr::read_volatile(&q.cursor_end) } as usize & (BUF_LEN - 1);
+    match parse_query(&q.buf[..], 2, msg_end, buf, opaque) {
         Ok(question) => {
+            let Some(job) = DNS_TCP_JOB.get(0) else { return too_many() };
+            let af = if job.v6 == 0 { Af::V4 } else { Af::V6 };
             // The name is in `SCRATCH` already.
-            let _ = to_match(pkt, |_| {}, &key, question.canon_len, af, Proto::DnsTcp, false);
+            let _ = to_match(pkt, |_| {}, &job.flow, question.canon_len, af, Proto::DnsTcp, false);
             too_many()
         }
         // A response or another opcode: not a query to filter.
