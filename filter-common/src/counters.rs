@@ -28,7 +28,13 @@ impl Proto {
     /// The stream protocols the match stage handles, from their number.
     #[inline(always)]
     pub const fn from_stream(v: u32) -> Proto {
-        if v == Proto::Http as u32 { Proto::Http } else { Proto::Tls }
+        if v == Proto::Http as u32 {
+            Proto::Http
+        } else if v == Proto::DnsTcp as u32 {
+            Proto::DnsTcp
+        } else {
+            Proto::Tls
+        }
     }
     pub const fn name(self) -> &'static str {
         match self {
@@ -148,7 +154,8 @@ pub const HTTP_EVENTS: [(&str, u32); 5] = [
     ("out_of_order", HTTP_OUT_OF_ORDER),
 ];
 /// TCP connection events by their `/metrics` label.
-pub const TCP_EVENTS: [(&str, u32); 2] = [("early_segment", TCP_EARLY), ("server_reset", TCP_SERVER_RESETS)];
+pub const TCP_EVENTS: [(&str, u32); 4] =
+    [("early_segment", TCP_EARLY), ("server_reset", TCP_SERVER_RESETS), ("dns_out_of_order", DNS_TCP_OUT_OF_ORDER), ("dns_too_many", DNS_TCP_TOO_MANY)];
 /// Why blocked UDP queries were dropped instead of answered, by label.
 pub const ANSWER_FALLBACKS: [(&str, u32); 2] = [("not_plain", REPLY_NOT_PLAIN), ("failed", REPLY_FAILED)];
 /// Why segments of reset flows were dropped instead, by label.
@@ -177,16 +184,22 @@ pub const EVASION_URGENT: u32 = EVASION_HOST_REPEAT + 1;
 /// Fake segments on a TCP flow being read: ones the receiver discards
 /// (`flow::sign::NO_ACK`, `SIGNED`).
 pub const EVASION_FAKE: u32 = EVASION_URGENT + 1;
-/// Entries in the counter array.
 /// QUIC client Initials handed to the daemon (`--quic read`), and those
 /// not handed up: past the per-flow cap, or over the per-CPU budget.
 pub const QUIC_HANDED_UP: u32 = EVASION_FAKE + 1;
 pub const QUIC_OVER_CAP: u32 = QUIC_HANDED_UP + 1;
 pub const QUIC_OVER_BUDGET: u32 = QUIC_OVER_CAP + 1;
-/// Entries in the counter array.
-pub const COUNTERS: u32 = QUIC_OVER_BUDGET + 1;
 /// `blokir_quic_initials_total{fate=...}`.
 pub const QUIC_FATES: [(&str, u32); 3] = [("handed_up", QUIC_HANDED_UP), ("over_flow_cap", QUIC_OVER_CAP), ("over_budget", QUIC_OVER_BUDGET)];
+/// Segments of a DNS-over-TCP connection that arrived ahead of bytes not
+/// yet read (after a message, or after the connection's start): dropped,
+/// so the client resends in order.
+pub const DNS_TCP_OUT_OF_ORDER: u32 = QUIC_OVER_BUDGET + 1;
+/// DNS-over-TCP segments holding more queries than one pass reads (the
+/// tail-call chain's limit): dropped, the connection's state unchanged.
+pub const DNS_TCP_TOO_MANY: u32 = DNS_TCP_OUT_OF_ORDER + 1;
+/// Entries in the counter array.
+pub const COUNTERS: u32 = DNS_TCP_TOO_MANY + 1;
 
 /// Circumvention attempts seen, by their `/metrics` label
 /// (`blokir_evasions_total{kind}`).

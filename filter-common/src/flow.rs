@@ -1,15 +1,18 @@
 //! The per-flow state of the stream stages: one LRU map holds the TLS
 //! ClientHello parser (`tls::Hello`) or the HTTP request parser
-//! (`http::Request`) of each tracked flow, so the two share the flow budget
+//! (`http::Request`) of each tracked flow, or the DNS-over-TCP reader
+//! (`dns_tcp::Query`) of a connection with a query under way, so the two share the flow budget
 //! (`tls::DEFAULT_FLOW_CAPACITY`) and the memory (one value is the larger of
 //! the two, ~600 bytes).
 
-use crate::{http::Request, tls::Hello};
+use crate::{dns_tcp::Query, http::Request, tls::Hello};
 
 /// `Flow::kind` of a TLS flow.
 pub const KIND_TLS: u32 = 1;
 /// `Flow::kind` of an HTTP flow.
 pub const KIND_HTTP: u32 = 2;
+/// `Flow::kind` of a DNS-over-TCP flow with a message under way.
+pub const KIND_DNS: u32 = 3;
 
 /// A tracked flow's parser. Both variants are `#[repr(C)]` and start with
 /// `next_seq`, `kind`, `passed_seq`, so those can be read through either.
@@ -18,6 +21,7 @@ pub const KIND_HTTP: u32 = 2;
 pub union Flow {
     pub hello: Hello,
     pub request: Request,
+    pub query: Query,
 }
 
 impl Flow {
@@ -46,7 +50,10 @@ impl Flow {
     pub fn blocked(&self) -> (bool, bool) {
         // SAFETY: the variant `kind` names.
         unsafe {
-            if self.kind() == KIND_HTTP {
+            if self.kind() == KIND_DNS {
+                // A DNS flow is never blocked as a whole.
+                (false, false)
+            } else if self.kind() == KIND_HTTP {
                 (self.request.is_blocked(), self.request.server_closed())
             } else {
                 (self.hello.is_blocked(), self.hello.server_closed())

@@ -51,10 +51,10 @@ pub enum Inspection {
         af: Af,
         drop: bool,
     },
-    /// A TCP segment for the stream stages (`tls`, `http`), which keep
-    /// per-flow state: one with payload, not to port 53 (it may carry a TLS
-    /// ClientHello or an HTTP request), or a client's SYN (a connection
-    /// starts: see `conn`).
+    /// A TCP segment for the stream stages (`tls`, `http`, `dns_tcp`),
+    /// which keep per-flow state: one with payload (a DNS query to port 53,
+    /// or a TLS ClientHello or an HTTP request), or a client's SYN (a
+    /// connection starts: see `conn`).
     TcpPayload,
     /// A later IP fragment: passed, it has no transport header.
     Fragment,
@@ -67,6 +67,8 @@ pub enum Inspection {
     Unconfigured,
     Malformed(Malformed),
     /// The name is not all in this packet (a split TCP/53 segment): passed.
+    /// Not produced since TCP/53 is read as a stream (`dns_tcp`); see
+    /// `DnsAt::tcp`.
     Incomplete {
         proto: Proto,
         af: Af,
@@ -90,12 +92,15 @@ impl Inspection {
     }
 }
 
-/// Where a DNS message to port 53 lies: what the entry program hands the
+/// Where a UDP DNS message to port 53 lies: what the entry program hands the
 /// DNS stage (a per-CPU map value in the kernel, hence plain integers).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsAt {
-    /// 1 for TCP/53, 0 for UDP/53.
+    /// 1 for TCP/53, 0 for UDP/53. Always 0: TCP/53 goes to the
+    /// DNS-over-TCP stage (`dns_tcp`), which reads queries across segments.
+    /// The stage keeps its TCP branch as it was verified on the pre-6.7
+    /// kernels: the same stage without it was refused on 6.1 (E2BIG).
     pub tcp: u32,
     /// 1 for IPv6.
     pub v6: u32,
@@ -117,13 +122,14 @@ pub enum Classified {
     /// The first fragment of a TCP or UDP datagram that may carry a name.
     FirstFragment(Fragmented),
     Malformed(Malformed),
-    /// A TCP segment with payload, not to port 53, to this port: for the
-    /// HTTP stage if it is one of `Config::http_ports`, else the TLS stage
-    /// if it is a TLS port (`Config::is_tls_port`), else passed unread.
+    /// A TCP segment with payload to this port: for the DNS-over-TCP stage
+    /// if it is 53, the HTTP stage if it is one of `Config::http_ports`, else
+    /// the TLS stage if it is a TLS port (`Config::is_tls_port`), else
+    /// passed unread.
     TcpPayload(u16),
-    /// A client's SYN without payload, not to port 53, to this port: for the
-    /// TLS stage, which records where the connection's data starts, if the
-    /// port is an HTTP or TLS port.
+    /// A client's SYN without payload to this port: for the TLS stage, which
+    /// records where the connection's data starts, if the port is 53, an
+    /// HTTP or a TLS port.
     TcpSyn(u16),
     /// A QUIC Initial (see `quic::is_initial`), counted and subject to the
     /// QUIC policy in the entry program.
@@ -131,7 +137,7 @@ pub enum Classified {
     /// Another datagram to UDP/443: with `--quic read`, dropped if its flow
     /// is blocked (the QUIC stage), else passed.
     QuicOther,
-    /// A DNS message to port 53: for the DNS stage.
+    /// A UDP DNS message to port 53: for the DNS stage.
     Dns(DnsAt),
 }
 
@@ -212,9 +218,9 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
             None => Classified::Other,
         };
     }
-    let (tcp, l4) = match l3.proto {
+    let l4 = match l3.proto {
         IPPROTO_UDP => match parse_udp(p, &l3) {
-            Ok(l4) if l4.dst_port == dns::DNS_PORT => (0, l4),
+            Ok(l4) if l4.dst_port == dns::DNS_PORT => l4,
             Ok(l4) if l4.dst_port == quic::QUIC_PORT && quic::is_initial(p, l4.payload_off, l4.payload_end) => return Classified::Quic(l3.af),
             Ok(l4) if l4.dst_port == quic::QUIC_PORT => return Classified::QuicOther,
             Ok(_) => return Classified::Other,
@@ -225,9 +231,9 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
             // Segments without payload (handshake, ACKs) are not queries; a
             // SYN starts a connection the stream stages follow.
             Ok(l4) if l4.payload_off >= l4.payload_end => {
-                return if l4.is_syn() && l4.dst_port != dns::DNS_PORT { Classified::TcpSyn(l4.dst_port) } else { Classified::Other };
+                return if l4.is_syn() { Classified::TcpSyn(l4.dst_port) } else { Classified::Other };
             }
-            Ok(l4) if l4.dst_port == dns::DNS_PORT => (1, l4),
+            // DNS over TCP is a stream too (`dns_tcp`).
             Ok(l4) => return Classified::TcpPayload(l4.dst_port),
             Err(Skip::Malformed(m)) => return Classified::Malformed(m),
             Err(Skip::Other) => return Classified::Other,
@@ -236,7 +242,7 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
     };
     let off = |x: usize| x.min(OPAQUE_LIMIT - 1) as u32;
     Classified::Dns(DnsAt {
-        tcp,
+        tcp: 0,
         v6: (l3.af == Af::V6) as u32,
         plain: l3.plain as u32,
         l3_off: off(l3.l3_off),
@@ -394,16 +400,10 @@ mod tests {
     }
 
     #[test]
-    fn tcp_question_must_lie_within_the_announced_message() {
+    fn tcp_queries_go_to_the_stream_stage() {
         let msg = query();
-        let f = tcp_frame(msg.len() as u16, &msg);
-        assert!(inspect(f.as_slice(), &mut env()).blocks());
-        // The prefix announces a message that ends inside the question; the
-        // rest of the segment is not part of it.
-        let f = tcp_frame(17, &msg);
-        assert_eq!(inspect(f.as_slice(), &mut env()), Inspection::Malformed(Malformed::DnsTruncated));
-        // A segment shorter than the announced message is still incomplete.
-        let f = tcp_frame(200, &msg[..17]);
-        assert!(matches!(inspect(f.as_slice(), &mut env()), Inspection::Incomplete { .. }));
+        // Whole or cut, a TCP/53 segment is read by the DNS-over-TCP stage.
+        assert_eq!(inspect(tcp_frame(msg.len() as u16, &msg).as_slice(), &mut env()), Inspection::TcpPayload);
+        assert_eq!(inspect(tcp_frame(200, &msg[..17]).as_slice(), &mut env()), Inspection::TcpPayload);
     }
 }

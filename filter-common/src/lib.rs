@@ -12,6 +12,7 @@ extern crate std;
 
 pub mod counters;
 pub mod dns;
+pub mod dns_tcp;
 pub mod flow;
 pub mod hash;
 pub mod http;

@@ -29,6 +29,9 @@ pub const MATCH_PROGRAM_NAME: &str = "blokir_match";
 pub const REPLY_PROGRAM_NAME: &str = "blokir_reply";
 pub const DNS_PROGRAM_NAME: &str = "blokir_dns";
 pub const HTTP_PROGRAM_NAME: &str = "blokir_http";
+pub const DNS_TCP_PROGRAM_NAME: &str = "blokir_dns_tcp";
+pub const DNS_TCP_READ_PROGRAM_NAME: &str = "blokir_dns_tcp_read";
+pub const DNS_TCP_QUESTION_PROGRAM_NAME: &str = "blokir_dns_tcp_question";
 /// Slots of the `STAGES` program array.
 pub const STAGE_TLS: u32 = 0;
 pub const STAGE_MATCH: u32 = 1;
@@ -37,7 +40,10 @@ pub const STAGE_DNS: u32 = 3;
 pub const STAGE_HTTP: u32 = 4;
 /// The QUIC stage (`quic::QUIC_PROGRAM_NAME`).
 pub const STAGE_QUIC: u32 = 5;
-pub const STAGE_COUNT: u32 = 6;
+pub const STAGE_DNS_TCP: u32 = 6;
+pub const STAGE_DNS_TCP_READ: u32 = 7;
+pub const STAGE_DNS_TCP_QUESTION: u32 = 8;
+pub const STAGE_COUNT: u32 = 9;
 pub const MAP_STAGES: &str = "STAGES";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_SYNS: &str = "SYNS";

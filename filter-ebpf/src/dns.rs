@@ -52,7 +52,8 @@ pub fn account(pkt: &mut XdpPacket, inspection: &Inspection) -> u32 {
                     count(counters::proto_index(proto, af, Outcome::Blocked));
                     hit(rule, counters::LIST_BLOCKED);
                     block_event(proto, af, rule, name_start(&at));
-                    // TCP/53 queries are dropped: an answer needs a TCP exchange.
+                    // Only UDP queries reach this stage (TCP/53 is the
+                    // `dns_tcp` stage's, which drops them).
                     let action = match proto {
                         Proto::DnsUdp => LIST_ACTIONS.get(rule.list()).map_or(DnsAction::Drop, |a| DnsAction::from_u32(*a & LIST_ACTION_MASK)),
                         Proto::DnsTcp | Proto::Tls | Proto::Http | Proto::Quic => DnsAction::Drop,

@@ -10,6 +10,7 @@
 
 mod conn;
 mod dns;
+mod dns_tcp;
 mod http;
 mod maps;
 mod packet;
@@ -19,9 +20,10 @@ mod tls;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use filter_common::{
     counters::{self, Outcome, Proto},
+    dns::DNS_PORT,
     inspect::{Classified, FRAGMENTS_DROP, Fragmented, classify, dns_stage},
     quic::{POLICY_DROP, POLICY_READ},
-    rules::{STAGE_DNS, STAGE_HTTP, STAGE_TLS},
+    rules::{STAGE_DNS, STAGE_DNS_TCP, STAGE_HTTP, STAGE_TLS},
 };
 
 use crate::{
@@ -29,9 +31,10 @@ use crate::{
     packet::XdpPacket,
 };
 
-/// The entry program: every packet. It reads the lower layers and hands DNS
-/// queries to `blokir_dns`, TCP payload to the HTTP ports to `blokir_http`,
-/// TCP payload to the TLS ports and clients' SYNs to either kind of port to
+/// The entry program: every packet. It reads the lower layers and hands UDP
+/// DNS queries to `blokir_dns`, TCP payload to port 53 to `blokir_dns_tcp`,
+/// TCP payload to the HTTP ports to `blokir_http`, TCP payload to the TLS
+/// ports and clients' SYNs to port 53 or either kind of port to
 /// `blokir_tls` by tail call, so that each stage is verified on its own.
 /// TCP to other ports passes unread. First IP fragments of what the stages
 /// read are dropped (or passed) by the fragment policy: the rest of such a
@@ -59,7 +62,9 @@ pub fn blokir(ctx: XdpContext) -> u32 {
         // SAFETY (each tail call): the slots hold programs of this object;
         // the call returns only if a slot is empty, and then the packet passes.
         Classified::TcpPayload(port) => {
-            if has_port(&HTTP_PORTS, port) {
+            if port == DNS_PORT {
+                unsafe { STAGES.tail_call(&ctx, STAGE_DNS_TCP) };
+            } else if has_port(&HTTP_PORTS, port) {
                 unsafe { STAGES.tail_call(&ctx, STAGE_HTTP) };
             } else if has_port(&TLS_PORTS, port) {
                 unsafe { STAGES.tail_call(&ctx, STAGE_TLS) };
@@ -67,7 +72,7 @@ pub fn blokir(ctx: XdpContext) -> u32 {
         }
         // SAFETY: as above.
         Classified::TcpSyn(port) => {
-            if has_port(&HTTP_PORTS, port) || has_port(&TLS_PORTS, port) {
+            if port == DNS_PORT || has_port(&HTTP_PORTS, port) || has_port(&TLS_PORTS, port) {
                 unsafe { STAGES.tail_call(&ctx, STAGE_TLS) };
             }
         }
@@ -126,6 +131,27 @@ pub fn blokir_http(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn blokir_quic(ctx: XdpContext) -> u32 {
     quic::stage(&ctx)
+}
+
+/// The DNS-over-TCP stage's header half: the segment's flow and payload,
+/// handed on to `blokir_dns_tcp_read`.
+#[xdp]
+pub fn blokir_dns_tcp(ctx: XdpContext) -> u32 {
+    dns_tcp::headers(&XdpPacket { ctx: &ctx })
+}
+
+/// The DNS-over-TCP stage's reading half: queries read across segments,
+/// with per-flow state.
+#[xdp]
+pub fn blokir_dns_tcp_read(ctx: XdpContext) -> u32 {
+    dns_tcp::stream(&XdpPacket { ctx: &ctx })
+}
+
+/// The DNS-over-TCP stage's question: read from the reader's buffer and
+/// handed to the match stage.
+#[xdp]
+pub fn blokir_dns_tcp_question(ctx: XdpContext) -> u32 {
+    dns_tcp::question(&XdpPacket { ctx: &ctx })
 }
 
 /// The answer stage: a blocked DNS query turned into its answer, or a

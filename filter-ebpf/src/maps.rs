@@ -81,6 +81,27 @@ pub static SYNS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(filter_
 #[map(name = "FLOW_INIT")]
 pub static FLOW_INIT: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU working copy of the DNS-over-TCP reader of the segment being
+/// read (`dns_tcp`): written back to `FLOWS` only if the segment passes.
+#[map(name = "DNS_WORK")]
+pub static DNS_WORK: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the DNS-over-TCP stage's header half hands its reading half: the
+/// segment's flow, sequence number, family and payload. Through map
+/// memory, so the reader is verified once, not once per header layout.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsTcpJob {
+    pub flow: FlowKey,
+    pub seq: u32,
+    pub v6: u32,
+    pub off: u32,
+    pub end: u32,
+}
+
+#[map(name = "DNS_TCP_JOB")]
+pub static DNS_TCP_JOB: PerCpuArray<DnsTcpJob> = PerCpuArray::with_max_entries(1, 0);
+
 /// The stages reached by tail call, each verified on its own budget:
 /// `STAGE_DNS` (queries), `STAGE_TLS` (ClientHellos), `STAGE_HTTP` (HTTP
 /// requests), `STAGE_MATCH` (a finished server or Host name) and
@@ -98,7 +119,7 @@ pub struct MatchJob {
     pub start: u32,
     /// 0 for IPv4, 1 for IPv6.
     pub v6: u32,
-    /// The stream protocol (`Proto::Tls` or `Proto::Http`).
+    /// The stream protocol (`Proto::Tls`, `Proto::Http` or `Proto::DnsTcp`).
     pub proto: u32,
     /// 1 if the name was matched before (an ECH-outer rule waiting for
     /// ECH): not counted as inspected again.

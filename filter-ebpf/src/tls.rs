@@ -191,8 +191,8 @@ pub fn to_match(pkt: &XdpPacket, copy: impl FnOnce(&mut CanonBuf), key: &FlowKey
     false
 }
 
-/// The match stage: matches the name a stream stage (TLS or HTTP)
-/// finished. A blocked flow keeps its state (so its later segments are
+/// The match stage: matches the name a stream stage (TLS, HTTP or DNS over
+/// TCP) finished. A blocked flow keeps its state (so its later segments are
 /// dropped, or answered with a RST); any other forgets it.
 #[inline(always)]
 pub fn decide(pkt: &XdpPacket) -> u32 {
@@ -201,15 +201,16 @@ pub fn decide(pkt: &XdpPacket) -> u32 {
     let buf = unsafe { &mut *buf };
     let key = job.flow;
     let af = if job.v6 == 0 { Af::V4 } else { Af::V6 };
-    let proto = Proto::from_stream(job.proto);
     let decision = match_canon(buf, Maps::opaque(job.start as usize), cfg, &Rules);
+    // The protocol too (three values: one state each through the matcher).
+    let proto = MATCH_JOB.get(0).map_or(Proto::Tls, |j| Proto::from_stream(j.proto));
     // Read again after the matcher's loop (see `block_event` below): a
     // branch before it doubles the states the verifier walks.
     if MATCH_JOB.get(0).is_some_and(|j| j.again == 0) {
         count(counters::proto_index(proto, af, Outcome::Inspected));
     }
     match decision {
-        Decision::Block(rule) if ech_outer_defers(rule, proto, &key) => forget(&key),
+        Decision::Block(rule) if ech_outer_defers(rule, proto, &key) => passed(pkt, proto, &key),
         Decision::Block(rule) => {
             count(counters::proto_index(proto, af, Outcome::Blocked));
             hit(rule, counters::LIST_BLOCKED);
@@ -217,6 +218,9 @@ pub fn decide(pkt: &XdpPacket) -> u32 {
             // matcher's loop doubles the states the verifier walks.
             if let Some(j) = MATCH_JOB.get(0) {
                 block_event(proto, af, rule, j.start as usize);
+            }
+            if proto == Proto::DnsTcp {
+                return crate::dns_tcp::blocked();
             }
             let reset = LIST_ACTIONS.get(rule.list()).is_some_and(|a| *a & LIST_TCP_RESET != 0);
             let Some(h) = FLOWS.get_ptr_mut(&key) else { return xdp_action::XDP_DROP };
@@ -233,9 +237,9 @@ pub fn decide(pkt: &XdpPacket) -> u32 {
         Decision::Allow(rule) => {
             count(counters::proto_index(proto, af, Outcome::Allowed));
             hit(rule, counters::LIST_ALLOWED);
-            forget(&key)
+            passed(pkt, proto, &key)
         }
-        Decision::NoMatch => forget(&key),
+        Decision::NoMatch => passed(pkt, proto, &key),
     }
 }
 
@@ -274,6 +278,16 @@ fn ech_outer_defers(rule: RuleRef, proto: Proto, key: &FlowKey) -> bool {
         hello.set(Hello::FLAG_ECH_PENDING);
     }
     true
+}
+
+/// A name that passed: a DNS-over-TCP segment is read on (its next
+/// question); a TLS or HTTP flow is handled by `forget`.
+#[inline(always)]
+fn passed(pkt: &XdpPacket, proto: Proto, key: &FlowKey) -> u32 {
+    if proto == Proto::DnsTcp {
+        return crate::dns_tcp::next(pkt);
+    }
+    forget(key)
 }
 
 /// A name that passed: the flow is forgotten, unless it is a ClientHello

@@ -25,9 +25,10 @@ use filter_common::{
     reply::DnsAction,
     reset::{TcpAction, list_action_word},
     rules::{
-        Config, DNS_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS,
-        MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME,
-        REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_HTTP, STAGE_MATCH, STAGE_QUIC, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        Config, DNS_PROGRAM_NAME, DNS_TCP_PROGRAM_NAME, DNS_TCP_QUESTION_PROGRAM_NAME, DNS_TCP_READ_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME,
+        MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MAP_SYNS,
+        MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_DNS_TCP, STAGE_DNS_TCP_QUESTION,
+        STAGE_DNS_TCP_READ, STAGE_HTTP, STAGE_MATCH, STAGE_QUIC, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::FlowKey,
 };
@@ -38,7 +39,18 @@ use crate::{
 };
 
 /// The entry program and the stages it tail-calls.
-const PROGRAMS: [&str; 7] = [PROGRAM_NAME, DNS_PROGRAM_NAME, TLS_PROGRAM_NAME, HTTP_PROGRAM_NAME, MATCH_PROGRAM_NAME, REPLY_PROGRAM_NAME, QUIC_PROGRAM_NAME];
+const PROGRAMS: [&str; 10] = [
+    PROGRAM_NAME,
+    DNS_PROGRAM_NAME,
+    TLS_PROGRAM_NAME,
+    HTTP_PROGRAM_NAME,
+    DNS_TCP_PROGRAM_NAME,
+    DNS_TCP_READ_PROGRAM_NAME,
+    DNS_TCP_QUESTION_PROGRAM_NAME,
+    MATCH_PROGRAM_NAME,
+    REPLY_PROGRAM_NAME,
+    QUIC_PROGRAM_NAME,
+];
 
 /// The XDP program, built by build.rs with the pinned BPF toolchain.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blokir"));
@@ -245,6 +257,9 @@ impl Kernel {
             (STAGE_DNS, stage_fd(&ebpf, DNS_PROGRAM_NAME)?),
             (STAGE_TLS, stage_fd(&ebpf, TLS_PROGRAM_NAME)?),
             (STAGE_HTTP, stage_fd(&ebpf, HTTP_PROGRAM_NAME)?),
+            (STAGE_DNS_TCP, stage_fd(&ebpf, DNS_TCP_PROGRAM_NAME)?),
+            (STAGE_DNS_TCP_READ, stage_fd(&ebpf, DNS_TCP_READ_PROGRAM_NAME)?),
+            (STAGE_DNS_TCP_QUESTION, stage_fd(&ebpf, DNS_TCP_QUESTION_PROGRAM_NAME)?),
             (STAGE_MATCH, stage_fd(&ebpf, MATCH_PROGRAM_NAME)?),
             (STAGE_REPLY, stage_fd(&ebpf, REPLY_PROGRAM_NAME)?),
             (STAGE_QUIC, stage_fd(&ebpf, QUIC_PROGRAM_NAME)?),
@@ -683,6 +698,9 @@ pub struct FlowCensus {
     pub tls_blocked: u64,
     pub http_reading: u64,
     pub http_blocked: u64,
+    /// DNS-over-TCP connections with a query under way (never blocked as
+    /// a whole).
+    pub dns_tcp_reading: u64,
 }
 
 impl FlowTable {
@@ -693,6 +711,10 @@ impl FlowTable {
         let mut c = FlowCensus::default();
         for (_, flow) in flows.iter().take(self.capacity as usize).filter_map(Result::ok) {
             c.total += 1;
+            if flow.kind() == filter_common::flow::KIND_DNS {
+                c.dns_tcp_reading += 1;
+                continue;
+            }
             // SAFETY: the variant `kind` names (see `Flow`).
             let (http, blocked) = unsafe {
                 match flow.kind() {

@@ -556,13 +556,14 @@ fn encode_state(enc: &mut DescriptorEncoder, figures: &Figures, readers: &MapRea
         family(
             enc,
             "blokir_flows",
-            "Flows in the flow table by protocol and state: reading (a ClientHello or request head not complete yet) or blocked.",
+            "Flows in the flow table by protocol and state: reading (a ClientHello, request head or DNS-over-TCP query not complete yet) or blocked.",
             MetricType::Gauge,
             [
                 (vec![("proto", "tls"), ("state", "reading")], c.tls_reading),
                 (vec![("proto", "tls"), ("state", "blocked")], c.tls_blocked),
                 (vec![("proto", "http"), ("state", "reading")], c.http_reading),
                 (vec![("proto", "http"), ("state", "blocked")], c.http_blocked),
+                (vec![("proto", "dns_tcp"), ("state", "reading")], c.dns_tcp_reading),
             ],
         )?;
         family(

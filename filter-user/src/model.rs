@@ -10,6 +10,8 @@ use std::collections::HashMap;
 
 use filter_common::{
     counters::{self, Outcome, Proto},
+    dns::{DNS_PORT, DnsSkip, parse_query},
+    dns_tcp::{self, Query},
     flow::{Start, Tamper, start_of, suspect_first, tamper},
     http::{self, Request, starts_request},
     inspect::{Env, Inspection, inspect},
@@ -57,6 +59,8 @@ pub struct Model {
     pub ech_outer: u128,
     flows: HashMap<FlowKey, Flow>,
     requests: HashMap<FlowKey, HttpFlow>,
+    /// DNS-over-TCP readers with a message under way.
+    queries: HashMap<FlowKey, Box<Query>>,
     /// Where the data of connections whose SYN was seen starts, until their
     /// first data segment.
     syns: HashMap<FlowKey, u32>,
@@ -111,9 +115,15 @@ impl Model {
                 let Ok(l3) = parse_l3(packet) else { return Step { verdict: XDP_PASS, ..Step::default() } };
                 let Ok(l4) = parse_tcp(packet, &l3) else { return Step { verdict: XDP_PASS, ..Step::default() } };
                 // The entry program's tail calls: TCP to ports that are
-                // neither HTTP nor TLS ports passes unread.
-                if !cfg.is_http_port(l4.dst_port) && !cfg.is_tls_port(l4.dst_port) {
+                // neither 53 nor HTTP nor TLS ports passes unread; payload
+                // to 53 goes to the DNS-over-TCP stage, SYNs to the TLS
+                // stage.
+                let dns = l4.dst_port == DNS_PORT;
+                if !dns && !cfg.is_http_port(l4.dst_port) && !cfg.is_tls_port(l4.dst_port) {
                     return Step { verdict: XDP_PASS, ..Step::default() };
+                }
+                if dns && l4.payload_off < l4.payload_end {
+                    return self.dns_tcp(engine, cfg, packet);
                 }
                 if l4.is_syn()
                     && let Some(step) = self.syn(packet)
@@ -142,7 +152,6 @@ impl Model {
                         step.name = Some(canon_to_dotted(&env.buf));
                         step.rule = rule_of(decision);
                     }
-                    Inspection::Incomplete { proto, af } => step.proto = Some((proto, af)),
                     Inspection::Quic { af, .. } => step.proto = Some((Proto::Quic, af)),
                     _ => {}
                 }
@@ -182,6 +191,7 @@ impl Model {
         }
         self.flows.remove(&key);
         self.requests.remove(&key);
+        self.queries.remove(&key);
         self.syns.insert(key, l4.data_seq());
         Some(Step { verdict: XDP_PASS, ..Step::default() })
     }
@@ -348,6 +358,91 @@ impl Model {
         };
         if !keep {
             self.requests.remove(&key);
+        }
+        step
+    }
+
+    /// The DNS-over-TCP stage (`filter-ebpf/src/dns_tcp.rs`) with its
+    /// rounds through the match stage: every question of the segment read,
+    /// the segment dropped at a listed one with the reader left where it
+    /// was, or passed with the reader kept.
+    fn dns_tcp(&mut self, engine: &Engine, cfg: &Config, p: &[u8]) -> Step {
+        let pass = Step { verdict: XDP_PASS, ..Step::default() };
+        let Ok(l3) = parse_l3(p) else { return pass };
+        let Ok(l4) = parse_tcp(p, &l3) else { return pass };
+        let Some(key) = FlowKey::of(p, &l3, &l4) else { return pass };
+        let (off, end, seq, af) = (l4.payload_off, l4.payload_end, l4.data_seq(), l3.af);
+        if self.flows.contains_key(&key) || self.requests.contains_key(&key) {
+            return pass;
+        }
+        let mut q = match self.queries.get(&key) {
+            Some(q) => q.clone(),
+            None => Box::new(Query::new(self.syns.get(&key).copied().unwrap_or(seq))),
+        };
+        let mut step = Step { proto: Some((Proto::DnsTcp, af)), ..pass };
+        // Tail calls so far: the entry program's into this stage, and its
+        // header half's into its reading half.
+        let mut calls = 2;
+        let too_many = |mut step: Step| {
+            step.counted.push(counters::DNS_TCP_TOO_MANY);
+            Step { verdict: XDP_DROP, ..step }
+        };
+        loop {
+            let start = match dns_tcp::resume(&q, seq, off, end) {
+                Resume::At(start) => start,
+                // A later round, the segment read to its end.
+                Resume::Behind if calls > 2 => break,
+                Resume::Behind => return step,
+                Resume::Ahead => return Step { verdict: XDP_DROP, counted: vec![counters::DNS_TCP_OUT_OF_ORDER], ..step },
+            };
+            let msg_end = match dns_tcp::feed(&mut q, p, start, end) {
+                dns_tcp::Progress::Question { end } => end,
+                dns_tcp::Progress::NeedMore => break,
+                dns_tcp::Progress::Unreadable => return too_many(step),
+                // A new round of this stage.
+                dns_tcp::Progress::StepsExhausted => {
+                    if calls >= dns_tcp::MAX_TAIL_CALLS {
+                        return too_many(step);
+                    }
+                    calls += 1;
+                    continue;
+                }
+            };
+            // To the question program.
+            if calls >= dns_tcp::MAX_TAIL_CALLS {
+                return too_many(step);
+            }
+            calls += 1;
+            let mut buf = CanonBuf::default();
+            match parse_query(&q.buf[..], 2, msg_end, &mut buf, |x| x) {
+                Ok(question) => {
+                    // To the match stage, and back.
+                    if calls >= dns_tcp::MAX_TAIL_CALLS {
+                        return too_many(step);
+                    }
+                    calls += 1;
+                    if matched(engine, cfg, self.ech_outer, &mut buf, question.canon_len, Proto::DnsTcp, af, &mut step, None, false) {
+                        step.counted.push(counters::action_index(DnsAction::Drop));
+                        return step;
+                    }
+                }
+                Err(DnsSkip::NotQuery) => {}
+                Err(DnsSkip::Malformed(m)) => step.counted.push(counters::malformed_index(m)),
+            }
+            if calls >= dns_tcp::MAX_TAIL_CALLS {
+                return too_many(step);
+            }
+            calls += 1;
+        }
+        // The segment passes: the reader is kept.
+        q.rounds = 0;
+        q.passed_seq = q.next_seq;
+        if q.between() {
+            self.queries.remove(&key);
+            self.syns.insert(key, q.next_seq);
+        } else {
+            step.counted.push(counters::proto_index(Proto::DnsTcp, af, Outcome::Incomplete));
+            self.queries.insert(key, q);
         }
         step
     }

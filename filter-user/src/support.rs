@@ -49,7 +49,10 @@ pub fn feature(program: &str) -> &'static str {
         "blokir_dns" => "DNS query names",
         "blokir_tls" => "TLS ClientHello server names",
         "blokir_http" => "HTTP Host names",
-        "blokir_match" => "matching TLS and HTTP names with the rules",
+        "blokir_dns_tcp" => "DNS queries over TCP",
+        "blokir_dns_tcp_read" => "DNS queries over TCP",
+        "blokir_dns_tcp_question" => "DNS queries over TCP",
+        "blokir_match" => "matching TLS, HTTP and DNS-over-TCP names with the rules",
         "blokir_reply" => "DNS answers and TCP resets",
         _ => "an unnamed stage",
     }

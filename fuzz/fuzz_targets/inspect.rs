@@ -28,8 +28,10 @@
 use blokir_fuzz::{RULE_SET, covered, dirty, is_single_question_query, locate, reference_decision, reference_question};
 use filter_common::{
     counters::Proto,
+    dns::parse_query,
+    dns_tcp::{self, READ_CAP},
     inspect::{Env, Inspection, inspect},
-    name::{CanonBuf, Decision},
+    name::{CanonBuf, Decision, canon_start, match_canon},
     packet::Af,
     rules::{Config, NameKey, NodeRules},
 };
@@ -78,6 +80,35 @@ fuzz_target!(|data: &[u8]| {
             if let Decision::Block(_) = decision {
                 let (block, allow) = covered(&q.labels);
                 assert!(block && !allow, "blocked {:?}: block rule {block}, allow rule {allow}", q.query.name());
+            }
+        }
+        // TCP/53 goes to the DNS-over-TCP stage, which reads the segment as
+        // the start of a stream: its first question must be the one read,
+        // or the message not whole in the segment (the server cannot act
+        // on it either; the reader goes on with the next segment).
+        Inspection::TcpPayload if found.as_ref().is_some_and(|(l, _)| l.tcp) => {
+            let (loc, q) = found.unwrap();
+            let off = loc.msg.as_ptr() as usize - data.as_ptr() as usize;
+            let announced = u16::from_be_bytes([data[off - 2], data[off - 1]]) as usize;
+            let mut reader = Box::new(dns_tcp::Query::new(0));
+            let mut progress = dns_tcp::feed(&mut reader, data, off - 2, off + loc.msg.len());
+            // Rounds, as the kernel's tail calls.
+            while progress == dns_tcp::Progress::StepsExhausted {
+                let at = off - 2 + reader.next_seq as usize;
+                progress = dns_tcp::feed(&mut reader, data, at, off + loc.msg.len());
+            }
+            match progress {
+                dns_tcp::Progress::Question { end } => {
+                    let mut buf = CanonBuf::default();
+                    let read = parse_query(&reader.buf[..], 2, end, &mut buf, |x| x).expect("the reader's copy holds the question");
+                    let decision = match_canon(&mut buf, canon_start(read.canon_len), &set.cfg, &set.map);
+                    assert_eq!(decision, reference_decision(&q.labels), "name {:?} over TCP", q.query.name());
+                }
+                dns_tcp::Progress::StepsExhausted => unreachable!(),
+                dns_tcp::Progress::Unreadable => panic!("a frame's bytes are all readable on the host"),
+                dns_tcp::Progress::NeedMore => {
+                    assert!(loc.msg.len() < announced.min(READ_CAP - 2), "a whole message unread: {:?}", q.query.name())
+                }
             }
         }
         // A first IP fragment that may carry a query is dropped whole

@@ -139,6 +139,19 @@ impl Frame {
         (proto, if self.ipv6 { Af::V6 } else { Af::V4 })
     }
 
+    /// The client port of a TCP segment: a query to 53 from the default
+    /// port is its own connection, as `dig +tcp` opens one per query (the
+    /// DNS-over-TCP stage reads a connection's queries as one stream, and
+    /// a second query at the same sequence number would be a
+    /// retransmission). Tests that follow one connection set its ports.
+    fn tcp_src_port(&self, payload: &[u8]) -> u16 {
+        static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        if self.src_port != Frame::default().src_port || self.dst_port != 53 || payload.is_empty() {
+            return self.src_port;
+        }
+        20000 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 20000
+    }
+
     /// The whole Ethernet frame carrying `payload` as is (`dns` and
     /// `tcp_prefixed` add the TCP/53 length prefix).
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
@@ -152,7 +165,7 @@ impl Frame {
                 IpNumber::UDP
             }
             Transport::Tcp => {
-                let mut h = TcpHeader::new(self.src_port, self.dst_port, self.seq, 64240);
+                let mut h = TcpHeader::new(self.tcp_src_port(payload), self.dst_port, self.seq, 64240);
                 if self.syn {
                     h.syn = true;
                 } else {

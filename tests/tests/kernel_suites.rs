@@ -6,6 +6,8 @@
 
 #[path = "dns_reply.rs"]
 mod dns_reply;
+#[path = "dns_tcp.rs"]
+mod dns_tcp;
 #[path = "evasion_stream.rs"]
 mod evasion_stream;
 #[path = "fragments.rs"]

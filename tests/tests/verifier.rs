@@ -153,7 +153,18 @@ fn functions(obj: &object::File) -> Vec<(String, Vec<Insn>)> {
 fn no_loop_back_edge_is_reached_by_falling_through() {
     let obj = object::File::parse(blokir::ebpf::OBJECT).unwrap();
     let funcs = functions(&obj);
-    for program in ["blokir", "blokir_dns", "blokir_tls", "blokir_http", "blokir_match", "blokir_reply", "blokir_quic"] {
+    for program in [
+        "blokir",
+        "blokir_dns",
+        "blokir_tls",
+        "blokir_http",
+        "blokir_dns_tcp",
+        "blokir_dns_tcp_read",
+        "blokir_dns_tcp_question",
+        "blokir_match",
+        "blokir_reply",
+        "blokir_quic",
+    ] {
         assert!(funcs.iter().any(|(name, _)| name == program), "{program} is in the object");
     }
     let refused: Vec<String> =
