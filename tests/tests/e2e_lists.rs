@@ -7,7 +7,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpListener,
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::PathBuf,
     process::Command,
     sync::{Arc, Mutex, mpsc},
@@ -794,13 +794,19 @@ fn an_interrupted_cli_cancels_its_list_download_in_the_daemon() {
         }
     });
     let url = format!("http://127.0.0.1:{}/list.txt", rx.recv_timeout(Duration::from_secs(5)).unwrap());
-    let mut cli = Command::new(blokir_tests::blokir_bin().unwrap())
-        .arg("--socket")
-        .arg(topo.socket())
-        .args(["lists", "add", "tp", "--source", &url])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(blokir_tests::blokir_bin().unwrap());
+    cmd.arg("--socket").arg(topo.socket()).args(["lists", "add", "tp", "--source", &url]).stderr(std::process::Stdio::piped());
+    // Ctrl-C at a terminal: SIGINT with its default action. A harness run in
+    // the background of a non-interactive shell (as CI may be) hands its
+    // children SIGINT ignored, and an ignored SIGINT stays ignored across exec.
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut cli = cmd.spawn().unwrap();
     // The daemon's download has reached the server.
     assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(0), "the daemon never connected");
     blokir_tests::netns::send_signal(cli.id(), "INT").unwrap();
