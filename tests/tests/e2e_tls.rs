@@ -542,17 +542,7 @@ impl Bench {
         assert!(topo.xdp_attached().unwrap(), "blokir reported ready but no XDP program is on the edge's interface");
 
         // A self-signed certificate, and s_server on every address.
-        let (cert, key) = (topo.dir().join("cert.pem"), topo.dir().join("key.pem"));
-        let out = run(
-            Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=test", "-days", "1", "-keyout"])
-                .arg(&key)
-                .arg("-out")
-                .arg(&cert),
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        assert!(out.success(), "{out}");
+        let (cert, key) = blokir_tests::web::self_signed(topo.dir()).unwrap();
         let v4: Vec<Ipv4Addr> = (0..servers).map(|i| Ipv4Addr::new(198, 18, 1, 10 + i)).collect();
         let v6: Vec<Ipv6Addr> = (0..servers).map(|i| Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10 + u16::from(i))).collect();
         let mut procs = Vec::new();
