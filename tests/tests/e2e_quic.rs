@@ -171,3 +171,172 @@ fn read_blocks_a_listed_name_and_passes_an_unlisted_one() {
         daemon.stop().unwrap();
     }
 }
+
+/// An HTTP/3 server (aioquic) on UDP/443 of each address given, with the
+/// certificate and key given. Each datagram it gets is processed `DELAY`
+/// seconds late: the path's round trip, without sch_netem. Prints `ready`,
+/// then `handshake SNI` for each handshake completed and `request
+/// AUTHORITY PATH` for each HTTP/3 request, which it answers with a page
+/// naming the authority.
+const H3_SERVER: &str = r#"
+import asyncio, sys
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import HandshakeCompleted, ProtocolNegotiated
+
+cert, key, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+received = QuicServer.datagram_received
+QuicServer.datagram_received = lambda self, data, addr: asyncio.get_running_loop().call_later(delay, received, self, data, addr)
+
+class H3(QuicConnectionProtocol):
+    h3 = None
+    def quic_event_received(self, event):
+        if isinstance(event, ProtocolNegotiated) and event.alpn_protocol in H3_ALPN:
+            self.h3 = H3Connection(self._quic)
+        if isinstance(event, HandshakeCompleted):
+            print("handshake", self._quic.tls.client_hello_server_name if hasattr(self._quic.tls, "client_hello_server_name") else "-", flush=True)
+        for ev in (self.h3.handle_event(event) if self.h3 else []):
+            if isinstance(ev, HeadersReceived):
+                h = dict(ev.headers)
+                authority = h.get(b":authority", b"").decode()
+                print("request", authority, h.get(b":path", b"").decode(), flush=True)
+                self.h3.send_headers(ev.stream_id, [(b":status", b"200"), (b"content-type", b"text/html")])
+                self.h3.send_data(ev.stream_id, f"<html><body>h3 page of {authority}</body></html>".encode(), end_stream=True)
+                self.transmit()
+
+async def main():
+    cfg = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
+    cfg.load_cert_chain(cert, key)
+    for a in sys.argv[4:]:
+        await serve(a, 443, configuration=cfg, create_protocol=H3)
+    print("ready", flush=True)
+    await asyncio.Future()
+
+asyncio.run(main())
+"#;
+
+/// One-way delay the server adds to each datagram it gets (seconds).
+const SERVER_DELAY: &str = "0.005";
+
+struct H3Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl H3Server {
+    fn start(topo: &Topology, cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let log = topo.dir().join("h3-server.log");
+        let file = File::create(&log).unwrap();
+        let mut cmd = topo.exec(topo.resolver(), "python3");
+        cmd.args(["-c", H3_SERVER]).arg(cert).arg(key).args([SERVER_DELAY, &RESOLVER4.to_string(), &RESOLVER6.to_string()]);
+        let child = cmd.stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap();
+        let s = H3Server { child, log };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !s.text().contains("ready") {
+            assert!(Instant::now() < deadline, "the HTTP/3 server did not start (is aioquic installed? `cargo xtask setup`): {}", s.text());
+            thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// HTTP/3 requests for the page (`/`; Chromium asks for the favicon
+    /// too) the server got for `authority`.
+    fn requests(&self, authority: &str) -> usize {
+        self.text().lines().filter(|l| l.split_whitespace().collect::<Vec<_>>() == ["request", authority, "/"]).count()
+    }
+
+    fn handshakes(&self) -> usize {
+        self.text().lines().filter(|l| l.starts_with("handshake")).count()
+    }
+}
+
+impl Drop for H3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The base64 SHA-256 of the certificate's public key, for Chromium's
+/// `--ignore-certificate-errors-spki-list` (its QUIC ignores
+/// `--ignore-certificate-errors`).
+fn spki_hash(cert: &std::path::Path) -> String {
+    let script = format!("openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64", cert.display());
+    let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Headless Chromium loading `https://name/` over HTTP/3 only (forced onto
+/// QUIC for `name:443`; no TCP fallback is possible, as nothing listens on
+/// TCP/443) from `server`; returns the DOM it printed.
+fn chromium_h3(topo: &Topology, tag: &str, name: &str, server: IpAddr, spki: &str) -> String {
+    let mut cmd = topo.exec(topo.client(), "timeout");
+    cmd.args(["-k", "3", "25", "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]);
+    cmd.args(["--disable-background-networking", "--disable-component-update", "--disable-sync", "--timeout=8000"]);
+    cmd.args(["--enable-quic", &format!("--origin-to-force-quic-on={name}:443"), &format!("--ignore-certificate-errors-spki-list={spki}")]);
+    cmd.arg(format!("--user-data-dir={}", topo.dir().join(format!("chromium-{tag}")).display()));
+    cmd.arg(format!("--host-resolver-rules=MAP {name} {}, MAP * ~NOTFOUND", blokir_tests::web::host(server)));
+    cmd.args(["--dump-dom", &format!("https://{name}/")]);
+    run(&mut cmd, Duration::from_secs(35)).unwrap().stdout
+}
+
+/// A real HTTP/3 server (aioquic, 5 ms of RTT) and headless Chromium:
+/// without blokir the listed name loads over HTTP/3 (the harness works);
+/// with `--quic read` (the default) a listed name never completes a QUIC
+/// handshake and the server never sees its request, while an unlisted name
+/// loaded at the same time does, over IPv4 and IPv6; /metrics counts the
+/// blocked flow and its rule and list hits exactly.
+#[test]
+fn http3_server_a_listed_name_never_loads_an_unlisted_one_does() {
+    let topo = Topology::new().unwrap();
+    let (cert, key) = blokir_tests::web::self_signed(topo.dir()).unwrap();
+    let spki = spki_hash(&cert);
+    let server = H3Server::start(&topo, &cert, &key);
+    let (listed, unlisted) = ("h3.blocked.example", "h3.open.example");
+
+    // The harness: without blokir the listed name loads over HTTP/3.
+    let dom = chromium_h3(&topo, "bare", listed, IpAddr::from(RESOLVER4), &spki);
+    assert!(dom.contains(&format!("h3 page of {listed}")), "without blokir the page loads: {dom}\n{}", server.text());
+    assert_eq!((server.requests(listed), server.handshakes()), (1, 1), "{}", server.text());
+
+    let rules = topo.dir().join("h3.rules");
+    std::fs::write(&rules, "*.blocked.example\n").unwrap();
+    let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &[]).expect("starting blokir");
+    for (n, (addr, af)) in [(IpAddr::from(RESOLVER4), "ipv4"), (IpAddr::from(RESOLVER6), "ipv6")].into_iter().enumerate() {
+        let before = (server.requests(listed), server.requests(unlisted), server.handshakes());
+        // Both at once: the unlisted flow is untouched by the other's block.
+        let (blocked_dom, open_dom) = thread::scope(|s| {
+            let open = s.spawn(|| chromium_h3(&topo, &format!("open-{af}"), unlisted, addr, &spki));
+            let blocked = chromium_h3(&topo, &format!("blocked-{af}"), listed, addr, &spki);
+            (blocked, open.join().unwrap())
+        });
+        let after = (server.requests(listed), server.requests(unlisted), server.handshakes());
+        assert!(open_dom.contains(&format!("h3 page of {unlisted}")), "{af}: the unlisted name loads: {open_dom}\n{}", server.text());
+        assert!(!blocked_dom.contains("h3 page"), "{af}: the listed name does not load: {blocked_dom}");
+        assert_eq!(after.0, before.0, "{af}: the server saw no request for the listed name\n{}", server.text());
+        assert_eq!(after.1, before.1 + 1, "{af}: the server saw the unlisted name's request\n{}", server.text());
+        assert_eq!(after.2, before.2 + 1, "{af}: one handshake completed (the unlisted name's)\n{}", server.text());
+        let m = daemon.metrics().unwrap();
+        let flows_blocked = m.value("blokir_quic_reader_total", &[("outcome", "blocked")]).unwrap();
+        let dropped = m.value("blokir_blocked_total", &[("proto", "quic"), ("af", af)]).unwrap();
+        let list = m.value("blokir_list_blocked_total", &[("list", "h3")]).unwrap();
+        let rule = m.value("blokir_rule_hits_total", &[("list", "h3"), ("rule", "*.blocked.example")]).unwrap();
+        let n = n as u64 + 1;
+        eprintln!("{af}: {flows_blocked} flows blocked, {dropped} datagrams dropped, list {list}, rule {rule}");
+        // Chromium opens one connection per load; each listed one is
+        // blocked once and counted once for its rule and list.
+        assert_eq!((flows_blocked, list, rule), (n, n, n), "{af}\n{}", m.text);
+        assert!(dropped >= 1, "{af}: the listed flow's later datagrams were dropped\n{}", m.text);
+        let lat = m.value("blokir_quic_verdict_latency_seconds_count", &[]).unwrap();
+        assert_eq!(lat, n, "{af}: one verdict latency per blocked flow");
+    }
+    daemon.stop().unwrap();
+}
