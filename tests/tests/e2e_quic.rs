@@ -340,3 +340,37 @@ fn http3_server_a_listed_name_never_loads_an_unlisted_one_does() {
     }
     daemon.stop().unwrap();
 }
+
+/// With the daemon down (killed: its program stays attached, and its perf
+/// buffers are gone), new QUIC flows cannot be read: `--quic-on-overload
+/// drop` drops their Initials (an unlisted name does not load; fail
+/// closed), `pass` lets them through unread (it loads; fail open). The next
+/// daemon finds each undelivered Initial counted.
+#[test]
+fn daemon_down_overload_policy_decides() {
+    let topo = Topology::new().unwrap();
+    let (cert, key) = blokir_tests::web::self_signed(topo.dir()).unwrap();
+    let spki = spki_hash(&cert);
+    let server = H3Server::start(&topo, &cert, &key);
+    let name = "h3.open.example";
+    let rules = topo.dir().join("h3.rules");
+    std::fs::write(&rules, "*.blocked.example\n").unwrap();
+    for policy in ["drop", "pass"] {
+        let daemon = topo.start_daemon_as_given(std::slice::from_ref(&rules), &["--quic-on-overload", policy]).expect("starting blokir");
+        daemon.kill().unwrap();
+        let before = server.requests(name);
+        let dom = chromium_h3(&topo, &format!("down-{policy}"), name, IpAddr::from(RESOLVER4), &spki);
+        let loaded = dom.contains(&format!("h3 page of {name}"));
+        assert_eq!((loaded, server.requests(name) - before), if policy == "pass" { (true, 1) } else { (false, 0) }, "{policy}: {dom}\n{}", server.text());
+        // The next daemon takes the pinned program over, counters and all
+        // (and removes the pins when it stops: the next round starts afresh).
+        let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &[]).expect("restarting blokir");
+        let m = daemon.metrics().unwrap();
+        let undelivered = m.value("blokir_quic_initials_total", &[("fate", "undelivered")]).unwrap();
+        let dropped = m.value("blokir_blocked_total", &[("proto", "quic"), ("af", "ipv4")]).unwrap();
+        eprintln!("{policy}: {undelivered} undelivered Initials, {dropped} dropped");
+        assert!(undelivered > 0, "{policy}: the Initials sent while the daemon was down are counted\n{}", m.text);
+        assert_eq!(dropped, if policy == "drop" { undelivered } else { 0 }, "{policy}\n{}", m.text);
+        daemon.stop().unwrap();
+    }
+}
