@@ -172,7 +172,7 @@ fn read_blocks_a_listed_name_and_passes_an_unlisted_one() {
     }
 }
 
-/// An HTTP/3 server (aioquic) on UDP/443 of each address given, with the
+/// An HTTP/3 server (aioquic) on UDP/443 and UDP/4433 of each address given, with the
 /// certificate and key given. Each datagram it gets is processed `DELAY`
 /// seconds late: the path's round trip, without sch_netem. Prints `ready`,
 /// then `handshake SNI` for each handshake completed and `request
@@ -211,7 +211,8 @@ async def main():
     cfg = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
     cfg.load_cert_chain(cert, key)
     for a in sys.argv[4:]:
-        await serve(a, 443, configuration=cfg, create_protocol=H3)
+        for port in (443, 4433):
+            await serve(a, port, configuration=cfg, create_protocol=H3)
     print("ready", flush=True)
     await asyncio.Future()
 
@@ -286,6 +287,60 @@ fn chromium_h3(topo: &Topology, tag: &str, name: &str, server: IpAddr, spki: &st
     cmd.arg(format!("--host-resolver-rules=MAP {name} {}, MAP * ~NOTFOUND", blokir_tests::web::host(server)));
     cmd.args(["--dump-dom", &format!("https://{name}/")]);
     run(&mut cmd, Duration::from_secs(35)).unwrap().stdout
+}
+
+/// Debian's ngtcp2 client (`gtlsclient`, GnuTLS) fetching
+/// `https://name:4433/` from `server` over HTTP/3; returns what it
+/// printed. It sends the host it connects to as its SNI ("localhost" for an
+/// address), so `name` resolves to `server` through a hosts file bound over
+/// /etc/hosts in a mount namespace of its own.
+fn gtlsclient(topo: &Topology, name: &str, server: IpAddr) -> String {
+    let hosts = topo.dir().join(format!("hosts-{name}-{server}"));
+    std::fs::write(&hosts, format!("{server} {name}\n")).unwrap();
+    let script = format!(
+        "mount --bind {} /etc/hosts && exec timeout -k 2 12 gtlsclient --exit-on-all-streams-close --no-quic-dump --timeout=5s {name} 4433 https://{name}:4433/",
+        hosts.display()
+    );
+    let mut cmd = topo.exec(topo.client(), "unshare");
+    cmd.args(["-m", "sh", "-c", &script]);
+    let out = run(&mut cmd, Duration::from_secs(20)).unwrap();
+    format!("{}{}", out.stdout, out.stderr)
+}
+
+/// QUIC on a port other than 443 (read by default: every UDP port is a
+/// QUIC port) from another client, ngtcp2's: without blokir the listed
+/// name is fetched (the harness works); with it, a listed name never
+/// reaches the server and an unlisted one does, over IPv4 and IPv6.
+#[test]
+fn ngtcp2_client_on_port_4433() {
+    let topo = Topology::new().unwrap();
+    let (cert, key) = blokir_tests::web::self_signed(topo.dir()).unwrap();
+    let server = H3Server::start(&topo, &cert, &key);
+    let (listed, unlisted) = ("h3.blocked.example", "h3.open.example");
+    let (listed_at, unlisted_at) = (format!("{listed}:4433"), format!("{unlisted}:4433"));
+    let out = gtlsclient(&topo, listed, IpAddr::from(RESOLVER4));
+    assert_eq!(server.requests(&listed_at), 1, "without blokir the listed name is fetched:\n{out}\n{}", server.text());
+    let rules = topo.dir().join("h3.rules");
+    std::fs::write(&rules, "*.blocked.example\n").unwrap();
+    let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &[]).expect("starting blokir");
+    for (n, addr) in [IpAddr::from(RESOLVER4), IpAddr::from(RESOLVER6)].into_iter().enumerate() {
+        let handshakes = server.handshakes();
+        let out = gtlsclient(&topo, listed, addr);
+        let m = daemon.metrics().unwrap();
+        assert_eq!(
+            (server.requests(&listed_at), server.handshakes()),
+            (1, handshakes),
+            "{addr}: the listed name is not fetched\n{out}\n{}\n{}",
+            server.text(),
+            m.lines_of("blokir_quic").join("\n") + &m.lines_of("blokir_inspected").join("\n")
+        );
+        let out = gtlsclient(&topo, unlisted, addr);
+        assert_eq!(server.requests(&unlisted_at), n + 1, "{addr}: the unlisted name is fetched\n{out}\n{}", server.text());
+        let m = daemon.metrics().unwrap();
+        let blocked = m.value("blokir_quic_reader_total", &[("outcome", "blocked")]).unwrap();
+        assert_eq!(blocked, n as u64 + 1, "{addr}\n{}", m.text);
+    }
+    daemon.stop().unwrap();
 }
 
 /// A real HTTP/3 server (aioquic, 5 ms of RTT) and headless Chromium:

@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "curl",
     "openssl",
     "chromium",
+    // ngtcp2's HTTP/3 client (gtlsclient), a second QUIC client.
+    "ngtcp2-client",
     "iptables",
     "fonts-dejavu-core",
     "prometheus",
