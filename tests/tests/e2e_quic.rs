@@ -429,3 +429,111 @@ fn daemon_down_overload_policy_decides() {
         daemon.stop().unwrap();
     }
 }
+
+/// Sends each datagram of the file (one hex line each) from a socket of
+/// its own (a new flow) to `HOST:443`, `RATE` a second, paced; prints the
+/// rate reached.
+const BLASTER: &str = r#"
+import socket, sys, time
+path, host, rate = sys.argv[1], sys.argv[2], float(sys.argv[3])
+grams = [bytes.fromhex(l) for l in open(path)]
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+start = time.monotonic()
+for i, g in enumerate(grams):
+    ahead = start + i / rate - time.monotonic()
+    if ahead > 0.001:
+        time.sleep(ahead)
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.sendto(g, (host, 443))
+    s.close()
+print(f"{len(grams) / (time.monotonic() - start):.0f}", flush=True)
+"#;
+
+/// The histogram's bucket counts (`le` ascending, cumulative) from a scrape.
+fn latency_buckets(m: &blokir_tests::netns::Metrics) -> Vec<(f64, u64)> {
+    let mut b: Vec<(f64, u64)> = m
+        .lines_of("blokir_quic_verdict_latency_seconds_bucket")
+        .iter()
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    b.sort_by(|x, y| x.0.total_cmp(&y.0));
+    b
+}
+
+/// The bucket bound under which `q` of the verdicts between two scrapes lie.
+fn quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
+    let d: Vec<(f64, u64)> = after.iter().zip(before).map(|(a, b)| (a.0, a.1 - b.1)).collect();
+    let total = d.last().map_or(0, |x| x.1);
+    d.iter().find(|(_, c)| *c as f64 >= q * total as f64).map_or(f64::NAN, |x| x.0)
+}
+
+/// Verdict latency (the Initial's handoff in the kernel to the verdict in
+/// `QUIC_BLOCKED`) at rising rates of new QUIC flows, each a listed name's
+/// whole hello in one Initial (sealed as a client seals it): every Initial
+/// is accounted for (handed up, or over the budget, or undelivered), every
+/// one handed up and not lost is read and blocked, and p50/p99 (as bucket
+/// bounds) are printed per rate.
+#[test]
+fn verdict_latency_at_new_flow_rates() {
+    use blokir::quic::{
+        initial::Version,
+        seal::{client_hello, crypto_frame, initial},
+    };
+    let topo = Topology::new().unwrap();
+    let rules = topo.dir().join("load.rules");
+    std::fs::write(&rules, "*.blocked.example\n").unwrap();
+    let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &[]).expect("starting blokir");
+    const FLOWS: u32 = 2000;
+    let mut flow = 0u32;
+    for rate in ["500", "2000", "8000"] {
+        let path = topo.dir().join(format!("initials-{rate}.hex"));
+        let text: String = (0..FLOWS)
+            .map(|_| {
+                flow += 1;
+                let dcid = [&flow.to_be_bytes()[..], &[0x5a; 4]].concat();
+                let hello = client_hello(&format!("f{flow}.blocked.example"), false, 0);
+                let g = initial(Version::V1, &dcid, &[7; 8], 0, &crypto_frame(0, &hello), 1200);
+                g.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n"
+            })
+            .collect();
+        std::fs::write(&path, text).unwrap();
+        let before = daemon.metrics().unwrap();
+        let mut cmd = topo.exec(topo.client(), "python3");
+        cmd.args(["-c", BLASTER]).arg(&path).args([&RESOLVER4.to_string(), rate]);
+        let out = run(&mut cmd, Duration::from_secs(60)).unwrap();
+        thread::sleep(Duration::from_millis(500));
+        let after = daemon.metrics().unwrap();
+        let delta = |name: &str, labels: &[(&str, &str)]| after.value(name, labels).unwrap() - before.value(name, labels).unwrap();
+        let fates: Vec<u64> =
+            ["handed_up", "over_flow_cap", "over_budget", "undelivered"].iter().map(|f| delta("blokir_quic_initials_total", &[("fate", f)])).collect();
+        let reader: Vec<u64> = ["read", "name", "blocked", "lost"].iter().map(|o| delta("blokir_quic_reader_total", &[("outcome", o)])).collect();
+        let (b, a) = (latency_buckets(&before), latency_buckets(&after));
+        let (p50, p99) = (quantile(&b, &a, 0.5) * 1e6, quantile(&b, &a, 0.99) * 1e6);
+        let spread: Vec<String> = a.iter().zip(&b).map(|(x, y)| format!("<={}us:{}", x.0 * 1e6, x.1 - y.1)).collect();
+        eprintln!(
+            "{rate}/s asked, {}/s sent: fates (handed up, over cap, over budget, undelivered) {fates:?}; reader (read, name, blocked, lost) {reader:?}; verdict latency p50 <= {p50} us, p99 <= {p99} us ({})",
+            out.stdout.trim(),
+            spread.join(" ")
+        );
+        // A new socket may get the source port of a flow blocked before: its
+        // Initial is then dropped as that flow's, before any fate.
+        let seen = delta("blokir_inspected_total", &[("proto", "quic"), ("af", "ipv4")]);
+        let dropped = delta("blokir_blocked_total", &[("proto", "quic"), ("af", "ipv4")]);
+        eprintln!("{rate}/s: {seen} Initials seen at the edge, {dropped} dropped as a blocked flow's");
+        assert_eq!(seen, u64::from(FLOWS), "{rate}/s: every Initial reached the edge");
+        assert_eq!(fates.iter().sum::<u64>() + dropped, seen, "{rate}/s: every Initial has a fate or was dropped");
+        // The perf buffer's lost records are the Initials it had no room for:
+        // undelivered, never handed up.
+        assert_eq!(reader[0], fates[0], "{rate}/s: every Initial handed up is read");
+        assert!(reader[3] <= fates[3], "{rate}/s: lost ones are undelivered ones");
+        // A reused source port meets the reader's finished flow (its verdict
+        // not yet in the kernel): read, no second name.
+        assert!(reader[1] <= reader[0], "{rate}/s: every one read is a name, but for reused ports");
+        assert_eq!(reader[2], reader[1], "{rate}/s: every name read is listed, and blocked");
+    }
+    daemon.stop().unwrap();
+}
