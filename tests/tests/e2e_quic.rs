@@ -310,7 +310,8 @@ fn gtlsclient(topo: &Topology, name: &str, server: IpAddr) -> String {
 /// QUIC on a port other than 443 (read by default: every UDP port is a
 /// QUIC port) from another client, ngtcp2's: without blokir the listed
 /// name is fetched (the harness works); with it, a listed name never
-/// reaches the server and an unlisted one does, over IPv4 and IPv6.
+/// reaches the server and an unlisted one does, over IPv4 and IPv6; with
+/// `quic-ports = [443]` in a config file, 4433 is not read.
 #[test]
 fn ngtcp2_client_on_port_4433() {
     let topo = Topology::new().unwrap();
@@ -340,6 +341,16 @@ fn ngtcp2_client_on_port_4433() {
         let blocked = m.value("blokir_quic_reader_total", &[("outcome", "blocked")]).unwrap();
         assert_eq!(blocked, n as u64 + 1, "{addr}\n{}", m.text);
     }
+    daemon.stop().unwrap();
+    // `quic-ports` from a config file: 4433 no longer read, the listed name
+    // is fetched there, and nothing is counted.
+    let config = topo.dir().join("blokir.toml");
+    std::fs::write(&config, "quic-ports = [443]\nquic-on-overload = \"drop\"\n").unwrap();
+    let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &["--config", config.to_str().unwrap()]).expect("starting blokir");
+    let out = gtlsclient(&topo, listed, IpAddr::from(RESOLVER4));
+    assert_eq!(server.requests(&listed_at), 2, "4433 is not a QUIC port: the listed name is fetched\n{out}\n{}", server.text());
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("blokir_inspected_total", &[("proto", "quic"), ("af", "ipv4")]), Some(0), "{}", m.text);
     daemon.stop().unwrap();
 }
 
