@@ -185,16 +185,19 @@ pub const EVASION_URGENT: u32 = EVASION_HOST_REPEAT + 1;
 /// (`flow::sign::NO_ACK`, `SIGNED`).
 pub const EVASION_FAKE: u32 = EVASION_URGENT + 1;
 /// QUIC client Initials handed to the daemon (`--quic read`), and those
-/// not handed up: past the per-flow cap, or over the per-CPU budget.
+/// not handed up: past the per-flow cap, over the per-CPU budget, or not
+/// taken by the daemon's buffer (full, or no daemon reading).
 pub const QUIC_HANDED_UP: u32 = EVASION_FAKE + 1;
 pub const QUIC_OVER_CAP: u32 = QUIC_HANDED_UP + 1;
 pub const QUIC_OVER_BUDGET: u32 = QUIC_OVER_CAP + 1;
+pub const QUIC_UNDELIVERED: u32 = QUIC_OVER_BUDGET + 1;
 /// `blokir_quic_initials_total{fate=...}`.
-pub const QUIC_FATES: [(&str, u32); 3] = [("handed_up", QUIC_HANDED_UP), ("over_flow_cap", QUIC_OVER_CAP), ("over_budget", QUIC_OVER_BUDGET)];
+pub const QUIC_FATES: [(&str, u32); 4] =
+    [("handed_up", QUIC_HANDED_UP), ("over_flow_cap", QUIC_OVER_CAP), ("over_budget", QUIC_OVER_BUDGET), ("undelivered", QUIC_UNDELIVERED)];
 /// Segments of a DNS-over-TCP connection that arrived ahead of bytes not
 /// yet read (after a message, or after the connection's start): dropped,
 /// so the client resends in order.
-pub const DNS_TCP_OUT_OF_ORDER: u32 = QUIC_OVER_BUDGET + 1;
+pub const DNS_TCP_OUT_OF_ORDER: u32 = QUIC_UNDELIVERED + 1;
 /// DNS-over-TCP segments holding more queries than one pass reads (the
 /// tail-call chain's limit): dropped, the connection's state unchanged.
 pub const DNS_TCP_TOO_MANY: u32 = DNS_TCP_OUT_OF_ORDER + 1;

@@ -131,12 +131,13 @@ pub enum Classified {
     /// records where the connection's data starts, if the port is 53, an
     /// HTTP or a TLS port.
     TcpSyn(u16),
-    /// A QUIC Initial (see `quic::is_initial`), counted and subject to the
-    /// QUIC policy in the entry program.
-    Quic(Af),
-    /// Another datagram to UDP/443: with `--quic read`, dropped if its flow
-    /// is blocked (the QUIC stage), else passed.
-    QuicOther,
+    /// A QUIC Initial (see `quic::is_initial`) to this UDP port (not 53):
+    /// counted and subject to the QUIC policy in the entry program if the
+    /// port is a QUIC port (`Config::is_quic_port`).
+    Quic(Af, u16),
+    /// Another datagram to this UDP port (not 53): with `--quic read`,
+    /// dropped if its flow is blocked (the QUIC stage), else passed.
+    QuicOther(u16),
     /// A UDP DNS message to port 53: for the DNS stage.
     Dns(DnsAt),
 }
@@ -221,9 +222,10 @@ pub fn classify<P: Packet + ?Sized>(p: &P) -> Classified {
     let l4 = match l3.proto {
         IPPROTO_UDP => match parse_udp(p, &l3) {
             Ok(l4) if l4.dst_port == dns::DNS_PORT => l4,
-            Ok(l4) if l4.dst_port == quic::QUIC_PORT && quic::is_initial(p, l4.payload_off, l4.payload_end) => return Classified::Quic(l3.af),
-            Ok(l4) if l4.dst_port == quic::QUIC_PORT => return Classified::QuicOther,
-            Ok(_) => return Classified::Other,
+            // Any other port may carry QUIC: the caller checks the QUIC
+            // ports. Most datagrams fail the Initial's length test at once.
+            Ok(l4) if quic::is_initial(p, l4.payload_off, l4.payload_end) => return Classified::Quic(l3.af, l4.dst_port),
+            Ok(l4) => return Classified::QuicOther(l4.dst_port),
             Err(Skip::Malformed(m)) => return Classified::Malformed(m),
             Err(Skip::Other) => return Classified::Other,
         },
@@ -305,7 +307,7 @@ pub fn dns_stage<P: Packet + ?Sized, E: Env>(p: &P, at: &DnsAt, env: &mut E) -> 
 #[inline(always)]
 pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
     match classify(p) {
-        Classified::Other | Classified::QuicOther => Inspection::Other,
+        Classified::Other | Classified::QuicOther(_) => Inspection::Other,
         Classified::Fragment => Inspection::Fragment,
         Classified::FirstFragment(f) => match env.resources() {
             Some((_, cfg, _)) if !f.is_inspected(cfg) => Inspection::Other,
@@ -314,10 +316,11 @@ pub fn inspect<P: Packet + ?Sized, E: Env>(p: &P, env: &mut E) -> Inspection {
         },
         Classified::Malformed(m) => Inspection::Malformed(m),
         Classified::TcpPayload(_) | Classified::TcpSyn(_) => Inspection::TcpPayload,
-        Classified::Quic(af) => {
-            let drop = env.resources().is_some_and(|(_, cfg, _)| cfg.is_configured() && cfg.quic_policy == quic::POLICY_DROP);
-            Inspection::Quic { af, drop }
-        }
+        Classified::Quic(af, port) => match env.resources() {
+            Some((_, cfg, _)) if !cfg.is_quic_port(port) => Inspection::Other,
+            Some((_, cfg, _)) => Inspection::Quic { af, drop: cfg.is_configured() && cfg.quic_policy == quic::POLICY_DROP },
+            None => Inspection::Quic { af, drop: false },
+        },
         Classified::Dns(at) => dns_stage(p, &at, env),
     }
 }

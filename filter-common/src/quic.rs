@@ -4,14 +4,16 @@
 //! packet whose CRYPTO frames carry the TLS ClientHello, server name
 //! included. It is encrypted with keys derived from the packet's own
 //! destination connection ID, so anyone can read it, but that takes HKDF and
-//! AES-GCM per packet (and reassembly across packets): not done here yet.
-//! For now the entry program recognizes Initials, counts them, and applies a
-//! policy: `pass`, or `drop` (browsers then fall back to TCP, where the TLS
-//! stage reads the server name).
+//! AES-GCM per packet (and reassembly across packets), which XDP cannot do.
+//! The entry program recognizes Initials on the QUIC ports (every UDP port
+//! but 53 by default), counts them, and applies a policy: `pass`, `drop`
+//! (browsers then fall back to TCP, where the TLS stage reads the server
+//! name), or `read` (the daemon reads the name: `filter-user/src/quic`).
 
 use crate::packet::Packet;
 
-/// UDP destination port of the Initials recognized.
+/// HTTP/3's UDP port (RFC 9114 3.1): Initials are read on every UDP port
+/// (but 53) unless `--quic-ports` names others.
 pub const QUIC_PORT: u16 = 443;
 /// Clients pad datagrams carrying Initials to at least this many bytes
 /// (RFC 9000 14.1); shorter ones are not (client) Initials.
@@ -29,11 +31,22 @@ pub const POLICY_DROP: u32 = 1;
 /// name and blocks the flow (`QUIC_BLOCKED`) if the rules say so.
 pub const POLICY_READ: u32 = 2;
 
+/// `Config::quic_overload`: what an Initial that cannot go up to the daemon
+/// gets under `POLICY_READ` (over the budget or the per-flow cap, or the
+/// daemon's buffer full or gone).
+pub const OVERLOAD_PASS: u32 = 0;
+pub const OVERLOAD_DROP: u32 = 1;
+
 /// The stage that hands Initials up and drops blocked flows.
 pub const QUIC_PROGRAM_NAME: &str = "blokir_quic";
 /// Client flows (`tls::FlowKey`, UDP) the daemon blocked; LRU.
 pub const MAP_QUIC_BLOCKED: &str = "QUIC_BLOCKED";
 pub const QUIC_BLOCKED_CAPACITY: u32 = 1 << 16;
+/// Server ports of the flows in `QUIC_BLOCKED`, a bitmap laid out as
+/// `rules::MAP_HTTP_PORTS` that only the daemon writes (before the flow):
+/// a datagram that is not an Initial goes to the QUIC stage's lookup only
+/// if its port has a blocked flow, so other UDP costs one array read.
+pub const MAP_QUIC_BLOCKED_PORTS: &str = "QUIC_BLOCKED_PORTS";
 /// Initials handed up per flow (LRU): the cap bounds what one flow costs.
 pub const MAP_QUIC_SEEN: &str = "QUIC_SEEN";
 pub const QUIC_SEEN_CAPACITY: u32 = 1 << 16;

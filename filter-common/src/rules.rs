@@ -77,6 +77,9 @@ pub const HTTP_PORT_WORDS: u32 = 65536 / 64;
 /// The TLS ports as a bitmap of the same layout (`Config::tls_ports`; all
 /// ones for all ports).
 pub const MAP_TLS_PORTS: &str = "TLS_PORTS";
+/// The QUIC ports as a bitmap of the same layout (`Config::quic_ports`; all
+/// ones for all ports).
+pub const MAP_QUIC_PORTS: &str = "QUIC_PORTS";
 
 /// Default number of domain nodes the rule map holds (the loader may size it
 /// differently); the national list is ~2M names.
@@ -90,6 +93,9 @@ pub const MAX_HTTP_PORTS: usize = 16;
 /// TCP ports whose payload is read for TLS ClientHellos, when not all are
 /// (`Config::tls_ports`).
 pub const MAX_TLS_PORTS: usize = 16;
+/// UDP ports whose datagrams are read for QUIC Initials, when not all are
+/// (`Config::quic_ports`).
+pub const MAX_QUIC_PORTS: usize = 16;
 /// Label depths tracked by `Config::depth_mask` (a name has at most 127).
 pub const MAX_DEPTH: u32 = 128;
 
@@ -166,7 +172,8 @@ pub struct Config {
     /// The event log of blocked names: 0 off (no event is written); N: one
     /// event for every N blocks by each rule (its 1st, N+1th, ...).
     pub event_sample: u32,
-    /// What QUIC Initials get (`quic::POLICY_PASS` or `POLICY_DROP`).
+    /// What QUIC Initials get (`quic::POLICY_PASS`, `POLICY_DROP` or
+    /// `POLICY_READ`).
     pub quic_policy: u32,
     /// TCP destination ports whose payload is read as HTTP requests (0:
     /// an unused slot); other ports' payload goes to the TLS stage if it is
@@ -181,9 +188,20 @@ pub struct Config {
     /// (`inspect::FRAGMENTS_DROP` or `FRAGMENTS_PASS`).
     pub fragment_policy: u32,
     /// What a TCP flow being read that carries fake segments or urgent
-    /// bytes gets (`flow::TAMPER_BLOCK` or `TAMPER_PASS`). Also keeps the
-    /// size a multiple of 8: no padding bytes in the map value.
+    /// bytes gets (`flow::TAMPER_BLOCK` or `TAMPER_PASS`).
     pub tamper_policy: u32,
+    /// 1: QUIC is read on every UDP port but 53 (the default);
+    /// `quic_ports` is ignored.
+    pub quic_all_ports: u32,
+    /// UDP destination ports read for QUIC Initials (0: an unused slot),
+    /// unless `quic_all_ports` is set.
+    pub quic_ports: [u16; MAX_QUIC_PORTS],
+    /// What an Initial the daemon cannot be handed gets under
+    /// `quic::POLICY_READ` (over the per-CPU budget, over the per-flow cap,
+    /// or its buffer full or gone): `quic::OVERLOAD_PASS` or
+    /// `OVERLOAD_DROP`. Also keeps the size a multiple of 8: no padding
+    /// bytes in the map value.
+    pub quic_overload: u32,
 }
 
 impl Default for Config {
@@ -205,6 +223,9 @@ impl Default for Config {
             tls_all_ports: 1,
             fragment_policy: crate::inspect::FRAGMENTS_DROP,
             tamper_policy: crate::flow::TAMPER_BLOCK,
+            quic_all_ports: 1,
+            quic_ports: [0; MAX_QUIC_PORTS],
+            quic_overload: crate::quic::OVERLOAD_PASS,
         }
     }
 }
@@ -240,6 +261,12 @@ impl Config {
     /// kernel reads the `TLS_PORTS` bitmap).
     pub fn is_tls_port(&self, port: u16) -> bool {
         self.tls_all_ports != 0 || (port != 0 && self.tls_ports.contains(&port))
+    }
+
+    /// Whether UDP datagrams to `port` are read for QUIC Initials (on the
+    /// host; the kernel reads the `QUIC_PORTS` bitmap). Port 53 is DNS's.
+    pub fn is_quic_port(&self, port: u16) -> bool {
+        port != crate::dns::DNS_PORT && (self.quic_all_ports != 0 || (port != 0 && self.quic_ports.contains(&port)))
     }
 
     /// Whether `dst` (a `FlowKey` address: family 4 or 6, IPv4 in the first

@@ -27,7 +27,7 @@ use filter_common::{
 };
 
 use crate::{
-    maps::{CONFIG, DNS_JOB, HTTP_PORTS, Maps, Rules, STAGES, TLS_PORTS, count, has_port},
+    maps::{CONFIG, DNS_JOB, HTTP_PORTS, Maps, QUIC_PORTS, Rules, STAGES, TLS_PORTS, count, has_port},
     packet::XdpPacket,
 };
 
@@ -35,7 +35,9 @@ use crate::{
 /// DNS queries to `blokir_dns`, TCP payload to port 53 to `blokir_dns_tcp`,
 /// TCP payload to the HTTP ports to `blokir_http`, TCP payload to the TLS
 /// ports and clients' SYNs to port 53 or either kind of port to
-/// `blokir_tls` by tail call, so that each stage is verified on its own.
+/// `blokir_tls`, and QUIC Initials to the QUIC ports (and datagrams of
+/// flows that may be blocked) to `blokir_quic` by tail call, so that each
+/// stage is verified on its own.
 /// TCP to other ports passes unread. First IP fragments of what the stages
 /// read are dropped (or passed) by the fragment policy: the rest of such a
 /// datagram is never seen whole.
@@ -76,19 +78,23 @@ pub fn blokir(ctx: XdpContext) -> u32 {
                 unsafe { STAGES.tail_call(&ctx, STAGE_TLS) };
             }
         }
-        Classified::Quic(af) => {
-            count(counters::proto_index(Proto::Quic, af, Outcome::Inspected));
-            match CONFIG.get(0).map(|c| if c.is_configured() { c.quic_policy } else { 0 }) {
-                Some(POLICY_DROP) => {
-                    count(counters::proto_index(Proto::Quic, af, Outcome::Blocked));
-                    return xdp_action::XDP_DROP;
+        Classified::Quic(af, port) => {
+            if has_port(&QUIC_PORTS, port) {
+                count(counters::proto_index(Proto::Quic, af, Outcome::Inspected));
+                match CONFIG.get(0).map(|c| if c.is_configured() { c.quic_policy } else { 0 }) {
+                    Some(POLICY_DROP) => {
+                        count(counters::proto_index(Proto::Quic, af, Outcome::Blocked));
+                        return xdp_action::XDP_DROP;
+                    }
+                    Some(POLICY_READ) => quic::enter(&ctx, true),
+                    _ => {}
                 }
-                Some(POLICY_READ) => quic::enter(&ctx, true),
-                _ => {}
             }
         }
-        Classified::QuicOther => {
-            if CONFIG.get(0).is_some_and(|c| c.is_configured() && c.quic_policy == POLICY_READ) {
+        // Any other UDP datagram (DNS aside): one bitmap read, and the QUIC
+        // stage's lookup only where a blocked flow has that server port.
+        Classified::QuicOther(port) => {
+            if has_port(&quic::QUIC_BLOCKED_PORTS, port) && CONFIG.get(0).is_some_and(|c| c.is_configured() && c.quic_policy == POLICY_READ) {
                 quic::enter(&ctx, false);
             }
         }

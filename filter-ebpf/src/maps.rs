@@ -57,7 +57,13 @@ pub static HTTP_PORTS: Array<u64> = Array::with_max_entries(HTTP_PORT_WORDS, 0);
 #[map(name = "TLS_PORTS")]
 pub static TLS_PORTS: Array<u64> = Array::with_max_entries(HTTP_PORT_WORDS, 0);
 
-/// Whether `port`'s bit is set in a port bitmap (`HTTP_PORTS`, `TLS_PORTS`).
+/// The QUIC ports (`Config::quic_ports`, all ones for all ports), laid out
+/// as `HTTP_PORTS`.
+#[map(name = "QUIC_PORTS")]
+pub static QUIC_PORTS: Array<u64> = Array::with_max_entries(HTTP_PORT_WORDS, 0);
+
+/// Whether `port`'s bit is set in a port bitmap (`HTTP_PORTS`, `TLS_PORTS`,
+/// `QUIC_PORTS`, `QUIC_BLOCKED_PORTS`).
 #[inline(always)]
 pub fn has_port(map: &Array<u64>, port: u16) -> bool {
     map.get(u32::from(port) >> 6).is_some_and(|w| (*w >> (port & 63)) & 1 != 0)

@@ -498,11 +498,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         });
     }
     if opts.traffic.quic == crate::policy::QuicPolicy::Read {
-        let (perf, blocked) = lock(&shared).kernel.take_quic()?;
+        let (perf, verdicts) = lock(&shared).kernel.take_quic()?;
         let counts = metrics_ctx.quic_counts();
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::quic::handoff::run(perf, blocked, shared, counts).await {
+            if let Err(e) = crate::quic::handoff::run(perf, verdicts, shared, counts).await {
                 tracing::error!("QUIC reader stopped: {e:#}");
             }
         });

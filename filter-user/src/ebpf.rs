@@ -4,7 +4,10 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     ptr::NonNull,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -20,15 +23,16 @@ use aya::{
 };
 use filter_common::{
     counters,
+    dns::DNS_PORT,
     flow::Flow,
-    quic::{MAP_QUIC_BLOCKED, MAP_QUIC_INITIALS, QUIC_PROGRAM_NAME},
+    quic::{MAP_QUIC_BLOCKED, MAP_QUIC_BLOCKED_PORTS, MAP_QUIC_INITIALS, MAP_QUIC_SEEN, QUIC_PROGRAM_NAME},
     reply::DnsAction,
     reset::{TcpAction, list_action_word},
     rules::{
         Config, DNS_PROGRAM_NAME, DNS_TCP_PROGRAM_NAME, DNS_TCP_QUESTION_PROGRAM_NAME, DNS_TCP_READ_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME,
-        MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES, MAP_SYNS,
-        MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, STAGE_DNS, STAGE_DNS_TCP, STAGE_DNS_TCP_QUESTION,
-        STAGE_DNS_TCP_READ, STAGE_HTTP, STAGE_MATCH, STAGE_QUIC, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_QUIC_PORTS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES,
+        MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, RuleRef, STAGE_DNS, STAGE_DNS_TCP,
+        STAGE_DNS_TCP_QUESTION, STAGE_DNS_TCP_READ, STAGE_HTTP, STAGE_MATCH, STAGE_QUIC, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::FlowKey,
 };
@@ -168,18 +172,26 @@ pub struct Kernel {
     list_actions: Array<MapData, u32>,
     rule_hits: Array<MapData, u64>,
     hits_view: Arc<HitsView>,
+    user_list_hits: Arc<UserListHits>,
     /// Kept open (and pinned by the daemon): the kernel empties a program
     /// array once no file refers to it.
     _stages: ProgramArray<MapData>,
     cfg: Config,
     http_ports_written: bool,
     tls_ports_written: bool,
+    quic_ports_written: bool,
     attachments: Vec<Attachment>,
     capacity: u32,
     /// Shared maps reused from a previous program (pinned ones only).
     adopted_maps: Vec<&'static str>,
     loaded_at: Option<SystemTime>,
     program_id: u32,
+}
+
+/// A port bitmap of a port set: all ones for all ports (`all` not 0), else
+/// `ports`'.
+fn port_set_words(all: u32, ports: &[u16]) -> [u64; HTTP_PORT_WORDS as usize] {
+    if all != 0 { [u64::MAX; HTTP_PORT_WORDS as usize] } else { port_words(ports) }
 }
 
 /// A port bitmap (bit `port % 64` of word `port / 64`) of `ports` (0: an
@@ -302,10 +314,12 @@ impl Kernel {
             list_actions,
             rule_hits,
             hits_view,
+            user_list_hits: Arc::default(),
             _stages: stages,
             cfg: Config::default(),
             http_ports_written: false,
             tls_ports_written: false,
+            quic_ports_written: false,
             attachments: Vec::new(),
             capacity,
             adopted_maps,
@@ -355,17 +369,22 @@ impl Kernel {
             self.http_ports_written = true;
         }
         if (cfg.tls_ports, cfg.tls_all_ports) != (self.cfg.tls_ports, self.cfg.tls_all_ports) || !self.tls_ports_written {
-            // All ones for all ports.
-            let words = if cfg.tls_all_ports != 0 { [u64::MAX; HTTP_PORT_WORDS as usize] } else { port_words(&cfg.tls_ports) };
-            self.write_ports(MAP_TLS_PORTS, &words).context("writing the TLS ports")?;
+            self.write_ports(MAP_TLS_PORTS, &port_set_words(cfg.tls_all_ports, &cfg.tls_ports)).context("writing the TLS ports")?;
             self.tls_ports_written = true;
+        }
+        if (cfg.quic_ports, cfg.quic_all_ports) != (self.cfg.quic_ports, self.cfg.quic_all_ports) || !self.quic_ports_written {
+            // Port 53 is DNS's: never QUIC's.
+            let mut words = port_set_words(cfg.quic_all_ports, &cfg.quic_ports);
+            words[usize::from(DNS_PORT) / 64] &= !(1 << (DNS_PORT % 64));
+            self.write_ports(MAP_QUIC_PORTS, &words).context("writing the QUIC ports")?;
+            self.quic_ports_written = true;
         }
         self.config.set(0, cfg, 0).context("writing the program's settings")?;
         self.cfg = cfg;
         Ok(())
     }
 
-    /// A port bitmap (`HTTP_PORTS`, `TLS_PORTS`): the ports added first,
+    /// A port bitmap (`HTTP_PORTS`, `TLS_PORTS`, `QUIC_PORTS`): the ports added first,
     /// then the others removed, so a port kept in the set never leaves it.
     fn write_ports(&mut self, name: &str, words: &[u64; HTTP_PORT_WORDS as usize]) -> anyhow::Result<()> {
         let mut map: Array<&mut MapData, u64> = Array::try_from(self.ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing"))?)?;
@@ -502,13 +521,15 @@ impl Kernel {
         sum_counters(&self.counters)
     }
 
-    /// `[blocked, allowed]` for list `id`, summed over CPUs.
+    /// `[blocked, allowed]` for list `id`, summed over CPUs (and the
+    /// daemon's QUIC verdicts).
     pub fn list_hits(&self, id: u8) -> anyhow::Result<[u64; 2]> {
-        sum_list_hits(&self.list_hits, id)
+        sum_list_hits(&self.list_hits, &self.user_list_hits, id)
     }
 
     /// Zeroes list `id`'s counters, for a list that takes a freed id.
     pub fn reset_list_hits(&mut self, id: u8) -> anyhow::Result<()> {
+        self.user_list_hits.reset(id);
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         for k in [counters::LIST_BLOCKED, counters::LIST_ALLOWED] {
             let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?;
@@ -533,12 +554,26 @@ impl Kernel {
         }
         clear::<Flow>(self.ebpf.map_mut(MAP_FLOWS), MAP_FLOWS)?;
         clear::<u32>(self.ebpf.map_mut(MAP_SYNS), MAP_SYNS)?;
+        clear::<u32>(self.ebpf.map_mut(MAP_QUIC_SEEN), MAP_QUIC_SEEN)?;
+        // Unless a test took them (`take_quic`).
+        if self.ebpf.map(MAP_QUIC_BLOCKED).is_some() {
+            clear::<u32>(self.ebpf.map_mut(MAP_QUIC_BLOCKED), MAP_QUIC_BLOCKED)?;
+        }
+        if let Some(map) = self.ebpf.map_mut(MAP_QUIC_BLOCKED_PORTS) {
+            let mut ports: Array<&mut MapData, u64> = Array::try_from(map)?;
+            for i in 0..HTTP_PORT_WORDS {
+                ports.set(i, 0, 0)?;
+            }
+        }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         for i in 0..counters::COUNTERS {
             self.counters.set(i, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
         }
         for i in 0..MAX_LISTS * counters::LIST_COUNTERS {
             self.list_hits.set(i, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+        }
+        for id in 0..MAX_LISTS {
+            self.user_list_hits.reset(id as u8);
         }
         for id in 0..MAX_LISTS {
             self.list_actions.set(id, 0, 0)?;
@@ -551,6 +586,7 @@ impl Kernel {
         self.config.set(0, self.cfg, 0)?;
         self.http_ports_written = false;
         self.tls_ports_written = false;
+        self.quic_ports_written = false;
         Ok(())
     }
 
@@ -595,16 +631,24 @@ impl Kernel {
         let own = |data: &MapData| -> anyhow::Result<PerCpuArray<MapData, u64>> {
             Ok(PerCpuArray::try_from(Map::from_map_data(MapData::from_id(data.info()?.id())?)?)?)
         };
-        Ok(MapReaders { counters: own(self.counters.map())?, list_hits: own(self.list_hits.map())?, hits: self.hits_view.clone(), map_ids: self.map_ids()? })
+        Ok(MapReaders {
+            counters: own(self.counters.map())?,
+            list_hits: own(self.list_hits.map())?,
+            user_list_hits: self.user_list_hits.clone(),
+            hits: self.hits_view.clone(),
+            map_ids: self.map_ids()?,
+        })
     }
 
-    /// The event ring buffer (for the one reader of the event log).
     /// The QUIC stage's maps, for the daemon's reader (`quic::handoff`):
-    /// the Initials handed up, and the blocked flows.
-    pub fn take_quic(&mut self) -> anyhow::Result<(aya::maps::PerfEventArray<MapData>, HashMap<MapData, FlowKey, u32>)> {
-        let perf = self.ebpf.take_map(MAP_QUIC_INITIALS).ok_or_else(|| anyhow!("map {MAP_QUIC_INITIALS} missing (or already taken)"))?;
-        let blocked = self.ebpf.take_map(MAP_QUIC_BLOCKED).ok_or_else(|| anyhow!("map {MAP_QUIC_BLOCKED} missing (or already taken)"))?;
-        Ok((aya::maps::PerfEventArray::try_from(perf)?, HashMap::try_from(blocked)?))
+    /// the Initials handed up, and where its verdicts go.
+    pub fn take_quic(&mut self) -> anyhow::Result<(aya::maps::PerfEventArray<MapData>, QuicVerdicts)> {
+        let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing (or already taken)"));
+        let perf = take(MAP_QUIC_INITIALS)?;
+        let blocked = HashMap::try_from(take(MAP_QUIC_BLOCKED)?)?;
+        let blocked_ports = Array::try_from(take(MAP_QUIC_BLOCKED_PORTS)?)?;
+        let verdicts = QuicVerdicts { blocked, blocked_ports, rule_hits: self.hits_view.clone(), list_hits: self.user_list_hits.clone() };
+        Ok((aya::maps::PerfEventArray::try_from(perf)?, verdicts))
     }
 
     /// Whether list `id` is an ECH-outer list (`LIST_ACTIONS`).
@@ -612,6 +656,7 @@ impl Kernel {
         self.list_actions.get(&id, 0).is_ok_and(|w| w & filter_common::rules::LIST_ECH_OUTER != 0)
     }
 
+    /// The event ring buffer (for the one reader of the event log).
     pub fn take_events(&mut self) -> anyhow::Result<aya::maps::RingBuf<MapData>> {
         let map = self.ebpf.take_map(MAP_EVENTS).ok_or_else(|| anyhow!("map {MAP_EVENTS} missing (or already taken)"))?;
         Ok(aya::maps::RingBuf::try_from(map)?)
@@ -733,23 +778,95 @@ impl FlowTable {
     }
 }
 
-/// A read-only mapping of the (BPF_F_MMAPABLE) rule-hit array: scraping
-/// millions of counters costs a memory read, not a syscall each.
+/// Where the daemon's QUIC verdicts go: blocked flows into `QUIC_BLOCKED`
+/// (their server port first into `QUIC_BLOCKED_PORTS`), and each verdict's
+/// rule into the per-rule and per-list hits, as the match stage counts a
+/// TLS verdict over TCP.
+pub struct QuicVerdicts {
+    blocked: HashMap<MapData, FlowKey, u32>,
+    blocked_ports: Array<MapData, u64>,
+    rule_hits: Arc<HitsView>,
+    list_hits: Arc<UserListHits>,
+}
+
+impl QuicVerdicts {
+    /// Blocks flow `key` by `rule`: the QUIC stage drops its datagrams
+    /// from now on.
+    pub fn block(&mut self, key: FlowKey, rule: RuleRef) -> anyhow::Result<()> {
+        // The port first: a datagram that finds the flow must find its port.
+        let word = u32::from(key.dst_port) / 64;
+        let bit = 1u64 << (key.dst_port % 64);
+        let old = self.blocked_ports.get(&word, 0).context("reading the blocked QUIC ports")?;
+        if old & bit == 0 {
+            self.blocked_ports.set(word, old | bit, 0).context("writing the blocked QUIC ports")?;
+        }
+        self.blocked.insert(key, rule.0.max(1), 0).context("writing a blocked QUIC flow")?;
+        self.hit(rule, counters::LIST_BLOCKED);
+        Ok(())
+    }
+
+    /// Counts a hello passed by allow rule `rule`.
+    pub fn allowed(&self, rule: RuleRef) {
+        self.hit(rule, counters::LIST_ALLOWED);
+    }
+
+    fn hit(&self, rule: RuleRef, kind: u32) {
+        self.rule_hits.add(rule.id());
+        self.list_hits.add(rule.list(), kind);
+    }
+}
+
+/// Per-list counts of the daemon's own verdicts (QUIC), added to the
+/// kernel's per-CPU ones when read: the daemon cannot add to a per-CPU
+/// value without racing the CPU that owns it. They start from zero with
+/// each daemon.
+struct UserListHits([AtomicU64; (MAX_LISTS * counters::LIST_COUNTERS) as usize]);
+
+impl Default for UserListHits {
+    fn default() -> Self {
+        UserListHits(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl UserListHits {
+    fn add(&self, list: u32, kind: u32) {
+        if let Some(c) = self.0.get((list * counters::LIST_COUNTERS + kind) as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self, list: u8, kind: u32) -> u64 {
+        self.0.get((u32::from(list) * counters::LIST_COUNTERS + kind) as usize).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn reset(&self, list: u8) {
+        for k in [counters::LIST_BLOCKED, counters::LIST_ALLOWED] {
+            if let Some(c) = self.0.get((u32::from(list) * counters::LIST_COUNTERS + k) as usize) {
+                c.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A shared mapping of the (BPF_F_MMAPABLE) rule-hit array: scraping
+/// millions of counters costs a memory read, not a syscall each, and the
+/// daemon adds its QUIC verdicts' hits as the kernel adds its own
+/// (atomically).
 struct HitsView {
     ptr: NonNull<u64>,
     len: usize,
     bytes: usize,
 }
 
-// SAFETY: a read-only shared mapping; the kernel updates it atomically.
+// SAFETY: a shared mapping that the kernel and `add` update atomically.
 unsafe impl Send for HitsView {}
 unsafe impl Sync for HitsView {}
 
 impl HitsView {
     fn map(data: &MapData, len: u32) -> anyhow::Result<Self> {
         let bytes = (len as usize * 8).next_multiple_of(4096);
-        // SAFETY: mapping a BPF array fd read-only; the kernel checks the size.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), 0) };
+        // SAFETY: mapping a BPF array fd; the kernel checks the size.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             bail!("mapping {MAP_RULE_HITS}: {}", std::io::Error::last_os_error());
         }
@@ -759,6 +876,15 @@ impl HitsView {
     fn as_slice(&self) -> &[u64] {
         // SAFETY: `len` u64s are mapped for as long as `self` lives.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// One more hit for rule `id`.
+    fn add(&self, id: u32) {
+        if (id as usize) < self.len {
+            // SAFETY: an aligned u64 of the mapping, which lives as long as
+            // `self`; the kernel adds to it atomically too.
+            unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(id as usize)) }.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -776,6 +902,7 @@ impl Drop for HitsView {
 pub struct MapReaders {
     counters: PerCpuArray<MapData, u64>,
     list_hits: PerCpuArray<MapData, u64>,
+    user_list_hits: Arc<UserListHits>,
     hits: Arc<HitsView>,
     map_ids: Vec<u32>,
 }
@@ -786,9 +913,10 @@ impl MapReaders {
         sum_counters(&self.counters)
     }
 
-    /// `[blocked, allowed]` for list `id`, summed over CPUs.
+    /// `[blocked, allowed]` for list `id`, summed over CPUs (and the
+    /// daemon's QUIC verdicts).
     pub fn list_hits(&self, id: u8) -> anyhow::Result<[u64; 2]> {
-        sum_list_hits(&self.list_hits, id)
+        sum_list_hits(&self.list_hits, &self.user_list_hits, id)
     }
 
     /// Each rule id's hits (a shared read-only mapping of the kernel's array).
@@ -805,10 +933,10 @@ fn sum_counters(map: &PerCpuArray<MapData, u64>) -> anyhow::Result<Vec<u64>> {
     (0..counters::COUNTERS).map(|i| Ok(map.get(&i, 0)?.iter().sum())).collect()
 }
 
-fn sum_list_hits(map: &PerCpuArray<MapData, u64>, id: u8) -> anyhow::Result<[u64; 2]> {
+fn sum_list_hits(map: &PerCpuArray<MapData, u64>, user: &UserListHits, id: u8) -> anyhow::Result<[u64; 2]> {
     let base = u32::from(id) * counters::LIST_COUNTERS;
     debug_assert!(u32::from(id) < MAX_LISTS);
-    let get = |k: u32| -> anyhow::Result<u64> { Ok(map.get(&(base + k), 0)?.iter().sum()) };
+    let get = |k: u32| -> anyhow::Result<u64> { Ok(map.get(&(base + k), 0)?.iter().sum::<u64>() + user.get(id, k)) };
     Ok([get(counters::LIST_BLOCKED)?, get(counters::LIST_ALLOWED)?])
 }
 

@@ -18,8 +18,8 @@ use blokir::{
     metrics::{Endpoint, Listen},
     pin::{DEFAULT_PIN_DIR, PinDir},
     policy::{
-        DnsPolicy, FragmentPolicy, ListSettings, QuicPolicy, Setting, TamperPolicy, TlsPort, TlsPorts, TrafficPolicy, parse_action, parse_list_action,
-        parse_list_tcp_action, parse_port, parse_tcp_action, parse_tls_port,
+        DnsPolicy, FragmentPolicy, ListSettings, PortArg, PortSet, QuicOverload, QuicPolicy, Setting, TamperPolicy, TrafficPolicy, parse_action,
+        parse_list_action, parse_list_tcp_action, parse_port, parse_port_arg, parse_tcp_action,
     },
     replay,
     rules::{formats::Format, shrink::MaxShrink},
@@ -235,14 +235,26 @@ struct RunArgs {
     /// hello is recognized by its content on any port), or ports,
     /// comma-separated or repeated, at most 16. Payload to other ports
     /// (and not to an HTTP port) passes unread.
-    #[arg(long = "tls-ports", value_name = "all|PORT[,PORT...]", value_parser = parse_tls_port, value_delimiter = ',', default_value = "all")]
-    tls_ports: Vec<TlsPort>,
-    /// What QUIC Initials (UDP/443) get: pass (counted), drop (browsers
-    /// fall back to TCP, where the TLS server name is read), or read (passed,
-    /// and the daemon reads their server name: blocked flows' later
-    /// Initials are dropped).
-    #[arg(long, value_enum, default_value_t = QuicPolicy::Pass)]
+    #[arg(long = "tls-ports", value_name = "all|PORT[,PORT...]", value_parser = parse_port_arg, value_delimiter = ',', default_value = "all")]
+    tls_ports: Vec<PortArg>,
+    /// What QUIC Initials (on the --quic-ports) get: read (passed, and the
+    /// daemon reads their server name: blocked flows' later datagrams are
+    /// dropped), pass (counted), or drop (browsers fall back to TCP, where
+    /// the TLS server name is read).
+    #[arg(long, value_enum, default_value_t = QuicPolicy::Read)]
     quic: QuicPolicy,
+    /// UDP ports read for QUIC Initials: `all` (an Initial is recognized
+    /// by its content on any port but 53), or ports, comma-separated or
+    /// repeated, at most 16.
+    #[arg(long = "quic-ports", value_name = "all|PORT[,PORT...]", value_parser = parse_port_arg, value_delimiter = ',', default_value = "all")]
+    quic_ports: Vec<PortArg>,
+    /// With --quic read, what an Initial that cannot go up to the daemon
+    /// gets (over the per-CPU budget or the per-flow cap, the daemon's
+    /// buffer full, or no daemon running): pass (unread), or drop (the
+    /// client retries, or falls back to TCP). Counted either way
+    /// (blokir_quic_initials_total{fate}).
+    #[arg(long = "quic-on-overload", value_enum, default_value_t = QuicOverload::Pass)]
+    quic_on_overload: QuicOverload,
     /// What first IP fragments of DNS queries (UDP/TCP 53) and of TCP to
     /// the HTTP and TLS ports get: drop (the datagram never reaches its
     /// application; the name in it cannot be read), or pass unread.
@@ -503,16 +515,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             http_ports,
             tls_ports,
             quic,
+            quic_ports,
+            quic_on_overload,
             fragments,
             on_tamper,
             fetch_connect_timeout,
             fetch_idle_timeout,
             max_shrink,
         }) => {
-            let tls_ports = match TlsPorts::from_args(&tls_ports) {
+            let ports = |args: &[PortArg], flag: &str| PortSet::from_args(args).map_err(|e| format!("{flag}: {e}"));
+            let (tls_ports, quic_ports) = match ports(&tls_ports, "--tls-ports").and_then(|t| Ok((t, ports(&quic_ports, "--quic-ports")?))) {
                 Ok(p) => p,
                 Err(e) => {
-                    eprintln!("blokir: --tls-ports: {e}");
+                    eprintln!("blokir: {e}");
                     return Ok(ExitCode::from(EXIT_USAGE));
                 }
             };
@@ -554,7 +569,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 events,
                 pin_dir,
                 on_exit,
-                traffic: TrafficPolicy { http_ports, tls_ports, quic, fragments, tamper: on_tamper },
+                traffic: TrafficPolicy { http_ports, tls_ports, quic, quic_ports, quic_overload: quic_on_overload, fragments, tamper: on_tamper },
                 fetch_timeouts: Timeouts { connect: fetch_connect_timeout, idle: fetch_idle_timeout },
                 max_shrink,
             };

@@ -408,7 +408,7 @@ impl Collector for Blokir {
         family(
             &mut enc,
             "blokir_quic_initials",
-            "QUIC client Initials in the kernel's QUIC stage (--quic read): handed up to the daemon, or not (over the per-flow cap, over the per-CPU budget).",
+            "QUIC client Initials in the kernel's QUIC stage (--quic read): handed up to the daemon, or not (over the per-flow cap, over the per-CPU budget, undelivered: the daemon's buffer full or no daemon), then passed or dropped by --quic-on-overload.",
             MetricType::Counter,
             rows,
         )?;

@@ -10,7 +10,7 @@ use anyhow::bail;
 use filter_common::{
     reply::DnsAction,
     reset::TcpAction,
-    rules::{Config, MAX_HTTP_PORTS, MAX_TLS_PORTS},
+    rules::{Config, MAX_HTTP_PORTS, MAX_QUIC_PORTS, MAX_TLS_PORTS},
 };
 use serde::{Deserialize, Serialize};
 
@@ -251,17 +251,29 @@ mod by_name {
     }
 }
 
-/// What QUIC Initials (UDP/443) get: counted and passed, or dropped (browsers
-/// then fall back to TCP, where the TLS server name is read).
+/// What QUIC Initials get: counted and passed, dropped (browsers then fall
+/// back to TCP, where the TLS server name is read), or read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QuicPolicy {
-    #[default]
     Pass,
     Drop,
     /// Passed, and read by the daemon: a flow whose server name the rules
-    /// block has its later Initials dropped (see `quic`).
+    /// block has its later datagrams dropped (see `quic`).
+    #[default]
     Read,
+}
+
+/// What an Initial the daemon cannot be handed gets under `--quic read`:
+/// over the per-CPU budget or the per-flow cap, or the daemon's buffer
+/// full or gone. Passed unread (the default), or dropped (the client
+/// retries, or falls back to TCP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuicOverload {
+    #[default]
+    Pass,
+    Drop,
 }
 
 /// What first IP fragments of datagrams blokir reads (UDP or TCP to port
@@ -290,13 +302,15 @@ pub enum TamperPolicy {
 
 /// Which traffic besides DNS is read: the TCP ports whose payload is read as
 /// HTTP requests, the TCP ports whose payload is read for TLS ClientHellos
-/// (payload to other ports passes unread), the QUIC policy and the fragment
-/// policy.
+/// (payload to other ports passes unread), the QUIC policy, ports and
+/// overload policy, and the fragment policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrafficPolicy {
     pub http_ports: Vec<u16>,
-    pub tls_ports: TlsPorts,
+    pub tls_ports: PortSet,
     pub quic: QuicPolicy,
+    pub quic_ports: PortSet,
+    pub quic_overload: QuicOverload,
     pub fragments: FragmentPolicy,
     pub tamper: TamperPolicy,
 }
@@ -305,8 +319,10 @@ impl Default for TrafficPolicy {
     fn default() -> Self {
         TrafficPolicy {
             http_ports: vec![filter_common::http::HTTP_PORT],
-            tls_ports: TlsPorts::All,
-            quic: QuicPolicy::Pass,
+            tls_ports: PortSet::All,
+            quic: QuicPolicy::Read,
+            quic_ports: PortSet::All,
+            quic_overload: QuicOverload::Pass,
             fragments: FragmentPolicy::Drop,
             tamper: TamperPolicy::Block,
         }
@@ -315,7 +331,8 @@ impl Default for TrafficPolicy {
 
 impl TrafficPolicy {
     /// Writes the settings into the program's settings; refuses more than
-    /// `MAX_HTTP_PORTS` distinct HTTP ports or `MAX_TLS_PORTS` TLS ports.
+    /// `MAX_HTTP_PORTS` distinct HTTP ports or `MAX_TLS_PORTS` TLS or QUIC
+    /// ports.
     pub fn apply_to(&self, cfg: &mut Config) -> anyhow::Result<()> {
         let mut ports = self.http_ports.clone();
         ports.sort_unstable();
@@ -323,10 +340,8 @@ impl TrafficPolicy {
         if ports.len() > MAX_HTTP_PORTS {
             bail!("--http-ports names {} ports; at most {MAX_HTTP_PORTS} are supported", ports.len());
         }
-        let tls = match &self.tls_ports {
-            TlsPorts::All => None,
-            TlsPorts::Only(ports) => Some(TlsPorts::only(ports.clone()).map_err(|e| anyhow::anyhow!("--tls-ports: {e}"))?),
-        };
+        let tls = self.tls_ports.checked().map_err(|e| anyhow::anyhow!("--tls-ports: {e}"))?;
+        let quic = self.quic_ports.checked().map_err(|e| anyhow::anyhow!("--quic-ports: {e}"))?;
         cfg.http_ports = [0; MAX_HTTP_PORTS];
         cfg.http_ports[..ports.len()].copy_from_slice(&ports);
         cfg.tls_ports = [0; MAX_TLS_PORTS];
@@ -338,6 +353,15 @@ impl TrafficPolicy {
             QuicPolicy::Pass => filter_common::quic::POLICY_PASS,
             QuicPolicy::Drop => filter_common::quic::POLICY_DROP,
             QuicPolicy::Read => filter_common::quic::POLICY_READ,
+        };
+        cfg.quic_ports = [0; MAX_QUIC_PORTS];
+        cfg.quic_all_ports = u32::from(quic.is_none());
+        if let Some(quic) = quic {
+            cfg.quic_ports[..quic.len()].copy_from_slice(&quic);
+        }
+        cfg.quic_overload = match self.quic_overload {
+            QuicOverload::Pass => filter_common::quic::OVERLOAD_PASS,
+            QuicOverload::Drop => filter_common::quic::OVERLOAD_DROP,
         };
         cfg.fragment_policy = match self.fragments {
             FragmentPolicy::Drop => filter_common::inspect::FRAGMENTS_DROP,
@@ -351,33 +375,45 @@ impl TrafficPolicy {
     }
 }
 
-/// The TCP ports whose payload is read for TLS ClientHellos (`--tls-ports`).
+/// The TCP ports whose payload is read for TLS ClientHellos
+/// (`--tls-ports`), or the UDP ports read for QUIC Initials
+/// (`--quic-ports`; 53 never is).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum TlsPorts {
-    /// Every port (a ClientHello is recognized by its content).
+pub enum PortSet {
+    /// Every port (a ClientHello or an Initial is recognized by its
+    /// content).
     #[default]
     All,
-    /// These ports only (HTTP ports are read too: a ClientHello there goes
-    /// on to the TLS stage).
+    /// These ports only (for TLS, HTTP ports are read too: a ClientHello
+    /// there goes on to the TLS stage).
     Only(Vec<u16>),
 }
 
-/// One value of `--tls-ports`: `all`, or a port.
+/// One value of `--tls-ports` or `--quic-ports`: `all`, or a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TlsPort {
+pub enum PortArg {
     All,
     Port(u16),
 }
 
-impl TlsPorts {
-    /// The setting from `--tls-ports` values (comma-separated or repeated):
-    /// `all` alone, or at most `MAX_TLS_PORTS` distinct ports.
-    pub fn from_args(args: &[TlsPort]) -> Result<TlsPorts, String> {
-        let ports: Vec<u16> = args.iter().filter_map(|a| if let TlsPort::Port(p) = a { Some(*p) } else { None }).collect();
-        match (args.contains(&TlsPort::All), ports.is_empty()) {
-            (true, true) => Ok(TlsPorts::All),
+impl PortSet {
+    /// The setting from `--tls-ports` or `--quic-ports` values
+    /// (comma-separated or repeated): `all` alone, or at most
+    /// `MAX_TLS_PORTS` distinct ports.
+    pub fn from_args(args: &[PortArg]) -> Result<PortSet, String> {
+        let ports: Vec<u16> = args.iter().filter_map(|a| if let PortArg::Port(p) = a { Some(*p) } else { None }).collect();
+        match (args.contains(&PortArg::All), ports.is_empty()) {
+            (true, true) => Ok(PortSet::All),
             (true, false) => Err(format!("`all` cannot be combined with ports ({}): give either `all` or a list of ports", join(&ports))),
-            (false, _) => Self::only(ports).map(TlsPorts::Only),
+            (false, _) => Self::only(ports).map(PortSet::Only),
+        }
+    }
+
+    /// `None` for all ports, else the ports checked as `only` does.
+    fn checked(&self) -> Result<Option<Vec<u16>>, String> {
+        match self {
+            PortSet::All => Ok(None),
+            PortSet::Only(ports) => Self::only(ports.clone()).map(Some),
         }
     }
 
@@ -403,12 +439,13 @@ fn join(ports: &[u16]) -> String {
     ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
 }
 
-/// One value of `--tls-ports`: `all` or a TCP port, 1 to 65535.
-pub fn parse_tls_port(s: &str) -> Result<TlsPort, String> {
+/// One value of `--tls-ports` or `--quic-ports`: `all` or a port, 1 to
+/// 65535.
+pub fn parse_port_arg(s: &str) -> Result<PortArg, String> {
     if s.trim() == "all" {
-        return Ok(TlsPort::All);
+        return Ok(PortArg::All);
     }
-    parse_port(s).map(TlsPort::Port).map_err(|e| e.replace("(expected 1 to 65535)", "(expected `all` or 1 to 65535)"))
+    parse_port(s).map(PortArg::Port).map_err(|e| e.replace("(expected 1 to 65535)", "(expected `all` or 1 to 65535)"))
 }
 
 const PORT_0: &str = "port 0 cannot carry traffic (expected 1 to 65535)";
@@ -532,37 +569,54 @@ mod tests {
 
     #[test]
     fn tls_ports() {
-        use TlsPort::{All, Port};
-        assert_eq!(parse_tls_port("all"), Ok(All));
-        assert_eq!(parse_tls_port(" 8443"), Ok(Port(8443)));
-        assert_eq!(parse_tls_port("0").unwrap_err(), "port 0 cannot carry traffic (expected `all` or 1 to 65535)");
-        assert_eq!(parse_tls_port("https").unwrap_err(), "\"https\" is not a port number (expected `all` or 1 to 65535)");
-        assert!(parse_tls_port("ALL").unwrap_err().contains("\"ALL\" is not a port number"));
-        assert!(parse_tls_port("70000").is_err() && parse_tls_port("").is_err() && parse_tls_port("-1").is_err());
+        use PortArg::{All, Port};
+        assert_eq!(parse_port_arg("all"), Ok(All));
+        assert_eq!(parse_port_arg(" 8443"), Ok(Port(8443)));
+        assert_eq!(parse_port_arg("0").unwrap_err(), "port 0 cannot carry traffic (expected `all` or 1 to 65535)");
+        assert_eq!(parse_port_arg("https").unwrap_err(), "\"https\" is not a port number (expected `all` or 1 to 65535)");
+        assert!(parse_port_arg("ALL").unwrap_err().contains("\"ALL\" is not a port number"));
+        assert!(parse_port_arg("70000").is_err() && parse_port_arg("").is_err() && parse_port_arg("-1").is_err());
 
-        assert_eq!(TlsPorts::from_args(&[All]), Ok(TlsPorts::All));
-        assert_eq!(TlsPorts::from_args(&[All, All]), Ok(TlsPorts::All));
-        assert_eq!(TlsPorts::from_args(&[Port(8443), Port(443), Port(8443)]), Ok(TlsPorts::Only(vec![443, 8443])));
-        let e = TlsPorts::from_args(&[Port(443), All, Port(8443)]).unwrap_err();
+        assert_eq!(PortSet::from_args(&[All]), Ok(PortSet::All));
+        assert_eq!(PortSet::from_args(&[All, All]), Ok(PortSet::All));
+        assert_eq!(PortSet::from_args(&[Port(8443), Port(443), Port(8443)]), Ok(PortSet::Only(vec![443, 8443])));
+        let e = PortSet::from_args(&[Port(443), All, Port(8443)]).unwrap_err();
         assert_eq!(e, "`all` cannot be combined with ports (443,8443): give either `all` or a list of ports");
-        assert!(TlsPorts::from_args(&[]).unwrap_err().contains("no port given"));
-        let many: Vec<TlsPort> = (1..=17).map(Port).collect();
-        assert_eq!(TlsPorts::from_args(&many).unwrap_err(), "17 ports given; at most 16 are supported (or `all`)");
-        assert!(TlsPorts::from_args(&many[..16]).is_ok());
+        assert!(PortSet::from_args(&[]).unwrap_err().contains("no port given"));
+        let many: Vec<PortArg> = (1..=17).map(Port).collect();
+        assert_eq!(PortSet::from_args(&many).unwrap_err(), "17 ports given; at most 16 are supported (or `all`)");
+        assert!(PortSet::from_args(&many[..16]).is_ok());
 
         // Into the program's settings: all by default, else the listed ports.
         let mut cfg = Config::default();
         assert!(cfg.is_tls_port(5000) && cfg.is_tls_port(443));
-        let only = TrafficPolicy { tls_ports: TlsPorts::Only(vec![8443, 443]), ..TrafficPolicy::default() };
+        let only = TrafficPolicy { tls_ports: PortSet::Only(vec![8443, 443]), ..TrafficPolicy::default() };
         only.apply_to(&mut cfg).unwrap();
         assert_eq!((cfg.tls_all_ports, cfg.tls_ports[..3].to_vec()), (0, vec![443, 8443, 0]));
         assert!(cfg.is_tls_port(443) && cfg.is_tls_port(8443) && !cfg.is_tls_port(5000) && !cfg.is_tls_port(0));
         TrafficPolicy::default().apply_to(&mut cfg).unwrap();
         assert_eq!((cfg.tls_all_ports, cfg.tls_ports), (1, [0; MAX_TLS_PORTS]));
-        assert_eq!(cfg, Config::default());
-        let bad = TrafficPolicy { tls_ports: TlsPorts::Only((1..=17).collect()), ..TrafficPolicy::default() };
+        // The program's own default reads no QUIC until the daemon says so.
+        assert_eq!(cfg, Config { quic_policy: filter_common::quic::POLICY_READ, ..Config::default() });
+        let bad = TrafficPolicy { tls_ports: PortSet::Only((1..=17).collect()), ..TrafficPolicy::default() };
         assert!(bad.apply_to(&mut cfg).unwrap_err().to_string().contains("--tls-ports: 17 ports given; at most 16"));
-        let zero = TrafficPolicy { tls_ports: TlsPorts::Only(vec![0]), ..TrafficPolicy::default() };
+        let zero = TrafficPolicy { tls_ports: PortSet::Only(vec![0]), ..TrafficPolicy::default() };
         assert!(zero.apply_to(&mut cfg).unwrap_err().to_string().contains("port 0"));
+    }
+
+    #[test]
+    fn quic_ports_and_overload() {
+        let mut cfg = Config::default();
+        TrafficPolicy::default().apply_to(&mut cfg).unwrap();
+        // Every UDP port but DNS's by default; read, overload passes.
+        assert!(cfg.is_quic_port(443) && cfg.is_quic_port(8443) && cfg.is_quic_port(4433) && !cfg.is_quic_port(53));
+        assert_eq!((cfg.quic_policy, cfg.quic_overload), (filter_common::quic::POLICY_READ, filter_common::quic::OVERLOAD_PASS));
+        let only = TrafficPolicy { quic_ports: PortSet::Only(vec![8443, 443, 53]), quic_overload: QuicOverload::Drop, ..TrafficPolicy::default() };
+        only.apply_to(&mut cfg).unwrap();
+        assert_eq!((cfg.quic_all_ports, cfg.quic_ports[..4].to_vec()), (0, vec![53, 443, 8443, 0]));
+        assert!(cfg.is_quic_port(443) && cfg.is_quic_port(8443) && !cfg.is_quic_port(4433) && !cfg.is_quic_port(53) && !cfg.is_quic_port(0));
+        assert_eq!(cfg.quic_overload, filter_common::quic::OVERLOAD_DROP);
+        let bad = TrafficPolicy { quic_ports: PortSet::Only((1..=17).collect()), ..TrafficPolicy::default() };
+        assert!(bad.apply_to(&mut cfg).unwrap_err().to_string().contains("--quic-ports: 17 ports given; at most 16"));
     }
 }

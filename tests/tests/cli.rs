@@ -174,6 +174,38 @@ fn bad_tls_ports_are_refused_with_the_reason() {
     assert!(out.code() == Some(2) && out.stderr.contains("`all` cannot be combined with ports (443,8443)"), "{out}");
 }
 
+/// Bad `--quic-ports` and `--quic-on-overload` values are refused with the
+/// reason (exit 2) before anything is loaded, from the command line and
+/// from a config file.
+#[test]
+fn bad_quic_settings_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(blokir_bin().unwrap());
+        cmd.args(["run", "--iface", "blokir-none0", "--pin-dir"]).arg(dir.path().join("pins")).args(args);
+        netns::run(&mut cmd, Duration::from_secs(10)).unwrap()
+    };
+    let seventeen = (1000..1017).map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    let cases: [(Vec<&str>, &str); 4] = [
+        (vec!["--quic-ports", "443,all"], "--quic-ports: `all` cannot be combined with ports (443): give either `all` or a list of ports"),
+        (vec!["--quic-ports", "443,0"], "invalid value '0' for '--quic-ports <all|PORT[,PORT...]>': port 0 cannot carry traffic"),
+        (vec!["--quic-ports", &seventeen], "--quic-ports: 17 ports given; at most 16 are supported (or `all`)"),
+        (vec!["--quic-on-overload", "block"], "invalid value 'block' for '--quic-on-overload <QUIC_ON_OVERLOAD>'"),
+    ];
+    for (args, why) in cases {
+        let out = run(&args);
+        assert!(out.code() == Some(2) && out.stderr.contains(why), "{args:?}: want {why:?}: {out}");
+        assert!(!out.stderr.contains("loading") && !dir.path().join("pins").exists(), "{args:?}: refused before anything is loaded: {out}");
+    }
+    let config = dir.path().join("blokir.toml");
+    std::fs::write(&config, "quic-ports = [443, \"h3\"]\n").unwrap();
+    let out = run(&["--config", config.to_str().unwrap()]);
+    assert!(out.code() == Some(2) && out.stderr.contains(&format!("{}:1: quic-ports: invalid value 'h3'", config.display())), "{out}");
+    std::fs::write(&config, "quic_ports = [443, 8443]\n").unwrap();
+    let out = run(&["--config", config.to_str().unwrap(), "--quic-ports", "all"]);
+    assert!(out.code() == Some(2) && out.stderr.contains("`all` cannot be combined with ports (443,8443)"), "{out}");
+}
+
 #[test]
 fn the_daemon_takes_its_settings_from_a_config_file_and_refuses_a_bad_one() {
     let topo = Topology::new().unwrap();

@@ -1,6 +1,7 @@
 //! Installs what a fresh machine lacks, idempotently and fast when all is
 //! there: Debian packages, the pinned BPF toolchain with rust-src, bpf-linker
-//! built against Debian's LLVM 22, and cargo-fuzz.
+//! built against Debian's LLVM 22, cargo-fuzz, and the Python packages the
+//! tests run (aioquic, the HTTP/3 server of the QUIC end-to-end tests).
 
 use std::process::Command;
 
@@ -13,6 +14,9 @@ use crate::{is_root, root, run};
 pub const BPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// aioquic from PyPI: Debian 12's python3-aioquic (0.9) predates the HTTP/3
+/// API the server script uses.
+const AIOQUIC: &str = "aioquic==1.7.2";
 
 /// Debian packages: LLVM for bpf-linker, and the real programs the tests and
 /// the demo run (dig, dnsmasq, ip, ss, ethtool, tcpdump, curl, openssl,
@@ -32,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "curl",
     "openssl",
     "chromium",
+    // ngtcp2's HTTP/3 client (gtlsclient), a second QUIC client.
+    "ngtcp2-client",
     "iptables",
     "fonts-dejavu-core",
     "prometheus",
@@ -54,7 +60,20 @@ pub fn all() -> anyhow::Result<()> {
     packages()?;
     toolchain()?;
     bpf_linker()?;
-    cargo_fuzz()
+    cargo_fuzz()?;
+    python_packages()
+}
+
+/// aioquic for the `python3` first on PATH (the one the tests run).
+fn python_packages() -> anyhow::Result<()> {
+    if Command::new("python3").args(["-c", "import aioquic.h3.connection"]).output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    // Debian's own python3 refuses pip installs (PEP 668) unless told.
+    if Command::new("python3").args(["-m", "pip", "install", "--quiet", AIOQUIC]).status().is_ok_and(|s| s.success()) {
+        return Ok(());
+    }
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--break-system-packages", AIOQUIC]))
 }
 
 fn installed(pkg: &str) -> bool {

@@ -1,7 +1,8 @@
 //! The daemon's end of `--quic read`: the Initials the kernel's QUIC stage
 //! hands up (a perf buffer per CPU) are read (`Reader`), matched with the
 //! rules in force, and the blocked flows written into `QUIC_BLOCKED`, where
-//! the stage drops their later Initials.
+//! the stage drops their later datagrams; each verdict's rule is counted in
+//! the per-rule and per-list hits.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -10,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, MapData, PerfEventArray, perf::PerfEvent};
+use aya::maps::{MapData, PerfEventArray, perf::PerfEvent};
 use filter_common::{
     name::{canon_start, match_canon},
     packet::{parse_l3, parse_udp},
@@ -18,6 +19,8 @@ use filter_common::{
     rules::RuleRef,
     tls::FlowKey,
 };
+
+use crate::ebpf::QuicVerdicts;
 use tokio::io::{Interest, unix::AsyncFd};
 
 use super::{
@@ -34,13 +37,13 @@ struct Flows {
     reader: Reader,
     /// Flows whose name matched an ECH-outer rule before ECH was seen.
     pending: StdHashMap<FlowKey, RuleRef>,
-    blocked: HashMap<MapData, FlowKey, u32>,
+    verdicts: QuicVerdicts,
 }
 
 /// Reads every CPU's buffer until the daemon stops.
-pub async fn run(mut perf: PerfEventArray<MapData>, blocked: HashMap<MapData, FlowKey, u32>, shared: Shared, counts: Arc<QuicCounts>) -> anyhow::Result<()> {
+pub async fn run(mut perf: PerfEventArray<MapData>, verdicts: QuicVerdicts, shared: Shared, counts: Arc<QuicCounts>) -> anyhow::Result<()> {
     let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    let flows = Arc::new(Mutex::new(Flows { reader: Reader::default(), pending: StdHashMap::new(), blocked }));
+    let flows = Arc::new(Mutex::new(Flows { reader: Reader::default(), pending: StdHashMap::new(), verdicts }));
     let mut tasks = Vec::new();
     for cpu in cpus {
         let buf = perf.open(cpu, Some(PAGES)).with_context(|| format!("opening the QUIC perf buffer of CPU {cpu}"))?;
@@ -102,45 +105,46 @@ fn handle(sample: &[u8], shared: &Shared, counts: &QuicCounts, flows: &Mutex<Flo
                 verdict(decision, ech, ended, |r| state.kernel.list_is_ech_outer(r.list()))
             };
             match v {
-                Verdict::Block(_) => true,
+                Verdict::Block(rule) => Some(rule),
                 Verdict::Pass(rule) => {
-                    if rule.is_some() {
+                    if let Some(rule) = rule {
                         QuicCounts::add(&counts.allowed, 1);
+                        f.verdicts.allowed(rule);
                     }
-                    false
+                    None
                 }
                 Verdict::WaitForEch(rule) => {
                     f.pending.insert(key, rule);
-                    false
+                    None
                 }
             }
         }
-        Event::Ended { ech } => f.pending.remove(&key).is_some() && ech,
+        Event::Ended { ech } => f.pending.remove(&key).filter(|_| ech),
         Event::NoName => {
             QuicCounts::add(&counts.no_name, 1);
-            false
+            None
         }
         Event::NotHello => {
             QuicCounts::add(&counts.not_hello, 1);
-            false
+            None
         }
         Event::Undecryptable => {
             QuicCounts::add(&counts.undecryptable, 1);
-            false
+            None
         }
         Event::GaveUp => {
             QuicCounts::add(&counts.gave_up, 1);
-            false
+            None
         }
-        Event::Pending | Event::Done => false,
+        Event::Pending | Event::Done => None,
     };
-    if block {
-        match f.blocked.insert(key, 1, 0) {
+    if let Some(rule) = block {
+        match f.verdicts.block(key, rule) {
             Ok(()) => {
                 QuicCounts::add(&counts.blocked, 1);
                 counts.latency(ktime_ns().saturating_sub(meta.ktime_ns) / 1000);
             }
-            Err(e) => tracing::warn!("writing a blocked QUIC flow: {e}"),
+            Err(e) => tracing::warn!("{e:#}"),
         }
     }
 }
