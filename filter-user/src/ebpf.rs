@@ -21,7 +21,7 @@ use aya::{
 use filter_common::{
     counters,
     flow::Flow,
-    quic::{MAP_QUIC_BLOCKED, MAP_QUIC_INITIALS, QUIC_PROGRAM_NAME},
+    quic::{MAP_QUIC_BLOCKED, MAP_QUIC_INITIALS, MAP_QUIC_SEEN, QUIC_PROGRAM_NAME},
     reply::DnsAction,
     reset::{TcpAction, list_action_word},
     rules::{
@@ -533,6 +533,8 @@ impl Kernel {
         }
         clear::<Flow>(self.ebpf.map_mut(MAP_FLOWS), MAP_FLOWS)?;
         clear::<u32>(self.ebpf.map_mut(MAP_SYNS), MAP_SYNS)?;
+        clear::<u32>(self.ebpf.map_mut(MAP_QUIC_SEEN), MAP_QUIC_SEEN)?;
+        clear::<u32>(self.ebpf.map_mut(MAP_QUIC_BLOCKED), MAP_QUIC_BLOCKED)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         for i in 0..counters::COUNTERS {
             self.counters.set(i, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;

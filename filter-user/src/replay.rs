@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use filter_common::{hash::lane_multiplier, rules::MAX_RULE_ID};
+use filter_common::{hash::lane_multiplier, quic::MAP_QUIC_BLOCKED, rules::MAX_RULE_ID, tls::FlowKey};
 use pcap_file::{
     DataLink,
     pcap::PcapReader,
@@ -26,7 +26,7 @@ use crate::{
     daemon::{apply_list, list_name},
     ebpf::Kernel,
     model::{Model, PASS_AS_RST, XDP_DROP, XDP_PASS, XDP_TX},
-    policy::{DnsPolicy, ListSettings},
+    policy::{DnsPolicy, ListSettings, QuicPolicy, TrafficPolicy},
     rules::{Engine, file::read_rules},
 };
 
@@ -79,6 +79,9 @@ pub struct Options {
     pub rule_files: Vec<PathBuf>,
     pub capacity: u32,
     pub dns: DnsPolicy,
+    /// What QUIC Initials get, as `run --quic`: with `read`, this command
+    /// plays the daemon's part (see `run`).
+    pub quic: QuicPolicy,
 }
 
 /// Loads the program and the rules, then calls `each` with every packet's
@@ -104,6 +107,7 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
     let mut engine = Engine::new([lane_multiplier(rand::random()), lane_multiplier(rand::random())], opts.capacity as usize, opts.capacity);
     let mut cfg = engine.config();
     opts.dns.apply_to(&mut cfg);
+    TrafficPolicy { quic: opts.quic, ..TrafficPolicy::default() }.apply_to(&mut cfg)?;
     kernel.write_config(cfg)?;
     for (name, path, rules) in &lists {
         apply_list(&mut engine, &mut kernel, opts.dns.resolve(name, ListSettings::default()), name, Some(path.clone()), rules)?;
@@ -157,6 +161,13 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
         }
         if let Some((proto, af)) = step.proto {
             (record.proto, record.af) = (Some(proto.name()), Some(af.name()));
+        }
+        if let Some(key) = step.quic_blocked {
+            // The daemon's part of `--quic read`: the Initial that completed
+            // the name passed; the flow's later datagrams are dropped.
+            let map = kernel.map_mut(MAP_QUIC_BLOCKED).with_context(|| format!("map {MAP_QUIC_BLOCKED} missing"))?;
+            aya::maps::HashMap::<_, FlowKey, u32>::try_from(map)?.insert(key, 1, 0).context("writing a blocked QUIC flow")?;
+            record.note = Some("QUIC flow blocked: its later datagrams are dropped".into());
         }
         record.name = step.name;
         if let Some(r) = step.rule.and_then(|r| engine.rule(r.id())) {
