@@ -113,19 +113,27 @@ impl Loaded {
     }
 
     /// Runs `frames` through the kernel and `model` in order; asserts they
-    /// agree on every verdict and counter; returns the verdicts.
+    /// agree on every verdict and counter; returns the verdicts. With
+    /// `--quic read`, the QUIC flows the model's reader blocks are written
+    /// into `QUIC_BLOCKED`, as the daemon does.
     #[track_caller]
     pub fn run_with_model(&mut self, model: &mut model::Model, frames: &[Vec<u8>], what: &str) -> Vec<u32> {
-        frames
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let (want, counted) = model.run(&self.engine, &self.kernel.config(), f);
-                let (got, delta) = self.run(f);
-                assert_eq!((got, describe_counters(&delta)), (want, describe_counters(&counter_deltas(&counted))), "{what}: segment {i}");
-                got
-            })
-            .collect()
+        frames.iter().enumerate().map(|(i, f)| self.step_with_model(model, f, &format!("{what}: segment {i}")).fate()).collect()
+    }
+
+    /// One frame through the kernel and `model`, which must agree on the
+    /// verdict and counters; the model's step (a QUIC flow it blocks is
+    /// written into `QUIC_BLOCKED`).
+    #[track_caller]
+    pub fn step_with_model(&mut self, model: &mut model::Model, frame: &[u8], what: &str) -> model::Step {
+        let step = model.step(&self.engine, &self.kernel.config(), frame);
+        let (got, delta) = self.run(frame);
+        assert_eq!((got, describe_counters(&delta)), (step.fate(), describe_counters(&counter_deltas(&step.counted))), "{what}");
+        if let Some(key) = step.quic_blocked {
+            let map = self.kernel.map_mut(filter_common::quic::MAP_QUIC_BLOCKED).expect("the QUIC_BLOCKED map");
+            aya::maps::HashMap::<_, filter_common::tls::FlowKey, u32>::try_from(map).unwrap().insert(key, 1, 0).unwrap();
+        }
+        step
     }
 
     /// The shared `inspect` run on the host over `packet`, against exactly
@@ -241,6 +249,12 @@ pub fn capture_frames() -> Vec<Vec<u8>> {
         frames.push(p.unwrap().data.into_owned());
     }
     frames
+}
+
+/// The repository's own captures (`tests/data`): `chromium-quic.pcap`
+/// holds Chromium's whole QUIC first flight (`capture-quic.sh`).
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data")
 }
 
 /// `../shared/pcaps/` next to the checkout (or `$BLOKIR_PCAPS`).
