@@ -20,7 +20,7 @@ use filter_common::{
     flow::{Start, Tamper, start_of, suspect_first, tamper},
     http::{self, Request, starts_request},
     inspect::{Classified, Env, Inspection, classify, inspect},
-    name::{CANON_CAP, CanonBuf, Decision, canon_start, match_canon},
+    name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, fake_signs, parse_l3, parse_tcp, parse_udp},
     quic::{MAX_HANDED_UP, PER_FLOW_CAP, POLICY_READ},
     reply::{DnsAction, NoReply},
@@ -782,23 +782,7 @@ fn rule_of(d: Decision) -> Option<RuleRef> {
     }
 }
 
-/// The dotted form of the canonical name in `buf`, which must hold exactly
-/// one name (as a fresh buffer does after one name was written): it starts
-/// at the first label-start mark and ends at the buffer's end.
-pub fn canon_to_dotted(buf: &CanonBuf) -> String {
-    let Some(start) = buf.starts.iter().position(|s| *s == 1) else { return ".".into() };
-    let canon = &buf.bytes[start..CANON_CAP];
-    let mut labels = Vec::new();
-    let mut i = 0;
-    while i < canon.len() {
-        let len = canon[i] as usize;
-        let label: Vec<u8> = canon[i + 1..(i + 1 + len).min(canon.len())].iter().rev().copied().collect();
-        labels.push(String::from_utf8_lossy(&label).into_owned());
-        i += 1 + len;
-    }
-    labels.reverse();
-    labels.join(".")
-}
+pub use filter_common::name::canon_to_dotted;
 
 /// `inspect`'s environment on the host: a scratch buffer, the engine's
 /// settings and its node map.
