@@ -249,6 +249,16 @@ fn read_policy_blocks_a_listed_flow_after_its_name_as_the_model_does() {
             }
         }
     }
+    // Another version's Initial and a Handshake packet of a fresh flow:
+    // not Initials, so neither counted nor handed up; they pass.
+    let mut draft = seal::initial(Version::V1, &[0x5a; 8], &[], 0, &seal::crypto_frame(0, &seal::client_hello("blocked.example", false, 0)), 1200);
+    draft[1..5].copy_from_slice(&0xff00_001du32.to_be_bytes());
+    let mut handshake = seal::initial(Version::V1, &[0x5a; 8], &[], 0, &seal::crypto_frame(0, &seal::client_hello("blocked.example", false, 0)), 1200);
+    handshake[0] = (handshake[0] & 0xcf) | 0x20;
+    for (what, d) in [("draft-29", draft), ("a Handshake packet", handshake)] {
+        let step = l.step_with_model(&mut model, &flow_datagram(false, 39998, &d), what);
+        assert_eq!((step.fate(), step.counted.len(), step.name), (XDP_PASS, 0, None), "{what}");
+    }
     // Junk that looks like an Initial: handed up, unread, passed; the
     // ninth of a flow is not handed up.
     let junk = long_header(0xc3, VERSION_1, 8, 1200);
