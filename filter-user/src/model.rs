@@ -294,10 +294,10 @@ impl Model {
     /// A data segment of an untracked flow against its connection's start
     /// (`conn::start`): the drop of an early one, the pass of a stale one,
     /// or where it stands (the record stays until `started`).
-    fn start(&self, key: &FlowKey, seq: u32, len: usize) -> Result<Start, Step> {
+    fn start(&self, key: &FlowKey, seq: u32, len: usize) -> Result<Start, Box<Step>> {
         match start_of(self.syns.get(key).copied(), seq, len as u32) {
-            Start::Early => Err(Step { verdict: XDP_DROP, counted: vec![counters::TCP_EARLY], ..Step::default() }),
-            Start::Stale => Err(Step { verdict: XDP_PASS, ..Step::default() }),
+            Start::Early => Err(Box::new(Step { verdict: XDP_DROP, counted: vec![counters::TCP_EARLY], ..Step::default() })),
+            Start::Stale => Err(Box::new(Step { verdict: XDP_PASS, ..Step::default() })),
             start => Ok(start),
         }
     }
@@ -348,7 +348,7 @@ impl Model {
         if !self.requests.contains_key(&key) {
             let start = match self.start(&key, seq, end.saturating_sub(off)) {
                 Ok(start) => start,
-                Err(step) => return step,
+                Err(step) => return *step,
             };
             let trim = match start {
                 Start::First { trim } => trim,
@@ -560,7 +560,7 @@ impl Model {
         if !self.flows.contains_key(&key) {
             let start = match self.start(&key, seq, end.saturating_sub(off)) {
                 Ok(start) => start,
-                Err(step) => return step,
+                Err(step) => return *step,
             };
             let trim = match start {
                 Start::First { trim } => trim,
