@@ -251,10 +251,13 @@ pub fn capture_frames() -> Vec<Vec<u8>> {
     frames
 }
 
-/// The repository's own captures (`tests/data`): `chromium-quic.pcap`
-/// holds Chromium's whole QUIC first flight (`capture-quic.sh`).
-pub fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data")
+/// One of the repository's own captures (`tests/data`; `chromium-quic.pcap`
+/// holds Chromium's whole QUIC first flight, see `capture-quic.sh`): from
+/// `pcaps_dir()` if it is there (the kernel matrix's guests get every
+/// capture in one directory), else from the checkout.
+pub fn data_capture(name: &str) -> PathBuf {
+    let copied = pcaps_dir().join(name);
+    if copied.is_file() { copied } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(name) }
 }
 
 /// `../shared/pcaps/` next to the checkout (or `$BLOKIR_PCAPS`).

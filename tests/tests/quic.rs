@@ -275,7 +275,7 @@ fn read_policy_blocks_a_listed_flow_after_its_name_as_the_model_does() {
 #[test]
 fn chromiums_first_flight_through_the_kernel_and_the_reader() {
     use filter_common::quic::POLICY_READ;
-    let path = blokir_tests::data_dir().join("chromium-quic.pcap");
+    let path = blokir_tests::data_capture("chromium-quic.pcap");
     let mut reader = pcap_file::pcap::PcapReader::new(std::fs::File::open(&path).unwrap()).unwrap();
     let mut frames = Vec::new();
     while let Some(p) = reader.next_packet() {

@@ -355,7 +355,7 @@ fn frames_of(path: &Path) -> Vec<Vec<u8>> {
 #[test]
 fn quic_names_are_read_and_a_listed_flow_is_blocked_after_its_name() {
     let dir = tempfile::tempdir().unwrap();
-    let capture = blokir_tests::data_dir().join("chromium-quic.pcap");
+    let capture = blokir_tests::data_capture("chromium-quic.pcap");
     let frames = frames_of(&capture);
     let flows = quic_flows(&frames);
     assert_eq!(flows.len(), 2, "two QUIC flows in the capture");
