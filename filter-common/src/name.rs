@@ -289,6 +289,27 @@ impl<S: core::hash::BuildHasher> RuleLookup for std::collections::HashMap<NameKe
     }
 }
 
+/// The dotted form of the canonical name in `buf`, which must hold exactly
+/// one name (as a fresh buffer does after one name was written): it starts
+/// at the first label-start mark and ends at the buffer's end. For display
+/// (the host model, `blokir replay`, the QUIC reader).
+#[cfg(feature = "std")]
+pub fn canon_to_dotted(buf: &CanonBuf) -> std::string::String {
+    use std::{string::String, vec::Vec};
+    let Some(start) = buf.starts.iter().position(|s| *s == 1) else { return ".".into() };
+    let canon = &buf.bytes[start..CANON_CAP];
+    let mut labels = Vec::new();
+    let mut i = 0;
+    while i < canon.len() {
+        let len = canon[i] as usize;
+        let label: Vec<u8> = canon[i + 1..(i + 1 + len).min(canon.len())].iter().rev().copied().collect();
+        labels.push(String::from_utf8_lossy(&label).into_owned());
+        i += 1 + len;
+    }
+    labels.reverse();
+    labels.join(".")
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;

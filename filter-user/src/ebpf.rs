@@ -651,6 +651,30 @@ impl Kernel {
         Ok((aya::maps::PerfEventArray::try_from(perf)?, verdicts))
     }
 
+    /// Blocks QUIC flow `key` as the daemon's reader does (for `replay` and
+    /// the kernel suites, which play the daemon's part with the model).
+    pub fn block_quic_flow(&mut self, key: FlowKey) -> anyhow::Result<()> {
+        let [Some(blocked), Some(ports)] = self.ebpf.maps_disjoint_mut([MAP_QUIC_BLOCKED, MAP_QUIC_BLOCKED_PORTS]) else {
+            bail!("map {MAP_QUIC_BLOCKED} or {MAP_QUIC_BLOCKED_PORTS} missing (or taken)");
+        };
+        write_quic_block(&mut HashMap::try_from(blocked)?, &mut Array::try_from(ports)?, key, 1)
+    }
+
+    /// A reader of the handed-up Initials that only drains them, for
+    /// `replay` and the kernel suites, which play the daemon's part with the
+    /// host model: without one, the kernel cannot hand Initials up
+    /// (`undelivered`). The map stays in place for the next one.
+    pub fn quic_sink(&self) -> anyhow::Result<QuicSink> {
+        let Some(Map::PerfEventArray(data)) = self.ebpf.map(MAP_QUIC_INITIALS) else {
+            bail!("map {MAP_QUIC_INITIALS} missing (or taken)");
+        };
+        let data = MapData::from_fd(data.fd().as_fd().try_clone_to_owned()?)?;
+        let mut perf = aya::maps::PerfEventArray::try_from(Map::PerfEventArray(data))?;
+        let cpus = aya::util::online_cpus().map_err(|(_, e)| e)?;
+        let buffers = cpus.into_iter().map(|cpu| perf.open(cpu, Some(16))).collect::<Result<_, _>>()?;
+        Ok(QuicSink { buffers })
+    }
+
     /// Whether list `id` is an ECH-outer list (`LIST_ACTIONS`).
     pub fn list_is_ech_outer(&self, id: u32) -> bool {
         self.list_actions.get(&id, 0).is_ok_and(|w| w & filter_common::rules::LIST_ECH_OUTER != 0)
@@ -778,6 +802,37 @@ impl FlowTable {
     }
 }
 
+/// See [`Kernel::quic_sink`].
+pub struct QuicSink {
+    buffers: Vec<aya::maps::perf::PerfEventArrayBuffer<MapData>>,
+}
+
+impl QuicSink {
+    /// Discards what was handed up, so the buffers never fill.
+    pub fn drain(&mut self) {
+        for b in &mut self.buffers {
+            b.for_each(|_| {});
+        }
+    }
+}
+
+/// Writes blocked QUIC flow `key` (value `rule`, never 0): its server port
+/// into `QUIC_BLOCKED_PORTS` first, as a datagram that finds the flow must
+/// find its port (the entry program looks the flow up only then).
+fn write_quic_block<B, P>(blocked: &mut HashMap<B, FlowKey, u32>, ports: &mut Array<P, u64>, key: FlowKey, rule: u32) -> anyhow::Result<()>
+where
+    B: std::borrow::BorrowMut<MapData>,
+    P: std::borrow::BorrowMut<MapData>,
+{
+    let word = u32::from(key.dst_port) / 64;
+    let bit = 1u64 << (key.dst_port % 64);
+    let old = ports.get(&word, 0).context("reading the blocked QUIC ports")?;
+    if old & bit == 0 {
+        ports.set(word, old | bit, 0).context("writing the blocked QUIC ports")?;
+    }
+    blocked.insert(key, rule, 0).context("writing a blocked QUIC flow")
+}
+
 /// Where the daemon's QUIC verdicts go: blocked flows into `QUIC_BLOCKED`
 /// (their server port first into `QUIC_BLOCKED_PORTS`), and each verdict's
 /// rule into the per-rule and per-list hits, as the match stage counts a
@@ -793,14 +848,7 @@ impl QuicVerdicts {
     /// Blocks flow `key` by `rule`: the QUIC stage drops its datagrams
     /// from now on.
     pub fn block(&mut self, key: FlowKey, rule: RuleRef) -> anyhow::Result<()> {
-        // The port first: a datagram that finds the flow must find its port.
-        let word = u32::from(key.dst_port) / 64;
-        let bit = 1u64 << (key.dst_port % 64);
-        let old = self.blocked_ports.get(&word, 0).context("reading the blocked QUIC ports")?;
-        if old & bit == 0 {
-            self.blocked_ports.set(word, old | bit, 0).context("writing the blocked QUIC ports")?;
-        }
-        self.blocked.insert(key, rule.0.max(1), 0).context("writing a blocked QUIC flow")?;
+        write_quic_block(&mut self.blocked, &mut self.blocked_ports, key, rule.0.max(1))?;
         self.hit(rule, counters::LIST_BLOCKED);
         Ok(())
     }

@@ -162,6 +162,11 @@ enum Command {
         rule_capacity: u32,
         #[command(flatten)]
         dns: DnsArgs,
+        /// What QUIC Initials (UDP/443) get, as for `run`: with read (the
+        /// default here), their server names are read as the daemon reads
+        /// them, and a blocked flow's later datagrams are dropped.
+        #[arg(long, value_enum, default_value_t = QuicPolicy::Read)]
+        quic: QuicPolicy,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -718,8 +723,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => Ok(ExitCode::SUCCESS),
             }
         }
-        Command::Replay { capture, rules, rule_capacity, dns, output } => {
-            let opts = replay::Options { capture, rule_files: rules, capacity: rule_capacity, dns: dns.policy() };
+        Command::Replay { capture, rules, rule_capacity, dns, quic, output } => {
+            let opts = replay::Options { capture, rule_files: rules, capacity: rule_capacity, dns: dns.policy(), quic };
             replay_capture(&opts, output)
         }
     }

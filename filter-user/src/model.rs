@@ -5,8 +5,13 @@
 //! verdicts and move the same counters (katran's BpfTester, inverted: the
 //! model is the specification of the glue). `blokir replay` uses it to name
 //! what the kernel decided on: the name read and the rule that matched.
+//!
+//! With `--quic read` it is the QUIC stage and the daemon's reader together
+//! (`quic`): the Initials the kernel hands up are read on the spot, and a
+//! blocked flow is reported (`Step::quic_blocked`) for the caller to write
+//! into the kernel's `QUIC_BLOCKED`, as the daemon does.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Instant};
 
 use filter_common::{
     counters::{self, Outcome, Proto},
@@ -14,16 +19,23 @@ use filter_common::{
     dns_tcp::{self, Query},
     flow::{Start, Tamper, start_of, suspect_first, tamper},
     http::{self, Request, starts_request},
-    inspect::{Env, Inspection, inspect},
-    name::{CANON_CAP, CanonBuf, Decision, canon_start, match_canon},
-    packet::{Af, IPPROTO_TCP, fake_signs, parse_l3, parse_tcp},
+    inspect::{Classified, Env, Inspection, classify, inspect},
+    name::{CanonBuf, Decision, canon_start, match_canon},
+    packet::{Af, IPPROTO_TCP, fake_signs, parse_l3, parse_tcp, parse_udp},
+    quic::{MAX_HANDED_UP, OVERLOAD_DROP, PER_FLOW_CAP, POLICY_READ},
     reply::{DnsAction, NoReply},
     reset::{TcpAction, Toward, build_reset},
     rules::{Config, MAX_LISTS, RuleRef},
     tls::{FlowKey, Hello, MAX_ROUNDS, Progress, Resume, feed, name_so_far, resume, starts_hello},
 };
 
-use crate::rules::{Engine, engine::Nodes};
+use crate::{
+    quic::{
+        Event, Reader,
+        verdict::{Verdict, verdict},
+    },
+    rules::{Engine, engine::Nodes},
+};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -48,6 +60,10 @@ pub struct Step {
     /// The packet as rewritten: sent back (`XDP_TX`, a TCP RST to the
     /// client) or passed on (`XDP_PASS`, a RST to the server).
     pub sent: Option<Vec<u8>>,
+    /// A QUIC flow the daemon's reader blocked on this Initial (which
+    /// passes): the caller writes it into `QUIC_BLOCKED`, as the daemon does,
+    /// for the kernel to drop the flow's later datagrams.
+    pub quic_blocked: Option<FlowKey>,
 }
 
 /// The flow table and the connection starts (the kernel's LRU maps,
@@ -66,6 +82,19 @@ pub struct Model {
     syns: HashMap<FlowKey, u32>,
     /// Lists (by id) whose TCP action is `reset`.
     resets: std::collections::HashSet<u32>,
+    quic: QuicFlows,
+}
+
+/// `--quic read`: the QUIC stage's maps and the daemon's reader.
+#[derive(Default)]
+struct QuicFlows {
+    /// `QUIC_SEEN`: Initials handed up per flow.
+    seen: HashMap<FlowKey, u32>,
+    /// `QUIC_BLOCKED`, with the name and rule that blocked each flow.
+    blocked: HashMap<FlowKey, (Option<String>, Option<RuleRef>)>,
+    reader: Reader,
+    /// Flows whose name matched an ECH-outer rule before ECH was seen.
+    pending: HashMap<FlowKey, (Option<String>, RuleRef)>,
 }
 
 /// The name and rule that blocked a flow, for its later segments.
@@ -110,7 +139,10 @@ impl Model {
     /// `run`, with what was read and which rule decided.
     pub fn step(&mut self, engine: &Engine, cfg: &Config, packet: &[u8]) -> Step {
         let mut env = HostEnv { buf: CanonBuf::default(), cfg: *cfg, nodes: engine.nodes() };
+        let read_quic = cfg.is_configured() && cfg.quic_policy == POLICY_READ;
         match inspect(packet, &mut env) {
+            Inspection::Quic { af, drop: false } if read_quic => self.quic(engine, cfg, packet, Some(af)),
+            Inspection::Other if read_quic && matches!(classify(packet), Classified::QuicOther(_)) => self.quic(engine, cfg, packet, None),
             Inspection::TcpPayload => {
                 let Ok(l3) = parse_l3(packet) else { return Step { verdict: XDP_PASS, ..Step::default() } };
                 let Ok(l4) = parse_tcp(packet, &l3) else { return Step { verdict: XDP_PASS, ..Step::default() } };
@@ -164,6 +196,73 @@ impl Model {
         (self.ech_outer >> rule.list()) & 1 != 0
     }
 
+    /// The QUIC stage (`filter-ebpf/src/quic.rs`) for a datagram to UDP/443
+    /// (`initial`: a client Initial, counted by the entry program), then the
+    /// daemon's reader (`quic::handoff`) for an Initial handed up. The
+    /// per-CPU budget is not modelled: a replay or a test hands up far fewer
+    /// than 2,000 Initials per 10 ms.
+    fn quic(&mut self, engine: &Engine, cfg: &Config, p: &[u8], initial: Option<Af>) -> Step {
+        let mut step = Step { verdict: XDP_PASS, ..Step::default() };
+        if let Some(af) = initial {
+            step.counted.push(counters::proto_index(Proto::Quic, af, Outcome::Inspected));
+            step.proto = Some((Proto::Quic, af));
+        }
+        let Ok(l3) = parse_l3(p) else { return step };
+        let Ok(l4) = parse_udp(p, &l3) else { return step };
+        let Some(key) = FlowKey::of(p, &l3, &l4) else { return step };
+        if let Some((name, rule)) = self.quic.blocked.get(&key) {
+            step.counted.push(counters::proto_index(Proto::Quic, l3.af, Outcome::Blocked));
+            return Step { verdict: XDP_DROP, proto: Some((Proto::Quic, l3.af)), name: name.clone(), rule: *rule, ..step };
+        }
+        if initial.is_none() {
+            return step;
+        }
+        let seen = self.quic.seen.entry(key).or_default();
+        if *seen >= PER_FLOW_CAP {
+            step.counted.push(counters::QUIC_OVER_CAP);
+            if cfg.quic_overload == OVERLOAD_DROP {
+                step.counted.push(counters::proto_index(Proto::Quic, l3.af, Outcome::Blocked));
+                step.verdict = XDP_DROP;
+            }
+            return step;
+        }
+        *seen += 1;
+        step.counted.push(counters::QUIC_HANDED_UP);
+        // The daemon's side, on the frame as handed up.
+        let frame = &p[..p.len().min(MAX_HANDED_UP as usize)];
+        let Ok(l3) = parse_l3(frame) else { return step };
+        let Ok(l4) = parse_udp(frame, &l3) else { return step };
+        let ech_outer = self.ech_outer;
+        let blocked = match self.quic.reader.datagram(key, &frame[l4.payload_off..l4.payload_end], Instant::now()) {
+            Event::Name { mut canon, len, ech, ended } => {
+                let decision = match_canon(&mut canon.0, canon_start(len), cfg, &engine.nodes());
+                step.name = Some(canon_to_dotted(&canon.0));
+                step.rule = rule_of(decision);
+                match verdict(decision, ech, ended, |r| (ech_outer >> r.list()) & 1 != 0) {
+                    Verdict::Block(_) => true,
+                    Verdict::Pass(_) => false,
+                    Verdict::WaitForEch(rule) => {
+                        self.quic.pending.insert(key, (step.name.clone(), rule));
+                        false
+                    }
+                }
+            }
+            Event::Ended { ech } => match self.quic.pending.remove(&key) {
+                Some((name, rule)) if ech => {
+                    (step.name, step.rule) = (name, Some(rule));
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if blocked {
+            self.quic.blocked.insert(key, (step.name.clone(), step.rule));
+            step.quic_blocked = Some(key);
+        }
+        step
+    }
+
     /// A client's SYN (`conn::syn` in the kernel): a blocked flow on its
     /// addresses and ports whose server end is still open has it closed by
     /// a RST made of the SYN, and is forgotten. Otherwise `None` for a SYN
@@ -199,10 +298,10 @@ impl Model {
     /// A data segment of an untracked flow against its connection's start
     /// (`conn::start`): the drop of an early one, the pass of a stale one,
     /// or where it stands (the record stays until `started`).
-    fn start(&self, key: &FlowKey, seq: u32, len: usize) -> Result<Start, Step> {
+    fn start(&self, key: &FlowKey, seq: u32, len: usize) -> Result<Start, Box<Step>> {
         match start_of(self.syns.get(key).copied(), seq, len as u32) {
-            Start::Early => Err(Step { verdict: XDP_DROP, counted: vec![counters::TCP_EARLY], ..Step::default() }),
-            Start::Stale => Err(Step { verdict: XDP_PASS, ..Step::default() }),
+            Start::Early => Err(Box::new(Step { verdict: XDP_DROP, counted: vec![counters::TCP_EARLY], ..Step::default() })),
+            Start::Stale => Err(Box::new(Step { verdict: XDP_PASS, ..Step::default() })),
             start => Ok(start),
         }
     }
@@ -253,7 +352,7 @@ impl Model {
         if !self.requests.contains_key(&key) {
             let start = match self.start(&key, seq, end.saturating_sub(off)) {
                 Ok(start) => start,
-                Err(step) => return step,
+                Err(step) => return *step,
             };
             let trim = match start {
                 Start::First { trim } => trim,
@@ -465,7 +564,7 @@ impl Model {
         if !self.flows.contains_key(&key) {
             let start = match self.start(&key, seq, end.saturating_sub(off)) {
                 Ok(start) => start,
-                Err(step) => return step,
+                Err(step) => return *step,
             };
             let trim = match start {
                 Start::First { trim } => trim,
@@ -687,23 +786,7 @@ fn rule_of(d: Decision) -> Option<RuleRef> {
     }
 }
 
-/// The dotted form of the canonical name in `buf`, which must hold exactly
-/// one name (as a fresh buffer does after one name was written): it starts
-/// at the first label-start mark and ends at the buffer's end.
-pub fn canon_to_dotted(buf: &CanonBuf) -> String {
-    let Some(start) = buf.starts.iter().position(|s| *s == 1) else { return ".".into() };
-    let canon = &buf.bytes[start..CANON_CAP];
-    let mut labels = Vec::new();
-    let mut i = 0;
-    while i < canon.len() {
-        let len = canon[i] as usize;
-        let label: Vec<u8> = canon[i + 1..(i + 1 + len).min(canon.len())].iter().rev().copied().collect();
-        labels.push(String::from_utf8_lossy(&label).into_owned());
-        i += 1 + len;
-    }
-    labels.reverse();
-    labels.join(".")
-}
+pub use filter_common::name::canon_to_dotted;
 
 /// `inspect`'s environment on the host: a scratch buffer, the engine's
 /// settings and its node map.

@@ -26,7 +26,7 @@ use crate::{
     daemon::{apply_list, list_name},
     ebpf::Kernel,
     model::{Model, PASS_AS_RST, XDP_DROP, XDP_PASS, XDP_TX},
-    policy::{DnsPolicy, ListSettings},
+    policy::{DnsPolicy, ListSettings, QuicPolicy, TrafficPolicy},
     rules::{Engine, file::read_rules},
 };
 
@@ -79,6 +79,9 @@ pub struct Options {
     pub rule_files: Vec<PathBuf>,
     pub capacity: u32,
     pub dns: DnsPolicy,
+    /// What QUIC Initials get, as `run --quic`: with `read`, this command
+    /// plays the daemon's part (see `run`).
+    pub quic: QuicPolicy,
 }
 
 /// Loads the program and the rules, then calls `each` with every packet's
@@ -104,6 +107,7 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
     let mut engine = Engine::new([lane_multiplier(rand::random()), lane_multiplier(rand::random())], opts.capacity as usize, opts.capacity);
     let mut cfg = engine.config();
     opts.dns.apply_to(&mut cfg);
+    TrafficPolicy { quic: opts.quic, ..TrafficPolicy::default() }.apply_to(&mut cfg)?;
     kernel.write_config(cfg)?;
     for (name, path, rules) in &lists {
         apply_list(&mut engine, &mut kernel, opts.dns.resolve(name, ListSettings::default()), name, Some(path.clone()), rules)?;
@@ -119,6 +123,9 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
             model.set_tcp_action(l.id, policy.tcp);
         }
     }
+    // The daemon's reader, as far as the kernel sees it: Initials are handed
+    // up (the model reads them) rather than undelivered.
+    let mut quic_sink = kernel.quic_sink()?;
     let mut summary = Summary::default();
     let mut index = 0u64;
     while let Some(frame) = capture.next_frame()? {
@@ -136,6 +143,7 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
             continue;
         }
         let (action, out, _) = kernel.test_run(&frame.data, 1).with_context(|| format!("running packet {}", record.index))?;
+        quic_sink.drain();
         let step = model.step(&engine, &kernel.config(), &frame.data);
         let model_fate = step.fate();
         let action = if action == XDP_PASS && out != frame.data { PASS_AS_RST } else { action };
@@ -157,6 +165,12 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
         }
         if let Some((proto, af)) = step.proto {
             (record.proto, record.af) = (Some(proto.name()), Some(af.name()));
+        }
+        if let Some(key) = step.quic_blocked {
+            // The daemon's part of `--quic read`: the Initial that completed
+            // the name passed; the flow's later datagrams are dropped.
+            kernel.block_quic_flow(key)?;
+            record.note = Some("QUIC flow blocked: its later datagrams are dropped".into());
         }
         record.name = step.name;
         if let Some(r) = step.rule.and_then(|r| engine.rule(r.id())) {

@@ -1,4 +1,4 @@
-//! Writes a small seed corpus for the three targets into `corpus/<target>/`
+//! Writes a small seed corpus for the targets into `corpus/<target>/`
 //! (relative to the current directory): run it from `fuzz/` with
 //! `cargo +nightly-2026-05-20 run --example make_seeds` before the first fuzzing run.
 //! Existing files are left alone.
@@ -121,4 +121,46 @@ fn main() {
     d.extend_from_slice(&wire_name("example.com"));
     d.extend_from_slice(&[3, b'w', b'w', b'w', 0xc0, 0x00]);
     write("dns_name", "pointer", &d);
+    quic_seeds();
+}
+
+/// quic_initial: the RFC 9001 and RFC 9369 client Initials as datagrams
+/// (mode 0), and hellos sealed from their frames (mode 1) over 1 to 3
+/// Initials of both versions, coalesced or not, after junk or not;
+/// quic_crypto: a hello's CRYPTO data in shuffled, overlapping pieces, and
+/// pieces at the cap.
+fn quic_seeds() {
+    use blokir_fuzz::quic::seal::{client_hello, crypto_frame};
+    for (i, file) in ["rfc9001-a2.hex", "rfc9369-a2.hex"].iter().enumerate() {
+        let Ok(hex) = fs::read_to_string(Path::new("../filter-user/src/quic/testdata").join(file)) else { continue };
+        let hex: String = hex.split_whitespace().collect();
+        let d: Vec<u8> = (0..hex.len()).step_by(2).filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
+        write("quic_initial", &format!("rfc-{i}"), &[&[0u8][..], &(d.len() as u16).to_be_bytes(), &d].concat());
+    }
+    let hello = client_hello("quic.portal.blocked.example", true, 1200);
+    // PING, CRYPTO pieces last first, PADDING between.
+    let mut frames = vec![0x01];
+    for (i, piece) in hello.chunks(300).enumerate().rev() {
+        frames.extend(crypto_frame((i * 300) as u64, piece));
+        frames.extend([0, 0]);
+    }
+    for flags in [0x00u8, 0x01, 0x02, 0x05, 0x13, 0x24, 0x35] {
+        let dcid: &[u8] = match flags % 3 {
+            0 => &[0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08],
+            1 => &[],
+            _ => &[0x5a; 20],
+        };
+        write("quic_initial", &format!("sealed-{flags:02x}"), &[&[1, flags, dcid.len() as u8][..], dcid, &frames].concat());
+    }
+    let mut pieces = Vec::new();
+    for (i, piece) in hello.chunks(200).enumerate().rev() {
+        let at = (i * 200).saturating_sub(7) as u16;
+        let data = &hello[at as usize..(at as usize + piece.len() + 7).min(hello.len())];
+        pieces.extend(at.to_be_bytes());
+        pieces.push(data.len().min(255) as u8);
+        pieces.extend(&data[..data.len().min(255)]);
+    }
+    write("quic_crypto", "hello", &[&[0u8][..], &pieces].concat());
+    write("quic_crypto", "cap", &[0, 0x82, 0x50, 200, 1, 2, 3, 0xc3, 0xff, 100, 4, 5, 6]);
+    write("quic_crypto", "frames", &[&[1u8][..], &frames].concat());
 }

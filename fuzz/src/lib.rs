@@ -5,7 +5,12 @@
 //! garbage behind (the kernel's scratch buffer is a per-CPU map value that
 //! keeps whatever the previous packet wrote).
 //!
-//! Nothing here calls filter-common's parsers: the walker and the reference
+//! `quic` is the daemon's QUIC Initial reader itself, compiled from
+//! filter-user's sources: filter-user cannot be a dependency here (its build
+//! script builds the XDP object with another toolchain), and these modules
+//! need only filter-common and `ring`.
+//!
+//! Nothing else here calls filter-common's parsers: the walker and the reference
 //! matcher are written from the protocol specifications and the documented
 //! rule semantics, so that a fuzz target comparing the two is a real check.
 
@@ -367,6 +372,17 @@ pub fn reference_canon(labels: &[Vec<u8>]) -> (Vec<u8>, Vec<bool>) {
 }
 
 /// Seed-building helpers (used by `examples/make_seeds.rs`).
+/// The daemon's QUIC reader (`filter-user/src/quic/`): Initial headers and
+/// decryption, the CRYPTO stream, the per-flow reader, and the encryptor the
+/// tests build flows with.
+#[path = "../../filter-user/src/quic"]
+pub mod quic {
+    pub mod initial;
+    pub mod reader;
+    pub mod seal;
+    pub mod stream;
+}
+
 pub mod seed {
     /// A wire name from a dotted one (labels as given, no escaping).
     pub fn wire_name(dotted: &str) -> Vec<u8> {

@@ -28,6 +28,8 @@ pub struct Loaded {
     /// Returned to `SHARED` on drop when programs are shared.
     pub kernel: ManuallyDrop<Kernel>,
     pub engine: Engine,
+    /// Opened by the first step with the model, which plays the daemon.
+    quic_sink: Option<blokir::ebpf::QuicSink>,
 }
 
 /// With `BLOKIR_SHARE_PROGRAM=1` (the kernel matrix's guests, where each
@@ -64,7 +66,7 @@ impl Loaded {
         };
         let engine = Engine::new([lane_multiplier(rand::random()), lane_multiplier(rand::random())], capacity as usize, capacity);
         kernel.write_config(engine.config()).unwrap();
-        let mut l = Loaded { kernel: ManuallyDrop::new(kernel), engine };
+        let mut l = Loaded { kernel: ManuallyDrop::new(kernel), engine, quic_sink: None };
         l.set_list("test", rules);
         l
     }
@@ -113,19 +115,32 @@ impl Loaded {
     }
 
     /// Runs `frames` through the kernel and `model` in order; asserts they
-    /// agree on every verdict and counter; returns the verdicts.
+    /// agree on every verdict and counter; returns the verdicts. With
+    /// `--quic read`, the QUIC flows the model's reader blocks are written
+    /// into `QUIC_BLOCKED`, as the daemon does.
     #[track_caller]
     pub fn run_with_model(&mut self, model: &mut model::Model, frames: &[Vec<u8>], what: &str) -> Vec<u32> {
-        frames
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let (want, counted) = model.run(&self.engine, &self.kernel.config(), f);
-                let (got, delta) = self.run(f);
-                assert_eq!((got, describe_counters(&delta)), (want, describe_counters(&counter_deltas(&counted))), "{what}: segment {i}");
-                got
-            })
-            .collect()
+        frames.iter().enumerate().map(|(i, f)| self.step_with_model(model, f, &format!("{what}: segment {i}")).fate()).collect()
+    }
+
+    /// One frame through the kernel and `model`, which must agree on the
+    /// verdict and counters; the model's step (a QUIC flow it blocks is
+    /// written into `QUIC_BLOCKED`).
+    #[track_caller]
+    pub fn step_with_model(&mut self, model: &mut model::Model, frame: &[u8], what: &str) -> model::Step {
+        if self.quic_sink.is_none() {
+            self.quic_sink = Some(self.kernel.quic_sink().expect("opening the QUIC perf buffers"));
+        }
+        let step = model.step(&self.engine, &self.kernel.config(), frame);
+        let (got, delta) = self.run(frame);
+        if let Some(sink) = &mut self.quic_sink {
+            sink.drain();
+        }
+        assert_eq!((got, describe_counters(&delta)), (step.fate(), describe_counters(&counter_deltas(&step.counted))), "{what}");
+        if let Some(key) = step.quic_blocked {
+            self.kernel.block_quic_flow(key).expect("writing a blocked QUIC flow");
+        }
+        step
     }
 
     /// The shared `inspect` run on the host over `packet`, against exactly
@@ -241,6 +256,15 @@ pub fn capture_frames() -> Vec<Vec<u8>> {
         frames.push(p.unwrap().data.into_owned());
     }
     frames
+}
+
+/// One of the repository's own captures (`tests/data`; `chromium-quic.pcap`
+/// holds Chromium's whole QUIC first flight, see `capture-quic.sh`): from
+/// `pcaps_dir()` if it is there (the kernel matrix's guests get every
+/// capture in one directory), else from the checkout.
+pub fn data_capture(name: &str) -> PathBuf {
+    let copied = pcaps_dir().join(name);
+    if copied.is_file() { copied } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data").join(name) }
 }
 
 /// `../shared/pcaps/` next to the checkout (or `$BLOKIR_PCAPS`).

@@ -5,6 +5,7 @@
 //! and `drop` policies, every verdict and counter checked against the host
 //! model.
 
+use blokir::quic::{initial::Version, seal};
 use blokir_tests::{Loaded, XDP_DROP, XDP_PASS, capture_frames, counter_deltas, describe_counters, model::Model};
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use filter_common::{
@@ -244,4 +245,130 @@ fn read_policy_hands_initials_up_and_drops_blocked_flows() {
     verdicts.allowed(rule);
     assert_eq!((l.kernel.rule_hits()[1], l.kernel.list_hits(0).unwrap()), (3, [2, 1]));
     drop(buffers);
+}
+
+/// A client datagram of flow `sport` (IPv4 or IPv6) to UDP/443.
+fn flow_datagram(v6: bool, sport: u16, payload: &[u8]) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let (c6, s6) = ([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    let mut v = Vec::new();
+    if v6 {
+        eth.ipv6(c6, s6, 64).udp(sport, 443).write(&mut v, payload).unwrap();
+    } else {
+        eth.ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64).udp(sport, 443).write(&mut v, payload).unwrap();
+    }
+    v
+}
+
+/// `hello` over `packets` Initials of `version`, in stream order, each
+/// padded to 1200 bytes.
+fn initials(version: Version, dcid: &[u8], hello: &[u8], packets: usize) -> Vec<Vec<u8>> {
+    let chunk = hello.len().div_ceil(packets);
+    hello
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| seal::initial(version, dcid, &[7; 4], i as u32, &seal::crypto_frame((i * chunk) as u64, part), 1200))
+        .collect()
+}
+
+/// `--quic read`, the kernel and the daemon together, as the host model
+/// runs them (the model plays the daemon: the flows its reader blocks are
+/// written into `QUIC_BLOCKED`): crafted flows of both versions and
+/// families with the hello over 1 to 3 Initials, then a retransmission and
+/// a short-header packet. A listed name's flow passes until the Initial
+/// that completes the name (the verdict follows it) and is dropped after;
+/// an unlisted one passes whole; junk is handed up and passes; past 8
+/// Initials a flow is no longer handed up.
+#[test]
+fn read_policy_blocks_a_listed_flow_after_its_name_as_the_model_does() {
+    use filter_common::quic::POLICY_READ;
+    let mut l = Loaded::new(&[".blocked.example"]);
+    let mut cfg = l.kernel.config();
+    cfg.quic_policy = POLICY_READ;
+    l.kernel.write_config(cfg).unwrap();
+    let mut model = Model::default();
+    let short = long_header(0x43, VERSION_1, 8, 1200);
+    let mut sport = 40000;
+    for v6 in [false, true] {
+        for version in [Version::V1, Version::V2] {
+            for packets in [1, 2, 3] {
+                for (name, listed) in [("quic.portal.blocked.example", true), ("x.test", false)] {
+                    sport += 1;
+                    let what = format!("{name}, {version:?}, {packets} Initials, v6={v6}");
+                    let hello = seal::client_hello(name, false, 800 * packets);
+                    let flow = initials(version, &[0x5a; 8], &hello, packets);
+                    for (i, d) in flow.iter().enumerate() {
+                        let step = l.step_with_model(&mut model, &flow_datagram(v6, sport, d), &format!("{what}: Initial {i}"));
+                        assert_eq!(step.fate(), XDP_PASS, "{what}: Initial {i}");
+                        let last = i + 1 == flow.len();
+                        assert_eq!(step.name.as_deref(), last.then_some(name), "{what}: Initial {i}");
+                        assert_eq!(step.quic_blocked.is_some(), last && listed, "{what}: Initial {i}");
+                    }
+                    let want = if listed { XDP_DROP } else { XDP_PASS };
+                    for (later, d) in [("a retransmission", &flow[0]), ("a short-header packet", &short)] {
+                        let step = l.step_with_model(&mut model, &flow_datagram(v6, sport, d), &format!("{what}: {later}"));
+                        assert_eq!(step.fate(), want, "{what}: {later}");
+                        if listed {
+                            assert_eq!(step.name.as_deref(), Some(name), "{what}: {later} named after the flow's hello");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Another version's Initial and a Handshake packet of a fresh flow:
+    // not Initials, so neither counted nor handed up; they pass.
+    let mut draft = seal::initial(Version::V1, &[0x5a; 8], &[], 0, &seal::crypto_frame(0, &seal::client_hello("blocked.example", false, 0)), 1200);
+    draft[1..5].copy_from_slice(&0xff00_001du32.to_be_bytes());
+    let mut handshake = seal::initial(Version::V1, &[0x5a; 8], &[], 0, &seal::crypto_frame(0, &seal::client_hello("blocked.example", false, 0)), 1200);
+    handshake[0] = (handshake[0] & 0xcf) | 0x20;
+    for (what, d) in [("draft-29", draft), ("a Handshake packet", handshake)] {
+        let step = l.step_with_model(&mut model, &flow_datagram(false, 39998, &d), what);
+        assert_eq!((step.fate(), step.counted.len(), step.name), (XDP_PASS, 0, None), "{what}");
+    }
+    // Junk that looks like an Initial: handed up, unread, passed; the
+    // ninth of a flow is not handed up.
+    let junk = long_header(0xc3, VERSION_1, 8, 1200);
+    let verdicts = l.run_with_model(&mut model, &vec![flow_datagram(false, 39999, &junk); 10], "junk Initials");
+    assert!(verdicts.iter().all(|v| *v == XDP_PASS));
+    let c = l.kernel.counters().unwrap();
+    assert_eq!(c[counters::QUIC_OVER_CAP as usize], 2, "Initials past the per-flow cap");
+}
+
+/// Chromium's whole first flight (two Initials carrying its hello, then
+/// its retransmissions, to a server that never answers), IPv4 to a listed
+/// name and IPv6 to an unlisted one: the first flow is blocked from its
+/// second Initial on, the other passes; kernel and model agree throughout.
+#[test]
+fn chromiums_first_flight_through_the_kernel_and_the_reader() {
+    use filter_common::quic::POLICY_READ;
+    let path = blokir_tests::data_capture("chromium-quic.pcap");
+    let mut reader = pcap_file::pcap::PcapReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+    let mut frames = Vec::new();
+    while let Some(p) = reader.next_packet() {
+        frames.push(p.unwrap().data.into_owned());
+    }
+    let mut l = Loaded::new(&[".blocked.example"]);
+    let mut cfg = l.kernel.config();
+    cfg.quic_policy = POLICY_READ;
+    l.kernel.write_config(cfg).unwrap();
+    let mut model = Model::default();
+    let mut named = Vec::new();
+    let mut verdicts = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let step = l.step_with_model(&mut model, f, &format!("captured datagram {i}"));
+        let v6 = SlicedPacket::from_ethernet(f).unwrap().net.is_some_and(|n| matches!(n, etherparse::NetSlice::Ipv6(_)));
+        named.push((v6, step.name.clone(), step.quic_blocked.is_some()));
+        verdicts.push((v6, step.fate()));
+    }
+    let v4: Vec<u32> = verdicts.iter().filter(|(v6, _)| !v6).map(|(_, v)| *v).collect();
+    let v6: Vec<u32> = verdicts.iter().filter(|(v6, _)| *v6).map(|(_, v)| *v).collect();
+    assert!(v4.len() >= 3 && v6.len() >= 3, "{verdicts:?}");
+    // The hello spans the first two Initials: the second names the flow.
+    assert_eq!(&v4[..2], &[XDP_PASS, XDP_PASS]);
+    assert!(v4[2..].iter().all(|v| *v == XDP_DROP), "{v4:?}");
+    assert!(v6.iter().all(|v| *v == XDP_PASS), "{v6:?}");
+    let v4_named: Vec<_> = named.iter().filter(|(v6, n, _)| !v6 && n.is_some()).collect();
+    assert_eq!(v4_named[0], &(false, Some("quic.portal.blocked.example".to_string()), true));
+    assert!(named.iter().any(|(v6, n, blocked)| *v6 && n.as_deref() == Some("x.test") && !blocked), "{named:?}");
 }

@@ -317,3 +317,105 @@ fn the_tcp_reset_action_shows_as_tx_for_blocked_tls_flows() {
     // DNS queries keep their own action (drop), so every `tx` is a reset.
     assert_eq!(r.summary["tx"], reset);
 }
+
+/// The client datagrams to UDP/443 of a capture, by flow: frame indexes.
+fn quic_flows(frames: &[Vec<u8>]) -> BTreeMap<Flow, Vec<usize>> {
+    let mut flows: BTreeMap<Flow, Vec<usize>> = BTreeMap::new();
+    for (i, frame) in frames.iter().enumerate() {
+        let Ok(s) = SlicedPacket::from_ethernet(frame) else { continue };
+        let Some(TransportSlice::Udp(u)) = s.transport else { continue };
+        let src = match &s.net {
+            Some(NetSlice::Ipv4(ip)) => ip.header().source().to_vec(),
+            Some(NetSlice::Ipv6(ip)) => ip.header().source().to_vec(),
+            _ => continue,
+        };
+        if u.destination_port() == 443 {
+            flows.entry((src, u.source_port(), 443)).or_default().push(i);
+        }
+    }
+    flows
+}
+
+fn frames_of(path: &Path) -> Vec<Vec<u8>> {
+    let mut reader = pcap_file::pcap::PcapReader::new(std::fs::File::open(path).unwrap()).unwrap();
+    let mut frames = Vec::new();
+    while let Some(p) = reader.next_packet() {
+        frames.push(p.unwrap().data.into_owned());
+    }
+    frames
+}
+
+/// QUIC (`--quic read`, replay's default): Chromium's whole first flight
+/// (`tests/data/chromium-quic.pcap`: IPv4 to quic.portal.blocked.example,
+/// IPv6 to x.test; two Initials carry each hello, retransmissions follow).
+/// The Initial that completes a listed name passes with the name and rule
+/// (the daemon's verdict follows it) and every later datagram of the flow
+/// is dropped; the unlisted flow passes, named. Without rules, or with
+/// `--quic pass`, nothing is dropped (and `pass` reads no name).
+#[test]
+fn quic_names_are_read_and_a_listed_flow_is_blocked_after_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = blokir_tests::data_capture("chromium-quic.pcap");
+    let frames = frames_of(&capture);
+    let flows = quic_flows(&frames);
+    assert_eq!(flows.len(), 2, "two QUIC flows in the capture");
+    let r = replay(dir.path(), &capture, &[]);
+    assert_eq!((r.records.len(), &r.summary["disagreements"]), (frames.len(), &Value::from(0)));
+    for (key, indexes) in &flows {
+        let recs: Vec<&Value> = indexes.iter().map(|i| &r.records[*i]).collect();
+        assert!(recs.iter().all(|x| x["proto"] == "quic"), "{recs:?}");
+        let named = recs.iter().position(|x| !x["name"].is_null()).unwrap_or_else(|| panic!("flow {key:?} not named: {recs:?}"));
+        let name = s(&recs[named]["name"]).unwrap();
+        assert_eq!(name, if key.0.len() == 4 { "quic.portal.blocked.example" } else { "x.test" }, "flow {key:?}");
+        assert_eq!(named, 1, "the hello ends in the second Initial: {recs:?}");
+        assert!(recs[..=named].iter().all(|x| x["verdict"] == "pass"), "{recs:?}");
+        assert_eq!(s(&recs[named]["rule"]), expected_rule(name), "flow {key:?}");
+        if blocks(name) {
+            assert_eq!(recs[named]["list"], "national");
+            assert!(s(&recs[named]["note"]).is_some_and(|n| n.contains("QUIC flow blocked")), "{}", recs[named]);
+            assert!(recs.len() > named + 2, "retransmissions after the name: {recs:?}");
+            assert!(recs[named + 1..].iter().all(|x| x["verdict"] == "drop" && s(&x["name"]) == Some(name)), "{recs:?}");
+        } else {
+            assert!(recs.iter().all(|x| x["verdict"] == "pass"), "{recs:?}");
+        }
+    }
+    assert_eq!(r.summary["drop"], flows.values().next().unwrap().len() - 2);
+
+    // Without the rule: every datagram passes, the names are still read.
+    let empty = dir.path().join("empty.rules");
+    std::fs::write(&empty, "").unwrap();
+    let out = netns::run(
+        Command::new(blokir_bin().unwrap()).arg("replay").arg(&capture).arg("--rules").arg(&empty).args(["--output", "json"]),
+        Duration::from_secs(60),
+    )
+    .unwrap()
+    .ok()
+    .unwrap();
+    let lines: Vec<Value> = out.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines[..lines.len() - 1].iter().all(|x| x["verdict"] == "pass"), "{}", out.stdout);
+    assert!(lines.iter().any(|x| x["name"] == "quic.portal.blocked.example"), "{}", out.stdout);
+
+    // `--quic pass`: Initials pass unread.
+    let r = replay(dir.path(), &capture, &["--quic", "pass"]);
+    assert!(r.records.iter().all(|x| x["verdict"] == "pass" && x["name"].is_null() && x["proto"] == "quic"), "{:?}", r.records);
+    assert_eq!(r.summary["drop"], 0);
+}
+
+/// The shared capture's QUIC Initials are each the first of a connection
+/// whose second Initial was never sent (the capture's server port sent
+/// ICMP port unreachable): read, but the hello never completes, so they
+/// pass unnamed, even with a rule for their name.
+#[test]
+fn the_shared_captures_lone_first_initials_pass_unnamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = capture_frames();
+    let r = replay(dir.path(), &pcaps_dir().join("real-clients-dev.pcap"), &[]);
+    let flows = quic_flows(&frames);
+    assert_eq!(flows.len(), 3);
+    for indexes in flows.values() {
+        for i in indexes {
+            let rec = &r.records[*i];
+            assert_eq!((&rec["proto"], &rec["verdict"], rec["name"].is_null()), (&Value::from("quic"), &Value::from("pass"), true), "{rec}");
+        }
+    }
+}

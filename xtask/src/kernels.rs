@@ -210,8 +210,21 @@ impl Payload {
             }
         }
         ensure!(suites.len() == SUITES.len(), "found {} of the {} suites' executables", suites.len(), SUITES.len());
-        let pcaps = std::env::var_os("BLOKIR_PCAPS").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/pcaps"));
-        ensure!(pcaps.is_dir(), "no captures at {} (../shared/pcaps beside the checkout)", pcaps.display());
+        let shared = std::env::var_os("BLOKIR_PCAPS").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/pcaps"));
+        ensure!(shared.is_dir(), "no captures at {} (../shared/pcaps beside the checkout)", shared.display());
+        // The shared captures and the repository's own (tests/data: Chromium's
+        // whole QUIC first flight), replayed alike on this machine and in guests.
+        let pcaps = root().join("target/kernels/pcaps");
+        let _ = std::fs::remove_dir_all(&pcaps);
+        std::fs::create_dir_all(&pcaps)?;
+        for dir in [shared, root().join("tests/data")] {
+            for e in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
+                let p = e?.path();
+                if p.extension().is_some_and(|e| e == "pcap" || e == "pcapng") {
+                    std::fs::copy(&p, pcaps.join(p.file_name().unwrap_or_default())).with_context(|| format!("copying {}", p.display()))?;
+                }
+            }
+        }
         Ok(Payload { blokir: root().join("target/debug/blokir"), guest: root().join("target/debug/guest"), suites, pcaps })
     }
 

@@ -59,7 +59,7 @@ pub struct Canon(pub Box<CanonBuf>);
 
 impl std::fmt::Debug for Canon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", crate::model::canon_to_dotted(&self.0))
+        write!(f, "{:?}", filter_common::name::canon_to_dotted(&self.0))
     }
 }
 
