@@ -1101,3 +1101,16 @@ mod tests {
         }
     }
 }
+
+/// Mounts bpffs at /sys/fs/bpf in the host's mount namespace when nothing
+/// is there, as systemd does on every box blokir runs on: the tests that
+/// run the daemon with its default pin directory inside `ip netns exec`
+/// pin on the host's bpffs (a fresh VM or container may boot without one).
+pub fn host_bpffs() -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")?.lines().any(|l| l.split(' ').nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    if !mounted {
+        let status = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status()?;
+        anyhow::ensure!(status.success(), "mounting bpffs at /sys/fs/bpf: {status}");
+    }
+    Ok(())
+}

@@ -221,6 +221,7 @@ fn with_the_systemd_units_sandbox_a_sigkill_and_restart_leak_nothing() {
 /// `status` names it `pin_dir`) under a stream of queries, restarts it, and
 /// counts blocked queries answered: none may be.
 fn sigkill_and_restart_with_the_default_pin_dir(start: fn(&Topology, &[PathBuf], &[&str]) -> anyhow::Result<Daemon>, pin_dir: &str, check: fn(&Daemon)) {
+    blokir_tests::netns::host_bpffs().unwrap();
     let host_pins = Path::new(blokir::pin::DEFAULT_PIN_DIR);
     let topo = Arc::new(Topology::new().unwrap());
     let cleanup = || topo.run_in(topo.edge(), &[topo.blokir().unwrap().to_str().unwrap(), "cleanup"], Duration::from_secs(30)).unwrap();
