@@ -5,9 +5,9 @@
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters,
-    flow::{self, Flow, Start, TAMPER_BLOCK, Tamper, start_of},
+    flow::{self, Flow, Start, TAMPER_BLOCK, Tamper, sign, start_of},
     inspect::Env as _,
-    packet::{L4, TCP_URG},
+    packet::{L4, TCP_URG, fake_signs},
     reply::NoReply,
     reset::{Toward, build_reset},
     rules::STAGE_REPLY,
@@ -75,16 +75,41 @@ pub fn started(key: &FlowKey, start: Start) {
     }
 }
 
-/// A segment bearing `signs` (`fake_signs`, not 0) on a flow being read,
-/// under the tamper policy: the flow is blocked, its server end closed as
-/// for a listed name; or the segment, which the receiver discards, passes
-/// unread; or the flow is forgotten and the segment passes. Never read: a
-/// path that went on to the parser would have the verifier walk the parser
-/// once more.
+/// The tamper checks of a segment (payload `off..end` at `seq`, TCP header
+/// at `tcp`, flags `flags`) of a TLS or HTTP flow being read or watched,
+/// once per segment (`first_round`; not again in the rounds that go on
+/// with it): fake segments and urgent bytes (`fake_signs`; not looked at on
+/// a watched flow, whose reading is over), and copies of name bytes read
+/// that differ from them (`Flow::rewritten`). Returns the verdict if the
+/// segment ends here (see `tamper`).
 #[inline(always)]
-pub fn tamper(pkt: &XdpPacket, flow: &mut Flow, key: &FlowKey, signs: u32) -> u32 {
+#[allow(clippy::too_many_arguments)]
+pub fn check(pkt: &XdpPacket, flow: &mut Flow, key: &FlowKey, flags: u8, tcp: usize, off: usize, end: usize, seq: u32, first_round: bool) -> Option<u32> {
+    if !first_round {
+        return None;
+    }
+    let rewrite = if flow.rewritten(pkt, seq, off, end) { sign::REWRITE } else { 0 };
+    let signs = if rewrite == 0 && flow.watched() { 0 } else { fake_signs(pkt, flags, tcp, off, end) | rewrite };
+    // Through a map, so that the paths through the option walk and the
+    // name's compare rejoin.
+    let signs = Maps::opaque(signs as usize) as u32;
+    if signs == 0 {
+        return None;
+    }
+    tamper(pkt, flow, key, signs)
+}
+
+/// A segment bearing `signs` (`flow::sign`, not 0) on a flow being read or
+/// watched, under the tamper policy: the flow is blocked, its server end
+/// closed as for a listed name; or the segment, which the receiver
+/// discards, passes unread; or the flow is forgotten and the segment
+/// passes; or (a rewrite under `pass`) it is counted and handled as any
+/// other (`None`). A segment that ends here is never read: a path that
+/// went on to the parser would have the verifier walk the parser once more.
+#[inline(always)]
+fn tamper(pkt: &XdpPacket, flow: &mut Flow, key: &FlowKey, signs: u32) -> Option<u32> {
     let policy = CONFIG.get(0).map_or(TAMPER_BLOCK, |c| c.tamper_policy);
-    match flow::tamper(signs, policy) {
+    Some(match flow::tamper(signs, policy) {
         Tamper::Block { counter } => {
             count(counter);
             flow.block(false);
@@ -99,7 +124,11 @@ pub fn tamper(pkt: &XdpPacket, flow: &mut Flow, key: &FlowKey, signs: u32) -> u3
             let _ = FLOWS.remove(key);
             xdp_action::XDP_PASS
         }
-    }
+        Tamper::Count { counter } => {
+            count(counter);
+            return None;
+        }
+    })
 }
 
 /// A connection's first data segment that does not start a hello or a
@@ -128,7 +157,8 @@ pub fn tamper_first(pkt: &XdpPacket, key: &FlowKey, start: Start, flags: u8, at:
             }
             to_reset(pkt, Toward::Server(at), key, false)
         }
-        Tamper::Skip { counter } => {
+        // (`Count` is for rewrites, which a first segment has none of.)
+        Tamper::Skip { counter } | Tamper::Count { counter } => {
             count(counter);
             xdp_action::XDP_PASS
         }
