@@ -102,24 +102,51 @@ impl Flow {
         unsafe { if self.kind() == KIND_HTTP { self.request.watch() } else { self.hello.watch() } }
     }
 
-    /// Whether the segment (payload `off..end` at `seq`) carries a copy of
-    /// name bytes the flow's parser read that differs from them (see
-    /// `rewritten`). A DNS flow: never.
+    /// The name bytes the flow's parser read: where they start, how many,
+    /// and the canonical buffer holding them (see `rewritten`). A DNS flow:
+    /// none.
     #[inline(always)]
-    pub fn rewritten<P: Packet + ?Sized>(&self, p: &P, seq: u32, off: usize, end: usize) -> bool {
+    pub fn name_read(&self) -> (u32, u32, &[u8; 512]) {
         // SAFETY: the variant `kind` names.
         unsafe {
             match self.kind() {
                 KIND_HTTP => {
                     let (at, len) = self.request.name_read();
-                    rewritten(p, seq, off, end, at, len, &self.request.name)
+                    (at, len, &self.request.name)
                 }
                 KIND_TLS => {
                     let (at, len) = self.hello.name_read();
-                    rewritten(p, seq, off, end, at, len, &self.hello.name)
+                    (at, len, &self.hello.name)
                 }
-                _ => false,
+                _ => (0, 0, &self.hello.name),
             }
+        }
+    }
+
+    /// Whether the segment (payload `off..end` at `seq`) carries a copy of
+    /// name bytes the flow's parser read that differs from them (see
+    /// `rewritten`).
+    #[inline(always)]
+    pub fn rewritten<P: Packet + ?Sized>(&self, p: &P, seq: u32, off: usize, end: usize) -> bool {
+        let (at, len, name) = self.name_read();
+        rewritten(p, seq, off, end, at, len, name)
+    }
+
+    /// Whether `len` bytes at `seq` cover some of the name bytes read.
+    #[inline(always)]
+    pub fn overlaps_name(&self, seq: u32, len: u32) -> bool {
+        let (at, n, _) = self.name_read();
+        name_overlap(seq, len, at, n).is_some()
+    }
+
+    /// Sets the parser's rounds of `feed` on the current segment.
+    #[inline(always)]
+    pub fn set_rounds(&mut self, rounds: u32) {
+        // Writing a field of a union is safe: both variants hold `rounds`.
+        if self.kind() == KIND_HTTP {
+            self.request.rounds = rounds;
+        } else {
+            self.hello.rounds = rounds;
         }
     }
 
@@ -196,6 +223,21 @@ pub mod sign {
     pub const REWRITE: u32 = 8;
 }
 
+/// Where `seg` bytes at `seq` overlap the `len` name bytes from `name_seq`
+/// on: the first overlapping byte's place in the name and in the segment,
+/// and how many overlap; `None` if none do.
+#[inline(always)]
+pub fn name_overlap(seq: u32, seg: u32, name_seq: u32, len: u32) -> Option<(u32, u32, u32)> {
+    // The name's first byte in the segment, or the segment's first byte
+    // in the name.
+    let into_seg = name_seq.wrapping_sub(seq);
+    let (j0, k0) = if (into_seg as i32) >= 0 { (0, into_seg) } else { (seq.wrapping_sub(name_seq), 0) };
+    if j0 >= len || k0 >= seg {
+        return None;
+    }
+    Some((j0, k0, (len - j0).min(seg - k0)))
+}
+
 /// Whether the segment with payload `off..end` at sequence number `seq`
 /// carries a copy of some of the `len` name bytes read from `name_seq` on
 /// (held in canonical form in `name`, a parser's `bytes` then `starts`:
@@ -206,18 +248,10 @@ pub mod sign {
 /// to what the real copy holds there, is not caught.
 #[inline(always)]
 pub fn rewritten<P: Packet + ?Sized>(p: &P, seq: u32, off: usize, end: usize, name_seq: u32, len: u32, name: &[u8; 512]) -> bool {
-    if len == 0 || off >= end {
+    if off >= end {
         return false;
     }
-    let seg = (end - off) as u32;
-    // The name's first byte in the segment, or the segment's first byte
-    // in the name.
-    let into_seg = name_seq.wrapping_sub(seq);
-    let (j0, k0) = if (into_seg as i32) >= 0 { (0, into_seg) } else { (seq.wrapping_sub(name_seq), 0) };
-    if j0 >= len || k0 >= seg {
-        return false;
-    }
-    let count = (len - j0).min(seg - k0);
+    let Some((j0, k0, count)) = name_overlap(seq, (end - off) as u32, name_seq, len) else { return false };
     for i in 0..=MAX_DOTTED_LEN as u32 {
         if i >= count {
             break;
