@@ -100,6 +100,11 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         }
         // SAFETY: the variant `kind` names.
         unsafe { flow.hello.reset(seq) };
+        // A round spent in the compare stage stays spent (the tail calls'
+        // budget).
+        if !first_round {
+            flow.set_rounds(1);
+        }
     }
     // SAFETY: the variant `kind` names.
     let hello = unsafe { &mut flow.hello };

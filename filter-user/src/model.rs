@@ -12,7 +12,7 @@ use filter_common::{
     counters::{self, Outcome, Proto},
     dns::{DNS_PORT, DnsSkip, parse_query},
     dns_tcp::{self, Query},
-    flow::{Start, Tamper, rewritten, sign, start_of, suspect_first, tamper},
+    flow::{Start, Tamper, name_overlap, rewritten, sign, start_of, suspect_first, tamper},
     http::{self, Request, starts_request},
     inspect::{Env, Inspection, inspect},
     name::{CANON_CAP, CanonBuf, Decision, canon_start, match_canon},
@@ -283,8 +283,9 @@ impl Model {
             }
             return Step { verdict: XDP_DROP, ..step };
         }
-        step = match check(p, &l3, &l4, cfg, &mut **req, step) {
-            Checked::Go(step) => step,
+        let spent;
+        (step, spent) = match check(p, &l3, &l4, cfg, &mut **req, step) {
+            Checked::Go(step, spent) => (step, spent),
             Checked::Done(step) => return step,
             Checked::Forget(step) => {
                 self.requests.remove(&key);
@@ -298,7 +299,7 @@ impl Model {
             req.reset(seq);
         }
         let mut progress = http::Progress::StepsExhausted;
-        for _ in 0..http::MAX_ROUNDS {
+        for _ in spent as usize..http::MAX_ROUNDS {
             let start = match http::resume(req, seq, off, end) {
                 Resume::At(start) => start,
                 Resume::Behind => return step,
@@ -493,8 +494,9 @@ impl Model {
             }
             return Step { verdict: XDP_DROP, ..step };
         }
-        step = match check(p, &l3, &l4, cfg, &mut **hello, step) {
-            Checked::Go(step) => step,
+        let spent;
+        (step, spent) = match check(p, &l3, &l4, cfg, &mut **hello, step) {
+            Checked::Go(step, spent) => (step, spent),
             Checked::Done(step) => return step,
             Checked::Forget(step) => {
                 self.flows.remove(&key);
@@ -508,7 +510,7 @@ impl Model {
             hello.reset(seq);
         }
         let mut progress = Progress::StepsExhausted;
-        for _ in 0..MAX_ROUNDS {
+        for _ in spent as usize..MAX_ROUNDS {
             let start = match resume(hello, seq, off, end) {
                 Resume::At(start) => start,
                 Resume::Behind => return step,
@@ -591,8 +593,8 @@ impl Model {
 
 /// What `check` leaves of a segment.
 enum Checked {
-    /// Read on (its counters added).
-    Go(Step),
+    /// Read on (its counters added), with the rounds already spent.
+    Go(Step, u32),
     /// Its verdict.
     Done(Step),
     /// Its verdict; the flow is forgotten.
@@ -640,15 +642,19 @@ impl Parser for Request {
     }
 }
 
-/// `conn::check` and `conn::tamper`: fake segments and urgent bytes (not
-/// looked at on a watched flow) and rewritten copies of the name's bytes,
-/// under the tamper policy.
+/// `conn::check`, the compare stage (`conn::rewrite`) and `conn::tamper`:
+/// fake segments and urgent bytes (not looked at on a watched flow), then
+/// the compare of a segment that covers name bytes read, under the tamper
+/// policy. A segment that went through the compare comes back to its stream
+/// stage with one round spent (`Go`'s count).
 fn check(p: &[u8], l3: &L3, l4: &L4, cfg: &Config, parser: &mut impl Parser, mut step: Step) -> Checked {
+    let (seq, off, end) = (l4.data_seq(), l4.payload_off, l4.payload_end);
+    let signs = if parser.watched() { 0 } else { fake_signs(p, l4.flags, l3.l4_off, off, end) };
     let (at, len) = parser.name_read();
-    let rewrite = if rewritten(p, l4.data_seq(), l4.payload_off, l4.payload_end, at, len, parser.name()) { sign::REWRITE } else { 0 };
-    let signs = if rewrite == 0 && parser.watched() { 0 } else { fake_signs(p, l4.flags, l3.l4_off, l4.payload_off, l4.payload_end) | rewrite };
+    let overlaps = name_overlap(seq, end.saturating_sub(off) as u32, at, len).is_some();
+    let signs = if signs == 0 && overlaps && rewritten(p, seq, off, end, at, len, parser.name()) { sign::REWRITE } else { signs };
     if signs == 0 {
-        return Checked::Go(step);
+        return Checked::Go(step, u32::from(overlaps));
     }
     match tamper(signs, cfg.tamper_policy) {
         Tamper::Block { counter } => {
@@ -665,7 +671,7 @@ fn check(p: &[u8], l3: &L3, l4: &L4, cfg: &Config, parser: &mut impl Parser, mut
         }
         Tamper::Count { counter } => {
             step.counted.push(counter);
-            Checked::Go(step)
+            Checked::Go(step, 1)
         }
     }
 }
