@@ -207,13 +207,8 @@ pub const COUNTERS: u32 = EVASION_REWRITE + 1;
 
 /// Circumvention attempts seen, by their `/metrics` label
 /// (`blokir_evasions_total{kind}`).
-pub const EVASIONS: [(&str, u32); 5] = [
-    ("fragment", EVASION_FRAGMENT),
-    ("host_repeat", EVASION_HOST_REPEAT),
-    ("urgent", EVASION_URGENT),
-    ("fake", EVASION_FAKE),
-    ("rewrite", EVASION_REWRITE),
-];
+pub const EVASIONS: [(&str, u32); 5] =
+    [("fragment", EVASION_FRAGMENT), ("host_repeat", EVASION_HOST_REPEAT), ("urgent", EVASION_URGENT), ("fake", EVASION_FAKE), ("rewrite", EVASION_REWRITE)];
 
 #[inline(always)]
 pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {

@@ -27,8 +27,7 @@ use std::{
 
 use blokir_tests::netns::{CLIENT4, CLIENT6, RESOLVER4, RESOLVER6, Topology};
 
-const HOWS: [&str; 9] =
-    ["plain", "seqovl", "oob", "disoob", "fakedsplit-noack", "fakedsplit-md5", "fakedsplit-badsum", "fakedsplit-ttl", "fakedsplit-badack"];
+const HOWS: [&str; 9] = ["plain", "seqovl", "oob", "disoob", "fakedsplit-noack", "fakedsplit-md5", "fakedsplit-badsum", "fakedsplit-ttl", "fakedsplit-badack"];
 
 /// Fakes fooled by what the segment does not show: told by the rewrite of
 /// the name bytes read.

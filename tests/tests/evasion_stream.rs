@@ -303,7 +303,11 @@ const DECOY: &str = "decoyed.example";
 /// zapret's foolings that the segment itself does not show (blokir reads
 /// such a fake as any segment): a bad TCP checksum, a TTL (hop limit) of 1,
 /// a wrong ACK number. Applied to the built frame.
-fn blind_foolings() -> Vec<(&'static str, fn(Vec<u8>, bool) -> Vec<u8>)> {
+/// A fooling blokir does not see, as a name and a shaper of the built
+/// frame (`true`: IPv6).
+type BlindFooling = (&'static str, fn(Vec<u8>, bool) -> Vec<u8>);
+
+fn blind_foolings() -> Vec<BlindFooling> {
     vec![
         ("badsum", |mut f, v6| {
             let tcp = if v6 { 14 + 40 } else { 14 + usize::from(f[14] & 0xf) * 4 };
@@ -328,7 +332,7 @@ fn blind_foolings() -> Vec<(&'static str, fn(Vec<u8>, bool) -> Vec<u8>)> {
 
 /// A fake of `bytes` at `rel`, fooled by `fooling` (badack: the ACK number
 /// 66,000 before the real one).
-fn blind_fake(c: &Conn, rel: i64, bytes: &[u8], v6: bool, fooling: (&str, fn(Vec<u8>, bool) -> Vec<u8>)) -> Vec<u8> {
+fn blind_fake(c: &Conn, rel: i64, bytes: &[u8], v6: bool, fooling: BlindFooling) -> Vec<u8> {
     let seq = (i64::from(ISN) + 1 + rel) as u32;
     let ack = if fooling.0 == "badack" { 1u32.wrapping_sub(66_000) } else { 1 };
     (fooling.1)(c.frame.clone().seq_ack(seq, ack).build(bytes), v6)
