@@ -700,6 +700,10 @@ pub struct FlowCensus {
     pub tls_blocked: u64,
     pub http_reading: u64,
     pub http_blocked: u64,
+    /// Flows whose name passed, kept to compare later copies of its bytes
+    /// (`Flow::watched`).
+    pub tls_watched: u64,
+    pub http_watched: u64,
     /// DNS-over-TCP connections with a query under way (never blocked as
     /// a whole).
     pub dns_tcp_reading: u64,
@@ -715,6 +719,10 @@ impl FlowTable {
             c.total += 1;
             if flow.kind() == filter_common::flow::KIND_DNS {
                 c.dns_tcp_reading += 1;
+                continue;
+            }
+            if flow.watched() {
+                *if flow.kind() == filter_common::flow::KIND_HTTP { &mut c.http_watched } else { &mut c.tls_watched } += 1;
                 continue;
             }
             // SAFETY: the variant `kind` names (see `Flow`).
