@@ -50,6 +50,19 @@ impl Flow {
         unsafe { core::ptr::read_volatile(&self.hello.passed_seq) }
     }
 
+    /// Moves `passed_seq` back to `seq` if that is before it: a rewritten
+    /// copy at `seq` shows that the server did not take the bytes read there
+    /// (it discarded the fake they came from), so it expects `seq` at the
+    /// latest (the RST that closes its end must carry what it expects).
+    #[inline(always)]
+    pub fn passed_back_to(&mut self, seq: u32) {
+        if self.passed_seq().wrapping_sub(seq) as i32 > 0 {
+            // Writing a field of a union is safe: every variant starts with
+            // `next_seq, kind, passed_seq` (#[repr(C)]).
+            self.hello.passed_seq = seq;
+        }
+    }
+
     /// Whether the flow is blocked, and whether its server end was sent a
     /// RST (`close_server`).
     #[inline(always)]

@@ -117,10 +117,11 @@ pub fn rewrite(pkt: &XdpPacket) -> u32 {
     // SAFETY: the flow's map value (see the TLS stage).
     let flow = unsafe { &mut *flow };
     let (off, end) = (Maps::opaque(l4.payload_off), Maps::opaque(l4.payload_end));
-    if flow.rewritten(pkt, l4.data_seq(), off, end)
-        && let Some(verdict) = tamper(pkt, flow, &key, sign::REWRITE)
-    {
-        return verdict;
+    if flow.rewritten(pkt, l4.data_seq(), off, end) {
+        flow.passed_back_to(l4.data_seq());
+        if let Some(verdict) = tamper(pkt, flow, &key, sign::REWRITE) {
+            return verdict;
+        }
     }
     flow.set_rounds(1);
     let stage = if flow.kind() == KIND_HTTP { STAGE_HTTP } else { STAGE_TLS };

@@ -608,6 +608,7 @@ trait Parser {
     fn name_read(&self) -> (u32, u32);
     fn name(&self) -> &[u8; 512];
     fn block_for_tamper(&mut self, p: &[u8], step: Step) -> Step;
+    fn passed_seq_mut(&mut self) -> &mut u32;
 }
 
 impl Parser for Hello {
@@ -623,6 +624,9 @@ impl Parser for Hello {
     fn block_for_tamper(&mut self, p: &[u8], step: Step) -> Step {
         self.block(false);
         block(p, false, self.passed_seq, step, &mut self.flags, Hello::FLAG_SERVER_CLOSED)
+    }
+    fn passed_seq_mut(&mut self) -> &mut u32 {
+        &mut self.passed_seq
     }
 }
 
@@ -640,6 +644,9 @@ impl Parser for Request {
         self.block(false);
         block(p, false, self.passed_seq, step, &mut self.flags, Request::FLAG_SERVER_CLOSED)
     }
+    fn passed_seq_mut(&mut self) -> &mut u32 {
+        &mut self.passed_seq
+    }
 }
 
 /// `conn::check`, the compare stage (`conn::rewrite`) and `conn::tamper`:
@@ -652,7 +659,16 @@ fn check(p: &[u8], l3: &L3, l4: &L4, cfg: &Config, parser: &mut impl Parser, mut
     let signs = if parser.watched() { 0 } else { fake_signs(p, l4.flags, l3.l4_off, off, end) };
     let (at, len) = parser.name_read();
     let overlaps = name_overlap(seq, end.saturating_sub(off) as u32, at, len).is_some();
-    let signs = if signs == 0 && overlaps && rewritten(p, seq, off, end, at, len, parser.name()) { sign::REWRITE } else { signs };
+    let signs = if signs == 0 && overlaps && rewritten(p, seq, off, end, at, len, parser.name()) {
+        // `Flow::passed_back_to`.
+        let passed = parser.passed_seq_mut();
+        if passed.wrapping_sub(seq) as i32 > 0 {
+            *passed = seq;
+        }
+        sign::REWRITE
+    } else {
+        signs
+    };
     if signs == 0 {
         return Checked::Go(step, u32::from(overlaps));
     }
