@@ -111,11 +111,10 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         }
         // SAFETY: the variant `kind` names.
         unsafe { flow.request.reset(seq) };
-        // A round spent in the compare stage stays spent (the tail calls'
-        // budget).
-        if !first_round {
-            flow.set_rounds(1);
-        }
+        // Counted as one round spent (the compare stage's, when it came
+        // through it: the tail calls' budget), whether or not it did: a
+        // branch here took the TLS stage past the verifier's budget.
+        flow.request.rounds = 1;
     }
     // SAFETY: the variant `kind` names.
     let req = unsafe { &mut flow.request };

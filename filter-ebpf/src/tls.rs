@@ -100,11 +100,10 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         }
         // SAFETY: the variant `kind` names.
         unsafe { flow.hello.reset(seq) };
-        // A round spent in the compare stage stays spent (the tail calls'
-        // budget).
-        if !first_round {
-            flow.set_rounds(1);
-        }
+        // Counted as one round spent (the compare stage's, when it came
+        // through it: the tail calls' budget), whether or not it did: a
+        // branch here took the TLS stage past the verifier's budget.
+        flow.hello.rounds = 1;
     }
     // SAFETY: the variant `kind` names.
     let hello = unsafe { &mut flow.hello };

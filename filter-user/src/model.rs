@@ -283,7 +283,7 @@ impl Model {
             }
             return Step { verdict: XDP_DROP, ..step };
         }
-        let spent;
+        let mut spent;
         (step, spent) = match check(p, &l3, &l4, cfg, &mut **req, step) {
             Checked::Go(step, spent) => (step, spent),
             Checked::Done(step) => return step,
@@ -297,6 +297,8 @@ impl Model {
                 return step;
             }
             req.reset(seq);
+            // Read afresh with one round spent (see the stream stages).
+            spent = 1;
         }
         let mut progress = http::Progress::StepsExhausted;
         for _ in spent as usize..http::MAX_ROUNDS {
@@ -494,7 +496,7 @@ impl Model {
             }
             return Step { verdict: XDP_DROP, ..step };
         }
-        let spent;
+        let mut spent;
         (step, spent) = match check(p, &l3, &l4, cfg, &mut **hello, step) {
             Checked::Go(step, spent) => (step, spent),
             Checked::Done(step) => return step,
@@ -508,6 +510,8 @@ impl Model {
                 return step;
             }
             hello.reset(seq);
+            // Read afresh with one round spent (see the stream stages).
+            spent = 1;
         }
         let mut progress = Progress::StepsExhausted;
         for _ in spent as usize..MAX_ROUNDS {
