@@ -632,6 +632,11 @@ impl Kernel {
         Ok(aya::maps::RingBuf::try_from(map)?)
     }
 
+    /// Whether a probe (`first_look::Probe`) passes the first look now.
+    pub fn first_look_passes(&self, block: u64, key: &NameKey) -> bool {
+        first_look::may_hold(self.look.words(), block, key)
+    }
+
     /// A map of the loaded object (for tests that fill or inspect it).
     pub fn map(&self, name: &str) -> Option<&Map> {
         self.ebpf.map(name)

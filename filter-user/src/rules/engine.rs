@@ -636,13 +636,32 @@ mod tests {
         cfg: Config,
         probes: &'a [(String, bool, bool)],
         writes: usize,
+        /// The first look, as the kernel reads it: two blocks, so that
+        /// names share words and bits go stale.
+        look: Vec<std::sync::atomic::AtomicU64>,
+    }
+
+    /// The rule map behind the first look, as the kernel reads them.
+    struct Looked<'a>(&'a HashMap<NameKey, NodeRules>, &'a [std::sync::atomic::AtomicU64]);
+
+    impl RuleLookup for Looked<'_> {
+        fn lookup(&self, key: &NameKey) -> Option<NodeRules> {
+            self.0.get(key).copied()
+        }
+        fn may_hold(&self, _: &Config, block: u64, key: &NameKey) -> bool {
+            first_look::may_hold(self.1, block, key)
+        }
     }
 
     impl Checked<'_> {
+        fn new(cfg: Config) -> Self {
+            let look = first_look::host(16);
+            Checked { nodes: HashMap::new(), cfg: Config { look_mask: look.len() as u64 - 1, ..cfg }, probes: &[], writes: 0, look }
+        }
         fn blocked(&self, name: &str) -> bool {
             let mut buf = CanonBuf::default();
             let len = dotted_to_canon(name.as_bytes(), 0, name.len(), &mut buf).unwrap();
-            matches!(match_canon(&mut buf, canon_start(len), &self.cfg, &self.nodes), Decision::Block(_))
+            matches!(match_canon(&mut buf, canon_start(len), &self.cfg, &Looked(&self.nodes, &self.look)), Decision::Block(_))
         }
         fn check(&self) {
             for (name, old, new) in self.probes {
@@ -669,6 +688,20 @@ mod tests {
             Ok(())
         }
         fn reset_hits(&mut self, _: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn look_add(&mut self, probes: &[first_look::Probe]) -> anyhow::Result<()> {
+            // One node at a time, checked after each.
+            for p in probes {
+                first_look::add(&self.look, std::iter::once(*p));
+                self.check();
+            }
+            Ok(())
+        }
+        fn look_rebuild(&mut self, probes: &mut dyn Iterator<Item = first_look::Probe>) -> anyhow::Result<()> {
+            let new = first_look::build(self.look.len(), probes);
+            // Checked after every word stored, as a probe may read then.
+            first_look::rebuild(&self.look, &new, || self.check());
             Ok(())
         }
     }
@@ -734,7 +767,7 @@ mod tests {
             let all_old: Vec<Rule> = other.iter().chain(&old).cloned().collect();
             let all_new: Vec<Rule> = other.iter().chain(&new).cloned().collect();
             let probes: Vec<(String, bool, bool)> = names.iter().map(|n| (n.clone(), reference_blocked(&all_old, n), reference_blocked(&all_new, n))).collect();
-            let mut target = Checked { nodes: HashMap::new(), cfg: Config { hash_r: r, ..Config::default() }, probes: &[], writes: 0 };
+            let mut target = Checked::new(Config { hash_r: r, ..Config::default() });
             let c = engine.plan_replace("other", None, &other).unwrap();
             engine.apply(c, &mut target).unwrap();
             let c = engine.plan_replace("list", None, &old).unwrap();
@@ -750,13 +783,16 @@ mod tests {
                 assert_eq!(target.blocked(name), *after, "round {round}: {name} with {all_new:?}");
             }
             assert_eq!(target.nodes.len(), engine.node_count());
+            // Nothing but the nodes in the map is left in the first look.
+            let words: Vec<u64> = target.look.iter().map(|w| w.load(std::sync::atomic::Ordering::Relaxed)).collect();
+            assert_eq!(words, first_look::build(words.len(), engine.nodes.iter().map(|(k, n)| (n.block, *k))), "round {round}");
         }
     }
 
     #[test]
     fn unchanged_rules_keep_their_ids_and_cost_no_writes() {
         let mut engine = Engine::new([lane_multiplier(1), lane_multiplier(2)], 1000, 1000);
-        let mut t = Checked { nodes: HashMap::new(), cfg: Config::default(), probes: &[], writes: 0 };
+        let mut t = Checked::new(Config::default());
         let rules: Vec<Rule> = ["t.me", "*.telegram.org", "allow core.telegram.org"].iter().map(|s| Rule::parse(s).unwrap()).collect();
         let c = engine.plan_replace("l", None, &rules).unwrap();
         assert_eq!(c.summary.added, 3);
@@ -776,7 +812,7 @@ mod tests {
     #[test]
     fn capacity_is_checked_before_anything_changes() {
         let mut engine = Engine::new([lane_multiplier(1), lane_multiplier(2)], 2, 100);
-        let mut t = Checked { nodes: HashMap::new(), cfg: Config::default(), probes: &[], writes: 0 };
+        let mut t = Checked::new(Config::default());
         let rules: Vec<Rule> = ["a.x", "b.x", "c.x"].iter().map(|s| Rule::parse(s).unwrap()).collect();
         assert!(matches!(engine.plan_replace("l", None, &rules), Err(EngineError::NodeCapacity { needed: 3, capacity: 2 })));
         assert_eq!(t.writes, 0);
