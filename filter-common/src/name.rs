@@ -62,11 +62,14 @@ pub struct CanonBuf {
     /// What the matcher found so far (a `RuleRef`), kept here for the same
     /// reason.
     pub found: u64,
+    /// The first look's block of the name (`rules::first_look_slot`): set
+    /// at depths 1 and 2, kept below.
+    pub block: u64,
 }
 
 impl Default for CanonBuf {
     fn default() -> Self {
-        Self { bytes: [0; CANON_CAP], starts: [0; CANON_CAP], slack: [0; CANON_CAP], next: 0, depth: 0, key: NameKey { h: [0, 0] }, found: 0 }
+        Self { bytes: [0; CANON_CAP], starts: [0; CANON_CAP], slack: [0; CANON_CAP], next: 0, depth: 0, key: NameKey { h: [0, 0] }, found: 0, block: 0 }
     }
 }
 
@@ -167,8 +170,8 @@ pub const fn canon_start(len: usize) -> usize {
 }
 
 /// Hashes every ancestor of the canonical name starting at `start` (see
-/// `canon_start`), top-level label first, calling `f(depth, key,
-/// is_full_name, found)`; stops when `f` returns `true`. `found` is a word
+/// `canon_start`), top-level label first, calling `f(depth, key, block,
+/// is_full_name, found)` (`block`: see `rules::first_look_slot`); stops when `f` returns `true`. `found` is a word
 /// in the buffer, zeroed first, for `f` to record results in. An ancestor
 /// ends where the next label starts (`starts`), or at the end of the name.
 ///
@@ -176,7 +179,7 @@ pub const fn canon_start(len: usize) -> usize {
 /// arithmetic is `buffer + start + k`, never `buffer + 256 - len`, whose
 /// negative variable part the verifier refuses.
 #[inline(always)]
-pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut CanonBuf, start: usize, r: &[u64; 2], mut f: F) {
+pub fn walk_ancestors<F: FnMut(u32, &NameKey, u64, bool, &mut u64) -> bool>(buf: &mut CanonBuf, start: usize, r: &[u64; 2], mut f: F) {
     // Zeroed before anything else: the buffer outlives the packet (a per-CPU
     // map value in the kernel), so an empty name (the root) must not leave
     // the previous name's result in `found`.
@@ -215,7 +218,12 @@ pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut
             let [k0, k1] = h.finish(r);
             CanonBuf::store(&mut buf.key.h[0], k0);
             CanonBuf::store(&mut buf.key.h[1], k1);
-            if f(depth as u32, &buf.key, full, &mut buf.found) {
+            // The first lane of this key at depths 1 and 2, the one kept
+            // below: arithmetic, not a branch on the depth.
+            let top = 0u64.wrapping_sub(depth.wrapping_sub(3) >> 63);
+            let block = (k0 & top) | (CanonBuf::load(&buf.block) & !top);
+            CanonBuf::store(&mut buf.block, block);
+            if f(depth as u32, &buf.key, block, full, &mut buf.found) {
                 return;
             }
         }
@@ -230,10 +238,16 @@ pub fn walk_ancestors<F: FnMut(u32, &NameKey, bool, &mut u64) -> bool>(buf: &mut
 
 /// The key of the full canonical name (rule insertion uses it).
 pub fn full_name_key(buf: &mut CanonBuf, len: usize, r: &[u64; 2]) -> Option<NameKey> {
+    full_name_probe(buf, len, r).map(|(key, _)| key)
+}
+
+/// The key of the full canonical name and its first-look block
+/// (`rules::first_look_slot`).
+pub fn full_name_probe(buf: &mut CanonBuf, len: usize, r: &[u64; 2]) -> Option<(NameKey, u64)> {
     let mut out = None;
-    walk_ancestors(buf, canon_start(len), r, |_, key, full, _| {
+    walk_ancestors(buf, canon_start(len), r, |_, key, block, full, _| {
         if full {
-            out = Some(*key);
+            out = Some((*key, block));
         }
         full
     });
@@ -257,8 +271,8 @@ pub enum Decision {
 #[inline(always)]
 pub fn match_canon<L: RuleLookup + ?Sized>(buf: &mut CanonBuf, start: usize, cfg: &Config, rules: &L) -> Decision {
     // The rule found so far lives in `found` (memory), not in a register.
-    walk_ancestors(buf, start, &cfg.hash_r, |depth, key, full, found| {
-        if !cfg.has_depth(depth) {
+    walk_ancestors(buf, start, &cfg.hash_r, |depth, key, block, full, found| {
+        if !cfg.has_depth(depth) || !rules.may_hold(cfg, block, key) {
             return false;
         }
         let Some(node) = rules.lookup(key) else {
@@ -349,7 +363,7 @@ mod tests {
         let r = [crate::hash::lane_multiplier(1), crate::hash::lane_multiplier(2)];
         let (mut b, n) = canon_of("a.b.c");
         let mut seen = [None; 4];
-        walk_ancestors(&mut b, canon_start(n), &r, |d, k, full, _| {
+        walk_ancestors(&mut b, canon_start(n), &r, |d, k, _, full, _| {
             seen[d as usize] = Some((*k, full));
             false
         });

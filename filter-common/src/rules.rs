@@ -15,6 +15,8 @@ pub const LIST_ECH_OUTER: u32 = 1 << 8;
 
 /// Map names, shared by the object and the loader.
 pub const MAP_RULES: &str = "RULES";
+/// The first look before `RULES` (see `first_look_slot`).
+pub const MAP_FIRST_LOOK: &str = "FIRST_LOOK";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_RULE_HITS: &str = "RULE_HITS";
@@ -87,6 +89,45 @@ pub const MAP_QUIC_PORTS: &str = "QUIC_PORTS";
 /// Default number of domain nodes the rule map holds (the loader may size it
 /// differently); the national list is ~2M names.
 pub const DEFAULT_RULE_CAPACITY: u32 = 1 << 22;
+/// Bits of the first look per rule node of capacity: about 0.5 % of probes
+/// of unlisted names pass it when the rule map is full.
+pub const FIRST_LOOK_BITS_PER_NODE: u64 = 16;
+/// u64 words in one block of the first look: one 64-byte cache line.
+pub const FIRST_LOOK_BLOCK_WORDS: u64 = 8;
+
+/// Size of the first look (u64 words, a power of two, whole blocks) for a
+/// rule map of `capacity` nodes.
+pub const fn first_look_words(capacity: u32) -> u32 {
+    let words = (capacity as u64 * FIRST_LOOK_BITS_PER_NODE / 64).next_power_of_two();
+    if words < FIRST_LOOK_BLOCK_WORDS {
+        FIRST_LOOK_BLOCK_WORDS as u32
+    } else if words > 1 << 26 {
+        1 << 26
+    } else {
+        words as u32
+    }
+}
+
+/// Where the first look keeps a node: the word (index into `FIRST_LOOK`)
+/// and the four bits of it that are all set when the node may be in the
+/// rule map. `mask` is `Config::look_mask`; `block` is the first lane of the
+/// key of the node's ancestor with two labels (its own if it has one or
+/// two: `walk_ancestors` passes it), so every probe of one name past its
+/// top-level label reads the same 64-byte block — one cache line for a
+/// name that is not listed, whatever its depth. A blocked Bloom filter with
+/// the bits in one word of the block: one load per probe. The bits come
+/// from the key's second lane, independent of the first. With `mask` 0 the
+/// bits are 0, and every probe passes.
+#[inline(always)]
+pub const fn first_look_slot(mask: u64, block: u64, key: &NameKey) -> (u32, u64) {
+    let h = key.h[1];
+    let word = (block & mask & !(FIRST_LOOK_BLOCK_WORDS - 1)) | (h & (FIRST_LOOK_BLOCK_WORDS - 1));
+    let bits = (1u64 << ((h >> 3) & 63)) | (1u64 << ((h >> 9) & 63)) | (1u64 << ((h >> 15) & 63)) | (1u64 << ((h >> 21) & 63));
+    // All ones when `mask` is not 0, without a branch.
+    let on = 0u64.wrapping_sub((mask | mask.wrapping_neg()) >> 63);
+    ((word & mask) as u32, bits & on)
+}
+
 /// Rule ids are 24 bits; id 0 means "no rule".
 pub const MAX_RULE_ID: u32 = (1 << 24) - 1;
 /// Lists are numbered 0..MAX_LISTS.
@@ -205,6 +246,9 @@ pub struct Config {
     /// `OVERLOAD_DROP`. Also keeps the size a multiple of 8: no padding
     /// bytes in the map value.
     pub quic_overload: u32,
+    /// The first look's word count minus one (`first_look_words`); 0: no
+    /// first look, every probe goes to the rule map.
+    pub look_mask: u64,
 }
 
 impl Default for Config {
@@ -229,6 +273,7 @@ impl Default for Config {
             quic_all_ports: 1,
             quic_ports: [0; MAX_QUIC_PORTS],
             quic_overload: crate::quic::OVERLOAD_PASS,
+            look_mask: 0,
         }
     }
 }
@@ -306,6 +351,13 @@ impl Config {
 /// BPF hash map, userspace and tests with a host map.
 pub trait RuleLookup {
     fn lookup(&self, key: &NameKey) -> Option<NodeRules>;
+    /// The first look, before `lookup`: `false` only when no node with
+    /// `key` is in the map (`block`: see `first_look_slot`). An exact map
+    /// needs none.
+    #[inline(always)]
+    fn may_hold(&self, _cfg: &Config, _block: u64, _key: &NameKey) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

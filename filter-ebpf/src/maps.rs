@@ -16,12 +16,22 @@ use filter_common::{
     packet::Af,
     reply::{DnsAction, QueryAt},
     reset::Toward,
-    rules::{BlockEvent, Config, DEFAULT_RULE_CAPACITY, EVENTS_BYTES, HTTP_PORT_WORDS, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef, STAGE_COUNT},
+    rules::{
+        BlockEvent, Config, DEFAULT_RULE_CAPACITY, EVENTS_BYTES, HTTP_PORT_WORDS, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef, STAGE_COUNT,
+        first_look_slot, first_look_words,
+    },
     tls::FlowKey,
 };
 
 #[map(name = "RULES")]
 pub static RULES: HashMap<NameKey, NodeRules> = HashMap::with_max_entries(DEFAULT_RULE_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// The first look before `RULES`: a blocked Bloom filter of the rule
+/// nodes (`rules::first_look_slot`), sized by the loader with `RULES`
+/// (`first_look_words`). Mmapable: its blocks then start on a page, so each
+/// is one cache line, and the daemon sets bits with plain atomic stores.
+#[map(name = "FIRST_LOOK")]
+pub static FIRST_LOOK: Array<u64> = Array::with_max_entries(first_look_words(DEFAULT_RULE_CAPACITY), BPF_F_MMAPABLE);
 
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -233,6 +243,14 @@ impl RuleLookup for Rules {
         // SAFETY: the value is copied out at once; the map never hands out
         // memory that is freed under an RCU read section.
         unsafe { RULES.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn may_hold(&self, cfg: &Config, block: u64, key: &NameKey) -> bool {
+        let (word, bits) = first_look_slot(cfg.look_mask, block, key);
+        // A word out of reach cannot happen (the mask fits the map); it
+        // would send the probe to the rule map.
+        FIRST_LOOK.get(word).is_none_or(|w| *w & bits == bits)
     }
 }
 

@@ -30,16 +30,17 @@ use filter_common::{
     reset::{TcpAction, list_action_word},
     rules::{
         Config, DNS_PROGRAM_NAME, DNS_TCP_PROGRAM_NAME, DNS_TCP_QUESTION_PROGRAM_NAME, DNS_TCP_READ_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME,
-        MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_QUIC_PORTS, MAP_RULE_HITS, MAP_RULES, MAP_STAGES,
-        MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, REWRITE_PROGRAM_NAME, RuleRef, STAGE_DNS,
-        STAGE_DNS_TCP, STAGE_DNS_TCP_QUESTION, STAGE_DNS_TCP_READ, STAGE_HTTP, STAGE_MATCH, STAGE_QUIC, STAGE_REPLY, STAGE_REWRITE, STAGE_TLS, TLS_PROGRAM_NAME,
+        MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FIRST_LOOK, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_QUIC_PORTS, MAP_RULE_HITS,
+        MAP_RULES, MAP_STAGES, MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME,
+        REWRITE_PROGRAM_NAME, RuleRef, STAGE_DNS, STAGE_DNS_TCP, STAGE_DNS_TCP_QUESTION, STAGE_DNS_TCP_READ, STAGE_HTTP, STAGE_MATCH, STAGE_QUIC, STAGE_REPLY,
+        STAGE_REWRITE, STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::FlowKey,
 };
 
 use crate::{
     pin::{PinDir, lists_tag, mode_name},
-    rules::Target,
+    rules::{Target, first_look},
 };
 
 /// The entry program and the stages it tail-calls.
@@ -174,6 +175,8 @@ pub struct Kernel {
     rule_hits: Array<MapData, u64>,
     hits_view: Arc<HitsView>,
     user_list_hits: Arc<UserListHits>,
+    /// The first look (`FIRST_LOOK`), mapped writable.
+    look: LookView,
     /// Kept open (and pinned by the daemon): the kernel empties a program
     /// array once no file refers to it.
     _stages: ProgramArray<MapData>,
@@ -224,7 +227,8 @@ impl Kernel {
     fn load_with(capacity: u32, pins: Option<(&PinDir, &[&str])>) -> anyhow::Result<Self> {
         crate::support::check_floor()?;
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_RULES, capacity).map_max_entries(MAP_RULE_HITS, capacity);
+        let look_words = filter_common::rules::first_look_words(capacity);
+        loader.map_max_entries(MAP_RULES, capacity).map_max_entries(MAP_RULE_HITS, capacity).map_max_entries(MAP_FIRST_LOOK, look_words);
         let mut adopted_maps = Vec::new();
         if let Some((pins, lists)) = pins {
             for m in SharedMap::all(lists) {
@@ -295,6 +299,10 @@ impl Kernel {
             _ => bail!("{MAP_RULE_HITS} is not an array"),
         };
         let rule_hits = Array::try_from(hits_map)?;
+        let look = match take(MAP_FIRST_LOOK)? {
+            Map::Array(data) => LookView::map(&data, look_words)?,
+            _ => bail!("{MAP_FIRST_LOOK} is not an array"),
+        };
         let stages_map = take(MAP_STAGES)?;
         if let Some((pins, _)) = pins {
             // The kernel empties a program array when no file refers to it any
@@ -317,6 +325,7 @@ impl Kernel {
             rule_hits,
             hits_view,
             user_list_hits: Arc::default(),
+            look,
             _stages: stages,
             cfg: Config::default(),
             http_ports_written: false,
@@ -366,6 +375,9 @@ impl Kernel {
     }
 
     pub fn write_config(&mut self, cfg: Config) -> anyhow::Result<()> {
+        // The first look is this program's, sized at load: always on (rule
+        // nodes reach the map only through `Target`, which sets their bits).
+        let cfg = Config { look_mask: self.look.words().len() as u64 - 1, ..cfg };
         if cfg.http_ports != self.cfg.http_ports || !self.http_ports_written {
             self.write_ports(MAP_HTTP_PORTS, &port_words(&cfg.http_ports)).context("writing the HTTP ports")?;
             self.http_ports_written = true;
@@ -586,6 +598,10 @@ impl Kernel {
         }
         self.cfg = Config::default();
         self.config.set(0, self.cfg, 0)?;
+        // The rule map is empty and the first look off (`look_mask` 0).
+        for w in self.look.words() {
+            w.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         self.http_ports_written = false;
         self.tls_ports_written = false;
         self.quic_ports_written = false;
@@ -688,6 +704,11 @@ impl Kernel {
         Ok(aya::maps::RingBuf::try_from(map)?)
     }
 
+    /// Whether a probe (`first_look::Probe`) passes the first look now.
+    pub fn first_look_passes(&self, block: u64, key: &NameKey) -> bool {
+        first_look::may_hold(self.look.words(), block, key)
+    }
+
     /// A map of the loaded object (for tests that fill or inspect it).
     pub fn map(&self, name: &str) -> Option<&Map> {
         self.ebpf.map(name)
@@ -746,6 +767,18 @@ impl Target for Kernel {
 
     fn reset_hits(&mut self, id: u32) -> anyhow::Result<()> {
         self.rule_hits.set(id, 0, 0).context("resetting a rule's hit counter")
+    }
+
+    fn look_add(&mut self, probes: &[first_look::Probe]) -> anyhow::Result<()> {
+        first_look::add(self.look.words(), probes.iter().copied());
+        Ok(())
+    }
+
+    fn look_rebuild(&mut self, probes: &mut dyn Iterator<Item = first_look::Probe>) -> anyhow::Result<()> {
+        let new = first_look::build(self.look.words().len(), probes);
+        let changed = first_look::rebuild(self.look.words(), &new, || {});
+        tracing::debug!(changed, "first look rebuilt");
+        Ok(())
     }
 }
 
@@ -903,6 +936,42 @@ impl UserListHits {
                 c.store(0, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// The first look (`FIRST_LOOK`), mapped read-write: the daemon sets and
+/// clears its bits with word stores, no syscall (`first_look`).
+struct LookView {
+    ptr: NonNull<AtomicU64>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: a shared mapping accessed only through atomics.
+unsafe impl Send for LookView {}
+unsafe impl Sync for LookView {}
+
+impl LookView {
+    fn map(data: &MapData, len: u32) -> anyhow::Result<Self> {
+        let bytes = (len as usize * 8).next_multiple_of(4096);
+        // SAFETY: mapping a BPF_F_MMAPABLE array fd; the kernel checks the size.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            bail!("mapping {MAP_FIRST_LOOK}: {}", std::io::Error::last_os_error());
+        }
+        Ok(LookView { ptr: NonNull::new(ptr.cast()).ok_or_else(|| anyhow!("mmap returned null"))?, len: len as usize, bytes })
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `len` u64s are mapped for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for LookView {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }
 

@@ -71,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
 
     let full = full_name_key(&mut buf.clone(), n, &HASH_R).expect("full name key");
     let mut seen: Vec<(u32, NameKey, bool)> = Vec::new();
-    walk_ancestors(&mut buf, canon_start(n), &HASH_R, |depth, key, is_full, _| {
+    walk_ancestors(&mut buf, canon_start(n), &HASH_R, |depth, key, _, is_full, _| {
         seen.push((depth, *key, is_full));
         false
     });
@@ -87,7 +87,7 @@ fuzz_target!(|data: &[u8]| {
     // Stopping early: the callback returning true ends the walk.
     let stop = usize::from(ctl >> 4) % labels.len() + 1;
     let mut calls = 0;
-    walk_ancestors(&mut buf, canon_start(n), &HASH_R, |depth, _, _, _| {
+    walk_ancestors(&mut buf, canon_start(n), &HASH_R, |depth, _, _, _, _| {
         calls += 1;
         depth as usize == stop
     });

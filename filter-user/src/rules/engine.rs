@@ -23,13 +23,16 @@ use std::{
 };
 
 use filter_common::{
-    name::{CanonBuf, Decision, canon_start, dotted_to_canon, full_name_key, match_canon},
+    name::{CanonBuf, Decision, canon_start, dotted_to_canon, full_name_probe, match_canon},
     rules::{Config, MAX_DEPTH, MAX_LISTS, NameKey, NodeRules, RuleLookup, RuleRef},
 };
 use rayon::prelude::*;
 use smallvec::SmallVec;
 
-use super::pattern::{Action, PatternError, Rule, Scope, normalize_name};
+use super::{
+    first_look,
+    pattern::{Action, PatternError, Rule, Scope, normalize_name},
+};
 
 /// Where the engine's decisions are written: the kernel maps, or a test map.
 pub trait Target {
@@ -44,6 +47,16 @@ pub trait Target {
         Ok(())
     }
     fn write_depth_mask(&mut self, mask: [u64; 2]) -> anyhow::Result<()>;
+    /// Sets the first-look bits of nodes about to be written (before
+    /// they are). A target without a first look has nothing to do.
+    fn look_add(&mut self, _probes: &[first_look::Probe]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Rewrites the first look to hold exactly `probes`, every node the rule
+    /// map holds now: bits of nodes gone are cleared.
+    fn look_rebuild(&mut self, _probes: &mut dyn Iterator<Item = first_look::Probe>) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Zeroes a rule id's hit counter before the id is (re)used.
     fn reset_hits(&mut self, id: u32) -> anyhow::Result<()>;
 }
@@ -103,6 +116,8 @@ struct Slot {
 struct Node {
     slots: SmallVec<[Slot; 1]>,
     value: NodeRules,
+    /// The node's first-look block (`first_look::Probe`).
+    block: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -146,6 +161,8 @@ pub struct Change {
     removed: Vec<u32>,
     nodes: Vec<(NameKey, Option<Node>)>,
     phases: [Vec<(NameKey, Option<NodeRules>)>; 4],
+    /// The first-look bits of the nodes the change creates.
+    look_adds: Vec<first_look::Probe>,
     depth_counts: Vec<u32>,
     depth_union: [u64; 2],
     depth_final: [u64; 2],
@@ -261,12 +278,13 @@ impl Engine {
         self.lists.iter().flat_map(move |l| l.ids.iter().filter_map(move |id| self.rule(*id).map(|r| (*id, l.name.as_str(), &r.rule))))
     }
 
-    fn key_of(&self, name: &str) -> (NameKey, u8) {
+    /// The node key of `name`, its depth and its first-look block.
+    fn key_of(&self, name: &str) -> (NameKey, u8, u64) {
         let mut buf = CanonBuf::default();
         // Names were validated by `normalize_name`, so this cannot fail.
         let len = dotted_to_canon(name.as_bytes(), 0, name.len(), &mut buf).unwrap_or(0);
-        let key = full_name_key(&mut buf, len, &self.hash_r).unwrap_or_default();
-        (key, name.split('.').count() as u8)
+        let (key, block) = full_name_probe(&mut buf, len, &self.hash_r).unwrap_or_default();
+        (key, name.split('.').count() as u8, block)
     }
 
     /// Says what the kernel decides for `name`, with the same matcher.
@@ -342,7 +360,7 @@ impl Engine {
             let existing: Vec<Option<u32>> = rules
                 .par_iter()
                 .map(|rule| {
-                    let (key, _) = self.key_of(&rule.name);
+                    let (key, _, _) = self.key_of(&rule.name);
                     let found =
                         self.nodes.get(&key).and_then(|n| n.slots.iter().find(|s| s.list == list.id && s.scope == rule.scope && s.action == rule.action));
                     found.map(|s| s.id)
@@ -376,14 +394,14 @@ impl Engine {
         if added_rules.len() > available {
             return Err(EngineError::RuleCapacity { needed: added_rules.len(), available, capacity: self.rule_capacity });
         }
-        let mut affected: KeyMap<(u8, SmallVec<[Slot; 1]>)> = KeyMap::default();
+        let mut affected: KeyMap<(u8, u64, SmallVec<[Slot; 1]>)> = KeyMap::default();
         affected.reserve(added_rules.len() + removed.len());
-        let added_keys: Vec<(NameKey, u8)> = added_rules.par_iter().map(|rule| self.key_of(&rule.name)).collect();
+        let added_keys: Vec<(NameKey, u8, u64)> = added_rules.par_iter().map(|rule| self.key_of(&rule.name)).collect();
         let mut fresh = self.free_ids.iter().rev().copied().chain(self.rules.len() as u32..);
         let mut added = Vec::with_capacity(added_rules.len());
-        for (rule, (key, depth)) in added_rules.into_iter().zip(added_keys) {
+        for (rule, (key, depth, block)) in added_rules.into_iter().zip(added_keys) {
             let id = fresh.next().unwrap_or_default();
-            affected.entry(key).or_insert_with(|| (depth, SmallVec::new())).1.push(Slot { id, list: list.id, scope: rule.scope, action: rule.action });
+            affected.entry(key).or_insert_with(|| (depth, block, SmallVec::new())).2.push(Slot { id, list: list.id, scope: rule.scope, action: rule.action });
             added.push((id, rule.clone()));
         }
         // The fresh ids, in place (`added` is in `rules` order too).
@@ -392,9 +410,9 @@ impl Engine {
             *id = fresh_ids.next().unwrap_or_default();
         }
         let ids_used = added.len();
-        let removed_keys: Vec<(NameKey, u8)> = removed.par_iter().filter_map(|id| self.rule(*id).map(|info| self.key_of(&info.rule.name))).collect();
-        for (key, depth) in removed_keys {
-            affected.entry(key).or_insert_with(|| (depth, SmallVec::new()));
+        let removed_keys: Vec<(NameKey, u8, u64)> = removed.par_iter().filter_map(|id| self.rule(*id).map(|info| self.key_of(&info.rule.name))).collect();
+        for (key, depth, block) in removed_keys {
+            affected.entry(key).or_insert_with(|| (depth, block, SmallVec::new()));
         }
         let mut removed_set = vec![false; self.rules.len()];
         for id in &removed {
@@ -405,16 +423,18 @@ impl Engine {
         let mut nodes_after = self.nodes.len() as isize;
         let mut node_updates = Vec::with_capacity(affected.len());
         let mut phases: [Vec<(NameKey, Option<NodeRules>)>; 4] = Default::default();
-        for (key, (depth, new_slots)) in affected {
+        let mut look_adds = Vec::new();
+        for (key, (depth, block, new_slots)) in affected {
             let old = self.nodes.get(&key);
             let mut slots: SmallVec<[Slot; 1]> =
                 old.map(|n| n.slots.iter().copied().filter(|s| !removed_set.get(s.id as usize).copied().unwrap_or(false)).collect()).unwrap_or_default();
             slots.extend(new_slots);
             let old_value = old.map(|n| n.value).unwrap_or_default();
             let new_value = value_of(&slots);
-            let node = if slots.is_empty() { None } else { Some(Node { slots, value: new_value }) };
+            let node = if slots.is_empty() { None } else { Some(Node { slots, value: new_value, block }) };
             match (old.is_some(), node.is_some()) {
                 (false, true) => {
+                    look_adds.push((block, key));
                     nodes_after += 1;
                     depth_counts[depth as usize] += 1;
                 }
@@ -440,6 +460,7 @@ impl Engine {
             removed,
             nodes: node_updates,
             phases,
+            look_adds,
             depth_counts,
             depth_union: [old_mask[0] | depth_final[0], old_mask[1] | depth_final[1]],
             depth_final,
@@ -462,6 +483,9 @@ impl Engine {
                 target.reset_hits(*id)?;
             }
             target.write_depth_mask(change.depth_union)?;
+            // Before any node is written: a node in the map whose bits are
+            // not set would be missed.
+            target.look_add(&change.look_adds)?;
             for phase in &change.phases {
                 let done = target.write_nodes(phase);
                 let n = done.as_ref().err().map_or(phase.len(), |(n, _)| *n);
@@ -480,7 +504,17 @@ impl Engine {
             let _ = target.write_depth_mask(old_mask);
             return Err(e);
         }
-        self.commit(change)
+        let removes_nodes = change.nodes.iter().any(|(_, n)| n.is_none());
+        let summary = self.commit(change)?;
+        if removes_nodes {
+            // The map holds exactly the committed nodes now. A failure leaves
+            // extra bits, which cost lookups but never a verdict.
+            let mut probes = self.nodes.iter().map(|(key, n)| (n.block, *key));
+            if let Err(e) = target.look_rebuild(&mut probes) {
+                tracing::warn!("clearing the first look of removed rules: {e:#}");
+            }
+        }
+        Ok(summary)
     }
 
     fn commit(&mut self, change: Change) -> anyhow::Result<ChangeSummary> {
@@ -602,13 +636,32 @@ mod tests {
         cfg: Config,
         probes: &'a [(String, bool, bool)],
         writes: usize,
+        /// The first look, as the kernel reads it: two blocks, so that
+        /// names share words and bits go stale.
+        look: Vec<std::sync::atomic::AtomicU64>,
+    }
+
+    /// The rule map behind the first look, as the kernel reads them.
+    struct Looked<'a>(&'a HashMap<NameKey, NodeRules>, &'a [std::sync::atomic::AtomicU64]);
+
+    impl RuleLookup for Looked<'_> {
+        fn lookup(&self, key: &NameKey) -> Option<NodeRules> {
+            self.0.get(key).copied()
+        }
+        fn may_hold(&self, _: &Config, block: u64, key: &NameKey) -> bool {
+            first_look::may_hold(self.1, block, key)
+        }
     }
 
     impl Checked<'_> {
+        fn new(cfg: Config) -> Self {
+            let look = first_look::host(16);
+            Checked { nodes: HashMap::new(), cfg: Config { look_mask: look.len() as u64 - 1, ..cfg }, probes: &[], writes: 0, look }
+        }
         fn blocked(&self, name: &str) -> bool {
             let mut buf = CanonBuf::default();
             let len = dotted_to_canon(name.as_bytes(), 0, name.len(), &mut buf).unwrap();
-            matches!(match_canon(&mut buf, canon_start(len), &self.cfg, &self.nodes), Decision::Block(_))
+            matches!(match_canon(&mut buf, canon_start(len), &self.cfg, &Looked(&self.nodes, &self.look)), Decision::Block(_))
         }
         fn check(&self) {
             for (name, old, new) in self.probes {
@@ -635,6 +688,20 @@ mod tests {
             Ok(())
         }
         fn reset_hits(&mut self, _: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn look_add(&mut self, probes: &[first_look::Probe]) -> anyhow::Result<()> {
+            // One node at a time, checked after each.
+            for p in probes {
+                first_look::add(&self.look, std::iter::once(*p));
+                self.check();
+            }
+            Ok(())
+        }
+        fn look_rebuild(&mut self, probes: &mut dyn Iterator<Item = first_look::Probe>) -> anyhow::Result<()> {
+            let new = first_look::build(self.look.len(), probes);
+            // Checked after every word stored, as a probe may read then.
+            first_look::rebuild(&self.look, &new, || self.check());
             Ok(())
         }
     }
@@ -700,7 +767,7 @@ mod tests {
             let all_old: Vec<Rule> = other.iter().chain(&old).cloned().collect();
             let all_new: Vec<Rule> = other.iter().chain(&new).cloned().collect();
             let probes: Vec<(String, bool, bool)> = names.iter().map(|n| (n.clone(), reference_blocked(&all_old, n), reference_blocked(&all_new, n))).collect();
-            let mut target = Checked { nodes: HashMap::new(), cfg: Config { hash_r: r, ..Config::default() }, probes: &[], writes: 0 };
+            let mut target = Checked::new(Config { hash_r: r, ..Config::default() });
             let c = engine.plan_replace("other", None, &other).unwrap();
             engine.apply(c, &mut target).unwrap();
             let c = engine.plan_replace("list", None, &old).unwrap();
@@ -716,13 +783,16 @@ mod tests {
                 assert_eq!(target.blocked(name), *after, "round {round}: {name} with {all_new:?}");
             }
             assert_eq!(target.nodes.len(), engine.node_count());
+            // Nothing but the nodes in the map is left in the first look.
+            let words: Vec<u64> = target.look.iter().map(|w| w.load(std::sync::atomic::Ordering::Relaxed)).collect();
+            assert_eq!(words, first_look::build(words.len(), engine.nodes.iter().map(|(k, n)| (n.block, *k))), "round {round}");
         }
     }
 
     #[test]
     fn unchanged_rules_keep_their_ids_and_cost_no_writes() {
         let mut engine = Engine::new([lane_multiplier(1), lane_multiplier(2)], 1000, 1000);
-        let mut t = Checked { nodes: HashMap::new(), cfg: Config::default(), probes: &[], writes: 0 };
+        let mut t = Checked::new(Config::default());
         let rules: Vec<Rule> = ["t.me", "*.telegram.org", "allow core.telegram.org"].iter().map(|s| Rule::parse(s).unwrap()).collect();
         let c = engine.plan_replace("l", None, &rules).unwrap();
         assert_eq!(c.summary.added, 3);
@@ -742,7 +812,7 @@ mod tests {
     #[test]
     fn capacity_is_checked_before_anything_changes() {
         let mut engine = Engine::new([lane_multiplier(1), lane_multiplier(2)], 2, 100);
-        let mut t = Checked { nodes: HashMap::new(), cfg: Config::default(), probes: &[], writes: 0 };
+        let mut t = Checked::new(Config::default());
         let rules: Vec<Rule> = ["a.x", "b.x", "c.x"].iter().map(|s| Rule::parse(s).unwrap()).collect();
         assert!(matches!(engine.plan_replace("l", None, &rules), Err(EngineError::NodeCapacity { needed: 3, capacity: 2 })));
         assert_eq!(t.writes, 0);

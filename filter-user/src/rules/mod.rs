@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod file;
+pub mod first_look;
 pub mod formats;
 pub mod pattern;
 pub mod shrink;

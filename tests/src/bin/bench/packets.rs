@@ -55,6 +55,14 @@ pub fn tcp_ack(i: usize) -> Vec<u8> {
     tcp(i, 443, 2_000_000, &[], false)
 }
 
+/// A full-sized TLS application-data segment of flow `i` to port 443, at
+/// `seq` (after its hello).
+pub fn tcp_data(i: usize, seq: u32) -> Vec<u8> {
+    let mut record = vec![0u8; 1400];
+    record[..5].copy_from_slice(&[0x17, 0x03, 0x03, 0x05, 0x73]);
+    tcp(i, 443, seq, &record, true)
+}
+
 /// A client's SYN: a new connection, whose start the TLS stage records.
 pub fn tcp_syn(i: usize) -> Vec<u8> {
     let (src, sport) = client(i);

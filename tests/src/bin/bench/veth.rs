@@ -94,6 +94,9 @@ pub struct Daemon2M {
     pub ready_s: f64,
     pub rss_kib: u64,
     pub hwm_kib: u64,
+    /// VmHWM after the swap of `scrapes_during_swap`: the peak over the
+    /// start and the swap.
+    pub swap_hwm_kib: u64,
     pub maps: Vec<MapMem>,
 }
 
@@ -703,11 +706,18 @@ pub fn run(list: &List, index: &ListIndex, p: &Params) -> anyhow::Result<Veth> {
     let file = p.dir.join("all.rules");
     std::fs::write(&file, format!("telegram.org\n{}", list.file_text(p.max_rules - 1)))?;
     let (pid, ready_s) = net.start_daemon(&p.blokir, &file, &p.dir)?;
-    let daemon =
-        Daemon2M { rules: p.max_rules, ready_s, rss_kib: status_kib(pid, "VmRSS:"), hwm_kib: status_kib(pid, "VmHWM:"), maps: maps_of(&pid.to_string())? };
+    let mut daemon = Daemon2M {
+        rules: p.max_rules,
+        ready_s,
+        rss_kib: status_kib(pid, "VmRSS:"),
+        hwm_kib: status_kib(pid, "VmHWM:"),
+        swap_hwm_kib: 0,
+        maps: maps_of(&pid.to_string())?,
+    };
     eprintln!("bench: the daemon with {} rules: ready in {ready_s:.1} s, RSS {} MiB (peak {} MiB)", p.max_rules, daemon.rss_kib / 1024, daemon.hwm_kib / 1024);
     runs.push(measure(&net, &t, &format!("blokir, {} rules", p.max_rules), p.max_rules, seconds, Some(pid))?);
     let scrapes = scrapes_during_swap(&net, p, list, &file)?;
+    daemon.swap_hwm_kib = status_kib(pid, "VmHWM:");
     net.stop_daemon();
 
     for k in SIZES {
