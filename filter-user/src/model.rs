@@ -20,7 +20,7 @@ use filter_common::{
     flow::{Start, Tamper, name_overlap, rewritten, sign, start_of, suspect_first, tamper},
     http::{self, Request, starts_request},
     inspect::{Classified, Env, Inspection, classify, inspect},
-    name::{CANON_CAP, CanonBuf, Decision, canon_start, match_canon},
+    name::{CanonBuf, Decision, canon_start, match_canon},
     packet::{Af, IPPROTO_TCP, L3, L4, fake_signs, parse_l3, parse_tcp, parse_udp},
     quic::{MAX_HANDED_UP, OVERLOAD_DROP, PER_FLOW_CAP, POLICY_READ},
     reply::{DnsAction, NoReply},

@@ -1070,6 +1070,19 @@ fn parse_sample(line: &str) -> Option<(String, BTreeMap<String, String>, f64)> {
     Some((name.to_string(), labels, value))
 }
 
+/// Mounts bpffs at /sys/fs/bpf in the host's mount namespace when nothing
+/// is there, as systemd does on every box blokir runs on: the tests that
+/// run the daemon with its default pin directory inside `ip netns exec`
+/// pin on the host's bpffs (a fresh VM or container may boot without one).
+pub fn host_bpffs() -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")?.lines().any(|l| l.split(' ').nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    if !mounted {
+        let status = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status()?;
+        anyhow::ensure!(status.success(), "mounting bpffs at /sys/fs/bpf: {status}");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1100,17 +1113,4 @@ mod tests {
             assert_eq!(v6.segments()[..2], [0x2001, 0xdb8]);
         }
     }
-}
-
-/// Mounts bpffs at /sys/fs/bpf in the host's mount namespace when nothing
-/// is there, as systemd does on every box blokir runs on: the tests that
-/// run the daemon with its default pin directory inside `ip netns exec`
-/// pin on the host's bpffs (a fresh VM or container may boot without one).
-pub fn host_bpffs() -> anyhow::Result<()> {
-    let mounted = std::fs::read_to_string("/proc/self/mountinfo")?.lines().any(|l| l.split(' ').nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
-    if !mounted {
-        let status = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status()?;
-        anyhow::ensure!(status.success(), "mounting bpffs at /sys/fs/bpf: {status}");
-    }
-    Ok(())
 }
