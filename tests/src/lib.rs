@@ -128,7 +128,9 @@ impl Loaded {
     /// written into `QUIC_BLOCKED`).
     #[track_caller]
     pub fn step_with_model(&mut self, model: &mut model::Model, frame: &[u8], what: &str) -> model::Step {
-        if self.quic_sink.is_none() {
+        // Only where the model reads QUIC: the other suites never need it.
+        let cfg = self.kernel.config();
+        if self.quic_sink.is_none() && cfg.is_configured() && cfg.quic_policy == filter_common::quic::POLICY_READ {
             self.quic_sink = Some(self.kernel.quic_sink().expect("opening the QUIC perf buffers"));
         }
         let step = model.step(&self.engine, &self.kernel.config(), frame);
