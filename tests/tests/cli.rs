@@ -159,9 +159,7 @@ fn bad_tls_ports_are_refused_with_the_reason() {
         (vec!["--tls-ports", &seventeen], "--tls-ports: 17 ports given; at most 16 are supported (or `all`)"),
     ];
     for (args, why) in cases {
-        let out = run(&args);
-        assert!(out.code() == Some(2) && out.stderr.contains(why), "{args:?}: want {why:?}: {out}");
-        assert!(!out.stderr.contains("loading") && !dir.path().join("pins").exists(), "{args:?}: refused before anything is loaded: {out}");
+        refused_before_loading(&run(&args), &args, why, &dir.path().join("pins"));
     }
     // From a config file: a bad value with its line; a file's ports and a
     // command line's `all` add up, and are refused as mixed.
@@ -193,9 +191,7 @@ fn bad_quic_settings_are_refused_with_the_reason() {
         (vec!["--quic-on-overload", "block"], "invalid value 'block' for '--quic-on-overload <QUIC_ON_OVERLOAD>'"),
     ];
     for (args, why) in cases {
-        let out = run(&args);
-        assert!(out.code() == Some(2) && out.stderr.contains(why), "{args:?}: want {why:?}: {out}");
-        assert!(!out.stderr.contains("loading") && !dir.path().join("pins").exists(), "{args:?}: refused before anything is loaded: {out}");
+        refused_before_loading(&run(&args), &args, why, &dir.path().join("pins"));
     }
     let config = dir.path().join("blokir.toml");
     std::fs::write(&config, "quic-ports = [443, \"h3\"]\n").unwrap();
@@ -249,4 +245,12 @@ fn the_systemd_unit_verifies_and_is_hardened() {
         .find_map(|l| l.split_once("Overall exposure level for blokir.service:").map(|(_, r)| r.split_whitespace().next().unwrap().parse().unwrap()))
         .unwrap_or_else(|| panic!("no exposure level:\n{out}"));
     assert!(score <= 3.0, "exposure {score} (systemd rates up to 3.9 as OK, lower is better):\n{out}");
+}
+
+/// A run refused with exit code 2 and `why`, before anything was loaded or
+/// pinned under `pins`.
+#[track_caller]
+fn refused_before_loading(out: &netns::Captured, args: &[&str], why: &str, pins: &std::path::Path) {
+    assert!(out.code() == Some(2) && out.stderr.contains(why), "{args:?}: want {why:?}: {out}");
+    assert!(!out.stderr.contains("loading") && !pins.exists(), "{args:?}: refused before anything is loaded: {out}");
 }
