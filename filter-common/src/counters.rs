@@ -201,13 +201,17 @@ pub const DNS_TCP_OUT_OF_ORDER: u32 = QUIC_UNDELIVERED + 1;
 /// DNS-over-TCP segments holding more queries than one pass reads (the
 /// tail-call chain's limit): dropped, the connection's state unchanged.
 pub const DNS_TCP_TOO_MANY: u32 = DNS_TCP_OUT_OF_ORDER + 1;
+/// Copies of name bytes a TCP stream stage read that differ from them
+/// (`flow::sign::REWRITE`): fakes fooled by a bad checksum, a TTL that dies
+/// before the server, or a wrong ACK number.
+pub const EVASION_REWRITE: u32 = DNS_TCP_TOO_MANY + 1;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = DNS_TCP_TOO_MANY + 1;
+pub const COUNTERS: u32 = EVASION_REWRITE + 1;
 
 /// Circumvention attempts seen, by their `/metrics` label
 /// (`blokir_evasions_total{kind}`).
-pub const EVASIONS: [(&str, u32); 4] =
-    [("fragment", EVASION_FRAGMENT), ("host_repeat", EVASION_HOST_REPEAT), ("urgent", EVASION_URGENT), ("fake", EVASION_FAKE)];
+pub const EVASIONS: [(&str, u32); 5] =
+    [("fragment", EVASION_FRAGMENT), ("host_repeat", EVASION_HOST_REPEAT), ("urgent", EVASION_URGENT), ("fake", EVASION_FAKE), ("rewrite", EVASION_REWRITE)];
 
 #[inline(always)]
 pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {

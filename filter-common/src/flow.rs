@@ -5,7 +5,13 @@
 //! (`tls::DEFAULT_FLOW_CAPACITY`) and the memory (one value is the larger of
 //! the two, ~600 bytes).
 
-use crate::{dns_tcp::Query, http::Request, tls::Hello};
+use crate::{
+    dns_tcp::Query,
+    http::Request,
+    name::{CANON_END, MAX_DOTTED_LEN, ascii_lower},
+    packet::Packet,
+    tls::Hello,
+};
 
 /// `Flow::kind` of a TLS flow.
 pub const KIND_TLS: u32 = 1;
@@ -44,6 +50,19 @@ impl Flow {
         unsafe { core::ptr::read_volatile(&self.hello.passed_seq) }
     }
 
+    /// Moves `passed_seq` back to `seq` if that is before it: a rewritten
+    /// copy at `seq` shows that the server did not take the bytes read there
+    /// (it discarded the fake they came from), so it expects `seq` at the
+    /// latest (the RST that closes its end must carry what it expects).
+    #[inline(always)]
+    pub fn passed_back_to(&mut self, seq: u32) {
+        if self.passed_seq().wrapping_sub(seq) as i32 > 0 {
+            // Writing a field of a union is safe: every variant starts with
+            // `next_seq, kind, passed_seq` (#[repr(C)]).
+            self.hello.passed_seq = seq;
+        }
+    }
+
     /// Whether the flow is blocked, and whether its server end was sent a
     /// RST (`close_server`).
     #[inline(always)]
@@ -71,6 +90,76 @@ impl Flow {
             } else {
                 self.hello.flags |= Hello::FLAG_SERVER_CLOSED;
             }
+        }
+    }
+
+    /// Whether the flow's name passed and its parser is done: it is kept
+    /// only to compare later copies of the name's bytes (`rewritten`).
+    #[inline(always)]
+    pub fn watched(&self) -> bool {
+        // SAFETY: the variant `kind` names.
+        unsafe {
+            match self.kind() {
+                KIND_HTTP => self.request.watched(),
+                KIND_TLS => self.hello.watched(),
+                _ => false,
+            }
+        }
+    }
+
+    /// Marks a TLS or HTTP flow whose name passed and whose parser is done
+    /// as watched (see `watched`).
+    #[inline(always)]
+    pub fn watch(&mut self) {
+        // SAFETY: the variant `kind` names.
+        unsafe { if self.kind() == KIND_HTTP { self.request.watch() } else { self.hello.watch() } }
+    }
+
+    /// The name bytes the flow's parser read: where they start, how many,
+    /// and the canonical buffer holding them (see `rewritten`). A DNS flow:
+    /// none.
+    #[inline(always)]
+    pub fn name_read(&self) -> (u32, u32, &[u8; 512]) {
+        // SAFETY: the variant `kind` names.
+        unsafe {
+            match self.kind() {
+                KIND_HTTP => {
+                    let (at, len) = self.request.name_read();
+                    (at, len, &self.request.name)
+                }
+                KIND_TLS => {
+                    let (at, len) = self.hello.name_read();
+                    (at, len, &self.hello.name)
+                }
+                _ => (0, 0, &self.hello.name),
+            }
+        }
+    }
+
+    /// Whether the segment (payload `off..end` at `seq`) carries a copy of
+    /// name bytes the flow's parser read that differs from them (see
+    /// `rewritten`).
+    #[inline(always)]
+    pub fn rewritten<P: Packet + ?Sized>(&self, p: &P, seq: u32, off: usize, end: usize) -> bool {
+        let (at, len, name) = self.name_read();
+        rewritten(p, seq, off, end, at, len, name)
+    }
+
+    /// Whether `len` bytes at `seq` cover some of the name bytes read.
+    #[inline(always)]
+    pub fn overlaps_name(&self, seq: u32, len: u32) -> bool {
+        let (at, n, _) = self.name_read();
+        name_overlap(seq, len, at, n).is_some()
+    }
+
+    /// Sets the parser's rounds of `feed` on the current segment.
+    #[inline(always)]
+    pub fn set_rounds(&mut self, rounds: u32) {
+        // Writing a field of a union is safe: both variants hold `rounds`.
+        if self.kind() == KIND_HTTP {
+            self.request.rounds = rounds;
+        } else {
+            self.hello.rounds = rounds;
         }
     }
 
@@ -141,6 +230,53 @@ pub mod sign {
     /// before Linux 6.7, reads it; either way a flow being read does not
     /// carry one.
     pub const SIGNED: u32 = 4;
+    /// A copy of name bytes already read that differs from them
+    /// (`rewritten`): one of the two copies is a fake, and the one read
+    /// may be it. Retransmissions never change bytes.
+    pub const REWRITE: u32 = 8;
+}
+
+/// Where `seg` bytes at `seq` overlap the `len` name bytes from `name_seq`
+/// on: the first overlapping byte's place in the name and in the segment,
+/// and how many overlap; `None` if none do.
+#[inline(always)]
+pub fn name_overlap(seq: u32, seg: u32, name_seq: u32, len: u32) -> Option<(u32, u32, u32)> {
+    // The name's first byte in the segment, or the segment's first byte
+    // in the name.
+    let into_seg = name_seq.wrapping_sub(seq);
+    let (j0, k0) = if (into_seg as i32) >= 0 { (0, into_seg) } else { (seq.wrapping_sub(name_seq), 0) };
+    if j0 >= len || k0 >= seg {
+        return None;
+    }
+    Some((j0, k0, (len - j0).min(seg - k0)))
+}
+
+/// Whether the segment with payload `off..end` at sequence number `seq`
+/// carries a copy of some of the `len` name bytes read from `name_seq` on
+/// (held in canonical form in `name`, a parser's `bytes` then `starts`:
+/// byte `j` of the dotted name at `CANON_END - j`, a dot as a label start)
+/// that differs from them. Letter case is not a difference (the name is
+/// matched without it). Bytes outside the name are not compared: a fake
+/// that only moves where the parser finds the name, its name bytes equal
+/// to what the real copy holds there, is not caught.
+#[inline(always)]
+pub fn rewritten<P: Packet + ?Sized>(p: &P, seq: u32, off: usize, end: usize, name_seq: u32, len: u32, name: &[u8; 512]) -> bool {
+    if off >= end {
+        return false;
+    }
+    let Some((j0, k0, count)) = name_overlap(seq, (end - off) as u32, name_seq, len) else { return false };
+    for i in 0..=MAX_DOTTED_LEN as u32 {
+        if i >= count {
+            break;
+        }
+        let Some(b) = p.u8_at(off + (k0 + i) as usize) else { break };
+        let at = (CANON_END - ((j0 + i) as usize & CANON_END)) & CANON_END;
+        let differs = if name[256 + at] != 0 { b != b'.' } else { ascii_lower(b) != name[at] };
+        if differs {
+            return true;
+        }
+    }
+    false
 }
 
 /// `--on-tamper block`: a flow being read that carries a fake segment or
@@ -162,11 +298,20 @@ pub enum Tamper {
     /// Count it, forget the flow (it is no longer read) and pass the
     /// segment: the bytes the receiver reads are not the segment's.
     Forget { counter: u32 },
+    /// Count it and handle the segment as any other (read what it holds
+    /// past what was read): a rewritten copy under `pass`, which may be
+    /// the real one.
+    Count { counter: u32 },
 }
 
 /// The tamper policy's answer to a segment with `signs`.
 #[inline(always)]
 pub fn tamper(signs: u32, policy: u32) -> Tamper {
+    // A rewrite, alone: the segment's signs are those of a real one.
+    if signs == sign::REWRITE {
+        let counter = crate::counters::EVASION_REWRITE;
+        return if policy != TAMPER_PASS { Tamper::Block { counter } } else { Tamper::Count { counter } };
+    }
     let discarded = signs & (sign::NO_ACK | sign::SIGNED) != 0;
     let counter = if discarded { crate::counters::EVASION_FAKE } else { crate::counters::EVASION_URGENT };
     if policy != TAMPER_PASS {
@@ -225,5 +370,60 @@ mod tests {
         assert!(suspect_first(Start::First { trim: 0 }, 0x08));
         assert!(!suspect_first(Start::First { trim: 0 }, 0x18));
         assert!(!suspect_first(Start::Unknown, 0x20));
+        use crate::counters::EVASION_REWRITE;
+        assert_eq!(tamper(sign::REWRITE, TAMPER_BLOCK), Tamper::Block { counter: EVASION_REWRITE });
+        assert_eq!(tamper(sign::REWRITE, TAMPER_PASS), Tamper::Count { counter: EVASION_REWRITE });
+        // A fake sign with it: the segment is a fake.
+        assert_eq!(tamper(sign::REWRITE | sign::NO_ACK, TAMPER_PASS), Tamper::Skip { counter: EVASION_FAKE });
+    }
+
+    /// A canonical name as the parsers hold it, read from `dotted`.
+    fn held(dotted: &[u8]) -> [u8; 512] {
+        let mut name = [0u8; 512];
+        for (j, &b) in dotted.iter().enumerate() {
+            let at = CANON_END - j;
+            if b == b'.' {
+                name[256 + at] = 1;
+            } else {
+                name[at] = ascii_lower(b);
+            }
+        }
+        name
+    }
+
+    #[test]
+    fn rewritten_copies_of_the_name_are_told_from_retransmissions() {
+        let name = held(b"allowed.example");
+        let n = 15;
+        // The name at seq 110 (offset 10 of a segment at 100).
+        let mut seg = b"0123456789allowed.example\r\n".to_vec();
+        assert!(!rewritten(&seg[..], 100, 0, seg.len(), 110, n, &name));
+        // Letter case is no difference.
+        seg[10] = b'A';
+        assert!(!rewritten(&seg[..], 100, 0, seg.len(), 110, n, &name));
+        let mut other = b"0123456789blocked.example\r\n".to_vec();
+        assert!(rewritten(&other[..], 100, 0, other.len(), 110, n, &name));
+        // Only the bytes read are compared: 3 of the name so far.
+        assert!(!rewritten(&other[..], 100, 0, other.len(), 110, 0, &name));
+        other[10..13].copy_from_slice(b"all");
+        assert!(!rewritten(&other[..], 100, 0, other.len(), 110, 3, &name));
+        assert!(rewritten(&other[..], 100, 0, other.len(), 110, 4, &name));
+        // A dot where a letter was, and the other way round.
+        assert!(rewritten(&b"allowedxexample"[..], 110, 0, 15, 110, n, &name));
+        assert!(rewritten(&b"allowed.e.ample"[..], 110, 0, 15, 110, n, &name));
+        // A segment starting inside the name, or ending inside it; one
+        // wholly before or after; across 2^32.
+        assert!(!rewritten(&b"ed.example"[..], 115, 0, 10, 110, n, &name));
+        assert!(rewritten(&b"ed.exbmple"[..], 115, 0, 10, 110, n, &name));
+        assert!(rewritten(&b"xxxalloweX"[..], 107, 0, 10, 110, n, &name));
+        assert!(!rewritten(&b"xxxallowed"[..], 107, 0, 10, 110, n, &name));
+        assert!(!rewritten(&b"zzzz"[..], 125, 0, 4, 110, n, &name));
+        assert!(!rewritten(&b"zzzz"[..], 106, 0, 4, 110, n, &name));
+        assert!(rewritten(&b"zzzzz"[..], 106, 0, 5, 110, n, &name));
+        assert!(rewritten(&b"zzbllowed"[..], u32::MAX - 1, 0, 9, 0, n, &name));
+        assert!(!rewritten(&b"zzallowed"[..], u32::MAX - 1, 0, 9, 0, n, &name));
+        // Payload offsets within a larger packet.
+        assert!(!rewritten(&b"HDRallowed"[..], 0, 3, 10, 0, n, &name));
+        assert!(rewritten(&b"HDRallowex"[..], 0, 3, 10, 0, n, &name));
     }
 }

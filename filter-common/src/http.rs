@@ -141,6 +141,10 @@ pub struct Request {
     canon_len: u32,
     /// Rounds of `feed` (tail calls) spent on the current segment.
     pub rounds: u32,
+    /// The sequence number of offset 0 of the segment being fed, and that
+    /// of the name's first byte (see `tls::Hello`).
+    base: u32,
+    pub name_seq: u32,
     /// The name in canonical form as it is read (`bytes`, `starts`).
     pub name: [u8; 2 * 256],
 }
@@ -165,6 +169,10 @@ impl Request {
     const FLAG_ENDED: u32 = 128;
     /// The Host (or absolute-form target) was not a domain name.
     const FLAG_BAD: u32 = 256;
+    /// The name passed and the head was read to its end: the flow is kept
+    /// only so that later copies of the name's bytes are compared
+    /// (`flow::rewritten`).
+    pub const FLAG_WATCH: u32 = 512;
 
     /// A parser at the first byte of a request whose first segment starts
     /// at sequence number `seq`.
@@ -185,6 +193,8 @@ impl Request {
             done: 0,
             canon_len: 0,
             rounds: 0,
+            base: 0,
+            name_seq: 0,
             name: [0; 512],
         };
         r.reset(seq);
@@ -198,6 +208,23 @@ impl Request {
         self.stage = stage::METHOD;
         (self.flags, self.matched, self.method_hi, self.method_lo, self.scanned) = (0, 0, 0, 0, 0);
         (self.name_pos, self.label_start, self.cursor, self.done, self.canon_len, self.rounds) = (0, 0, 0, 0, 0, 0);
+        (self.base, self.name_seq) = (0, 0);
+    }
+
+    /// The name passed and the parser is done: the flow is only watched
+    /// for rewritten copies of the name (`FLAG_WATCH`).
+    pub fn watch(&mut self) {
+        let flags = ld(&self.flags) | Request::FLAG_WATCH;
+        st(&mut self.flags, flags);
+    }
+
+    pub fn watched(&self) -> bool {
+        ld(&self.flags) & Request::FLAG_WATCH != 0
+    }
+
+    /// The name bytes read so far: where they start, and how many.
+    pub fn name_read(&self) -> (u32, u32) {
+        (ld(&self.name_seq), ld(&self.name_pos))
     }
 
     /// Marks the flow blocked; with `reset`, its client segments are
@@ -275,6 +302,8 @@ const DONE_END: u32 = 8;
 #[inline(always)]
 pub fn feed<P: Packet + ?Sized>(r: &mut Request, p: &P, off: usize, end: usize) -> Progress {
     st(&mut r.cursor, off as u32);
+    let base = ld(&r.next_seq).wrapping_sub(off as u32);
+    st(&mut r.base, base);
     st(&mut r.done, DONE_NOT_YET);
     for _ in 0..MAX_STEPS {
         step(r, p, end);
@@ -367,10 +396,10 @@ fn step<P: Packet + ?Sized>(r: &mut Request, p: &P, end: usize) {
                 bad_host(r, b);
             } else if b != b' ' && b != b'\t' {
                 go(r, stage::HOST, 0);
-                host_byte(r, b);
+                host_byte(r, b, pos);
             }
         }
-        _ => host_byte(r, b),
+        _ => host_byte(r, b, pos),
     }
 }
 
@@ -496,8 +525,12 @@ fn header_byte(r: &mut Request, b: u8) {
 /// length of the label before it. The name ends at a port, a path, a query,
 /// whitespace or the line's end.
 #[inline(always)]
-fn host_byte(r: &mut Request, b: u8) {
+fn host_byte(r: &mut Request, b: u8, pos: usize) {
     let j = ld(&r.name_pos);
+    if j == 0 {
+        let at = ld(&r.base).wrapping_add(pos as u32);
+        st(&mut r.name_seq, at);
+    }
     let at = (CANON_END - (j as usize & CANON_END)) & CANON_END;
     if matches!(b, b':' | b'/' | b'?' | b'#' | b' ' | b'\t' | b'\r' | b'\n') {
         finish_name(r, b);

@@ -34,6 +34,7 @@ pub const HTTP_PROGRAM_NAME: &str = "blokir_http";
 pub const DNS_TCP_PROGRAM_NAME: &str = "blokir_dns_tcp";
 pub const DNS_TCP_READ_PROGRAM_NAME: &str = "blokir_dns_tcp_read";
 pub const DNS_TCP_QUESTION_PROGRAM_NAME: &str = "blokir_dns_tcp_question";
+pub const REWRITE_PROGRAM_NAME: &str = "blokir_rewrite";
 /// Slots of the `STAGES` program array.
 pub const STAGE_TLS: u32 = 0;
 pub const STAGE_MATCH: u32 = 1;
@@ -45,7 +46,9 @@ pub const STAGE_QUIC: u32 = 5;
 pub const STAGE_DNS_TCP: u32 = 6;
 pub const STAGE_DNS_TCP_READ: u32 = 7;
 pub const STAGE_DNS_TCP_QUESTION: u32 = 8;
-pub const STAGE_COUNT: u32 = 9;
+/// The compare of name bytes read with a later copy (`flow::rewritten`).
+pub const STAGE_REWRITE: u32 = 9;
+pub const STAGE_COUNT: u32 = 10;
 pub const MAP_STAGES: &str = "STAGES";
 pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_SYNS: &str = "SYNS";

@@ -129,6 +129,11 @@ pub struct Hello {
     canon_len: u32,
     /// Rounds of `feed` (tail calls) spent on the current segment.
     pub rounds: u32,
+    /// The sequence number of offset 0 of the segment being fed, and that
+    /// of the name's first byte (`flow::rewritten` compares later copies of
+    /// the name's bytes with what was read).
+    base: u32,
+    pub name_seq: u32,
     /// The server name in canonical form as it is read (`bytes`, `starts`).
     pub name: [u8; 2 * 256],
 }
@@ -156,6 +161,10 @@ impl Hello {
     pub const FLAG_RESET: u32 = 256;
     /// The blocked connection's server end was sent a RST.
     pub const FLAG_SERVER_CLOSED: u32 = 512;
+    /// The name passed and the hello was read to its end: the flow is kept
+    /// only so that later copies of the name's bytes are compared
+    /// (`flow::rewritten`).
+    pub const FLAG_WATCH: u32 = 1024;
 
     /// Whether the hello ended (after its name).
     pub fn ended(&self) -> bool {
@@ -219,6 +228,8 @@ impl Hello {
             done: 0,
             canon_len: 0,
             rounds: 0,
+            base: 0,
+            name_seq: 0,
             name: [0; 512],
         };
         h.reset(seq);
@@ -235,7 +246,23 @@ impl Hello {
         self.rec_need = 5;
         (self.acc, self.rec_acc, self.record_left, self.hello_left, self.exts_left) = (0, 0, 0, 0, 0);
         (self.name_pos, self.label_start, self.name_len, self.sni_len, self.flags, self.cursor) = (0, 0, 0, 0, 0, 0);
-        (self.taken, self.done, self.canon_len, self.rounds) = (0, 0, 0, 0);
+        (self.taken, self.done, self.canon_len, self.rounds, self.base, self.name_seq) = (0, 0, 0, 0, 0, 0);
+    }
+
+    /// The name passed and the parser is done: the flow is only watched
+    /// for rewritten copies of the name (`FLAG_WATCH`).
+    pub fn watch(&mut self) {
+        let flags = ld(&self.flags) | Hello::FLAG_WATCH;
+        st(&mut self.flags, flags);
+    }
+
+    pub fn watched(&self) -> bool {
+        ld(&self.flags) & Hello::FLAG_WATCH != 0
+    }
+
+    /// The name bytes read so far: where they start, and how many.
+    pub fn name_read(&self) -> (u32, u32) {
+        (ld(&self.name_seq), ld(&self.name_pos))
     }
 
     /// A parser at the first byte of a bare handshake stream, with no TLS
@@ -353,6 +380,8 @@ pub fn resume_at(next_seq: u32, seq: u32, off: usize, end: usize) -> Resume {
 #[inline(always)]
 pub fn feed<P: Packet + ?Sized>(h: &mut Hello, p: &P, off: usize, end: usize) -> Progress {
     st(&mut h.cursor, off as u32);
+    let base = ld(&h.next_seq).wrapping_sub(off as u32);
+    st(&mut h.base, base);
     st(&mut h.done, DONE_NOT_YET);
     for _ in 0..MAX_STEPS {
         step(h, p, end);
@@ -504,7 +533,7 @@ fn read<P: Packet + ?Sized>(h: &mut Hello, p: &P, pos: usize, end: usize, record
         st(&mut h.taken, take);
     } else if stage == stage::NAME {
         match p.u8_at(pos) {
-            Some(b) => name_byte(h, b),
+            Some(b) => name_byte(h, b, pos),
             None => st(&mut h.done, DONE_NEED_MORE),
         }
         st(&mut h.taken, 1);
@@ -601,8 +630,12 @@ fn go(h: &mut Hello, next: u32, need: u32) {
 /// `dotted_to_canon` does: a byte at position `j` lands at `CANON_END - j`,
 /// and a dot writes the length of the label before it.
 #[inline(always)]
-fn name_byte(h: &mut Hello, b: u8) {
+fn name_byte(h: &mut Hello, b: u8, pos: usize) {
     let j = ld(&h.name_pos);
+    if j == 0 {
+        let at = ld(&h.base).wrapping_add(pos as u32);
+        st(&mut h.name_seq, at);
+    }
     let at = (CANON_END - (j as usize & CANON_END)) & CANON_END;
     if b == b'.' {
         let len = j.wrapping_sub(ld(&h.label_start));

@@ -5,12 +5,12 @@
 use aya_ebpf::bindings::xdp_action;
 use filter_common::{
     counters,
-    flow::{self, Flow, Start, TAMPER_BLOCK, Tamper, start_of},
+    flow::{self, Flow, KIND_HTTP, Start, TAMPER_BLOCK, Tamper, sign, start_of},
     inspect::Env as _,
-    packet::{L4, TCP_URG},
+    packet::{L4, TCP_URG, fake_signs, parse_l3, parse_tcp},
     reply::NoReply,
     reset::{Toward, build_reset},
-    rules::STAGE_REPLY,
+    rules::{STAGE_HTTP, STAGE_REPLY, STAGE_REWRITE, STAGE_TLS},
     tls::FlowKey,
 };
 
@@ -75,16 +75,72 @@ pub fn started(key: &FlowKey, start: Start) {
     }
 }
 
-/// A segment bearing `signs` (`fake_signs`, not 0) on a flow being read,
-/// under the tamper policy: the flow is blocked, its server end closed as
-/// for a listed name; or the segment, which the receiver discards, passes
-/// unread; or the flow is forgotten and the segment passes. Never read: a
-/// path that went on to the parser would have the verifier walk the parser
-/// once more.
+/// The tamper checks of a segment (payload `off..end` at `seq`, TCP header
+/// at `tcp`, flags `flags`) of a TLS or HTTP flow being read or watched,
+/// once per segment (`first_round`; not again in the rounds that go on
+/// with it): fake segments and urgent bytes (`fake_signs`; not looked at on
+/// a watched flow, whose reading is over), then, if the segment covers name
+/// bytes read, their compare (`rewrite`, a stage of its own: in the stream
+/// stage the compare's loop multiplied the parser's states past the
+/// verifier's budget), which comes back to the stream stage in a later
+/// round. Returns the verdict if the segment ends here (see `tamper`).
 #[inline(always)]
-pub fn tamper(pkt: &XdpPacket, flow: &mut Flow, key: &FlowKey, signs: u32) -> u32 {
+#[allow(clippy::too_many_arguments)]
+pub fn check(pkt: &XdpPacket, flow: &mut Flow, key: &FlowKey, flags: u8, tcp: usize, off: usize, end: usize, seq: u32, first_round: bool) -> Option<u32> {
+    if !first_round {
+        return None;
+    }
+    let signs = if flow.watched() { 0 } else { fake_signs(pkt, flags, tcp, off, end) };
+    // Through a map, so that the paths through the option walk rejoin.
+    let signs = Maps::opaque(signs as usize) as u32;
+    if signs != 0 {
+        return tamper(pkt, flow, key, signs);
+    }
+    if flow.overlaps_name(seq, end.saturating_sub(off) as u32) {
+        // SAFETY: the slot holds the compare stage.
+        unsafe { STAGES.tail_call(pkt.ctx, STAGE_REWRITE) };
+    }
+    None
+}
+
+/// The compare stage (`blokir_rewrite`): a segment of a TLS or HTTP flow
+/// that covers name bytes its parser read, compared with them
+/// (`flow::rewritten`). A copy that differs is tampering (see `tamper`);
+/// otherwise, or if counted only, the segment goes back to its stream
+/// stage in a later round (`rounds` 1: the checks are not made again).
+#[inline(always)]
+pub fn rewrite(pkt: &XdpPacket) -> u32 {
+    let Ok(l3) = parse_l3(pkt) else { return xdp_action::XDP_PASS };
+    let Ok(l4) = parse_tcp(pkt, &l3) else { return xdp_action::XDP_PASS };
+    let Some(key) = FlowKey::of(pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
+    let Some(flow) = FLOWS.get_ptr_mut(&key) else { return xdp_action::XDP_PASS };
+    // SAFETY: the flow's map value (see the TLS stage).
+    let flow = unsafe { &mut *flow };
+    let (off, end) = (Maps::opaque(l4.payload_off), Maps::opaque(l4.payload_end));
+    if flow.rewritten(pkt, l4.data_seq(), off, end) {
+        flow.passed_back_to(l4.data_seq());
+        if let Some(verdict) = tamper(pkt, flow, &key, sign::REWRITE) {
+            return verdict;
+        }
+    }
+    flow.set_rounds(1);
+    let stage = if flow.kind() == KIND_HTTP { STAGE_HTTP } else { STAGE_TLS };
+    // SAFETY: the slots hold the stream stages.
+    unsafe { STAGES.tail_call(pkt.ctx, stage) };
+    xdp_action::XDP_PASS
+}
+
+/// A segment bearing `signs` (`flow::sign`, not 0) on a flow being read or
+/// watched, under the tamper policy: the flow is blocked, its server end
+/// closed as for a listed name; or the segment, which the receiver
+/// discards, passes unread; or the flow is forgotten and the segment
+/// passes; or (a rewrite under `pass`) it is counted and handled as any
+/// other (`None`). A segment that ends here is never read: a path that
+/// went on to the parser would have the verifier walk the parser once more.
+#[inline(always)]
+fn tamper(pkt: &XdpPacket, flow: &mut Flow, key: &FlowKey, signs: u32) -> Option<u32> {
     let policy = CONFIG.get(0).map_or(TAMPER_BLOCK, |c| c.tamper_policy);
-    match flow::tamper(signs, policy) {
+    Some(match flow::tamper(signs, policy) {
         Tamper::Block { counter } => {
             count(counter);
             flow.block(false);
@@ -99,7 +155,11 @@ pub fn tamper(pkt: &XdpPacket, flow: &mut Flow, key: &FlowKey, signs: u32) -> u3
             let _ = FLOWS.remove(key);
             xdp_action::XDP_PASS
         }
-    }
+        Tamper::Count { counter } => {
+            count(counter);
+            return None;
+        }
+    })
 }
 
 /// A connection's first data segment that does not start a hello or a
@@ -128,7 +188,8 @@ pub fn tamper_first(pkt: &XdpPacket, key: &FlowKey, start: Start, flags: u8, at:
             }
             to_reset(pkt, Toward::Server(at), key, false)
         }
-        Tamper::Skip { counter } => {
+        // (`Count` is for rewrites, which a first segment has none of.)
+        Tamper::Skip { counter } | Tamper::Count { counter } => {
             count(counter);
             xdp_action::XDP_PASS
         }

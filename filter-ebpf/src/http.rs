@@ -10,7 +10,7 @@ use filter_common::{
     flow::{KIND_HTTP, KIND_TLS, Start, suspect_first},
     http::{MAX_ROUNDS, Progress, feed, resume, starts_request},
     inspect::Env as _,
-    packet::{IPPROTO_TCP, fake_signs, parse_l3, parse_tcp},
+    packet::{IPPROTO_TCP, parse_l3, parse_tcp},
     reset::Toward,
     rules::{STAGE_HTTP, STAGE_TLS},
     tls::{FlowKey, Resume, starts_hello},
@@ -99,11 +99,22 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         }
         req.rounds == 0
     };
-    // Fake segments and urgent bytes (see `conn::tamper`), once per segment.
-    // Through a map, so that the paths through the option walk rejoin.
-    let signs = if first_round { Maps::opaque(fake_signs(pkt, flags, tcp, off, end) as usize) as u32 } else { 0 };
-    if signs != 0 {
-        return conn::tamper(pkt, flow, &key, signs);
+    if let Some(verdict) = conn::check(pkt, flow, &key, flags, tcp, off, end, seq, first_round) {
+        return verdict;
+    }
+    // The name passed and the head was read: only watched (above), but a
+    // segment that starts a request (the next one on the connection) is
+    // read afresh, as on a flow forgotten.
+    if flow.watched() {
+        if !starts_request(pkt, off, end) {
+            return xdp_action::XDP_PASS;
+        }
+        // SAFETY: the variant `kind` names.
+        unsafe { flow.request.reset(seq) };
+        // Counted as one round spent (the compare stage's, when it came
+        // through it: the tail calls' budget), whether or not it did: a
+        // branch here took the TLS stage past the verifier's budget.
+        flow.request.rounds = 1;
     }
     // SAFETY: the variant `kind` names.
     let req = unsafe { &mut flow.request };
@@ -143,9 +154,9 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         Progress::NoHost => finish(&key, counters::HTTP_NO_HOST),
         Progress::BadHost => finish(&key, counters::HTTP_BAD_HOST),
         Progress::NotRequest => finish(&key, counters::HTTP_NOT_REQUEST),
-        // The head ended after a name that passed.
+        // The head ended after a name that passed: the flow is watched.
         Progress::End => {
-            let _ = FLOWS.remove(&key);
+            req.watch();
             xdp_action::XDP_PASS
         }
         Progress::HostRepeat => {

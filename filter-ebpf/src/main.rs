@@ -160,6 +160,13 @@ pub fn blokir_dns_tcp_question(ctx: XdpContext) -> u32 {
     dns_tcp::question(&XdpPacket { ctx: &ctx })
 }
 
+/// The compare stage: a later copy of a stream's name bytes, compared with
+/// those read.
+#[xdp]
+pub fn blokir_rewrite(ctx: XdpContext) -> u32 {
+    conn::rewrite(&XdpPacket { ctx: &ctx })
+}
+
 /// The answer stage: a blocked DNS query turned into its answer, or a
 /// blocked TCP segment into a RST.
 #[xdp]

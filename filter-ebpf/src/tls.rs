@@ -8,7 +8,7 @@ use filter_common::{
     flow::{KIND_HTTP, KIND_TLS, Start, suspect_first},
     inspect::Env as _,
     name::{CanonBuf, Decision, canon_start, match_canon},
-    packet::{Af, IPPROTO_TCP, fake_signs, parse_l3, parse_tcp},
+    packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
     reset::{LIST_TCP_RESET, Toward},
     rules::{LIST_ECH_OUTER, RuleRef},
     rules::{STAGE_MATCH, STAGE_TLS},
@@ -88,12 +88,22 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
         }
         hello.rounds == 0
     };
-    // Fake segments and urgent bytes (see `conn::tamper`), looked at once
-    // per segment (not again in the rounds that go on with it).
-    // Through a map, so that the paths through the option walk rejoin.
-    let signs = if first_round { Maps::opaque(fake_signs(pkt, flags, tcp, off, end) as usize) as u32 } else { 0 };
-    if signs != 0 {
-        return conn::tamper(pkt, flow, &key, signs);
+    if let Some(verdict) = conn::check(pkt, flow, &key, flags, tcp, off, end, seq, first_round) {
+        return verdict;
+    }
+    // The name passed and the hello was read: only watched (above), but a
+    // segment that starts a hello (TLS 1.3's second ClientHello, after a
+    // HelloRetryRequest) is read afresh, as on a flow forgotten.
+    if flow.watched() {
+        if !starts_hello(pkt, off, end) {
+            return xdp_action::XDP_PASS;
+        }
+        // SAFETY: the variant `kind` names.
+        unsafe { flow.hello.reset(seq) };
+        // Counted as one round spent (the compare stage's, when it came
+        // through it: the tail calls' budget), whether or not it did: a
+        // branch here took the TLS stage past the verifier's budget.
+        flow.hello.rounds = 1;
     }
     // SAFETY: the variant `kind` names.
     let hello = unsafe { &mut flow.hello };
@@ -154,9 +164,9 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
             hello.passed_seq = hello.next_seq;
             xdp_action::XDP_PASS
         }
-        // The hello ended after a name that passed: forget the flow.
+        // The hello ended after a name that passed: the flow is watched.
         Progress::End => {
-            let _ = FLOWS.remove(&key);
+            hello.watch();
             xdp_action::XDP_PASS
         }
         Progress::Name(len) => {
@@ -290,9 +300,10 @@ fn passed(pkt: &XdpPacket, proto: Proto, key: &FlowKey) -> u32 {
     forget(key)
 }
 
-/// A name that passed: the flow is forgotten, unless it is a ClientHello
-/// whose end is still to come (the stream stage walks it for ECH, and
-/// forgets it at the end): its segment passes.
+/// A name that passed: the flow is watched (see `Flow::watched`), or a
+/// ClientHello whose end is still to come is walked on for ECH, and an
+/// HTTP head for a second Host (the stream stage watches them at the end):
+/// its segment passes.
 #[inline(always)]
 fn forget(key: &FlowKey) -> u32 {
     if let Some(f) = FLOWS.get_ptr_mut(key) {
@@ -311,8 +322,10 @@ fn forget(key: &FlowKey) -> u32 {
             unsafe { f.request.passed_seq = f.request.next_seq };
             return xdp_action::XDP_PASS;
         }
+        // Kept, watched for rewritten copies of the name (`conn::check`),
+        // until evicted or the addresses and ports start a new connection.
+        f.watch();
     }
-    let _ = FLOWS.remove(key);
     xdp_action::XDP_PASS
 }
 

@@ -31,8 +31,9 @@ use filter_common::{
     rules::{
         Config, DNS_PROGRAM_NAME, DNS_TCP_PROGRAM_NAME, DNS_TCP_QUESTION_PROGRAM_NAME, DNS_TCP_READ_PROGRAM_NAME, HTTP_PORT_WORDS, HTTP_PROGRAM_NAME,
         MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_FIRST_LOOK, MAP_FLOWS, MAP_HTTP_PORTS, MAP_LIST_ACTIONS, MAP_LIST_HITS, MAP_QUIC_PORTS, MAP_RULE_HITS,
-        MAP_RULES, MAP_STAGES, MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME, RuleRef,
-        STAGE_DNS, STAGE_DNS_TCP, STAGE_DNS_TCP_QUESTION, STAGE_DNS_TCP_READ, STAGE_HTTP, STAGE_MATCH, STAGE_QUIC, STAGE_REPLY, STAGE_TLS, TLS_PROGRAM_NAME,
+        MAP_RULES, MAP_STAGES, MAP_SYNS, MAP_TLS_PORTS, MATCH_PROGRAM_NAME, MAX_LISTS, NameKey, NodeRules, PROGRAM_NAME, REPLY_PROGRAM_NAME,
+        REWRITE_PROGRAM_NAME, RuleRef, STAGE_DNS, STAGE_DNS_TCP, STAGE_DNS_TCP_QUESTION, STAGE_DNS_TCP_READ, STAGE_HTTP, STAGE_MATCH, STAGE_QUIC, STAGE_REPLY,
+        STAGE_REWRITE, STAGE_TLS, TLS_PROGRAM_NAME,
     },
     tls::FlowKey,
 };
@@ -43,7 +44,7 @@ use crate::{
 };
 
 /// The entry program and the stages it tail-calls.
-const PROGRAMS: [&str; 10] = [
+const PROGRAMS: [&str; 11] = [
     PROGRAM_NAME,
     DNS_PROGRAM_NAME,
     TLS_PROGRAM_NAME,
@@ -54,6 +55,7 @@ const PROGRAMS: [&str; 10] = [
     MATCH_PROGRAM_NAME,
     REPLY_PROGRAM_NAME,
     QUIC_PROGRAM_NAME,
+    REWRITE_PROGRAM_NAME,
 ];
 
 /// The XDP program, built by build.rs with the pinned BPF toolchain.
@@ -278,6 +280,7 @@ impl Kernel {
             (STAGE_MATCH, stage_fd(&ebpf, MATCH_PROGRAM_NAME)?),
             (STAGE_REPLY, stage_fd(&ebpf, REPLY_PROGRAM_NAME)?),
             (STAGE_QUIC, stage_fd(&ebpf, QUIC_PROGRAM_NAME)?),
+            (STAGE_REWRITE, stage_fd(&ebpf, REWRITE_PROGRAM_NAME)?),
         ];
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"));
         let rules_map = take(MAP_RULES)?;
@@ -799,6 +802,10 @@ pub struct FlowCensus {
     pub tls_blocked: u64,
     pub http_reading: u64,
     pub http_blocked: u64,
+    /// Flows whose name passed, kept to compare later copies of its bytes
+    /// (`Flow::watched`).
+    pub tls_watched: u64,
+    pub http_watched: u64,
     /// DNS-over-TCP connections with a query under way (never blocked as
     /// a whole).
     pub dns_tcp_reading: u64,
@@ -814,6 +821,10 @@ impl FlowTable {
             c.total += 1;
             if flow.kind() == filter_common::flow::KIND_DNS {
                 c.dns_tcp_reading += 1;
+                continue;
+            }
+            if flow.watched() {
+                *if flow.kind() == filter_common::flow::KIND_HTTP { &mut c.http_watched } else { &mut c.tls_watched } += 1;
                 continue;
             }
             // SAFETY: the variant `kind` names (see `Flow`).

@@ -556,13 +556,15 @@ fn encode_state(enc: &mut DescriptorEncoder, figures: &Figures, readers: &MapRea
         family(
             enc,
             "blokir_flows",
-            "Flows in the flow table by protocol and state: reading (a ClientHello, request head or DNS-over-TCP query not complete yet) or blocked.",
+            "Flows in the flow table by protocol and state: reading (a ClientHello, request head or DNS-over-TCP query not complete yet), blocked, or watched (the name passed; kept to compare later copies of its bytes).",
             MetricType::Gauge,
             [
                 (vec![("proto", "tls"), ("state", "reading")], c.tls_reading),
                 (vec![("proto", "tls"), ("state", "blocked")], c.tls_blocked),
                 (vec![("proto", "http"), ("state", "reading")], c.http_reading),
                 (vec![("proto", "http"), ("state", "blocked")], c.http_blocked),
+                (vec![("proto", "tls"), ("state", "watched")], c.tls_watched),
+                (vec![("proto", "http"), ("state", "watched")], c.http_watched),
                 (vec![("proto", "dns_tcp"), ("state", "reading")], c.dns_tcp_reading),
             ],
         )?;

@@ -17,11 +17,11 @@ use filter_common::{
     counters::{self, Outcome, Proto},
     dns::{DNS_PORT, DnsSkip, parse_query},
     dns_tcp::{self, Query},
-    flow::{Start, Tamper, start_of, suspect_first, tamper},
+    flow::{Start, Tamper, name_overlap, rewritten, sign, start_of, suspect_first, tamper},
     http::{self, Request, starts_request},
     inspect::{Classified, Env, Inspection, classify, inspect},
     name::{CanonBuf, Decision, canon_start, match_canon},
-    packet::{Af, IPPROTO_TCP, fake_signs, parse_l3, parse_tcp, parse_udp},
+    packet::{Af, IPPROTO_TCP, L3, L4, fake_signs, parse_l3, parse_tcp, parse_udp},
     quic::{MAX_HANDED_UP, OVERLOAD_DROP, PER_FLOW_CAP, POLICY_READ},
     reply::{DnsAction, NoReply},
     reset::{TcpAction, Toward, build_reset},
@@ -326,7 +326,7 @@ impl Model {
                 self.flows.insert(*key, Flow { hello, seen: None });
                 step
             }
-            Tamper::Skip { counter } => Step { verdict: XDP_PASS, counted: vec![counter], ..Step::default() },
+            Tamper::Skip { counter } | Tamper::Count { counter } => Step { verdict: XDP_PASS, counted: vec![counter], ..Step::default() },
             Tamper::Forget { counter } => {
                 self.started(key, start);
                 Step { verdict: XDP_PASS, counted: vec![counter], ..Step::default() }
@@ -382,27 +382,25 @@ impl Model {
             }
             return Step { verdict: XDP_DROP, ..step };
         }
-        let signs = fake_signs(p, l4.flags, l3.l4_off, l4.payload_off, l4.payload_end);
-        if signs != 0 {
-            match tamper(signs, cfg.tamper_policy) {
-                Tamper::Block { counter } => {
-                    req.block(false);
-                    step.counted.push(counter);
-                    return block(p, false, req.passed_seq, step, &mut req.flags, Request::FLAG_SERVER_CLOSED);
-                }
-                Tamper::Skip { counter } => {
-                    step.counted.push(counter);
-                    return step;
-                }
-                Tamper::Forget { counter } => {
-                    step.counted.push(counter);
-                    self.requests.remove(&key);
-                    return step;
-                }
+        let mut spent;
+        (step, spent) = match check(p, &l3, &l4, cfg, &mut **req, step) {
+            Checked::Go(step, spent) => (step, spent),
+            Checked::Done(step) => return step,
+            Checked::Forget(step) => {
+                self.requests.remove(&key);
+                return step;
             }
+        };
+        if req.watched() {
+            if !starts_request(p, off, end) {
+                return step;
+            }
+            req.reset(seq);
+            // Read afresh with one round spent (see the stream stages).
+            spent = 1;
         }
         let mut progress = http::Progress::StepsExhausted;
-        for _ in 0..http::MAX_ROUNDS {
+        for _ in spent as usize..http::MAX_ROUNDS {
             let start = match http::resume(req, seq, off, end) {
                 Resume::At(start) => start,
                 Resume::Behind => return step,
@@ -426,7 +424,11 @@ impl Model {
             http::Progress::NoHost => ended(counters::HTTP_NO_HOST, &mut step),
             http::Progress::BadHost => ended(counters::HTTP_BAD_HOST, &mut step),
             http::Progress::NotRequest => ended(counters::HTTP_NOT_REQUEST, &mut step),
-            http::Progress::End => false,
+            // The head ended after a name that passed: watched.
+            http::Progress::End => {
+                req.watch();
+                true
+            }
             http::Progress::HostRepeat => {
                 req.block(false);
                 step.counted.push(counters::EVASION_HOST_REPEAT);
@@ -451,8 +453,10 @@ impl Model {
                 } else if !req.ended() {
                     // Read on to the head's end, for a second Host.
                     req.passed_seq = req.next_seq;
+                } else {
+                    req.watch();
                 }
-                blocked || !req.ended()
+                true
             }
         };
         if !keep {
@@ -591,27 +595,25 @@ impl Model {
             }
             return Step { verdict: XDP_DROP, ..step };
         }
-        let signs = fake_signs(p, l4.flags, l3.l4_off, l4.payload_off, l4.payload_end);
-        if signs != 0 {
-            match tamper(signs, cfg.tamper_policy) {
-                Tamper::Block { counter } => {
-                    hello.block(false);
-                    step.counted.push(counter);
-                    return block(p, false, hello.passed_seq, step, &mut hello.flags, Hello::FLAG_SERVER_CLOSED);
-                }
-                Tamper::Skip { counter } => {
-                    step.counted.push(counter);
-                    return step;
-                }
-                Tamper::Forget { counter } => {
-                    step.counted.push(counter);
-                    self.flows.remove(&key);
-                    return step;
-                }
+        let mut spent;
+        (step, spent) = match check(p, &l3, &l4, cfg, &mut **hello, step) {
+            Checked::Go(step, spent) => (step, spent),
+            Checked::Done(step) => return step,
+            Checked::Forget(step) => {
+                self.flows.remove(&key);
+                return step;
             }
+        };
+        if hello.watched() {
+            if !starts_hello(p, off, end) {
+                return step;
+            }
+            hello.reset(seq);
+            // Read afresh with one round spent (see the stream stages).
+            spent = 1;
         }
         let mut progress = Progress::StepsExhausted;
-        for _ in 0..MAX_ROUNDS {
+        for _ in spent as usize..MAX_ROUNDS {
             let start = match resume(hello, seq, off, end) {
                 Resume::At(start) => start,
                 Resume::Behind => return step,
@@ -654,7 +656,11 @@ impl Model {
                 hello.passed_seq = hello.next_seq;
                 step
             }
-            Progress::End => finish(&mut self.flows, step, None),
+            // The hello ended after a name that passed: watched.
+            Progress::End => {
+                hello.watch();
+                step
+            }
             Progress::NoName => finish(&mut self.flows, step, Some(counters::TLS_NO_SNI)),
             Progress::NotHello => finish(&mut self.flows, step, Some(counters::TLS_NOT_HELLO)),
             Progress::Name(len) => self.decide(engine, cfg, p, key, len, step, false),
@@ -682,8 +688,109 @@ impl Model {
             flow.seen = Some((step.name.clone(), step.rule));
             step
         } else {
-            self.flows.remove(&key);
+            hello.watch();
             step
+        }
+    }
+}
+
+/// What `check` leaves of a segment.
+enum Checked {
+    /// Read on (its counters added), with the rounds already spent.
+    Go(Step, u32),
+    /// Its verdict.
+    Done(Step),
+    /// Its verdict; the flow is forgotten.
+    Forget(Step),
+}
+
+/// The parsers of the TCP stream stages, as `conn::check` sees them
+/// (`flow::Flow`'s variants).
+trait Parser {
+    fn watched(&self) -> bool;
+    fn name_read(&self) -> (u32, u32);
+    fn name(&self) -> &[u8; 512];
+    fn block_for_tamper(&mut self, p: &[u8], step: Step) -> Step;
+    fn passed_seq_mut(&mut self) -> &mut u32;
+}
+
+impl Parser for Hello {
+    fn watched(&self) -> bool {
+        Hello::watched(self)
+    }
+    fn name_read(&self) -> (u32, u32) {
+        Hello::name_read(self)
+    }
+    fn name(&self) -> &[u8; 512] {
+        &self.name
+    }
+    fn block_for_tamper(&mut self, p: &[u8], step: Step) -> Step {
+        self.block(false);
+        block(p, false, self.passed_seq, step, &mut self.flags, Hello::FLAG_SERVER_CLOSED)
+    }
+    fn passed_seq_mut(&mut self) -> &mut u32 {
+        &mut self.passed_seq
+    }
+}
+
+impl Parser for Request {
+    fn watched(&self) -> bool {
+        Request::watched(self)
+    }
+    fn name_read(&self) -> (u32, u32) {
+        Request::name_read(self)
+    }
+    fn name(&self) -> &[u8; 512] {
+        &self.name
+    }
+    fn block_for_tamper(&mut self, p: &[u8], step: Step) -> Step {
+        self.block(false);
+        block(p, false, self.passed_seq, step, &mut self.flags, Request::FLAG_SERVER_CLOSED)
+    }
+    fn passed_seq_mut(&mut self) -> &mut u32 {
+        &mut self.passed_seq
+    }
+}
+
+/// `conn::check`, the compare stage (`conn::rewrite`) and `conn::tamper`:
+/// fake segments and urgent bytes (not looked at on a watched flow), then
+/// the compare of a segment that covers name bytes read, under the tamper
+/// policy. A segment that went through the compare comes back to its stream
+/// stage with one round spent (`Go`'s count).
+fn check(p: &[u8], l3: &L3, l4: &L4, cfg: &Config, parser: &mut impl Parser, mut step: Step) -> Checked {
+    let (seq, off, end) = (l4.data_seq(), l4.payload_off, l4.payload_end);
+    let signs = if parser.watched() { 0 } else { fake_signs(p, l4.flags, l3.l4_off, off, end) };
+    let (at, len) = parser.name_read();
+    let overlaps = name_overlap(seq, end.saturating_sub(off) as u32, at, len).is_some();
+    let signs = if signs == 0 && overlaps && rewritten(p, seq, off, end, at, len, parser.name()) {
+        // `Flow::passed_back_to`.
+        let passed = parser.passed_seq_mut();
+        if passed.wrapping_sub(seq) as i32 > 0 {
+            *passed = seq;
+        }
+        sign::REWRITE
+    } else {
+        signs
+    };
+    if signs == 0 {
+        return Checked::Go(step, u32::from(overlaps));
+    }
+    match tamper(signs, cfg.tamper_policy) {
+        Tamper::Block { counter } => {
+            step.counted.push(counter);
+            Checked::Done(parser.block_for_tamper(p, step))
+        }
+        Tamper::Skip { counter } => {
+            step.counted.push(counter);
+            Checked::Done(step)
+        }
+        Tamper::Forget { counter } => {
+            step.counted.push(counter);
+            Checked::Forget(step)
+        }
+        Tamper::Count { counter } => {
+            step.counted.push(counter);
+            Checked::Go(step, 1)
         }
     }
 }

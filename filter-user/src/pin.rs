@@ -37,7 +37,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The layout of the shared maps. Bump it whenever the meaning of a shared
 /// map's key or value changes (even at the same size): a new daemon then
 /// starts from fresh maps instead of misreading old ones.
-pub const LAYOUT: u32 = 2;
+pub const LAYOUT: u32 = 3;
 
 /// A pin directory on bpffs.
 #[derive(Clone, Debug)]

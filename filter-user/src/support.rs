@@ -54,6 +54,7 @@ pub fn feature(program: &str) -> &'static str {
         "blokir_dns_tcp_question" => "DNS queries over TCP",
         "blokir_match" => "matching TLS, HTTP and DNS-over-TCP names with the rules",
         "blokir_reply" => "DNS answers and TCP resets",
+        "blokir_rewrite" => "fake segments told by a rewritten copy of a TLS or HTTP name",
         _ => "an unnamed stage",
     }
 }

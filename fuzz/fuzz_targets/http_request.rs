@@ -4,11 +4,14 @@
 //! request head, agrees: the Host header's value up to a port, path or
 //! whitespace, without one trailing dot, lowercased, is that name (absolute-
 //! form targets, whose authority names the host, are left to the unit
-//! tests).
+//! tests). And the name bytes read, compared with later copies
+//! (`flow::rewritten`): a copy of the same bytes, whole or as cut, is never
+//! a rewrite; one with a name byte changed (not in letter case) always is.
 
 #![no_main]
 
 use filter_common::{
+    flow::rewritten,
     http::{MAX_ROUNDS, Progress, Request, feed, resume},
     name::{CanonBuf, dotted_to_canon},
     tls::Resume,
@@ -18,7 +21,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Some((&cut_seed, stream)) = data.split_first() else { return };
     // Segment lengths from the seed: 1..=256 bytes (or 1..=8), deterministic.
-    let mut cuts = Vec::new();
+    let mut cuts: Vec<usize> = Vec::new();
     let mut at = 0usize;
     let mut x = u32::from(cut_seed) | 1;
     while at < stream.len() {
@@ -30,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let mut r = Box::new(Request::new(seq0));
     let mut start = 0;
     let mut outcome = Progress::NeedMore;
-    for end in cuts {
+    for &end in &cuts {
         let seg = &stream[start..end];
         for _ in 0..MAX_ROUNDS {
             let Resume::At(off) = resume(&r, seq0.wrapping_add(start as u32), 0, seg.len()) else { break };
@@ -46,6 +49,20 @@ fuzz_target!(|data: &[u8]| {
     }
     let ours = match outcome {
         Progress::Name(len) => {
+            let (at, n) = r.name_read();
+            assert!(n > 0);
+            // Retransmissions: the stream whole, and each segment as cut.
+            assert!(!rewritten(stream, seq0, 0, stream.len(), at, n, &r.name), "the same bytes are no rewrite");
+            let mut from = 0;
+            for &to in &cuts {
+                assert!(!rewritten(&stream[from..to], seq0.wrapping_add(from as u32), 0, to - from, at, n, &r.name));
+                from = to;
+            }
+            // One name byte changed.
+            let i = at.wrapping_sub(seq0) as usize + usize::from(cut_seed) % n as usize;
+            let mut changed = stream.to_vec();
+            changed[i] ^= 1;
+            assert!(rewritten(&changed[..], seq0, 0, changed.len(), at, n, &r.name), "byte {i} changed");
             let mut buf = CanonBuf::default();
             r.copy_name(&mut buf);
             Some(buf.canon(len).to_vec())

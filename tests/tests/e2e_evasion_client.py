@@ -11,7 +11,10 @@ as a circumvention tool sends it:
 - fakedsplit-FOOL (zapret): a fake of part one naming an unlisted host of
   the same length, fooled so the server discards it, the real part one, the
   fake again, the real part two. FOOL: noack (no ACK flag), md5 (a TCP MD5
-  option the server has no key for).
+  option the server has no key for), cut 4 bytes into the name (where the
+  names agree); or, cut after the part where the names differ ("block",
+  "allow"), badsum (a bad TCP checksum), ttl (TTL or hop limit 1: it dies at the
+  edge, a router), badack (an ACK number 66,000 past what the server sent).
 
 argv: CLIENT4 SERVER4 CLIENT6 SERVER6 CASES, CASES a JSON list of
 {"name", "fake", "v6", "tls", "how", "sport"}. Prints "done".
@@ -110,12 +113,17 @@ def run(case, sniff, raw4, raw6):
     fake = real.replace(case["name"].encode(), case["fake"].encode())
     assert len(fake) == len(real) and fake != real
     cut = real.index(case["name"].encode()) + 4
+    if how in ("fakedsplit-badsum", "fakedsplit-ttl", "fakedsplit-badack"):
+        cut = real.index(case["name"].encode()) + case["name"].index("ed.example")
     sock, isn1, ack = handshake(sniff, v6, sport, dport, src, dst)
     raw = raw6 if v6 else raw4
 
-    def send(rel, payload, flags=ACK | PSH, options=b"", urg=0):
-        a = ack if flags & ACK else 0
-        raw.sendto(ip(src, dst, tcp(src, dst, sport, dport, isn1 + rel, a, flags, payload, v6, options, urg), v6), (dst, 0))
+    def send(rel, payload, flags=ACK | PSH, options=b"", urg=0, badsum=False, ttl=64, ack_delta=0):
+        a = (ack + ack_delta) & 0xFFFFFFFF if flags & ACK else 0
+        segment = tcp(src, dst, sport, dport, isn1 + rel, a, flags, payload, v6, options, urg)
+        if badsum:
+            segment = segment[:16] + bytes([segment[16] ^ 0x5A]) + segment[17:]
+        raw.sendto(ip(src, dst, segment, v6, ttl), (dst, 0))
         time.sleep(0.05)
 
     if how == "plain":
@@ -131,7 +139,13 @@ def run(case, sniff, raw4, raw6):
         send(cut + 1, real[cut:])
     elif how.startswith("fakedsplit-"):
         fool = how.split("-", 1)[1]
-        fooled = {"noack": dict(flags=PSH), "md5": dict(options=MD5)}[fool]
+        fooled = {
+            "noack": dict(flags=PSH),
+            "md5": dict(options=MD5),
+            "badsum": dict(badsum=True),
+            "ttl": dict(ttl=1),
+            "badack": dict(ack_delta=66000),
+        }[fool]
         send(0, fake[:cut], **fooled)
         send(0, real[:cut])
         send(0, fake[:cut], **fooled)

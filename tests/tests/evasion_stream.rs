@@ -296,3 +296,150 @@ fn fakes_far_behind_and_real_options_are_no_tampering() {
         }
     });
 }
+
+/// An unlisted name as long as the others: what the fakes below name.
+const DECOY: &str = "decoyed.example";
+
+/// zapret's foolings that the segment itself does not show (blokir reads
+/// such a fake as any segment): a bad TCP checksum, a TTL (hop limit) of 1,
+/// a wrong ACK number. Applied to the built frame.
+/// A fooling blokir does not see, as a name and a shaper of the built
+/// frame (`true`: IPv6).
+type BlindFooling = (&'static str, fn(Vec<u8>, bool) -> Vec<u8>);
+
+fn blind_foolings() -> Vec<BlindFooling> {
+    vec![
+        ("badsum", |mut f, v6| {
+            let tcp = if v6 { 14 + 40 } else { 14 + usize::from(f[14] & 0xf) * 4 };
+            f[tcp + 16] ^= 0x5a;
+            f
+        }),
+        ("ttl 1", |mut f, v6| {
+            if v6 {
+                f[14 + 7] = 1;
+            } else {
+                f[14 + 8] = 1;
+                let ihl = usize::from(f[14] & 0xf) * 4;
+                f[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+                let sum = blokir_tests::packets::ipv4_checksum(&f[14..14 + ihl]);
+                f[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+            }
+            f
+        }),
+        ("badack", |f, _| f),
+    ]
+}
+
+/// A fake of `bytes` at `rel`, fooled by `fooling` (badack: the ACK number
+/// 66,000 before the real one).
+fn blind_fake(c: &Conn, rel: i64, bytes: &[u8], v6: bool, fooling: BlindFooling) -> Vec<u8> {
+    let seq = (i64::from(ISN) + 1 + rel) as u32;
+    let ack = if fooling.0 == "badack" { 1u32.wrapping_sub(66_000) } else { 1 };
+    (fooling.1)(c.frame.clone().seq_ack(seq, ack).build(bytes), v6)
+}
+
+#[test]
+fn fakes_fooled_off_the_segment_are_told_by_their_rewritten_name() {
+    let mut l = Loaded::new(&[LISTED]);
+    let mut model = Model::default();
+    assert_eq!(LISTED.len(), DECOY.len());
+    assert_eq!(UNLISTED.len(), DECOY.len());
+    let mut sport = 33000u16;
+    for policy in [TAMPER_BLOCK, TAMPER_PASS] {
+        set_tamper(&mut l, policy);
+        for fooling in blind_foolings() {
+            each(|tls, v6, _| {
+                for host in [LISTED, UNLISTED] {
+                    // zapret's fakedsplit: part one's fake (naming the
+                    // decoy) first, cut 4 bytes into the name; the real
+                    // part one; the fake again; part two; more data.
+                    sport += 1;
+                    let c = Conn::new(tls, v6, sport);
+                    let real = stream(tls, host);
+                    let fake = stream(tls, DECOY);
+                    let cut = name_at(tls, host) + 4;
+                    let frames = vec![
+                        c.syn(),
+                        blind_fake(&c, 0, &fake[..cut], v6, fooling),
+                        c.data(0, &real[..cut], |f| f),
+                        blind_fake(&c, 0, &fake[..cut], v6, fooling),
+                        c.data(cut as i64, &real[cut..], |f| f),
+                        c.data(real.len() as i64, b"after", |f| f),
+                    ];
+                    let what = format!("fakedsplit, {}, policy {policy}, tls={tls} v6={v6} {host}", fooling.0);
+                    let rewrites = l.counter(counters::EVASION_REWRITE);
+                    let v = l.run_with_model(&mut model, &frames, &what);
+                    // The real part one differs from the fake read first.
+                    assert_eq!(l.counter(counters::EVASION_REWRITE), rewrites + 1, "{what}");
+                    if policy == TAMPER_BLOCK {
+                        // Blocked at the real copy, whatever the name: the
+                        // server's end is closed.
+                        assert_eq!(v, [XDP_PASS, XDP_PASS, PASS_AS_RST, XDP_DROP, XDP_DROP, XDP_DROP], "{what}");
+                    } else {
+                        // Counted only: the name read stands.
+                        all_pass(&v, &what);
+                    }
+
+                    // The whole fake first, then the real stream whole.
+                    sport += 1;
+                    let c = Conn::new(tls, v6, sport);
+                    let frames = vec![c.syn(), blind_fake(&c, 0, &fake, v6, fooling), c.data(0, &real, |f| f), c.data(real.len() as i64, b"after", |f| f)];
+                    let what = format!("whole fake first, {}, policy {policy}, tls={tls} v6={v6} {host}", fooling.0);
+                    let rewrites = l.counter(counters::EVASION_REWRITE);
+                    let v = l.run_with_model(&mut model, &frames, &what);
+                    assert_eq!(l.counter(counters::EVASION_REWRITE), rewrites + 1, "{what}");
+                    if policy == TAMPER_BLOCK || host == LISTED {
+                        // Under `pass` the real copy, which starts a hello
+                        // or request on a flow whose name passed, is read
+                        // afresh: a listed name is blocked.
+                        assert_eq!(v, [XDP_PASS, XDP_PASS, PASS_AS_RST, XDP_DROP], "{what}");
+                    } else {
+                        all_pass(&v, &what);
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[test]
+fn retransmissions_of_the_same_bytes_are_no_rewrite() {
+    let mut l = Loaded::new(&[LISTED]);
+    let mut model = Model::default();
+    for policy in [TAMPER_BLOCK, TAMPER_PASS] {
+        set_tamper(&mut l, policy);
+        each(|tls, v6, sport| {
+            for (i, host) in [LISTED, UNLISTED].into_iter().enumerate() {
+                let c = Conn::new(tls, v6, sport + 100 * i as u16 + 1000 * policy as u16 + 3000);
+                let s = stream(tls, host);
+                let cut = name_at(tls, host) + 4;
+                // Cut in the name; the first part sent again, the whole
+                // sent again (cut otherwise: as a stack may repacketize),
+                // its name's last bytes in another case, then more data.
+                let mut shouted = s.clone();
+                let at = name_at(tls, host);
+                shouted[at + 8..at + 15].make_ascii_uppercase();
+                let frames = vec![
+                    c.syn(),
+                    c.data(0, &s[..cut], |f| f),
+                    c.data(0, &s[..cut], |f| f),
+                    c.data(cut as i64, &s[cut..], |f| f),
+                    c.data(0, &s, |f| f),
+                    c.data(cut as i64 - 2, &s[cut - 2..cut + 6], |f| f),
+                    c.data(0, &shouted, |f| f),
+                    c.data(s.len() as i64, b"after", |f| f),
+                ];
+                let what = format!("retransmissions, policy {policy}, tls={tls} v6={v6} {host}");
+                let rewrites = l.counter(counters::EVASION_REWRITE);
+                let v = l.run_with_model(&mut model, &frames, &what);
+                assert_eq!(l.counter(counters::EVASION_REWRITE), rewrites, "{what}");
+                if host == LISTED {
+                    assert_eq!(v[..4], [XDP_PASS, XDP_PASS, XDP_PASS, PASS_AS_RST], "{what}");
+                    assert_blocked_from_name(&v, &what);
+                } else {
+                    all_pass(&v, &what);
+                }
+            }
+        });
+    }
+}

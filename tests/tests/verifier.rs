@@ -164,6 +164,7 @@ fn no_loop_back_edge_is_reached_by_falling_through() {
         "blokir_match",
         "blokir_reply",
         "blokir_quic",
+        "blokir_rewrite",
     ] {
         assert!(funcs.iter().any(|(name, _)| name == program), "{program} is in the object");
     }
