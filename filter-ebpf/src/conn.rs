@@ -127,6 +127,7 @@ pub fn rewrite(pkt: &XdpPacket) -> u32 {
     let stage = if flow.kind() == KIND_HTTP { STAGE_HTTP } else { STAGE_TLS };
     // SAFETY: the slots hold the stream stages.
     unsafe { STAGES.tail_call(pkt.ctx, stage) };
+    flow.set_rounds(0);
     xdp_action::XDP_PASS
 }
 

@@ -107,6 +107,9 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     // read afresh, as on a flow forgotten.
     if flow.watched() {
         if !starts_request(pkt, off, end) {
+            // The compare stage's round ends with the segment: the next
+            // one is checked afresh.
+            flow.request.rounds = 0;
             return xdp_action::XDP_PASS;
         }
         // SAFETY: the variant `kind` names.
@@ -120,8 +123,12 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     let req = unsafe { &mut flow.request };
     let start = match resume(req, seq, off, end) {
         Resume::At(start) => start,
-        Resume::Behind => return xdp_action::XDP_PASS,
+        Resume::Behind => {
+            req.rounds = 0;
+            return xdp_action::XDP_PASS;
+        }
         Resume::Ahead => {
+            req.rounds = 0;
             count(counters::HTTP_OUT_OF_ORDER);
             return xdp_action::XDP_DROP;
         }

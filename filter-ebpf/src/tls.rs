@@ -96,6 +96,9 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     // HelloRetryRequest) is read afresh, as on a flow forgotten.
     if flow.watched() {
         if !starts_hello(pkt, off, end) {
+            // The compare stage's round ends with the segment: the next
+            // one is checked afresh.
+            flow.hello.rounds = 0;
             return xdp_action::XDP_PASS;
         }
         // SAFETY: the variant `kind` names.
@@ -110,10 +113,14 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     let start = match resume(hello, seq, off, end) {
         Resume::At(start) => start,
         // Already read (a retransmission).
-        Resume::Behind => return xdp_action::XDP_PASS,
+        Resume::Behind => {
+            hello.rounds = 0;
+            return xdp_action::XDP_PASS;
+        }
         // Bytes the parser has not reached: the client resends them once
         // the gap before them is filled, in order.
         Resume::Ahead => {
+            hello.rounds = 0;
             count(counters::TLS_OUT_OF_ORDER);
             return xdp_action::XDP_DROP;
         }

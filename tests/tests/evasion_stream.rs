@@ -443,3 +443,37 @@ fn retransmissions_of_the_same_bytes_are_no_rewrite() {
         });
     }
 }
+
+/// A segment that went through the compare stage and passed unread (a
+/// retransmission) leaves the next segment its checks: found by xdp's
+/// mutation test, where a copy that changed nothing left the flow
+/// marked mid-segment and the kernel skipped the next copy's compare.
+#[test]
+fn a_retransmission_through_the_compare_leaves_the_next_segment_checked() {
+    let mut l = Loaded::new(&[LISTED]);
+    let mut model = Model::default();
+    each(|tls, v6, sport| {
+        // Watched (the name passed, the stream was read): the stream again
+        // but its first 4 bytes (so that it starts no hello or request),
+        // the same; then such a copy naming the decoy.
+        let c = Conn::new(tls, v6, sport + 6000);
+        let (s, decoy) = (stream(tls, UNLISTED), stream(tls, DECOY));
+        let frames = vec![c.syn(), c.data(0, &s, |f| f), c.data(4, &s[4..], |f| f), c.data(4, &decoy[4..], |f| f)];
+        let what = format!("watched, tls={tls} v6={v6}");
+        let rewrites = l.counter(counters::EVASION_REWRITE);
+        let v = l.run_with_model(&mut model, &frames, &what);
+        assert_eq!(v, [XDP_PASS, XDP_PASS, XDP_PASS, PASS_AS_RST], "{what}");
+        assert_eq!(l.counter(counters::EVASION_REWRITE), rewrites + 1, "{what}");
+
+        // Still being read (cut 4 bytes into the name): part one again,
+        // then part two as a fake without ACK.
+        let c = Conn::new(tls, v6, sport + 7000);
+        let cut = name_at(tls, UNLISTED) + 4;
+        let frames = vec![c.syn(), c.data(0, &s[..cut], |f| f), c.data(0, &s[..cut], |f| f), c.data(cut as i64, &s[cut..], |f| f.no_ack())];
+        let what = format!("being read, tls={tls} v6={v6}");
+        let fakes = l.counter(counters::EVASION_FAKE);
+        let v = l.run_with_model(&mut model, &frames, &what);
+        assert_eq!(v, [XDP_PASS, XDP_PASS, XDP_PASS, PASS_AS_RST], "{what}");
+        assert_eq!(l.counter(counters::EVASION_FAKE), fakes + 1, "{what}");
+    });
+}
