@@ -22,7 +22,7 @@ use crate::socket::SocketFile;
 use crate::{
     control::{MAX_REQUEST, Request, Response},
     ebpf::{Kernel, Mode},
-    events::{self, EventLog},
+    events::{self, EventLog, Events},
     lists::{self, Registry, ops::Update},
     metrics,
     pin::{PinDir, PinLock, mode_name},
@@ -486,13 +486,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     std::thread::sleep(std::time::Duration::from_millis(200));
     pins.remove_stages_except(Some(state.kernel.program_id()));
     let shared: Shared = Arc::new(Mutex::new(state));
-    if let Some(log) = opts.events {
+    let events = opts.events.map(|log| (log, Events::new(log, metrics_ctx.event_counts())));
+    if let Some((log, events)) = events.clone() {
         let ring = lock(&shared).kernel.take_events()?;
-        let counts = metrics_ctx.event_counts();
         tracing::info!(sample = log.sample, rate = log.rate, "event log of blocked names on");
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = events::run(ring, shared, log, counts).await {
+            if let Err(e) = events::run(ring, shared, events).await {
                 tracing::error!("event log stopped: {e:#}");
             }
         });
@@ -502,7 +502,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let counts = metrics_ctx.quic_counts();
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::quic::handoff::run(perf, verdicts, shared, counts).await {
+            if let Err(e) = crate::quic::handoff::run(perf, verdicts, shared, counts, events.map(|(_, e)| e)).await {
                 tracing::error!("QUIC reader stopped: {e:#}");
             }
         });

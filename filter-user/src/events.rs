@@ -8,9 +8,15 @@
 //! a flood of one name costs the ring buffer 1/N of its bandwidth; the rate
 //! limit (`--event-log-rate N/s`, a token bucket) is applied here, where it
 //! is simple and exact, and what it holds back is counted and reported.
+//! QUIC blocks are decided here (the daemon reads the Initials), so they are
+//! sampled here, the same way, and go through the same rate limit.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -19,7 +25,7 @@ use filter_common::{
     counters::Proto,
     name::{CANON_CAP, MAX_CANON_LEN},
     packet::Af,
-    rules::BlockEvent,
+    rules::{BlockEvent, RuleRef},
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -107,14 +113,74 @@ impl Bucket {
     }
 }
 
+/// The log's one writer, shared by the ring buffer's reader and the QUIC
+/// reader.
+#[derive(Clone)]
+pub struct Events {
+    log: EventLog,
+    counts: Arc<EventCounts>,
+    limit: Arc<Mutex<Limit>>,
+}
+
+struct Limit {
+    bucket: Bucket,
+    held_back: u64,
+    /// QUIC blocks per rule, for the sampling (bounded by the rules).
+    quic_blocks: HashMap<u32, u64>,
+}
+
+impl Events {
+    pub fn new(log: EventLog, counts: Arc<EventCounts>) -> Self {
+        let bucket = Bucket { rate: f64::from(log.rate), tokens: f64::from(log.rate), at: Instant::now() };
+        Events { log, counts, limit: Arc::new(Mutex::new(Limit { bucket, held_back: 0, quic_blocks: HashMap::new() })) }
+    }
+
+    /// A QUIC flow blocked by `rule` (its `name`, dotted), logged if the
+    /// rule's sample takes it, as the kernel samples the other protocols.
+    pub fn quic_block(&self, shared: &Shared, af: Af, rule: RuleRef, name: Option<String>) {
+        let sampled = {
+            let mut limit = self.limit.lock().unwrap_or_else(|e| e.into_inner());
+            let n = limit.quic_blocks.entry(rule.id()).or_default();
+            *n += 1;
+            (*n - 1).is_multiple_of(u64::from(self.log.sample))
+        };
+        if sampled {
+            self.emit(shared, Proto::Quic.name(), af.name(), rule, name);
+        }
+    }
+
+    /// One sampled block, logged within the rate limit (`shared` is locked
+    /// here: never call with it held).
+    fn emit(&self, shared: &Shared, proto: &str, af: &str, rule: RuleRef, name: Option<String>) {
+        {
+            let mut limit = self.limit.lock().unwrap_or_else(|e| e.into_inner());
+            if !limit.bucket.take() {
+                limit.held_back += 1;
+                self.counts.suppressed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if limit.held_back > 0 {
+                tracing::warn!(target: TARGET, suppressed = limit.held_back, "events over --event-log-rate were not logged");
+                limit.held_back = 0;
+            }
+        }
+        let (list, rule) = {
+            let state = lock(shared);
+            let info = state.engine.rule(rule.id());
+            (info.and_then(|i| state.engine.list_name(i.list)).unwrap_or("?").to_string(), info.map(|i| i.rule.to_string()).unwrap_or_else(|| "?".into()))
+        };
+        let name = name.unwrap_or_else(|| "?".into());
+        self.counts.logged.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(target: TARGET, proto, af, list, rule, name, "blocked");
+    }
+}
+
 /// Reads the ring buffer until the daemon stops, logging each event within
 /// the rate limit.
-pub async fn run(ring: RingBuf<MapData>, shared: Shared, log: EventLog, counts: std::sync::Arc<EventCounts>) -> anyhow::Result<()> {
+pub async fn run(ring: RingBuf<MapData>, shared: Shared, events: Events) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd and keeps it open, the same
     // one, for as long as the AsyncFd owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
-    let mut bucket = Bucket { rate: f64::from(log.rate), tokens: f64::from(log.rate), at: Instant::now() };
-    let mut held_back = 0u64;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
@@ -125,23 +191,7 @@ pub async fn run(ring: RingBuf<MapData>, shared: Shared, log: EventLog, counts: 
             // SAFETY: the kernel wrote a whole BlockEvent (checked size).
             let ev: BlockEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             drop(item);
-            if !bucket.take() {
-                held_back += 1;
-                counts.suppressed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if held_back > 0 {
-                tracing::warn!(target: TARGET, suppressed = held_back, "events over --event-log-rate were not logged");
-                held_back = 0;
-            }
-            let (list, rule) = {
-                let state = lock(&shared);
-                let info = state.engine.rule(ev.rule.id());
-                (info.and_then(|i| state.engine.list_name(i.list)).unwrap_or("?").to_string(), info.map(|i| i.rule.to_string()).unwrap_or_else(|| "?".into()))
-            };
-            let name = name_of(&ev).unwrap_or_else(|| "?".into());
-            counts.logged.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(target: TARGET, proto = proto_name(ev.proto), af = af_name(ev.af), list, rule, name, "blocked");
+            events.emit(&shared, proto_name(ev.proto), af_name(ev.af), ev.rule, name_of(&ev));
         }
         guard.clear_ready();
     }

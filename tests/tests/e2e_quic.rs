@@ -323,7 +323,9 @@ fn ngtcp2_client_on_port_4433() {
     assert_eq!(server.requests(&listed_at), 1, "without blokir the listed name is fetched:\n{out}\n{}", server.text());
     let rules = topo.dir().join("h3.rules");
     std::fs::write(&rules, "*.blocked.example\n").unwrap();
-    let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &[]).expect("starting blokir");
+    // With the event log on: QUIC blocks, decided by the daemon, are logged
+    // as the kernel's are.
+    let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &["--event-log"]).expect("starting blokir");
     for (n, addr) in [IpAddr::from(RESOLVER4), IpAddr::from(RESOLVER6)].into_iter().enumerate() {
         let handshakes = server.handshakes();
         let out = gtlsclient(&topo, listed, addr);
@@ -341,6 +343,17 @@ fn ngtcp2_client_on_port_4433() {
         let blocked = m.value("blokir_quic_reader_total", &[("outcome", "blocked")]).unwrap();
         assert_eq!(blocked, n as u64 + 1, "{addr}\n{}", m.text);
     }
+    let log = daemon.log();
+    let events: Vec<&str> = log.lines().filter(|l| l.contains("blokir::events") && l.contains("name=")).collect();
+    assert_eq!(events.len(), 2, "one event per blocked flow:\n{log}");
+    for (line, af) in events.iter().zip(["\"ipv4\"", "\"ipv6\""]) {
+        for field in ["proto=\"quic\"", af, "list=\"h3\"", "rule=\"*.blocked.example\"", "name=\"h3.blocked.example\""] {
+            assert!(line.contains(field), "{field} missing in {line}");
+        }
+    }
+    assert!(!log.contains("198.18.0.1") && !log.contains("2001:db8::1"), "a client address was logged:\n{log}");
+    let m = daemon.metrics().unwrap();
+    assert_eq!(m.value("blokir_events_total", &[("outcome", "logged")]), Some(2), "{}", m.text);
     daemon.stop().unwrap();
     // `quic-ports` from a config file: 4433 no longer read, the listed name
     // is fetched there, and nothing is counted.

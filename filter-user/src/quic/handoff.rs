@@ -2,7 +2,7 @@
 //! hands up (a perf buffer per CPU) are read (`Reader`), matched with the
 //! rules in force, and the blocked flows written into `QUIC_BLOCKED`, where
 //! the stage drops their later datagrams; each verdict's rule is counted in
-//! the per-rule and per-list hits.
+//! the per-rule and per-list hits, and each block in the event log (if on).
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -20,7 +20,10 @@ use filter_common::{
     tls::FlowKey,
 };
 
-use crate::ebpf::QuicVerdicts;
+use crate::{
+    ebpf::QuicVerdicts,
+    events::{Events, dotted},
+};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use super::{
@@ -35,13 +38,20 @@ const PAGES: usize = 64;
 
 struct Flows {
     reader: Reader,
-    /// Flows whose name matched an ECH-outer rule before ECH was seen.
-    pending: StdHashMap<FlowKey, RuleRef>,
+    /// Flows whose name matched an ECH-outer rule before ECH was seen, and
+    /// the name (dotted, for the event log).
+    pending: StdHashMap<FlowKey, (RuleRef, Option<String>)>,
     verdicts: QuicVerdicts,
 }
 
 /// Reads every CPU's buffer until the daemon stops.
-pub async fn run(mut perf: PerfEventArray<MapData>, verdicts: QuicVerdicts, shared: Shared, counts: Arc<QuicCounts>) -> anyhow::Result<()> {
+pub async fn run(
+    mut perf: PerfEventArray<MapData>,
+    verdicts: QuicVerdicts,
+    shared: Shared,
+    counts: Arc<QuicCounts>,
+    events: Option<Events>,
+) -> anyhow::Result<()> {
     let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     let flows = Arc::new(Mutex::new(Flows { reader: Reader::default(), pending: StdHashMap::new(), verdicts }));
     let mut tasks = Vec::new();
@@ -50,7 +60,7 @@ pub async fn run(mut perf: PerfEventArray<MapData>, verdicts: QuicVerdicts, shar
         // SAFETY: the buffer owns its perf event fd and keeps it open, the
         // same one, for as long as the AsyncFd owns the buffer.
         let mut fd = unsafe { AsyncFd::register_with_interest(buf, Interest::READABLE) }.context("polling a QUIC perf buffer")?;
-        let (shared, counts, flows) = (shared.clone(), counts.clone(), flows.clone());
+        let (shared, counts, flows, events) = (shared.clone(), counts.clone(), flows.clone(), events.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok(mut guard) = fd.readable_mut().await else { return };
@@ -61,7 +71,7 @@ pub async fn run(mut perf: PerfEventArray<MapData>, verdicts: QuicVerdicts, shar
                 });
                 guard.clear_ready();
                 for s in samples {
-                    handle(&s, &shared, &counts, &flows);
+                    handle(&s, &shared, &counts, &flows, events.as_ref());
                 }
             }
         }));
@@ -81,7 +91,7 @@ fn ktime_ns() -> u64 {
 }
 
 /// One datagram handed up: `InitialMeta`, then the frame.
-fn handle(sample: &[u8], shared: &Shared, counts: &QuicCounts, flows: &Mutex<Flows>) {
+fn handle(sample: &[u8], shared: &Shared, counts: &QuicCounts, flows: &Mutex<Flows>, events: Option<&Events>) {
     let meta_len = size_of::<InitialMeta>();
     if sample.len() < meta_len {
         return;
@@ -104,8 +114,9 @@ fn handle(sample: &[u8], shared: &Shared, counts: &QuicCounts, flows: &Mutex<Flo
                 let decision = match_canon(&mut canon.0, canon_start(len), &cfg, &state.engine.nodes());
                 verdict(decision, ech, ended, |r| state.kernel.list_is_ech_outer(r.list()))
             };
+            let name = || events.and_then(|_| dotted(&canon.0.bytes[canon_start(len)..]));
             match v {
-                Verdict::Block(rule) => Some(rule),
+                Verdict::Block(rule) => Some((rule, name())),
                 Verdict::Pass(rule) => {
                     if let Some(rule) = rule {
                         QuicCounts::add(&counts.allowed, 1);
@@ -114,7 +125,7 @@ fn handle(sample: &[u8], shared: &Shared, counts: &QuicCounts, flows: &Mutex<Flo
                     None
                 }
                 Verdict::WaitForEch(rule) => {
-                    f.pending.insert(key, rule);
+                    f.pending.insert(key, (rule, name()));
                     None
                 }
             }
@@ -138,13 +149,19 @@ fn handle(sample: &[u8], shared: &Shared, counts: &QuicCounts, flows: &Mutex<Flo
         }
         Event::Pending | Event::Done => None,
     };
-    if let Some(rule) = block {
-        match f.verdicts.block(key, rule) {
-            Ok(()) => {
-                QuicCounts::add(&counts.blocked, 1);
-                counts.latency(ktime_ns().saturating_sub(meta.ktime_ns) / 1000);
-            }
-            Err(e) => tracing::warn!("{e:#}"),
+    let Some((rule, name)) = block else { return };
+    match f.verdicts.block(key, rule) {
+        Ok(()) => {
+            QuicCounts::add(&counts.blocked, 1);
+            counts.latency(ktime_ns().saturating_sub(meta.ktime_ns) / 1000);
         }
+        Err(e) => {
+            tracing::warn!("{e:#}");
+            return;
+        }
+    }
+    drop(f);
+    if let Some(events) = events {
+        events.quic_block(shared, l3.af, rule, name);
     }
 }
