@@ -173,10 +173,10 @@ pub struct Kernel {
     list_hits: PerCpuArray<MapData, u64>,
     list_actions: Array<MapData, u32>,
     rule_hits: Array<MapData, u64>,
-    hits_view: Arc<HitsView>,
+    hits_view: Arc<SharedWords>,
     user_list_hits: Arc<UserListHits>,
     /// The first look (`FIRST_LOOK`), mapped writable.
-    look: LookView,
+    look: SharedWords,
     /// Kept open (and pinned by the daemon): the kernel empties a program
     /// array once no file refers to it.
     _stages: ProgramArray<MapData>,
@@ -295,12 +295,12 @@ impl Kernel {
         let list_actions = Array::try_from(take(MAP_LIST_ACTIONS)?)?;
         let hits_map = take(MAP_RULE_HITS)?;
         let hits_view = match &hits_map {
-            Map::Array(data) => Arc::new(HitsView::map(data, capacity)?),
+            Map::Array(data) => Arc::new(SharedWords::map(data, capacity, MAP_RULE_HITS)?),
             _ => bail!("{MAP_RULE_HITS} is not an array"),
         };
         let rule_hits = Array::try_from(hits_map)?;
         let look = match take(MAP_FIRST_LOOK)? {
-            Map::Array(data) => LookView::map(&data, look_words)?,
+            Map::Array(data) => SharedWords::map(&data, look_words, MAP_FIRST_LOOK)?,
             _ => bail!("{MAP_FIRST_LOOK} is not an array"),
         };
         let stages_map = take(MAP_STAGES)?;
@@ -883,7 +883,7 @@ where
 pub struct QuicVerdicts {
     blocked: HashMap<MapData, FlowKey, u32>,
     blocked_ports: Array<MapData, u64>,
-    rule_hits: Arc<HitsView>,
+    rule_hits: Arc<SharedWords>,
     list_hits: Arc<UserListHits>,
 }
 
@@ -939,83 +939,52 @@ impl UserListHits {
     }
 }
 
-/// The first look (`FIRST_LOOK`), mapped read-write: the daemon sets and
-/// clears its bits with word stores, no syscall (`first_look`).
-struct LookView {
+/// A shared mapping of a BPF_F_MMAPABLE array of u64s, read and written
+/// with memory accesses, no syscall: the first look (`FIRST_LOOK`, whose
+/// bits the daemon sets and clears with word stores) and the rule hits
+/// (millions of counters scraped with a read each; the daemon adds its QUIC
+/// verdicts' hits atomically, as the kernel adds its own).
+struct SharedWords {
     ptr: NonNull<AtomicU64>,
     len: usize,
     bytes: usize,
 }
 
-// SAFETY: a shared mapping accessed only through atomics.
-unsafe impl Send for LookView {}
-unsafe impl Sync for LookView {}
+// SAFETY: a shared mapping accessed only through atomics (or plain reads of
+// counters, where a torn read cannot happen on aligned u64s).
+unsafe impl Send for SharedWords {}
+unsafe impl Sync for SharedWords {}
 
-impl LookView {
-    fn map(data: &MapData, len: u32) -> anyhow::Result<Self> {
+impl SharedWords {
+    fn map(data: &MapData, len: u32, name: &str) -> anyhow::Result<Self> {
         let bytes = (len as usize * 8).next_multiple_of(4096);
         // SAFETY: mapping a BPF_F_MMAPABLE array fd; the kernel checks the size.
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
-            bail!("mapping {MAP_FIRST_LOOK}: {}", std::io::Error::last_os_error());
+            bail!("mapping {name}: {}", std::io::Error::last_os_error());
         }
-        Ok(LookView { ptr: NonNull::new(ptr.cast()).ok_or_else(|| anyhow!("mmap returned null"))?, len: len as usize, bytes })
+        Ok(SharedWords { ptr: NonNull::new(ptr.cast()).ok_or_else(|| anyhow!("mmap returned null"))?, len: len as usize, bytes })
     }
 
     fn words(&self) -> &[AtomicU64] {
         // SAFETY: `len` u64s are mapped for as long as `self` lives.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
-}
-
-impl Drop for LookView {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
-    }
-}
-
-/// A shared mapping of the (BPF_F_MMAPABLE) rule-hit array: scraping
-/// millions of counters costs a memory read, not a syscall each, and the
-/// daemon adds its QUIC verdicts' hits as the kernel adds its own
-/// (atomically).
-struct HitsView {
-    ptr: NonNull<u64>,
-    len: usize,
-    bytes: usize,
-}
-
-// SAFETY: a shared mapping that the kernel and `add` update atomically.
-unsafe impl Send for HitsView {}
-unsafe impl Sync for HitsView {}
-
-impl HitsView {
-    fn map(data: &MapData, len: u32) -> anyhow::Result<Self> {
-        let bytes = (len as usize * 8).next_multiple_of(4096);
-        // SAFETY: mapping a BPF array fd; the kernel checks the size.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            bail!("mapping {MAP_RULE_HITS}: {}", std::io::Error::last_os_error());
-        }
-        Ok(HitsView { ptr: NonNull::new(ptr.cast()).ok_or_else(|| anyhow!("mmap returned null"))?, len: len as usize, bytes })
-    }
 
     fn as_slice(&self) -> &[u64] {
-        // SAFETY: `len` u64s are mapped for as long as `self` lives.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        // SAFETY: as `words`; counters only read.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast(), self.len) }
     }
 
-    /// One more hit for rule `id`.
-    fn add(&self, id: u32) {
-        if (id as usize) < self.len {
-            // SAFETY: an aligned u64 of the mapping, which lives as long as
-            // `self`; the kernel adds to it atomically too.
-            unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(id as usize)) }.fetch_add(1, Ordering::Relaxed);
+    /// One more for word `i` (a rule's hits).
+    fn add(&self, i: u32) {
+        if let Some(w) = self.words().get(i as usize) {
+            w.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-impl Drop for HitsView {
+impl Drop for SharedWords {
     fn drop(&mut self) {
         // SAFETY: unmapping what `map` mapped.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
@@ -1030,7 +999,7 @@ pub struct MapReaders {
     counters: PerCpuArray<MapData, u64>,
     list_hits: PerCpuArray<MapData, u64>,
     user_list_hits: Arc<UserListHits>,
-    hits: Arc<HitsView>,
+    hits: Arc<SharedWords>,
     map_ids: Vec<u32>,
 }
 

@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use blokir::{
     ebpf::Kernel,
+    policy::{DnsPolicy, TrafficPolicy},
     rules::{Engine, Rule, file::read_rules},
 };
 use blokir_tests::{PASS_AS_RST, XDP_DROP, XDP_PASS, noop};
@@ -44,6 +45,7 @@ pub const CLASSES: &[(&str, &str)] = &[
     ("tcp_ack", "TCP ACK without payload"),
     ("tcp_syn", "TCP SYN of a new connection (its start recorded)"),
     ("tcp_data", "TCP data (1.4 KB) of an established flow to port 443 whose hello was allowed"),
+    ("quic_initial", "QUIC client Initial (1.2 KB, a new flow) handed up to the daemon's reader"),
 ];
 
 /// The ISP mix (`isp_mix_ns`): share of packets by class, a guess at a
@@ -61,6 +63,7 @@ pub const ISP_MIX: &[(&str, f64)] = &[
     ("tls_split_second", 0.002),
     ("http_get", 0.002),
     ("tcp_syn", 0.016),
+    ("quic_initial", 0.002),
 ];
 
 /// One class at one rule count.
@@ -282,7 +285,12 @@ pub fn run(list: &List, index: &ListIndex, p: &Params) -> anyhow::Result<Micro> 
     let engine = Engine::new([lane_multiplier(rand::random()), lane_multiplier(rand::random())], capacity as usize, capacity);
     let noop = noop::load_xdp_pass().context("loading the no-op XDP program")?;
     let mut b = Bench { kernel, engine, noop, flow: 0 };
-    b.kernel.write_config(b.engine.config())?;
+    // The daemon's default settings (QUIC read on every UDP port but 53,
+    // fragments and tampering blocked...), as an operator runs it.
+    let mut cfg = b.engine.config();
+    DnsPolicy::default().apply_to(&mut cfg);
+    TrafficPolicy::default().apply_to(&mut cfg)?;
+    b.kernel.write_config(cfg)?;
 
     // The daemon's path: read the file, plan, write the maps.
     let (rules, parse_s) = parse_timed(&path)?;
@@ -477,6 +485,23 @@ fn classes(
     }
     runs.hot = b.hot(first.as_ref().context("no samples")?)?;
     out.push(runs.result("tcp_data", k));
+
+    // QUIC Initials of new flows, their ClientHellos to unlisted names:
+    // copied to the daemon's perf buffer (open here, and drained between
+    // runs as the daemon's reader would). Hot: the same flow's Initial
+    // again, over the per-flow cap after the first few.
+    let mut sink = b.kernel.quic_sink()?;
+    let mut runs = Runs::default();
+    for i in 0..samples {
+        let flow = b.next_flow();
+        let pkt = packets::quic_initial(&allowed[i % allowed.len()], flow);
+        runs.push(b.pair(&pkt, XDP_PASS, "QUIC Initial")?);
+        sink.drain();
+    }
+    let flow = b.next_flow();
+    runs.hot = b.hot(&packets::quic_initial(&allowed[0], flow))?;
+    sink.drain();
+    out.push(runs.result("quic_initial", k));
     for r in &out {
         eprintln!(
             "  {:<20} {:>7} rules: {:>6.0} ns cold (no-op {:>4.0}, net {:>5.0}), hot net {:>5.0}",

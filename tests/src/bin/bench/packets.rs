@@ -51,6 +51,14 @@ pub fn udp_other(i: usize) -> Vec<u8> {
     udp(i, 443, &payload)
 }
 
+/// A QUIC v1 client Initial of flow `i` to port 443 (padded to 1,200
+/// bytes, as clients send them), its ClientHello naming `name`.
+pub fn quic_initial(name: &str, i: usize) -> Vec<u8> {
+    use blokir::quic::{initial::Version, seal};
+    let dcid = (i as u64).to_be_bytes();
+    udp(i, 443, &seal::initial(Version::V1, &dcid, &[7; 4], 0, &seal::crypto_frame(0, &seal::client_hello(name, false, 0)), 1200))
+}
+
 pub fn tcp_ack(i: usize) -> Vec<u8> {
     tcp(i, 443, 2_000_000, &[], false)
 }

@@ -88,6 +88,7 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
         "tcp_ack_ns": at("tcp_ack"),
         "tcp_syn_ns": at("tcp_syn"),
         "tcp_data_ns": at("tcp_data"),
+        "quic_initial_ns": at("quic_initial"),
         "isp_mix_ns": crate::micro::ISP_MIX.iter().map(|(class, share)| share * at(class)).sum::<f64>(),
         "swap_1pct_seconds": load.swap_s(),
         "daemon_swap_peak_mib": veth.map(|v| v.daemon.swap_hwm_kib as f64 / 1024.0),
