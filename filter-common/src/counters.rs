@@ -229,10 +229,22 @@ pub const fn action_index(action: DnsAction) -> u32 {
     ACTION_BASE + action as u32
 }
 
-/// Per-list counters (array of `MAX_LISTS * LIST_COUNTERS`).
+/// Per-list counters (`LIST_HITS`, per CPU): list `l`'s kind `k` at
+/// `l * LIST_COUNTERS + k`, counted by the kernel, and again at
+/// `user_list_index(l, k)` in the second half, counted by the daemon (its
+/// QUIC verdicts). The daemon is that half's only writer (CPU 0's slot, read
+/// and written back), so it needs no atomics, and both halves carry over
+/// restarts in the same pinned map.
 pub const LIST_BLOCKED: u32 = 0;
 pub const LIST_ALLOWED: u32 = 1;
 pub const LIST_COUNTERS: u32 = 2;
+pub const LIST_HITS_ENTRIES: u32 = 2 * crate::rules::MAX_LISTS * LIST_COUNTERS;
+
+/// Where the daemon counts kind `kind` of list `list` in `LIST_HITS`.
+#[inline(always)]
+pub const fn user_list_index(list: u32, kind: u32) -> u32 {
+    crate::rules::MAX_LISTS * LIST_COUNTERS + list * LIST_COUNTERS + kind
+}
 
 #[cfg(test)]
 mod tests {

@@ -55,6 +55,7 @@ mod pod {
     unsafe impl aya::Pod for crate::rules::Config {}
     unsafe impl aya::Pod for crate::name::CanonBuf {}
     unsafe impl aya::Pod for crate::tls::FlowKey {}
+    unsafe impl aya::Pod for crate::quic::BlockedFlow {}
     unsafe impl aya::Pod for crate::tls::Hello {}
     unsafe impl aya::Pod for crate::flow::Flow {}
     unsafe impl aya::Pod for crate::inspect::DnsAt {}

@@ -42,6 +42,34 @@ pub const QUIC_PROGRAM_NAME: &str = "blokir_quic";
 /// Client flows (`tls::FlowKey`, UDP) the daemon blocked; LRU.
 pub const MAP_QUIC_BLOCKED: &str = "QUIC_BLOCKED";
 pub const QUIC_BLOCKED_CAPACITY: u32 = 1 << 16;
+/// A blocked flow is forgotten when an Initial comes after it has been
+/// silent this long (a new connection on the same addresses and ports;
+/// other datagrams keep it blocked). Longer than the handshake timeouts of
+/// the QUIC stacks servers run (5-10 s: quic-go, msquic, Google's), so the
+/// blocked connection is gone at the server by then.
+pub const BLOCK_IDLE_NS: u64 = 300_000_000_000;
+
+/// A blocked flow in `QUIC_BLOCKED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockedFlow {
+    /// The rule that blocked it (never 0).
+    pub rule: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of its last datagram, or of the
+    /// verdict.
+    pub last_ns: u64,
+}
+
+impl BlockedFlow {
+    /// Whether an Initial at `now` opens a new connection: the flow has
+    /// been silent for `BLOCK_IDLE_NS`.
+    #[inline(always)]
+    pub fn idle_at(&self, now: u64) -> bool {
+        now.saturating_sub(self.last_ns) >= BLOCK_IDLE_NS
+    }
+}
+
 /// Server ports of the flows in `QUIC_BLOCKED`, a bitmap laid out as
 /// `rules::MAP_HTTP_PORTS` that only the daemon writes (before the flow):
 /// a datagram that is not an Initial goes to the QUIC stage's lookup only

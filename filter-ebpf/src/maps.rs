@@ -46,7 +46,7 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::
 pub static RULE_HITS: Array<u64> = Array::with_max_entries(DEFAULT_RULE_CAPACITY, BPF_F_MMAPABLE);
 
 #[map(name = "LIST_HITS")]
-pub static LIST_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_LISTS * counters::LIST_COUNTERS, 0);
+pub static LIST_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::LIST_HITS_ENTRIES, 0);
 
 /// Per-CPU space for the canonical name: too big for the 512-byte stack.
 #[map(name = "SCRATCH")]

@@ -18,7 +18,7 @@ use aya_ebpf::{
 use filter_common::{
     counters::{self, Outcome, Proto},
     packet::{Packet, parse_l3, parse_udp},
-    quic::{BUDGET_WINDOW_NS, CPU_BUDGET, InitialMeta, MAX_HANDED_UP, OVERLOAD_DROP, PER_FLOW_CAP, QUIC_BLOCKED_CAPACITY, QUIC_SEEN_CAPACITY},
+    quic::{BUDGET_WINDOW_NS, BlockedFlow, CPU_BUDGET, InitialMeta, MAX_HANDED_UP, OVERLOAD_DROP, PER_FLOW_CAP, QUIC_BLOCKED_CAPACITY, QUIC_SEEN_CAPACITY},
     rules::HTTP_PORT_WORDS,
     tls::FlowKey,
 };
@@ -29,7 +29,7 @@ use crate::{
 };
 
 #[map(name = "QUIC_BLOCKED")]
-pub static QUIC_BLOCKED: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(QUIC_BLOCKED_CAPACITY, 0);
+pub static QUIC_BLOCKED: LruHashMap<FlowKey, BlockedFlow> = LruHashMap::with_max_entries(QUIC_BLOCKED_CAPACITY, 0);
 
 /// The server ports of `QUIC_BLOCKED`'s flows (`quic::MAP_QUIC_BLOCKED_PORTS`).
 #[map(name = "QUIC_BLOCKED_PORTS")]
@@ -71,14 +71,28 @@ pub fn stage(ctx: &XdpContext) -> u32 {
     let Ok(l3) = parse_l3(&pkt) else { return xdp_action::XDP_PASS };
     let Ok(l4) = parse_udp(&pkt, &l3) else { return xdp_action::XDP_PASS };
     let Some(key) = FlowKey::of(&pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
-    // SAFETY: a plain value read once.
-    if unsafe { QUIC_BLOCKED.get(&key) }.is_some() {
-        count(counters::proto_index(Proto::Quic, l3.af, Outcome::Blocked));
-        return xdp_action::XDP_DROP;
+    let initial = QUIC_JOB.get(0).copied() == Some(JOB_INITIAL);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(b) = QUIC_BLOCKED.get_ptr_mut(&key) {
+        // SAFETY: the flow's value; CPUs racing on it only blur `last_ns`.
+        let forget = unsafe {
+            let forget = initial && (*b).idle_at(now);
+            (*b).last_ns = now;
+            forget
+        };
+        if !forget {
+            count(counters::proto_index(Proto::Quic, l3.af, Outcome::Blocked));
+            return xdp_action::XDP_DROP;
+        }
+        // An Initial after the flow's silence: a new connection on the same
+        // addresses and ports, read afresh.
+        let _ = QUIC_BLOCKED.remove(&key);
+        let _ = QUIC_SEEN.remove(&key);
     }
     // Not an Initial (a Handshake or short-header packet of a flow not
     // blocked, or any other datagram to the port): passes, not handed up.
-    if QUIC_JOB.get(0).copied() != Some(JOB_INITIAL) {
+    if !initial {
         return xdp_action::XDP_PASS;
     }
     let seen = match QUIC_SEEN.get_ptr_mut(&key) {
@@ -96,8 +110,6 @@ pub fn stage(ctx: &XdpContext) -> u32 {
     if !seen {
         let _ = QUIC_SEEN.insert(&key, &1, 0);
     }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     let Some(b) = QUIC_BUDGET.get_ptr_mut(0) else { return xdp_action::XDP_PASS };
     // SAFETY: the per-CPU slot.
     unsafe {

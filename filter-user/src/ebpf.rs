@@ -25,7 +25,7 @@ use filter_common::{
     counters,
     dns::DNS_PORT,
     flow::Flow,
-    quic::{MAP_QUIC_BLOCKED, MAP_QUIC_BLOCKED_PORTS, MAP_QUIC_INITIALS, MAP_QUIC_SEEN, QUIC_PROGRAM_NAME},
+    quic::{BlockedFlow, MAP_QUIC_BLOCKED, MAP_QUIC_BLOCKED_PORTS, MAP_QUIC_INITIALS, MAP_QUIC_SEEN, QUIC_PROGRAM_NAME},
     reply::DnsAction,
     reset::{TcpAction, list_action_word},
     rules::{
@@ -115,7 +115,7 @@ struct SharedMap {
 }
 
 impl SharedMap {
-    fn all(lists: &[&str]) -> [SharedMap; 4] {
+    fn all(lists: &[&str]) -> [SharedMap; 6] {
         let size = |n: usize| n as u32;
         [
             SharedMap {
@@ -143,7 +143,25 @@ impl SharedMap {
                 ty: MapType::PerCpuArray,
                 key: 4,
                 value: 8,
-                max_entries: MAX_LISTS * counters::LIST_COUNTERS,
+                max_entries: counters::LIST_HITS_ENTRIES,
+            },
+            // Blocked QUIC flows stay blocked across a restart, as TLS
+            // flows do (a handshake half done must not finish after it).
+            SharedMap {
+                name: MAP_QUIC_BLOCKED,
+                file: MAP_QUIC_BLOCKED.to_string(),
+                ty: MapType::LruHash,
+                key: size(size_of::<filter_common::tls::FlowKey>()),
+                value: size(size_of::<BlockedFlow>()),
+                max_entries: filter_common::quic::QUIC_BLOCKED_CAPACITY,
+            },
+            SharedMap {
+                name: MAP_QUIC_BLOCKED_PORTS,
+                file: MAP_QUIC_BLOCKED_PORTS.to_string(),
+                ty: MapType::Array,
+                key: 4,
+                value: 8,
+                max_entries: HTTP_PORT_WORDS,
             },
         ]
     }
@@ -174,7 +192,6 @@ pub struct Kernel {
     list_actions: Array<MapData, u32>,
     rule_hits: Array<MapData, u64>,
     hits_view: Arc<SharedWords>,
-    user_list_hits: Arc<UserListHits>,
     /// The first look (`FIRST_LOOK`), mapped writable.
     look: SharedWords,
     /// Kept open (and pinned by the daemon): the kernel empties a program
@@ -324,7 +341,6 @@ impl Kernel {
             list_actions,
             rule_hits,
             hits_view,
-            user_list_hits: Arc::default(),
             look,
             _stages: stages,
             cfg: Config::default(),
@@ -538,16 +554,18 @@ impl Kernel {
     /// `[blocked, allowed]` for list `id`, summed over CPUs (and the
     /// daemon's QUIC verdicts).
     pub fn list_hits(&self, id: u8) -> anyhow::Result<[u64; 2]> {
-        sum_list_hits(&self.list_hits, &self.user_list_hits, id)
+        sum_list_hits(&self.list_hits, id)
     }
 
     /// Zeroes list `id`'s counters, for a list that takes a freed id.
     pub fn reset_list_hits(&mut self, id: u8) -> anyhow::Result<()> {
-        self.user_list_hits.reset(id);
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let id = u32::from(id);
         for k in [counters::LIST_BLOCKED, counters::LIST_ALLOWED] {
-            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?;
-            self.list_hits.set(u32::from(id) * counters::LIST_COUNTERS + k, zeros, 0).context("resetting a list's counters")?;
+            for i in [id * counters::LIST_COUNTERS + k, counters::user_list_index(id, k)] {
+                let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?;
+                self.list_hits.set(i, zeros, 0).context("resetting a list's counters")?;
+            }
         }
         Ok(())
     }
@@ -571,7 +589,7 @@ impl Kernel {
         clear::<u32>(self.ebpf.map_mut(MAP_QUIC_SEEN), MAP_QUIC_SEEN)?;
         // Unless a test took them (`take_quic`).
         if self.ebpf.map(MAP_QUIC_BLOCKED).is_some() {
-            clear::<u32>(self.ebpf.map_mut(MAP_QUIC_BLOCKED), MAP_QUIC_BLOCKED)?;
+            clear::<BlockedFlow>(self.ebpf.map_mut(MAP_QUIC_BLOCKED), MAP_QUIC_BLOCKED)?;
         }
         if let Some(map) = self.ebpf.map_mut(MAP_QUIC_BLOCKED_PORTS) {
             let mut ports: Array<&mut MapData, u64> = Array::try_from(map)?;
@@ -583,11 +601,8 @@ impl Kernel {
         for i in 0..counters::COUNTERS {
             self.counters.set(i, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
         }
-        for i in 0..MAX_LISTS * counters::LIST_COUNTERS {
+        for i in 0..counters::LIST_HITS_ENTRIES {
             self.list_hits.set(i, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
-        }
-        for id in 0..MAX_LISTS {
-            self.user_list_hits.reset(id as u8);
         }
         for id in 0..MAX_LISTS {
             self.list_actions.set(id, 0, 0)?;
@@ -646,13 +661,9 @@ impl Kernel {
 
     /// Handles of their own on what /metrics reads (see `MapReaders`).
     pub fn readers(&self) -> anyhow::Result<MapReaders> {
-        let own = |data: &MapData| -> anyhow::Result<PerCpuArray<MapData, u64>> {
-            Ok(PerCpuArray::try_from(Map::from_map_data(MapData::from_id(data.info()?.id())?)?)?)
-        };
         Ok(MapReaders {
-            counters: own(self.counters.map())?,
-            list_hits: own(self.list_hits.map())?,
-            user_list_hits: self.user_list_hits.clone(),
+            counters: own_per_cpu(self.counters.map())?,
+            list_hits: own_per_cpu(self.list_hits.map())?,
             hits: self.hits_view.clone(),
             map_ids: self.map_ids()?,
         })
@@ -665,17 +676,18 @@ impl Kernel {
         let perf = take(MAP_QUIC_INITIALS)?;
         let blocked = HashMap::try_from(take(MAP_QUIC_BLOCKED)?)?;
         let blocked_ports = Array::try_from(take(MAP_QUIC_BLOCKED_PORTS)?)?;
-        let verdicts = QuicVerdicts { blocked, blocked_ports, rule_hits: self.hits_view.clone(), list_hits: self.user_list_hits.clone() };
+        let verdicts = QuicVerdicts { blocked, blocked_ports, rule_hits: self.hits_view.clone(), list_hits: own_per_cpu(self.list_hits.map())? };
         Ok((aya::maps::PerfEventArray::try_from(perf)?, verdicts))
     }
 
     /// Blocks QUIC flow `key` as the daemon's reader does (for `replay` and
-    /// the kernel suites, which play the daemon's part with the model).
-    pub fn block_quic_flow(&mut self, key: FlowKey) -> anyhow::Result<()> {
+    /// the kernel suites, which play the daemon's part with the model), as
+    /// if its last datagram came `silent` ago.
+    pub fn block_quic_flow(&mut self, key: FlowKey, silent: std::time::Duration) -> anyhow::Result<()> {
         let [Some(blocked), Some(ports)] = self.ebpf.maps_disjoint_mut([MAP_QUIC_BLOCKED, MAP_QUIC_BLOCKED_PORTS]) else {
             bail!("map {MAP_QUIC_BLOCKED} or {MAP_QUIC_BLOCKED_PORTS} missing (or taken)");
         };
-        write_quic_block(&mut HashMap::try_from(blocked)?, &mut Array::try_from(ports)?, key, 1)
+        write_quic_block(&mut HashMap::try_from(blocked)?, &mut Array::try_from(ports)?, key, blocked_flow(RuleRef(1), silent))
     }
 
     /// A reader of the handed-up Initials that only drains them, for
@@ -859,10 +871,10 @@ impl QuicSink {
     }
 }
 
-/// Writes blocked QUIC flow `key` (value `rule`, never 0): its server port
-/// into `QUIC_BLOCKED_PORTS` first, as a datagram that finds the flow must
-/// find its port (the entry program looks the flow up only then).
-fn write_quic_block<B, P>(blocked: &mut HashMap<B, FlowKey, u32>, ports: &mut Array<P, u64>, key: FlowKey, rule: u32) -> anyhow::Result<()>
+/// Writes blocked QUIC flow `key`: its server port into
+/// `QUIC_BLOCKED_PORTS` first, as a datagram that finds the flow must find
+/// its port (the entry program looks the flow up only then).
+fn write_quic_block<B, P>(blocked: &mut HashMap<B, FlowKey, BlockedFlow>, ports: &mut Array<P, u64>, key: FlowKey, flow: BlockedFlow) -> anyhow::Result<()>
 where
     B: std::borrow::BorrowMut<MapData>,
     P: std::borrow::BorrowMut<MapData>,
@@ -873,7 +885,26 @@ where
     if old & bit == 0 {
         ports.set(word, old | bit, 0).context("writing the blocked QUIC ports")?;
     }
-    blocked.insert(key, rule, 0).context("writing a blocked QUIC flow")
+    blocked.insert(key, flow, 0).context("writing a blocked QUIC flow")
+}
+
+/// Flow state blocked by `rule`, its last datagram `silent` ago.
+fn blocked_flow(rule: RuleRef, silent: std::time::Duration) -> BlockedFlow {
+    BlockedFlow { rule: rule.0.max(1), _pad: 0, last_ns: monotonic_ns().saturating_sub(silent.as_nanos() as u64) }
+}
+
+/// CLOCK_MONOTONIC in ns: the kernel's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A handle of its own on per-CPU array `data` (readers that outlive the
+/// loader's borrow).
+fn own_per_cpu(data: &MapData) -> anyhow::Result<PerCpuArray<MapData, u64>> {
+    Ok(PerCpuArray::try_from(Map::from_map_data(MapData::from_id(data.info()?.id())?)?)?)
 }
 
 /// Where the daemon's QUIC verdicts go: blocked flows into `QUIC_BLOCKED`
@@ -881,60 +912,41 @@ where
 /// rule into the per-rule and per-list hits, as the match stage counts a
 /// TLS verdict over TCP.
 pub struct QuicVerdicts {
-    blocked: HashMap<MapData, FlowKey, u32>,
+    blocked: HashMap<MapData, FlowKey, BlockedFlow>,
     blocked_ports: Array<MapData, u64>,
     rule_hits: Arc<SharedWords>,
-    list_hits: Arc<UserListHits>,
+    /// `LIST_HITS`, whose second half only this writes.
+    list_hits: PerCpuArray<MapData, u64>,
 }
 
 impl QuicVerdicts {
     /// Blocks flow `key` by `rule`: the QUIC stage drops its datagrams
-    /// from now on.
+    /// from now on. Counted apart (`count`), so that the verdict is in the
+    /// map first.
     pub fn block(&mut self, key: FlowKey, rule: RuleRef) -> anyhow::Result<()> {
-        write_quic_block(&mut self.blocked, &mut self.blocked_ports, key, rule.0.max(1))?;
-        self.hit(rule, counters::LIST_BLOCKED);
-        Ok(())
+        self.block_silent(key, rule, std::time::Duration::ZERO)
     }
 
-    /// Counts a hello passed by allow rule `rule`.
-    pub fn allowed(&self, rule: RuleRef) {
-        self.hit(rule, counters::LIST_ALLOWED);
+    /// `block`, as if the flow's last datagram came `silent` ago (tests of
+    /// the idle rule, `BLOCK_IDLE_NS`).
+    pub fn block_silent(&mut self, key: FlowKey, rule: RuleRef, silent: std::time::Duration) -> anyhow::Result<()> {
+        write_quic_block(&mut self.blocked, &mut self.blocked_ports, key, blocked_flow(rule, silent))
     }
 
-    fn hit(&self, rule: RuleRef, kind: u32) {
+    /// Counts a verdict of `rule` (`blocked`, or a hello passed by an allow
+    /// rule) for the rule and its list, as the match stage counts a TLS
+    /// verdict.
+    pub fn count(&mut self, rule: RuleRef, blocked: bool) {
         self.rule_hits.add(rule.id());
-        self.list_hits.add(rule.list(), kind);
-    }
-}
-
-/// Per-list counts of the daemon's own verdicts (QUIC), added to the
-/// kernel's per-CPU ones when read: the daemon cannot add to a per-CPU
-/// value without racing the CPU that owns it. They start from zero with
-/// each daemon.
-struct UserListHits([AtomicU64; (MAX_LISTS * counters::LIST_COUNTERS) as usize]);
-
-impl Default for UserListHits {
-    fn default() -> Self {
-        UserListHits(std::array::from_fn(|_| AtomicU64::new(0)))
-    }
-}
-
-impl UserListHits {
-    fn add(&self, list: u32, kind: u32) {
-        if let Some(c) = self.0.get((list * counters::LIST_COUNTERS + kind) as usize) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn get(&self, list: u8, kind: u32) -> u64 {
-        self.0.get((u32::from(list) * counters::LIST_COUNTERS + kind) as usize).map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-
-    fn reset(&self, list: u8) {
-        for k in [counters::LIST_BLOCKED, counters::LIST_ALLOWED] {
-            if let Some(c) = self.0.get((u32::from(list) * counters::LIST_COUNTERS + k) as usize) {
-                c.store(0, Ordering::Relaxed);
-            }
+        let kind = if blocked { counters::LIST_BLOCKED } else { counters::LIST_ALLOWED };
+        let i = counters::user_list_index(rule.list(), kind);
+        let r = self.list_hits.get(&i, 0).map_err(anyhow::Error::from).and_then(|values| {
+            let mut v = values.to_vec();
+            v[0] += 1;
+            Ok(self.list_hits.set(i, aya::maps::PerCpuValues::try_from(v)?, 0)?)
+        });
+        if let Err(e) = r {
+            tracing::warn!("counting a QUIC verdict for list {}: {e:#}", rule.list());
         }
     }
 }
@@ -998,7 +1010,6 @@ impl Drop for SharedWords {
 pub struct MapReaders {
     counters: PerCpuArray<MapData, u64>,
     list_hits: PerCpuArray<MapData, u64>,
-    user_list_hits: Arc<UserListHits>,
     hits: Arc<SharedWords>,
     map_ids: Vec<u32>,
 }
@@ -1012,7 +1023,7 @@ impl MapReaders {
     /// `[blocked, allowed]` for list `id`, summed over CPUs (and the
     /// daemon's QUIC verdicts).
     pub fn list_hits(&self, id: u8) -> anyhow::Result<[u64; 2]> {
-        sum_list_hits(&self.list_hits, &self.user_list_hits, id)
+        sum_list_hits(&self.list_hits, id)
     }
 
     /// Each rule id's hits (a shared read-only mapping of the kernel's array).
@@ -1029,10 +1040,11 @@ fn sum_counters(map: &PerCpuArray<MapData, u64>) -> anyhow::Result<Vec<u64>> {
     (0..counters::COUNTERS).map(|i| Ok(map.get(&i, 0)?.iter().sum())).collect()
 }
 
-fn sum_list_hits(map: &PerCpuArray<MapData, u64>, user: &UserListHits, id: u8) -> anyhow::Result<[u64; 2]> {
-    let base = u32::from(id) * counters::LIST_COUNTERS;
-    debug_assert!(u32::from(id) < MAX_LISTS);
-    let get = |k: u32| -> anyhow::Result<u64> { Ok(map.get(&(base + k), 0)?.iter().sum::<u64>() + user.get(id, k)) };
+fn sum_list_hits(map: &PerCpuArray<MapData, u64>, id: u8) -> anyhow::Result<[u64; 2]> {
+    let id = u32::from(id);
+    debug_assert!(id < MAX_LISTS);
+    let sum = |i: u32| -> anyhow::Result<u64> { Ok(map.get(&i, 0)?.iter().sum::<u64>()) };
+    let get = |k: u32| -> anyhow::Result<u64> { Ok(sum(id * counters::LIST_COUNTERS + k)? + sum(counters::user_list_index(id, k))?) };
     Ok([get(counters::LIST_BLOCKED)?, get(counters::LIST_ALLOWED)?])
 }
 

@@ -1,6 +1,7 @@
 //! What blokir keeps in a BPF file system so that filtering outlives the
 //! daemon: the XDP links (one per interface) and the maps whose contents must
-//! carry over from one program to the next (TLS flow state, counters).
+//! carry over from one program to the next (TLS flow state, blocked QUIC
+//! flows, counters).
 //!
 //! Layout under the pin directory (default `/sys/fs/bpf/blokir`):
 //!
@@ -9,7 +10,10 @@
 //! maps/v<LAYOUT>/FLOWS        TLS and HTTP per-flow state
 //! maps/v<LAYOUT>/SYNS         where new connections' data starts
 //! maps/v<LAYOUT>/COUNTERS     the global counters
-//! maps/v<LAYOUT>/LIST_HITS_<lists>  per-list counters, for one ordered set of list names
+//! maps/v<LAYOUT>/LIST_HITS_<lists>  per-list counters (the kernel's and the daemon's QUIC
+//!                             verdicts'), for one ordered set of list names
+//! maps/v<LAYOUT>/QUIC_BLOCKED QUIC flows the daemon blocked
+//! maps/v<LAYOUT>/QUIC_BLOCKED_PORTS  their server ports
 //! stages/<program id>         the tail-call array of each loaded program (the
 //!                             kernel empties an unreferenced one)
 //! ```

@@ -475,7 +475,7 @@ fn a_tls_flow_blocked_before_an_upgrade_stays_blocked_after_it() {
     // The upgrade: a new program with new rule maps (another hash secret) and
     // the pinned FLOWS and COUNTERS; the old one goes away.
     let mut new = load(Some(&pins), &["*.blocked.example"]);
-    assert_eq!(new.adopted_maps(), ["FLOWS", "SYNS", "COUNTERS", "LIST_HITS"]);
+    assert_eq!(new.adopted_maps(), ["FLOWS", "SYNS", "COUNTERS", "LIST_HITS", "QUIC_BLOCKED", "QUIC_BLOCKED_PORTS"]);
     drop(old);
     assert_eq!(new.test_run(&second, 1).unwrap().0, XDP_DROP, "the retransmitted name segment passed the new program");
     assert_eq!(new.test_run(&data, 1).unwrap().0, XDP_DROP, "later data of the blocked flow passed the new program");
@@ -487,6 +487,76 @@ fn a_tls_flow_blocked_before_an_upgrade_stays_blocked_after_it() {
     // pinned map is for.
     let mut fresh = load(None, &["*.blocked.example"]);
     assert_eq!(fresh.test_run(&second, 1).unwrap().0, XDP_PASS);
+}
+
+/// A QUIC datagram of flow 198.18.0.1:40000 -> 198.18.0.2:443 whose first
+/// byte is `first` (0x43: a short header; 0xc3: a v1 Initial).
+fn quic_frame(first: u8) -> Vec<u8> {
+    let mut payload = vec![0u8; 1200];
+    payload[0] = first;
+    payload[1..5].copy_from_slice(&filter_common::quic::VERSION_1.to_be_bytes());
+    payload[5] = 8;
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64).udp(40000, 443);
+    let mut v = Vec::new();
+    b.write(&mut v, &payload).unwrap();
+    v
+}
+
+/// `load` with QUIC names read (`--quic read`, the daemon's default).
+fn load_quic(pins: Option<&PinDir>) -> Kernel {
+    let mut kernel = load(pins, &["*.blocked.example"]);
+    let mut cfg = kernel.config();
+    cfg.quic_policy = filter_common::quic::POLICY_READ;
+    kernel.write_config(cfg).unwrap();
+    kernel
+}
+
+/// A QUIC flow the daemon blocked mid-handshake (the client's Handshake
+/// Finished not yet through) stays blocked after an upgrade, and the QUIC
+/// share of its list's counts carries over with the kernel's.
+#[test]
+fn a_quic_flow_blocked_before_an_upgrade_stays_blocked_after_it() {
+    let fs = Bpffs::new();
+    let pins = PinDir::create(fs.path().join("blokir")).unwrap();
+    let key = filter_common::tls::FlowKey {
+        src: [198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        dst: [198, 18, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        src_port: 40000,
+        dst_port: 443,
+        family: 4,
+    };
+    let (short, initial) = (quic_frame(0x43), quic_frame(0xc3));
+    let list = 1u8;
+    let rule = filter_common::rules::RuleRef::new(1, u32::from(list), false);
+
+    let mut old = load_quic(Some(&pins));
+    assert_eq!(old.test_run(&short, 1).unwrap().0, XDP_PASS);
+    {
+        let (_perf, mut verdicts) = old.take_quic().unwrap();
+        verdicts.block(key, rule).unwrap();
+        verdicts.count(rule, true);
+    }
+    assert_eq!(old.test_run(&short, 1).unwrap().0, XDP_DROP, "the old program let the blocked flow through");
+    assert_eq!(old.list_hits(list).unwrap(), [1, 0]);
+
+    let mut new = load_quic(Some(&pins));
+    drop(old);
+    assert!(new.adopted_maps().contains(&"QUIC_BLOCKED"), "{:?}", new.adopted_maps());
+    assert_eq!(new.test_run(&short, 1).unwrap().0, XDP_DROP, "a short-header datagram of the blocked flow passed the new program");
+    assert_eq!(new.test_run(&initial, 1).unwrap().0, XDP_DROP, "a retransmitted Initial of the blocked flow passed the new program");
+    assert_eq!(new.list_hits(list).unwrap(), [1, 0], "the QUIC block's count did not carry over");
+    {
+        let (_perf, mut verdicts) = new.take_quic().unwrap();
+        verdicts.count(rule, true);
+    }
+    assert_eq!(new.list_hits(list).unwrap(), [2, 0]);
+    new.reset_list_hits(list).unwrap();
+    assert_eq!(new.list_hits(list).unwrap(), [0, 0], "a list taking a freed id starts from zero");
+
+    // Without the carried-over state the flow passes: what the pinned map
+    // is for.
+    let mut fresh = load_quic(None);
+    assert_eq!(fresh.test_run(&short, 1).unwrap().0, XDP_PASS);
 }
 
 /// Counts the bytes one connection brings to 198.18.1.1:8443, into a file.

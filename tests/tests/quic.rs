@@ -222,6 +222,7 @@ fn read_policy_hands_initials_up_and_drops_blocked_flows() {
     };
     let rule = RuleRef::new(1, 0, false);
     verdicts.block(key(50000, 443), rule).unwrap();
+    verdicts.count(rule, true);
     l.expect("Initial of the blocked flow", &initial, XDP_DROP, &[inspected, blocked]);
     l.expect("short header of the blocked flow", &short, XDP_DROP, &[blocked]);
     l.expect("Initial of another flow", &with_port(initial.clone(), 50001, 443), XDP_PASS, &[inspected, counters::QUIC_HANDED_UP]);
@@ -235,6 +236,7 @@ fn read_policy_hands_initials_up_and_drops_blocked_flows() {
     let per_packet = |l: &mut Loaded, f: &[u8]| l.kernel.test_run(f, 100_000).unwrap().2.as_nanos();
     let unblocked_port = per_packet(&mut l, &short_8443);
     verdicts.block(key(50000, 8443), rule).unwrap();
+    verdicts.count(rule, true);
     l.expect("short header to 8443, blocked", &short_8443, XDP_DROP, &[blocked]);
     let other_flow = with_port(short.clone(), 50009, 8443);
     let blocked_port = per_packet(&mut l, &other_flow);
@@ -242,8 +244,22 @@ fn read_policy_hands_initials_up_and_drops_blocked_flows() {
     // The verdicts' rule hits, as the match stage counts TLS blocks.
     assert_eq!(l.kernel.rule_hits()[1], 2);
     assert_eq!(l.kernel.list_hits(0).unwrap(), [2, 0]);
-    verdicts.allowed(rule);
+    verdicts.count(rule, false);
     assert_eq!((l.kernel.rule_hits()[1], l.kernel.list_hits(0).unwrap()), (3, [2, 1]));
+
+    // A blocked flow silent for `BLOCK_IDLE_NS`: its other datagrams are
+    // still dropped (and keep it blocked); an Initial opens a new
+    // connection, read afresh, and the flow is forgotten.
+    let idle = std::time::Duration::from_nanos(filter_common::quic::BLOCK_IDLE_NS);
+    let stale = with_port(initial.clone(), 50003, 443);
+    verdicts.block_silent(key(50003, 443), rule, idle).unwrap();
+    l.expect("short header of a silent blocked flow", &with_port(short.clone(), 50003, 443), XDP_DROP, &[blocked]);
+    l.expect("Initial of it, right after", &stale, XDP_DROP, &[inspected, blocked]);
+    verdicts.block_silent(key(50003, 443), rule, idle).unwrap();
+    l.expect("Initial of a silent blocked flow", &stale, XDP_PASS, &[inspected, counters::QUIC_HANDED_UP]);
+    l.expect("short header after it", &with_port(short.clone(), 50003, 443), XDP_PASS, &[]);
+    verdicts.block_silent(key(50003, 443), rule, idle - std::time::Duration::from_secs(5)).unwrap();
+    l.expect("Initial of a blocked flow silent not long enough", &stale, XDP_DROP, &[inspected, blocked]);
     drop(buffers);
 }
 

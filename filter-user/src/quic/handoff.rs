@@ -120,7 +120,7 @@ fn handle(sample: &[u8], shared: &Shared, counts: &QuicCounts, flows: &Mutex<Flo
                 Verdict::Pass(rule) => {
                     if let Some(rule) = rule {
                         QuicCounts::add(&counts.allowed, 1);
-                        f.verdicts.allowed(rule);
+                        f.verdicts.count(rule, false);
                     }
                     None
                 }
@@ -152,8 +152,9 @@ fn handle(sample: &[u8], shared: &Shared, counts: &QuicCounts, flows: &Mutex<Flo
     let Some((rule, name)) = block else { return };
     match f.verdicts.block(key, rule) {
         Ok(()) => {
-            QuicCounts::add(&counts.blocked, 1);
             counts.latency(ktime_ns().saturating_sub(meta.ktime_ns) / 1000);
+            QuicCounts::add(&counts.blocked, 1);
+            f.verdicts.count(rule, true);
         }
         Err(e) => {
             tracing::warn!("{e:#}");
