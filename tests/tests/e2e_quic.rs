@@ -35,29 +35,50 @@ while True:
         print(len(d), d[0], d[1:5].hex(), peer[0], flush=True)
 "#;
 
-struct Listener {
+/// A Python server in the resolver namespace (`script` and `args`), its
+/// output in `<name>.log`, started once it prints `ready`; killed on drop.
+struct Logged {
     child: Child,
     log: PathBuf,
 }
 
-impl Listener {
-    fn start(topo: &Topology, n: u32) -> Self {
-        let log = topo.dir().join(format!("udp-{n}.log"));
+impl Logged {
+    fn start<A: AsRef<std::ffi::OsStr>>(topo: &Topology, name: &str, script: &str, args: impl IntoIterator<Item = A>) -> Self {
+        let log = topo.dir().join(format!("{name}.log"));
         let file = File::create(&log).unwrap();
         let mut cmd = topo.exec(topo.resolver(), "python3");
-        cmd.args(["-c", LISTENER, &RESOLVER4.to_string(), &RESOLVER6.to_string()]);
+        cmd.args(["-c", script]).args(args);
         let child = cmd.stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap();
-        let l = Listener { child, log };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !l.text().starts_with("ready") {
-            assert!(Instant::now() < deadline, "the UDP listener did not start: {}", l.text());
+        let s = Logged { child, log };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !s.text().contains("ready") {
+            assert!(Instant::now() < deadline, "{name} did not start (is aioquic installed? `cargo xtask setup`): {}", s.text());
             thread::sleep(Duration::from_millis(20));
         }
-        l
+        s
     }
 
     fn text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Listener(Logged);
+
+impl Listener {
+    fn start(topo: &Topology, n: u32) -> Self {
+        Listener(Logged::start(topo, &format!("udp-{n}"), LISTENER, [RESOLVER4.to_string(), RESOLVER6.to_string()]))
+    }
+
+    fn text(&self) -> String {
+        self.0.text()
     }
 
     /// QUIC v1 Initials received from `from` (datagrams of 1200 bytes or
@@ -74,13 +95,6 @@ impl Listener {
                     && f[3] == from
             })
             .count() as u64
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -222,29 +236,16 @@ asyncio.run(main())
 /// One-way delay the server adds to each datagram it gets (seconds).
 const SERVER_DELAY: &str = "0.005";
 
-struct H3Server {
-    child: Child,
-    log: PathBuf,
-}
+struct H3Server(Logged);
 
 impl H3Server {
     fn start(topo: &Topology, cert: &std::path::Path, key: &std::path::Path) -> Self {
-        let log = topo.dir().join("h3-server.log");
-        let file = File::create(&log).unwrap();
-        let mut cmd = topo.exec(topo.resolver(), "python3");
-        cmd.args(["-c", H3_SERVER]).arg(cert).arg(key).args([SERVER_DELAY, &RESOLVER4.to_string(), &RESOLVER6.to_string()]);
-        let child = cmd.stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap();
-        let s = H3Server { child, log };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !s.text().contains("ready") {
-            assert!(Instant::now() < deadline, "the HTTP/3 server did not start (is aioquic installed? `cargo xtask setup`): {}", s.text());
-            thread::sleep(Duration::from_millis(50));
-        }
-        s
+        let args: [std::ffi::OsString; 5] = [cert.into(), key.into(), SERVER_DELAY.into(), RESOLVER4.to_string().into(), RESOLVER6.to_string().into()];
+        H3Server(Logged::start(topo, "h3-server", H3_SERVER, args))
     }
 
     fn text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.text()
     }
 
     /// HTTP/3 requests for the page (`/`; Chromium asks for the favicon
@@ -255,13 +256,6 @@ impl H3Server {
 
     fn handshakes(&self) -> usize {
         self.text().lines().filter(|l| l.starts_with("handshake")).count()
-    }
-}
-
-impl Drop for H3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -513,7 +507,7 @@ fn verdict_latency_at_new_flow_rates() {
     let daemon = topo.start_daemon_with(std::slice::from_ref(&rules), &[]).expect("starting blokir");
     const FLOWS: u32 = 2000;
     let mut flow = 0u32;
-    for rate in ["500", "2000", "8000"] {
+    for rate in ["500", "2000", "10000"] {
         let path = topo.dir().join(format!("initials-{rate}.hex"));
         let text: String = (0..FLOWS)
             .map(|_| {
