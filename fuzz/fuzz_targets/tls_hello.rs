@@ -4,11 +4,15 @@
 //! the stream as one record with a well-formed extension list), so the
 //! parser never invents a name; and it sees an encrypted_client_hello
 //! extension exactly when tls-parser finds one (after the name, the parser
-//! walks on to the hello's end, as the kernel does).
+//! walks on to the hello's end, as the kernel does). And the name bytes
+//! read, compared with later copies (`flow::rewritten`): a copy of the same
+//! bytes, whole or in overlapping windows the input chooses, is never a
+//! rewrite; one with a name byte changed always is.
 
 #![no_main]
 
 use filter_common::{
+    flow::rewritten,
     name::{CanonBuf, dotted_to_canon},
     tls::{Hello, MAX_ROUNDS, Progress, Resume, feed, resume},
 };
@@ -52,6 +56,9 @@ fuzz_target!(|data: &[u8]| {
         }
         start = end;
     }
+    if name.is_some() {
+        retransmissions_are_no_rewrite(&h, stream, seq0, cut_seed);
+    }
     // The walk finished (the hello ended) with a name or without one.
     let ended = h.ended() || outcome == Progress::NoName;
     if name.is_none() && outcome != Progress::NoName {
@@ -82,3 +89,26 @@ fuzz_target!(|data: &[u8]| {
     let n = dotted_to_canon(sni, 0, sni.len(), &mut theirs).expect("a name we accepted is a valid dotted name");
     assert_eq!(ours, theirs.canon(n), "server name differs from tls-parser's");
 });
+
+/// Copies of the stream the parser read (`h`, from `seq0`) as a client's
+/// retransmissions come: whole, and in windows of 1 to 64 bytes at offsets
+/// the input chooses, overlapping each other and the name's edges; none is
+/// a rewrite. The same with one name byte's low bit flipped is.
+fn retransmissions_are_no_rewrite(h: &Hello, stream: &[u8], seq0: u32, seed: u8) {
+    let (at, n) = h.name_read();
+    assert!(n > 0);
+    let copy = |bytes: &[u8], from: usize, to: usize| rewritten(&bytes[from..to], seq0.wrapping_add(from as u32), 0, to - from, at, n, &h.name);
+    assert!(!copy(stream, 0, stream.len()), "the same bytes are no rewrite");
+    let mut x = u32::from(seed) | 1;
+    for _ in 0..16 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let from = (x >> 8) as usize % stream.len();
+        let to = (from + 1 + (x >> 20) as usize % 64).min(stream.len());
+        assert!(!copy(stream, from, to), "a window {from}..{to} of the same bytes is no rewrite");
+    }
+    let i = at.wrapping_sub(seq0) as usize + usize::from(seed) % n as usize;
+    let mut changed = stream.to_vec();
+    changed[i] ^= 1;
+    assert!(copy(&changed, 0, changed.len()), "byte {i} changed");
+    assert!(copy(&changed, i, i + 1), "byte {i} changed, alone");
+}
