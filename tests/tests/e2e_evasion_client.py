@@ -14,7 +14,9 @@ as a circumvention tool sends it:
   option the server has no key for), cut 4 bytes into the name (where the
   names agree); or, cut after the part where the names differ ("block",
   "allow"), badsum (a bad TCP checksum), ttl (TTL or hop limit 1: it dies at the
-  edge, a router), badack (an ACK number 66,000 past what the server sent).
+  edge, a router), badack (an ACK number 66,000 past what the server sent);
+  badseq (4 bytes into the name, its sequence number 10,000 bytes behind:
+  outside the server's window).
 
 argv: CLIENT4 SERVER4 CLIENT6 SERVER6 CASES, CASES a JSON list of
 {"name", "fake", "v6", "tls", "how", "sport"}. Prints "done".
@@ -118,9 +120,9 @@ def run(case, sniff, raw4, raw6):
     sock, isn1, ack = handshake(sniff, v6, sport, dport, src, dst)
     raw = raw6 if v6 else raw4
 
-    def send(rel, payload, flags=ACK | PSH, options=b"", urg=0, badsum=False, ttl=64, ack_delta=0):
+    def send(rel, payload, flags=ACK | PSH, options=b"", urg=0, badsum=False, ttl=64, ack_delta=0, seq_delta=0):
         a = (ack + ack_delta) & 0xFFFFFFFF if flags & ACK else 0
-        segment = tcp(src, dst, sport, dport, isn1 + rel, a, flags, payload, v6, options, urg)
+        segment = tcp(src, dst, sport, dport, (isn1 + rel + seq_delta) & 0xFFFFFFFF, a, flags, payload, v6, options, urg)
         if badsum:
             segment = segment[:16] + bytes([segment[16] ^ 0x5A]) + segment[17:]
         raw.sendto(ip(src, dst, segment, v6, ttl), (dst, 0))
@@ -145,6 +147,7 @@ def run(case, sniff, raw4, raw6):
             "badsum": dict(badsum=True),
             "ttl": dict(ttl=1),
             "badack": dict(ack_delta=66000),
+            "badseq": dict(seq_delta=-10000),
         }[fool]
         send(0, fake[:cut], **fooled)
         send(0, real[:cut])

@@ -2,14 +2,16 @@
 //! (Python's ssl, real) and HTTP requests sent from raw sockets in the
 //! client namespace over a real TCP connection, as zapret and ByeDPI send
 //! them (`seqovl`, urgent bytes `--oob`/`--disoob`, `fakedsplit` with fakes
-//! fooled by no ACK, a TCP MD5 option, a bad checksum, a TTL of 1 or a wrong
-//! ACK number), IPv4 and IPv6, through `blokir
+//! fooled by no ACK, a TCP MD5 option, a bad checksum, a TTL of 1, a wrong
+//! ACK number or a sequence number 10,000 bytes behind), IPv4 and IPv6,
+//! through `blokir
 //! run` at the edge to a Python TLS and HTTP server (tests/
 //! e2e_evasion_server.py), judged at the server: the names it was asked
 //! for and answers. Without blokir every name reaches it (the harness
 //! check: the packets are good and the server discards the fakes and the
 //! urgent bytes); under blokir a listed name never does, an unlisted one
-//! sent plainly or with `seqovl` always does, and tampered flows are
+//! sent plainly, with `seqovl` or behind badseq fakes always does, and
+//! tampered flows are
 //! blocked whatever their name (`--on-tamper block`, the default) or pass
 //! with the real bytes read (`--on-tamper pass`: fakes are not read), but
 //! for fakes fooled by checksum, TTL or ACK, which are read, and told only
@@ -27,7 +29,8 @@ use std::{
 
 use blokir_tests::netns::{CLIENT4, CLIENT6, RESOLVER4, RESOLVER6, Topology};
 
-const HOWS: [&str; 9] = ["plain", "seqovl", "oob", "disoob", "fakedsplit-noack", "fakedsplit-md5", "fakedsplit-badsum", "fakedsplit-ttl", "fakedsplit-badack"];
+const HOWS: [&str; 10] =
+    ["plain", "seqovl", "oob", "disoob", "fakedsplit-noack", "fakedsplit-md5", "fakedsplit-badsum", "fakedsplit-ttl", "fakedsplit-badack", "fakedsplit-badseq"];
 
 /// Fakes fooled by what the segment does not show: told by the rewrite of
 /// the name bytes read.
@@ -134,8 +137,11 @@ fn listed(c: &Case) -> bool {
     c.name.ends_with(".blocked.example")
 }
 
+/// Flows whose tampering blokir sees (`--on-tamper` decides them). A fake
+/// with a sequence number outside the window (`badseq`) is not seen: it is
+/// never read, and the real bytes decide.
 fn tampered(c: &Case) -> bool {
-    !matches!(c.how, "plain" | "seqovl")
+    !matches!(c.how, "plain" | "seqovl" | "fakedsplit-badseq")
 }
 
 #[test]
