@@ -380,6 +380,31 @@ fn fakes_fooled_off_the_segment_are_told_by_their_rewritten_name() {
                         all_pass(&v, &what);
                     }
 
+                    // zapret's fakeddisorder: part two first (ahead of the
+                    // parser: dropped, the client's stack sends it again
+                    // once part one is acknowledged), then as fakedsplit.
+                    sport += 1;
+                    let c = Conn::new(tls, v6, sport);
+                    let frames = vec![
+                        c.syn(),
+                        c.data(cut as i64, &real[cut..], |f| f),
+                        blind_fake(&c, 0, &fake[..cut], v6, fooling),
+                        c.data(0, &real[..cut], |f| f),
+                        blind_fake(&c, 0, &fake[..cut], v6, fooling),
+                        c.data(cut as i64, &real[cut..], |f| f),
+                    ];
+                    let what = format!("fakeddisorder, {}, policy {policy}, tls={tls} v6={v6} {host}", fooling.0);
+                    let rewrites = l.counter(counters::EVASION_REWRITE);
+                    let v = l.run_with_model(&mut model, &frames, &what);
+                    assert_eq!(l.counter(counters::EVASION_REWRITE), rewrites + 1, "{what}");
+                    if policy == TAMPER_BLOCK {
+                        assert_eq!(v, [XDP_PASS, XDP_DROP, XDP_PASS, PASS_AS_RST, XDP_DROP, XDP_DROP], "{what}");
+                    } else {
+                        // The fake's name (the decoy, read first with the
+                        // real part two) stands: counted only.
+                        assert_eq!(v, [XDP_PASS, XDP_DROP, XDP_PASS, XDP_PASS, XDP_PASS, XDP_PASS], "{what}");
+                    }
+
                     // The whole fake first, then the real stream whole.
                     sport += 1;
                     let c = Conn::new(tls, v6, sport);
