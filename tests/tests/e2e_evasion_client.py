@@ -18,6 +18,11 @@ as a circumvention tool sends it:
   badseq (4 bytes into the name, its sequence number 10,000 bytes behind:
   outside the server's window).
 
+- hosts2 (HTTP): two Host headers, the other name first, then the case's;
+- frag-in_order, frag-reversed: the segment as two IP fragments (IPv4, or
+  IPv6 with a Fragment header) cut in the name, in order or the later one
+  first.
+
 argv: CLIENT4 SERVER4 CLIENT6 SERVER6 CASES, CASES a JSON list of
 {"name", "fake", "v6", "tls", "how", "sport"}. Prints "done".
 """
@@ -58,8 +63,11 @@ def client_hello(name):
     return out.read()
 
 
-def http_request(name):
-    return ("GET / HTTP/1.1\r\nHost: %s\r\nUser-Agent: e2e\r\nAccept: */*\r\n\r\n" % name).encode()
+def http_request(name, first_host=None):
+    """A request for `name`; with `first_host`, a Host header naming it comes
+    first (two Host headers)."""
+    hosts = ("Host: %s\r\n" % first_host if first_host else "") + "Host: %s\r\n" % name
+    return ("GET / HTTP/1.1\r\n%sUser-Agent: e2e\r\nAccept: */*\r\n\r\n" % hosts).encode()
 
 
 def tcp(src, dst, sport, dport, seq, ack, flags, payload, v6, options=b"", urg=0):
@@ -72,6 +80,22 @@ def tcp(src, dst, sport, dport, seq, ack, flags, payload, v6, options=b"", urg=0
         pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!xBH", 6, len(h) + len(payload))
     s = checksum(pseudo + h + payload)
     return h[:16] + struct.pack("!H", s) + h[18:] + payload
+
+
+def fragments(src, dst, segment, v6, ident, at):
+    """`segment` as two IP datagrams (IPv4 fragments, or IPv6 with a Fragment
+    header), the first carrying its first `at` bytes (a multiple of 8)."""
+    out = []
+    for off, part, more in ((0, segment[:at], 1), (at, segment[at:], 0)):
+        if v6:
+            frag = struct.pack("!BBHI", 6, 0, off | more, ident)
+            body = frag + part
+            out.append(struct.pack("!IHBB16s16s", 0x60000000, len(body), 44, 64, socket.inet_pton(AF6, src), socket.inet_pton(AF6, dst)) + body)
+        else:
+            flags = (more << 13) | (off // 8)
+            h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(part), ident, flags, 64, 6, 0, socket.inet_aton(src), socket.inet_aton(dst))
+            out.append(h[:10] + struct.pack("!H", checksum(h)) + h[12:] + part)
+    return out
 
 
 def ip(src, dst, data, v6, ttl=64):
@@ -111,7 +135,7 @@ def run(case, sniff, raw4, raw6):
     v6, tls, sport, how = case["v6"], case["tls"], case["sport"], case["how"]
     src, dst = (CLIENT6, SERVER6) if v6 else (CLIENT4, SERVER4)
     dport = 443 if tls else 80
-    real = client_hello(case["name"]) if tls else http_request(case["name"])
+    real = client_hello(case["name"]) if tls else http_request(case["name"], case["fake"] if how == "hosts2" else None)
     fake = real.replace(case["name"].encode(), case["fake"].encode())
     assert len(fake) == len(real) and fake != real
     cut = real.index(case["name"].encode()) + 4
@@ -128,8 +152,16 @@ def run(case, sniff, raw4, raw6):
         raw.sendto(ip(src, dst, segment, v6, ttl), (dst, 0))
         time.sleep(0.05)
 
-    if how == "plain":
+    if how in ("plain", "hosts2"):
         send(0, real)
+    elif how.startswith("frag-"):
+        # The segment as two IP fragments cut in the name, in order or the
+        # later one first.
+        segment = tcp(src, dst, sport, dport, isn1, ack, ACK | PSH, real, v6)
+        frags = fragments(src, dst, segment, v6, sport, (20 + cut) // 8 * 8)
+        for f in frags if how == "frag-in_order" else frags[::-1]:
+            raw.sendto(f, (dst, 0))
+            time.sleep(0.05)
     elif how == "seqovl":
         send(-5, b"Z" * 5 + real)
     elif how == "oob":

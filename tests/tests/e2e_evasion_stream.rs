@@ -3,7 +3,8 @@
 //! client namespace over a real TCP connection, as zapret and ByeDPI send
 //! them (`seqovl`, urgent bytes `--oob`/`--disoob`, `fakedsplit` with fakes
 //! fooled by no ACK, a TCP MD5 option, a bad checksum, a TTL of 1, a wrong
-//! ACK number or a sequence number 10,000 bytes behind), IPv4 and IPv6,
+//! ACK number or a sequence number 10,000 bytes behind), two Host headers,
+//! and the segment as two IP fragments in either order, IPv4 and IPv6,
 //! through `blokir
 //! run` at the edge to a Python TLS and HTTP server (tests/
 //! e2e_evasion_server.py), judged at the server: the names it was asked
@@ -11,7 +12,7 @@
 //! check: the packets are good and the server discards the fakes and the
 //! urgent bytes); under blokir a listed name never does, an unlisted one
 //! sent plainly, with `seqovl` or behind badseq fakes always does, and
-//! tampered flows are
+//! fragmented ones never do (`--fragments drop`), and tampered flows are
 //! blocked whatever their name (`--on-tamper block`, the default) or pass
 //! with the real bytes read (`--on-tamper pass`: fakes are not read), but
 //! for fakes fooled by checksum, TTL or ACK, which are read, and told only
@@ -29,8 +30,27 @@ use std::{
 
 use blokir_tests::netns::{CLIENT4, CLIENT6, RESOLVER4, RESOLVER6, Topology};
 
-const HOWS: [&str; 10] =
-    ["plain", "seqovl", "oob", "disoob", "fakedsplit-noack", "fakedsplit-md5", "fakedsplit-badsum", "fakedsplit-ttl", "fakedsplit-badack", "fakedsplit-badseq"];
+const HOWS: [&str; 13] = [
+    "plain",
+    "seqovl",
+    "oob",
+    "disoob",
+    "fakedsplit-noack",
+    "fakedsplit-md5",
+    "fakedsplit-badsum",
+    "fakedsplit-ttl",
+    "fakedsplit-badack",
+    "fakedsplit-badseq",
+    "hosts2",
+    "frag-in_order",
+    "frag-reversed",
+];
+
+/// Datagrams a receiver reassembles and blokir cannot read: refused under
+/// `--fragments drop` (the default), listed name or not.
+fn fragmented(c: &Case) -> bool {
+    c.how.starts_with("frag-")
+}
 
 /// Fakes fooled by what the segment does not show: told by the rewrite of
 /// the name bytes read.
@@ -53,7 +73,8 @@ struct Case {
 fn cases(tag: &str, base: u16) -> Vec<Case> {
     let mut v = Vec::new();
     for how in HOWS {
-        for tls in [true, false] {
+        // Two Host headers are HTTP's.
+        for tls in [true, false].into_iter().filter(|tls| !(how == "hosts2" && *tls)) {
             for v6 in [false, true] {
                 for listed in [true, false] {
                     let n = v.len();
@@ -141,7 +162,7 @@ fn listed(c: &Case) -> bool {
 /// with a sequence number outside the window (`badseq`) is not seen: it is
 /// never read, and the real bytes decide.
 fn tampered(c: &Case) -> bool {
-    !matches!(c.how, "plain" | "seqovl" | "fakedsplit-badseq")
+    !matches!(c.how, "plain" | "seqovl" | "fakedsplit-badseq") && !fragmented(c)
 }
 
 #[test]
@@ -164,7 +185,8 @@ fn evasions_of_the_stream_stages_never_get_a_listed_name_served() {
     let block = cases("block", 22000);
     send(&topo, &block);
     for c in &block {
-        let want = !listed(c) && !tampered(c);
+        // A second Host header blocks whatever either names.
+        let want = !listed(c) && !tampered(c) && !fragmented(c);
         assert_eq!(server.reached(c), want, "{} {} tls={} v6={}\n{}\n{}", c.how, c.name, c.tls, c.v6, server.text(), daemon.log());
     }
     let m = daemon.metrics().unwrap();
@@ -175,6 +197,10 @@ fn evasions_of_the_stream_stages_never_get_a_listed_name_served() {
     assert_eq!(m.value("blokir_evasions_total", &[("kind", "fake")]), Some(16), "{}", m.lines_of("blokir_").join("\n"));
     assert_eq!(m.value("blokir_evasions_total", &[("kind", "rewrite")]), Some(24), "{}", m.lines_of("blokir_").join("\n"));
     assert_eq!(m.value("blokir_tcp_events_total", &[("event", "early_segment")]), Some(0), "seqovl stalls nothing");
+    // Each first fragment (TLS/HTTP x v4/v6 x two names x two orders), and
+    // each request with two Host headers (v4/v6 x two names).
+    assert_eq!(m.value("blokir_evasions_total", &[("kind", "fragment")]), Some(16), "{}", m.lines_of("blokir_").join("\n"));
+    assert_eq!(m.value("blokir_evasions_total", &[("kind", "host_repeat")]), Some(4), "{}", m.lines_of("blokir_").join("\n"));
     daemon.stop().unwrap();
 
     // `--on-tamper pass`: the fakes pass unread and the real bytes decide;
@@ -185,6 +211,8 @@ fn evasions_of_the_stream_stages_never_get_a_listed_name_served() {
     for c in &pass {
         let want = match c.how {
             "oob" | "disoob" => true,
+            "hosts2" => false,
+            _ if fragmented(c) => false,
             // Counted only: the fake's name, read first, decides (it names
             // the other host).
             _ if blind(c) => listed(c),
