@@ -681,13 +681,12 @@ impl Kernel {
     }
 
     /// Blocks QUIC flow `key` as the daemon's reader does (for `replay` and
-    /// the kernel suites, which play the daemon's part with the model), as
-    /// if its last datagram came `silent` ago.
-    pub fn block_quic_flow(&mut self, key: FlowKey, silent: std::time::Duration) -> anyhow::Result<()> {
+    /// the kernel suites, which play the daemon's part with the model).
+    pub fn block_quic_flow(&mut self, key: FlowKey) -> anyhow::Result<()> {
         let [Some(blocked), Some(ports)] = self.ebpf.maps_disjoint_mut([MAP_QUIC_BLOCKED, MAP_QUIC_BLOCKED_PORTS]) else {
             bail!("map {MAP_QUIC_BLOCKED} or {MAP_QUIC_BLOCKED_PORTS} missing (or taken)");
         };
-        write_quic_block(&mut HashMap::try_from(blocked)?, &mut Array::try_from(ports)?, key, blocked_flow(RuleRef(1), silent))
+        write_quic_block(&mut HashMap::try_from(blocked)?, &mut Array::try_from(ports)?, key, blocked_flow(RuleRef(1), std::time::Duration::ZERO))
     }
 
     /// A reader of the handed-up Initials that only drains them, for

@@ -169,7 +169,7 @@ pub fn run(opts: &Options, mut each: impl FnMut(&Record)) -> anyhow::Result<Summ
         if let Some(key) = step.quic_blocked {
             // The daemon's part of `--quic read`: the Initial that completed
             // the name passed; the flow's later datagrams are dropped.
-            kernel.block_quic_flow(key, std::time::Duration::ZERO)?;
+            kernel.block_quic_flow(key)?;
             record.note = Some("QUIC flow blocked: its later datagrams are dropped".into());
         }
         record.name = step.name;

@@ -140,7 +140,7 @@ impl Loaded {
         }
         assert_eq!((got, describe_counters(&delta)), (step.fate(), describe_counters(&counter_deltas(&step.counted))), "{what}");
         if let Some(key) = step.quic_blocked {
-            self.kernel.block_quic_flow(key, std::time::Duration::ZERO).expect("writing a blocked QUIC flow");
+            self.kernel.block_quic_flow(key).expect("writing a blocked QUIC flow");
         }
         step
     }
