@@ -119,6 +119,10 @@ impl ListStatus {
 
 pub type Shared = Arc<Mutex<State>>;
 
+/// The daemon's lock. A list swap holds it for seconds: async code takes it
+/// only inside `spawn_blocking` or `block_in_place`, never on a runtime
+/// worker directly (a worker blocked on it starves the tasks queued on that
+/// worker, /metrics answers among them).
 pub fn lock(shared: &Shared) -> MutexGuard<'_, State> {
     // A panic while holding the lock leaves the engine as consistent as any
     // single change leaves it; keep serving.

@@ -184,15 +184,19 @@ pub async fn run(ring: RingBuf<MapData>, shared: Shared, events: Events) -> anyh
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() < size_of::<BlockEvent>() {
-                continue;
+        // `emit` takes the daemon's lock, which a list swap holds for
+        // seconds: off the runtime's workers, which serve /metrics.
+        tokio::task::block_in_place(|| {
+            while let Some(item) = ring.next() {
+                if item.len() < size_of::<BlockEvent>() {
+                    continue;
+                }
+                // SAFETY: the kernel wrote a whole BlockEvent (checked size).
+                let ev: BlockEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                drop(item);
+                events.emit(&shared, proto_name(ev.proto), af_name(ev.af), ev.rule, name_of(&ev));
             }
-            // SAFETY: the kernel wrote a whole BlockEvent (checked size).
-            let ev: BlockEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            drop(item);
-            events.emit(&shared, proto_name(ev.proto), af_name(ev.af), ev.rule, name_of(&ev));
-        }
+        });
         guard.clear_ready();
     }
 }

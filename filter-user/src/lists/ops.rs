@@ -382,10 +382,12 @@ pub async fn update(shared: &Shared, update: Update) -> Response {
     let force = matches!(update, Update::Refresh { force: true, .. });
     let _one_at_a_time = list.lock().await;
     let started = Instant::now();
-    let (begun, timeouts) = {
+    // The daemon's lock may be held by a swap for seconds: taken off the
+    // runtime's workers (as everywhere in async code), which serve /metrics.
+    let (begun, timeouts) = tokio::task::block_in_place(|| {
         let state = lock(shared);
         (state.begin(&update), state.fetch_timeouts)
-    };
+    });
     let (def, current) = match begun {
         Ok(x) => x,
         Err(e) => return Response::error(format!("{e:#}")),
@@ -414,7 +416,7 @@ pub async fn refresh_loop(shared: Shared) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let due = lock(&shared).due();
+        let due = tokio::task::block_in_place(|| lock(&shared).due());
         for name in due {
             // Each list on its own task: a hanging server delays only its
             // list, which is not queued again while its check runs.

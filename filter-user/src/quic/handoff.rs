@@ -70,9 +70,14 @@ pub async fn run(
                     PerfEvent::Lost { count } => QuicCounts::add(&counts.lost, count),
                 });
                 guard.clear_ready();
-                for s in samples {
-                    handle(&s, &shared, &counts, &flows, events.as_ref());
-                }
+                // Matching takes the daemon's lock, which a list swap holds
+                // for seconds: off the runtime's workers, which serve
+                // /metrics and the control socket.
+                tokio::task::block_in_place(|| {
+                    for s in samples {
+                        handle(&s, &shared, &counts, &flows, events.as_ref());
+                    }
+                });
             }
         }));
     }
