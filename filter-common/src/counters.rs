@@ -205,13 +205,24 @@ pub const DNS_TCP_TOO_MANY: u32 = DNS_TCP_OUT_OF_ORDER + 1;
 /// (`flow::sign::REWRITE`): fakes fooled by a bad checksum, a TTL that dies
 /// before the server, or a wrong ACK number.
 pub const EVASION_REWRITE: u32 = DNS_TCP_TOO_MANY + 1;
+/// SYNs that the connection's data could not be placed against
+/// (`flow::sign::SYN`): one with another ISN than the SYN passed before it
+/// (dropped), or one on a flow being read (its TLS or HTTP flow blocked
+/// under `--on-tamper block`; a DNS reader keeps reading).
+pub const EVASION_SYN: u32 = EVASION_REWRITE + 1;
 /// Entries in the counter array.
-pub const COUNTERS: u32 = EVASION_REWRITE + 1;
+pub const COUNTERS: u32 = EVASION_SYN + 1;
 
 /// Circumvention attempts seen, by their `/metrics` label
 /// (`blokir_evasions_total{kind}`).
-pub const EVASIONS: [(&str, u32); 5] =
-    [("fragment", EVASION_FRAGMENT), ("host_repeat", EVASION_HOST_REPEAT), ("urgent", EVASION_URGENT), ("fake", EVASION_FAKE), ("rewrite", EVASION_REWRITE)];
+pub const EVASIONS: [(&str, u32); 6] = [
+    ("fragment", EVASION_FRAGMENT),
+    ("host_repeat", EVASION_HOST_REPEAT),
+    ("urgent", EVASION_URGENT),
+    ("fake", EVASION_FAKE),
+    ("rewrite", EVASION_REWRITE),
+    ("syn", EVASION_SYN),
+];
 
 #[inline(always)]
 pub const fn proto_index(proto: Proto, af: Af, outcome: Outcome) -> u32 {

@@ -170,10 +170,78 @@ impl Flow {
         // SAFETY: the variant `kind` names.
         unsafe { if self.kind() == KIND_HTTP { self.request.block(reset) } else { self.hello.block(reset) } }
     }
+
+    /// Whether the flow's hello, request or DNS message is still being read
+    /// (not blocked, nor decided and watched).
+    #[inline(always)]
+    pub fn reading(&self) -> bool {
+        !self.watched() && !self.blocked().0
+    }
+}
+
+/// `SYNS`' value: where a connection's data starts (its SYN's sequence
+/// number + 1, or for DNS over TCP where the next message starts), and when
+/// that was recorded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynRecord {
+    pub seq: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` (the model: its own monotonic clock).
+    pub at_ns: u64,
+}
+
+impl SynRecord {
+    #[inline(always)]
+    pub fn new(seq: u32, at_ns: u64) -> Self {
+        SynRecord { seq, _pad: 0, at_ns }
+    }
+}
+
+/// How long a SYN record stands against a SYN with another sequence
+/// number: no client starts two connections on one address and port pair
+/// so close together (a SYN is resent with its ISN, at 1, 3, 7 s; Linux
+/// keeps a closed connection's pair in TIME_WAIT for 60 s). After it, a SYN
+/// is a new connection on the pair.
+pub const SYN_CONFLICT_NS: u64 = 30_000_000_000;
+
+/// What blokir does with a client's SYN without data on a pair that has no
+/// flow being read (`conn::syn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynVerdict {
+    /// Pass it, and record this start.
+    Record(SynRecord),
+    /// Pass it, the record standing (the SYN resent).
+    Resent,
+    /// Drop it, counted (`sign::SYN`): another ISN than the SYN passed
+    /// within `SYN_CONFLICT_NS`. Two SYNs with different ISNs (a fake one
+    /// with a TTL that dies before the server, before or after the real
+    /// one) would leave the start blokir reads against unknown; a start
+    /// moved by a fake made the real data look stale or trimmed, and pass
+    /// unread. Only the SYN that passed can start the server's connection,
+    /// so the record is right whenever the server has one: a client whose
+    /// first SYN was a fake gets no connection.
+    Conflict,
+}
+
+/// The verdict on a SYN whose data starts at `seq`, at `now`, given the
+/// pair's record.
+#[inline(always)]
+pub fn on_syn(record: Option<SynRecord>, seq: u32, now: u64) -> SynVerdict {
+    match record {
+        Some(r) if now.wrapping_sub(r.at_ns) < SYN_CONFLICT_NS => {
+            if r.seq == seq {
+                SynVerdict::Resent
+            } else {
+                SynVerdict::Conflict
+            }
+        }
+        _ => SynVerdict::Record(SynRecord::new(seq, now)),
+    }
 }
 
 /// Capacity of the map of connections between their SYN and their first
-/// data segment (`SYNS`, LRU): 48 bytes of key and value each.
+/// data segment (`SYNS`, LRU): 56 bytes of key and value.
 pub const DEFAULT_SYN_CAPACITY: u32 = 1 << 17;
 
 /// Where a data segment stands to the start of its connection.
@@ -234,6 +302,14 @@ pub mod sign {
     /// (`rewritten`): one of the two copies is a fake, and the one read
     /// may be it. Retransmissions never change bytes.
     pub const REWRITE: u32 = 8;
+    /// A SYN without data while the flow's hello or request is being read:
+    /// the server discards it (RFC 5961 §4: a challenge ACK), but forgetting
+    /// the flow would let the rest of the name pass unread; and it is also
+    /// how a new connection on the same pair starts, whose data read on as
+    /// the old one's would stall or pass unread. Under `block` the flow is
+    /// blocked and the server's end closed, so that the client's next SYN
+    /// starts afresh.
+    pub const SYN: u32 = 16;
 }
 
 /// Where `seg` bytes at `seq` overlap the `len` name bytes from `name_seq`
@@ -307,6 +383,11 @@ pub enum Tamper {
 /// The tamper policy's answer to a segment with `signs`.
 #[inline(always)]
 pub fn tamper(signs: u32, policy: u32) -> Tamper {
+    // Under `pass` the flow is no longer read, as with urgent bytes.
+    if signs == sign::SYN {
+        let counter = crate::counters::EVASION_SYN;
+        return if policy != TAMPER_PASS { Tamper::Block { counter } } else { Tamper::Forget { counter } };
+    }
     // A rewrite, alone: the segment's signs are those of a real one.
     if signs == sign::REWRITE {
         let counter = crate::counters::EVASION_REWRITE;
@@ -345,6 +426,19 @@ mod tests {
         assert_eq!(start_of(Some(5), 5, 10), Start::First { trim: 0 });
         assert_eq!(start_of(Some(5), 6, 10), Start::Early);
         assert_eq!(start_of(Some(u32::MAX), 3, 10), Start::Early);
+    }
+
+    #[test]
+    fn a_syn_with_another_isn_within_the_window_is_a_conflict() {
+        let SynVerdict::Record(r) = on_syn(None, 100, 5) else { panic!() };
+        assert_eq!(r, SynRecord::new(100, 5));
+        assert_eq!(on_syn(Some(r), 100, 9), SynVerdict::Resent);
+        assert_eq!(on_syn(Some(r), 7000, 9), SynVerdict::Conflict);
+        let later = 5 + SYN_CONFLICT_NS;
+        assert_eq!(on_syn(Some(r), 7000, later), SynVerdict::Record(SynRecord::new(7000, later)));
+        use crate::counters::EVASION_SYN;
+        assert_eq!(tamper(sign::SYN, TAMPER_BLOCK), Tamper::Block { counter: EVASION_SYN });
+        assert_eq!(tamper(sign::SYN, TAMPER_PASS), Tamper::Forget { counter: EVASION_SYN });
     }
 
     #[test]

@@ -58,6 +58,7 @@ mod pod {
     unsafe impl aya::Pod for crate::quic::BlockedFlow {}
     unsafe impl aya::Pod for crate::tls::Hello {}
     unsafe impl aya::Pod for crate::flow::Flow {}
+    unsafe impl aya::Pod for crate::flow::SynRecord {}
     unsafe impl aya::Pod for crate::inspect::DnsAt {}
     unsafe impl aya::Pod for crate::rules::BlockEvent {}
 }

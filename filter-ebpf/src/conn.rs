@@ -2,12 +2,12 @@
 //! starts (recorded from its SYN), a new connection on the addresses and
 //! ports of a blocked one, and the RSTs of blocked flows.
 
-use aya_ebpf::bindings::xdp_action;
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns};
 use filter_common::{
     counters,
-    flow::{self, Flow, KIND_HTTP, Start, TAMPER_BLOCK, Tamper, sign, start_of},
+    flow::{self, Flow, KIND_DNS, KIND_HTTP, Start, SynVerdict, TAMPER_BLOCK, Tamper, sign, start_of},
     inspect::Env as _,
-    packet::{L4, TCP_URG, fake_signs, parse_l3, parse_tcp},
+    packet::{TCP_URG, fake_signs, parse_l3, parse_tcp},
     reply::NoReply,
     reset::{Toward, build_reset},
     rules::{STAGE_HTTP, STAGE_REPLY, STAGE_REWRITE, STAGE_TLS},
@@ -19,36 +19,73 @@ use crate::{
     packet::XdpPacket,
 };
 
-/// A client's SYN (the entry program sends them all to the TLS stage).
-/// Returns the verdict, or `None` for a SYN with data (TCP Fast Open): its
-/// data is the connection's first segment, read as such.
+/// A client's SYN without data, to port 53 or an HTTP or TLS port: the
+/// entry program's (the stream stages' verification never walks it).
 ///
-/// A blocked flow on the same addresses and ports: if its server end was
-/// closed (the `drop` action does so at the block), the flow is forgotten
-/// and the SYN starts afresh. If not (the `reset` action answers the client
-/// only), the server may still hold the connection open, waiting for the
-/// rest of a hello or request: forgetting the flow would let a client forge
-/// a SYN and then resend what was dropped. So the SYN goes on as a RST at
-/// the sequence number the server expects, which closes that end, and the
-/// flow is forgotten; the client's next SYN (1 s later) starts afresh. Any
-/// other state on them is stale: forgotten (by a SYN without data).
+/// A blocked flow on the same addresses and ports: see `blocked_syn`. A
+/// TLS or HTTP flow still being read: tampering (`flow::sign::SYN`). A
+/// DNS-over-TCP reader with a message
+/// under way reads on (the server discards the SYN). Any other state on the
+/// pair is stale: forgotten, and the start recorded, unless the SYN
+/// conflicts with the one before it (`flow::on_syn`): then it is dropped.
 #[inline(always)]
-pub fn syn(pkt: &XdpPacket, key: &FlowKey, l4: &L4) -> Option<u32> {
-    if let Some(flow) = FLOWS.get_ptr(key) {
-        // SAFETY: the flow's map value.
-        let flow = unsafe { &*flow };
-        if flow.blocked() == (true, false) {
-            return Some(to_reset(pkt, Toward::Server(flow.passed_seq()), key, true));
+pub fn syn(pkt: &XdpPacket) -> u32 {
+    let Ok(l3) = parse_l3(pkt) else { return xdp_action::XDP_PASS };
+    let Ok(l4) = parse_tcp(pkt, &l3) else { return xdp_action::XDP_PASS };
+    let Some(key) = FlowKey::of(pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
+    let key = &key;
+    if let Some(verdict) = blocked_syn(pkt, key) {
+        return verdict;
+    }
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: the flow's map value (see the TLS stage).
+        let flow = unsafe { &mut *flow };
+        if flow.reading() {
+            if flow.kind() == KIND_DNS {
+                count(counters::EVASION_SYN);
+                return xdp_action::XDP_PASS;
+            }
+            // Under `block` the SYN becomes the RST that closes the server's
+            // end; under `pass` the flow is forgotten.
+            if let Some(verdict) = tamper(pkt, flow, key, sign::SYN) {
+                return verdict;
+            }
         }
     }
-    // A SYN with data is read on, in rounds that come back here: its flow
-    // is its own.
-    if l4.payload_off < l4.payload_end {
-        return None;
-    }
     let _ = FLOWS.remove(key);
-    let _ = SYNS.insert(key, &l4.data_seq(), 0);
-    Some(xdp_action::XDP_PASS)
+    // SAFETY: a value of the map, copied out.
+    let record = SYNS.get_ptr(key).map(|e| unsafe { core::ptr::read_volatile(e) });
+    // SAFETY: a helper without arguments.
+    match flow::on_syn(record, l4.data_seq(), unsafe { bpf_ktime_get_ns() }) {
+        SynVerdict::Record(r) => {
+            let _ = SYNS.insert(key, &r, 0);
+        }
+        SynVerdict::Resent => {}
+        SynVerdict::Conflict => {
+            count(counters::EVASION_SYN);
+            return xdp_action::XDP_DROP;
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// A SYN (with data or without) on the addresses and ports of a blocked
+/// flow. If its server end was closed (the `drop` action does so at the
+/// block), `None`: the flow is forgotten and the SYN starts afresh. If not
+/// (the `reset` action answers the client only), the server may still hold
+/// the connection open, waiting for the rest of a hello or request:
+/// forgetting the flow would let a client forge a SYN and then resend what
+/// was dropped. So the SYN goes on as a RST at the sequence number the
+/// server expects, which closes that end, and the flow is forgotten; the
+/// client's next SYN (1 s later) starts afresh. (A SYN with data, TCP Fast
+/// Open, is otherwise its connection's first segment, read as such by the
+/// stream stages.)
+#[inline(always)]
+pub fn blocked_syn(pkt: &XdpPacket, key: &FlowKey) -> Option<u32> {
+    let flow = FLOWS.get_ptr(key)?;
+    // SAFETY: the flow's map value.
+    let flow = unsafe { &*flow };
+    (flow.blocked() == (true, false)).then(|| to_reset(pkt, Toward::Server(flow.passed_seq()), key, true))
 }
 
 /// Where a data segment (`len` bytes at `seq`) of an untracked flow stands
@@ -57,8 +94,8 @@ pub fn syn(pkt: &XdpPacket, key: &FlowKey, l4: &L4) -> Option<u32> {
 /// looks again).
 #[inline(always)]
 pub fn start(key: &FlowKey, seq: u32, len: usize) -> Start {
-    // SAFETY: a u32 of the map.
-    let expect = SYNS.get_ptr(key).map(|e| unsafe { core::ptr::read_volatile(e) });
+    // SAFETY: a value of the map, copied out.
+    let expect = SYNS.get_ptr(key).map(|e| unsafe { core::ptr::read_volatile(e) }.seq);
     let start = start_of(expect, seq, len as u32);
     if start == Start::Early {
         count(counters::TCP_EARLY);

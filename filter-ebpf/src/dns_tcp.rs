@@ -12,12 +12,12 @@
 //! needs no buffer: only where its next message starts, kept in `SYNS`
 //! like a connection's start.
 
-use aya_ebpf::bindings::xdp_action;
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns};
 use filter_common::{
     counters::{self, Outcome, Proto},
     dns::{DnsSkip, parse_query},
     dns_tcp::{BUF_LEN, Progress, feed, resume},
-    flow::{Flow, KIND_DNS},
+    flow::{Flow, KIND_DNS, SynRecord},
     inspect::{Env as _, OPAQUE_LIMIT},
     packet::{Af, IPPROTO_TCP, parse_l3, parse_tcp},
     reply::DnsAction,
@@ -91,8 +91,8 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
                 *work = *f;
             }
             None => {
-                // SAFETY: a u32 of the map.
-                let at = SYNS.get_ptr(&key).map_or(seq, |e| unsafe { core::ptr::read_volatile(e) });
+                // SAFETY: a value of the map, copied out.
+                let at = SYNS.get_ptr(&key).map_or(seq, |e| unsafe { core::ptr::read_volatile(e) }.seq);
                 // SAFETY: the DNS variant, written whole but for the buffer,
                 // which is written before it is read.
                 unsafe { work.query.reset(at) };
@@ -223,7 +223,8 @@ fn commit(key: &FlowKey, work: &mut Flow, af: Af) -> u32 {
     if q.between() {
         let next = q.next_seq;
         let _ = FLOWS.remove(key);
-        let _ = SYNS.insert(key, &next, 0);
+        // SAFETY: a helper without arguments.
+        let _ = SYNS.insert(key, &SynRecord::new(next, unsafe { bpf_ktime_get_ns() }), 0);
     } else {
         count(counters::proto_index(Proto::DnsTcp, af, Outcome::Incomplete));
         let _ = FLOWS.insert(key, work, 0);

@@ -34,10 +34,10 @@ use crate::{
 /// The entry program: every packet. It reads the lower layers and hands UDP
 /// DNS queries to `blokir_dns`, TCP payload to port 53 to `blokir_dns_tcp`,
 /// TCP payload to the HTTP ports to `blokir_http`, TCP payload to the TLS
-/// ports and clients' SYNs to port 53 or either kind of port to
-/// `blokir_tls`, and QUIC Initials to the QUIC ports (and datagrams of
+/// ports to `blokir_tls`, and QUIC Initials to the QUIC ports (and datagrams of
 /// flows that may be blocked) to `blokir_quic` by tail call, so that each
-/// stage is verified on its own.
+/// stage is verified on its own. It records clients' SYNs to port 53 or
+/// either kind of port itself (`conn::syn`).
 /// TCP to other ports passes unread. First IP fragments of what the stages
 /// read are dropped (or passed) by the fragment policy: the rest of such a
 /// datagram is never seen whole.
@@ -72,10 +72,9 @@ pub fn blokir(ctx: XdpContext) -> u32 {
                 unsafe { STAGES.tail_call(&ctx, STAGE_TLS) };
             }
         }
-        // SAFETY: as above.
         Classified::TcpSyn(port) => {
             if port == DNS_PORT || has_port(&HTTP_PORTS, port) || has_port(&TLS_PORTS, port) {
-                unsafe { STAGES.tail_call(&ctx, STAGE_TLS) };
+                return conn::syn(&pkt);
             }
         }
         Classified::Quic(af, port) => {

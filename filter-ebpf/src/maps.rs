@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use filter_common::{
     counters::{self, Proto},
-    flow::Flow,
+    flow::{Flow, SynRecord},
     inspect::{DnsAt, Env, OPAQUE_LIMIT},
     name::{CANON_CAP, CanonBuf},
     packet::Af,
@@ -91,7 +91,7 @@ pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(filte
 /// Connections between their SYN and their first data segment: the
 /// sequence number their data starts at (see `flow::Start`).
 #[map(name = "SYNS")]
-pub static SYNS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(filter_common::flow::DEFAULT_SYN_CAPACITY, 0);
+pub static SYNS: LruHashMap<FlowKey, SynRecord> = LruHashMap::with_max_entries(filter_common::flow::DEFAULT_SYN_CAPACITY, 0);
 
 /// Per-CPU staging for a new flow's state (too big for the stack).
 #[map(name = "FLOW_INIT")]

@@ -29,8 +29,9 @@ pub fn stream(pkt: &XdpPacket) -> u32 {
     }
     let Ok(l4) = parse_tcp(pkt, &l3) else { return xdp_action::XDP_PASS };
     let Some(key) = FlowKey::of(pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
+    // A SYN with data (TCP Fast Open; the entry program takes the others).
     if l4.is_syn()
-        && let Some(verdict) = conn::syn(pkt, &key, &l4)
+        && let Some(verdict) = conn::blocked_syn(pkt, &key)
     {
         return verdict;
     }

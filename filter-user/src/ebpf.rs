@@ -131,7 +131,7 @@ impl SharedMap {
                 file: MAP_SYNS.to_string(),
                 ty: MapType::LruHash,
                 key: size(size_of::<filter_common::tls::FlowKey>()),
-                value: 4,
+                value: size(size_of::<filter_common::flow::SynRecord>()),
                 max_entries: filter_common::flow::DEFAULT_SYN_CAPACITY,
             },
             SharedMap { name: MAP_COUNTERS, file: MAP_COUNTERS.to_string(), ty: MapType::PerCpuArray, key: 4, value: 8, max_entries: counters::COUNTERS },
@@ -585,7 +585,7 @@ impl Kernel {
             keys.iter().try_for_each(|k| map.remove(k)).with_context(|| format!("emptying {name}"))
         }
         clear::<Flow>(self.ebpf.map_mut(MAP_FLOWS), MAP_FLOWS)?;
-        clear::<u32>(self.ebpf.map_mut(MAP_SYNS), MAP_SYNS)?;
+        clear::<filter_common::flow::SynRecord>(self.ebpf.map_mut(MAP_SYNS), MAP_SYNS)?;
         clear::<u32>(self.ebpf.map_mut(MAP_QUIC_SEEN), MAP_QUIC_SEEN)?;
         // Unless a test took them (`take_quic`).
         if self.ebpf.map(MAP_QUIC_BLOCKED).is_some() {

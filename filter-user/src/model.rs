@@ -17,7 +17,7 @@ use filter_common::{
     counters::{self, Outcome, Proto},
     dns::{DNS_PORT, DnsSkip, parse_query},
     dns_tcp::{self, Query},
-    flow::{Start, Tamper, name_overlap, rewritten, sign, start_of, suspect_first, tamper},
+    flow::{Start, SynRecord, SynVerdict, Tamper, name_overlap, on_syn, rewritten, sign, start_of, suspect_first, tamper},
     http::{self, Request, starts_request},
     inspect::{Classified, Env, Inspection, classify, inspect},
     name::{CanonBuf, Decision, canon_start, match_canon},
@@ -79,7 +79,7 @@ pub struct Model {
     queries: HashMap<FlowKey, Box<Query>>,
     /// Where the data of connections whose SYN was seen starts, until their
     /// first data segment.
-    syns: HashMap<FlowKey, u32>,
+    syns: HashMap<FlowKey, SynRecord>,
     /// Lists (by id) whose TCP action is `reset`.
     resets: std::collections::HashSet<u32>,
     quic: QuicFlows,
@@ -158,7 +158,7 @@ impl Model {
                     return self.dns_tcp(engine, cfg, packet);
                 }
                 if l4.is_syn()
-                    && let Some(step) = self.syn(packet)
+                    && let Some(step) = self.syn(cfg, packet)
                 {
                     return step;
                 }
@@ -263,12 +263,15 @@ impl Model {
         step
     }
 
-    /// A client's SYN (`conn::syn` in the kernel): a blocked flow on its
-    /// addresses and ports whose server end is still open has it closed by
-    /// a RST made of the SYN, and is forgotten. Otherwise `None` for a SYN
-    /// with data, read on as the first segment; for one without, other
-    /// state is forgotten and the start of the connection's data recorded.
-    fn syn(&mut self, p: &[u8]) -> Option<Step> {
+    /// A client's SYN (`conn::syn` and `conn::blocked_syn` in the kernel):
+    /// a blocked flow on its addresses and ports whose server end is still
+    /// open has it closed by a RST made of the SYN, and is forgotten.
+    /// Otherwise `None` for a SYN with data, read on as the first segment.
+    /// One without on a TLS or HTTP flow being read is tampering; on a DNS
+    /// reader, counted and passed; else other state is forgotten and the
+    /// start of the connection's data recorded, or the SYN dropped if it
+    /// conflicts with the one before (`flow::on_syn`).
+    fn syn(&mut self, cfg: &Config, p: &[u8]) -> Option<Step> {
         let l3 = parse_l3(p).ok()?;
         let l4 = parse_tcp(p, &l3).ok()?;
         let key = FlowKey::of(p, &l3, &l4)?;
@@ -288,18 +291,44 @@ impl Model {
         if l4.payload_off < l4.payload_end {
             return None;
         }
+        // A flow being read (`conn::syn`).
+        let step = Step { verdict: XDP_PASS, ..Step::default() };
+        let tampered = if let Some(f) = self.flows.get_mut(&key).filter(|f| !f.hello.watched() && !f.hello.is_blocked()) {
+            Some(on_tamper(p, cfg, &mut *f.hello, sign::SYN, step.clone()))
+        } else if let Some(r) = self.requests.get_mut(&key).filter(|r| !r.request.watched() && !r.request.is_blocked()) {
+            Some(on_tamper(p, cfg, &mut *r.request, sign::SYN, step.clone()))
+        } else if self.queries.contains_key(&key) {
+            return Some(Step { counted: vec![counters::EVASION_SYN], ..step });
+        } else {
+            None
+        };
+        match tampered {
+            Some(Checked::Forget(step)) => {
+                self.flows.remove(&key);
+                self.requests.remove(&key);
+                return Some(step);
+            }
+            Some(Checked::Done(step) | Checked::Go(step, _)) => return Some(step),
+            None => {}
+        }
         self.flows.remove(&key);
         self.requests.remove(&key);
         self.queries.remove(&key);
-        self.syns.insert(key, l4.data_seq());
-        Some(Step { verdict: XDP_PASS, ..Step::default() })
+        match on_syn(self.syns.get(&key).copied(), l4.data_seq(), now_ns()) {
+            SynVerdict::Record(r) => {
+                self.syns.insert(key, r);
+            }
+            SynVerdict::Resent => {}
+            SynVerdict::Conflict => return Some(Step { verdict: XDP_DROP, counted: vec![counters::EVASION_SYN], ..step }),
+        }
+        Some(step)
     }
 
     /// A data segment of an untracked flow against its connection's start
     /// (`conn::start`): the drop of an early one, the pass of a stale one,
     /// or where it stands (the record stays until `started`).
     fn start(&self, key: &FlowKey, seq: u32, len: usize) -> Result<Start, Box<Step>> {
-        match start_of(self.syns.get(key).copied(), seq, len as u32) {
+        match start_of(self.syns.get(key).map(|r| r.seq), seq, len as u32) {
             Start::Early => Err(Box::new(Step { verdict: XDP_DROP, counted: vec![counters::TCP_EARLY], ..Step::default() })),
             Start::Stale => Err(Box::new(Step { verdict: XDP_PASS, ..Step::default() })),
             start => Ok(start),
@@ -480,7 +509,7 @@ impl Model {
         }
         let mut q = match self.queries.get(&key) {
             Some(q) => q.clone(),
-            None => Box::new(Query::new(self.syns.get(&key).copied().unwrap_or(seq))),
+            None => Box::new(Query::new(self.syns.get(&key).map_or(seq, |r| r.seq))),
         };
         let mut step = Step { proto: Some((Proto::DnsTcp, af)), ..pass };
         // Tail calls so far: the entry program's into this stage, and its
@@ -542,7 +571,7 @@ impl Model {
         q.passed_seq = q.next_seq;
         if q.between() {
             self.queries.remove(&key);
-            self.syns.insert(key, q.next_seq);
+            self.syns.insert(key, SynRecord::new(q.next_seq, now_ns()));
         } else {
             step.counted.push(counters::proto_index(Proto::DnsTcp, af, Outcome::Incomplete));
             self.queries.insert(key, q);
@@ -757,7 +786,7 @@ impl Parser for Request {
 /// the compare of a segment that covers name bytes read, under the tamper
 /// policy. A segment that went through the compare comes back to its stream
 /// stage with one round spent (`Go`'s count).
-fn check(p: &[u8], l3: &L3, l4: &L4, cfg: &Config, parser: &mut impl Parser, mut step: Step) -> Checked {
+fn check(p: &[u8], l3: &L3, l4: &L4, cfg: &Config, parser: &mut impl Parser, step: Step) -> Checked {
     let (seq, off, end) = (l4.data_seq(), l4.payload_off, l4.payload_end);
     let signs = if parser.watched() { 0 } else { fake_signs(p, l4.flags, l3.l4_off, off, end) };
     let (at, len) = parser.name_read();
@@ -775,6 +804,12 @@ fn check(p: &[u8], l3: &L3, l4: &L4, cfg: &Config, parser: &mut impl Parser, mut
     if signs == 0 {
         return Checked::Go(step, u32::from(overlaps));
     }
+    on_tamper(p, cfg, parser, signs, step)
+}
+
+/// `conn::tamper`: the tamper policy's answer to a segment bearing `signs`
+/// on a flow being read.
+fn on_tamper(p: &[u8], cfg: &Config, parser: &mut impl Parser, signs: u32, mut step: Step) -> Checked {
     match tamper(signs, cfg.tamper_policy) {
         Tamper::Block { counter } => {
             step.counted.push(counter);
@@ -793,6 +828,13 @@ fn check(p: &[u8], l3: &L3, l4: &L4, cfg: &Config, parser: &mut impl Parser, mut
             Checked::Go(step, 1)
         }
     }
+}
+
+/// The model's monotonic clock, for SYN records (the kernel's
+/// `bpf_ktime_get_ns`; only differences matter).
+fn now_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 /// The block of a flow (by the match stage, or by a stream stage out of

@@ -263,3 +263,38 @@ fn questions_past_the_cap_and_long_messages() {
         }
     }
 }
+
+/// A fake SYN (another ISN, a TTL that dies before the server) in the
+/// middle of a query (passed: the server discards it), or right after the
+/// real SYN (dropped): the reader neither restarts nor moves to the fake's
+/// start (it once did, and the query then looked already read and passed,
+/// or stalled as ahead of the reader).
+#[test]
+fn a_fake_syn_neither_restarts_nor_misplaces_the_reader() {
+    let mut l = Loaded::new(&RULES);
+    let mut model = Model::default();
+    let mut sport = 36000u16;
+    for (name, listed) in [("blocked.example", true), ("ok.example", false)] {
+        let stream = prefixed(name);
+        for v6 in [false, true] {
+            for fake_isn in [SEQ0 + 3000, SEQ0.wrapping_sub(3000)] {
+                sport += 1;
+                let conn = Conn::new(v6, sport, stream.clone(), &[2 + 12 + 4]);
+                let fake = conn.frame.clone().syn(fake_isn).build(&[]);
+                let what = format!("{name}: a fake SYN mid-query at {fake_isn}, v6={v6}");
+                let syns = l.counter(counters::EVASION_SYN);
+                let v = l.run_with_model(&mut model, &[conn.syn(), conn.segment(0), fake, conn.segment(1)], &what);
+                assert_eq!(l.counter(counters::EVASION_SYN), syns + 1, "{what}");
+                assert_eq!(v, [XDP_PASS, XDP_PASS, XDP_PASS, if listed { XDP_DROP } else { XDP_PASS }], "{what}");
+
+                sport += 1;
+                let conn = Conn::new(v6, sport, stream.clone(), &[]);
+                let fake = conn.frame.clone().syn(fake_isn).build(&[]);
+                let what = format!("{name}: a fake SYN after the real one at {fake_isn}, v6={v6}");
+                let v = l.run_with_model(&mut model, &[conn.syn(), fake, conn.segment(0)], &what);
+                assert_eq!(l.counter(counters::EVASION_SYN), syns + 2, "{what}");
+                assert_eq!(v, [XDP_PASS, XDP_DROP, if listed { XDP_DROP } else { XDP_PASS }], "{what}");
+            }
+        }
+    }
+}

@@ -18,6 +18,10 @@ as a circumvention tool sends it:
   badseq (4 bytes into the name, its sequence number 10,000 bytes behind:
   outside the server's window).
 
+- fakesyn-mid: part one, then a SYN with another ISN (3,000 ahead) and TTL
+  or hop limit 1 (it dies at the edge), then part two;
+- fakesyn-early: the same SYN after the handshake, before the data, then the
+  whole hello or request;
 - hosts2 (HTTP): two Host headers, the other name first, then the case's;
 - frag-in_order, frag-reversed: the segment as two IP fragments (IPv4, or
   IPv6 with a Fragment header) cut in the name, in order or the later one
@@ -105,7 +109,7 @@ def ip(src, dst, data, v6, ttl=64):
     return h[:10] + struct.pack("!H", checksum(h)) + h[12:] + data
 
 
-ACK, PSH, URG = 0x10, 0x08, 0x20
+SYN, ACK, PSH, URG = 0x02, 0x10, 0x08, 0x20
 MD5 = bytes([1, 1, 19, 18]) + bytes(16)
 
 
@@ -162,6 +166,13 @@ def run(case, sniff, raw4, raw6):
         for f in frags if how == "frag-in_order" else frags[::-1]:
             raw.sendto(f, (dst, 0))
             time.sleep(0.05)
+    elif how == "fakesyn-mid":
+        send(0, real[:cut])
+        send(3000, b"", flags=SYN, ttl=1)
+        send(cut, real[cut:])
+    elif how == "fakesyn-early":
+        send(3000, b"", flags=SYN, ttl=1)
+        send(0, real)
     elif how == "seqovl":
         send(-5, b"Z" * 5 + real)
     elif how == "oob":

@@ -3,8 +3,10 @@
 //! client namespace over a real TCP connection, as zapret and ByeDPI send
 //! them (`seqovl`, urgent bytes `--oob`/`--disoob`, `fakedsplit` with fakes
 //! fooled by no ACK, a TCP MD5 option, a bad checksum, a TTL of 1, a wrong
-//! ACK number or a sequence number 10,000 bytes behind), two Host headers,
-//! and the segment as two IP fragments in either order, IPv4 and IPv6,
+//! ACK number or a sequence number 10,000 bytes behind), a fake SYN (TTL 1,
+//! another ISN) in the middle of the hello or request or before it, two
+//! Host headers, and the segment as two IP fragments in either order, IPv4
+//! and IPv6,
 //! through `blokir
 //! run` at the edge to a Python TLS and HTTP server (tests/
 //! e2e_evasion_server.py), judged at the server: the names it was asked
@@ -30,9 +32,11 @@ use std::{
 
 use blokir_tests::netns::{CLIENT4, CLIENT6, RESOLVER4, RESOLVER6, Topology};
 
-const HOWS: [&str; 13] = [
+const HOWS: [&str; 15] = [
     "plain",
     "seqovl",
+    "fakesyn-mid",
+    "fakesyn-early",
     "oob",
     "disoob",
     "fakedsplit-noack",
@@ -160,9 +164,10 @@ fn listed(c: &Case) -> bool {
 
 /// Flows whose tampering blokir sees (`--on-tamper` decides them). A fake
 /// with a sequence number outside the window (`badseq`) is not seen: it is
-/// never read, and the real bytes decide.
+/// never read, and the real bytes decide; a SYN with another ISN before the
+/// data is dropped (counted), and the real bytes decide.
 fn tampered(c: &Case) -> bool {
-    !matches!(c.how, "plain" | "seqovl" | "fakedsplit-badseq") && !fragmented(c)
+    !matches!(c.how, "plain" | "seqovl" | "fakedsplit-badseq" | "fakesyn-early") && !fragmented(c)
 }
 
 #[test]
@@ -201,6 +206,8 @@ fn evasions_of_the_stream_stages_never_get_a_listed_name_served() {
     // each request with two Host headers (v4/v6 x two names).
     assert_eq!(m.value("blokir_evasions_total", &[("kind", "fragment")]), Some(16), "{}", m.lines_of("blokir_").join("\n"));
     assert_eq!(m.value("blokir_evasions_total", &[("kind", "host_repeat")]), Some(4), "{}", m.lines_of("blokir_").join("\n"));
+    // Each fake SYN (TLS/HTTP x v4/v6 x two names x mid-read or early).
+    assert_eq!(m.value("blokir_evasions_total", &[("kind", "syn")]), Some(16), "{}", m.lines_of("blokir_").join("\n"));
     daemon.stop().unwrap();
 
     // `--on-tamper pass`: the fakes pass unread and the real bytes decide;
@@ -210,7 +217,8 @@ fn evasions_of_the_stream_stages_never_get_a_listed_name_served() {
     send(&topo, &pass);
     for c in &pass {
         let want = match c.how {
-            "oob" | "disoob" => true,
+            // No longer read once tampered with.
+            "oob" | "disoob" | "fakesyn-mid" => true,
             "hosts2" => false,
             _ if fragmented(c) => false,
             // Counted only: the fake's name, read first, decides (it names

@@ -502,3 +502,116 @@ fn a_retransmission_through_the_compare_leaves_the_next_segment_checked() {
         assert_eq!(l.counter(counters::EVASION_FAKE), fakes + 1, "{what}");
     });
 }
+
+/// A SYN on a flow whose hello or request is being read. The server holds
+/// the connection and discards it, but a fake one (any ISN, a TTL that
+/// dies on the way) once made blokir forget the flow, and the rest of the
+/// name passed unread. It is tampering: under `block` the flow is blocked
+/// and the server's end closed (the SYN goes on as a RST), so that a new
+/// connection on the pair (the client's next SYN) starts afresh; under
+/// `pass` the flow is forgotten.
+#[test]
+fn a_syn_while_a_name_is_read_blocks_the_flow_under_block() {
+    let mut l = Loaded::new(&[LISTED]);
+    let mut model = Model::default();
+    for policy in [TAMPER_BLOCK, TAMPER_PASS] {
+        set_tamper(&mut l, policy);
+        let mut sport = 32000 + policy as u16 * 100;
+        for host in [LISTED, UNLISTED] {
+            for isn_off in [3000u32, 1 << 31, u32::MAX - 10] {
+                each_kind(&mut |tls, v6| {
+                    sport += 1;
+                    let c = Conn::new(tls, v6, sport);
+                    let s = stream(tls, host);
+                    let cut = name_at(tls, host) - 2;
+                    let fake_syn = c.frame.clone().syn(ISN.wrapping_add(isn_off)).build(&[]);
+                    let frames = [c.syn(), c.data(0, &s[..cut], |f| f), fake_syn, c.data(cut as i64, &s[cut..], |f| f)];
+                    let what = format!("SYN mid-read +{isn_off}, tls={tls} v6={v6} {host} policy {policy}");
+                    let syns = l.counter(counters::EVASION_SYN);
+                    let v = l.run_with_model(&mut model, &frames, &what);
+                    assert_eq!(l.counter(counters::EVASION_SYN), syns + 1, "{what}");
+                    if policy == TAMPER_BLOCK {
+                        assert_eq!(v, [XDP_PASS, XDP_PASS, PASS_AS_RST, XDP_DROP], "{what}");
+                    } else {
+                        all_pass(&v, &what);
+                    }
+                });
+            }
+        }
+        // A new connection on the pair of one whose hello stopped half
+        // read: its first SYN closes the old one, the next starts afresh.
+        sport += 1;
+        let c = Conn::new(true, false, sport);
+        let s = stream(true, UNLISTED);
+        let cut = name_at(true, UNLISTED) - 2;
+        let new_isn = ISN.wrapping_add(900_000);
+        let syn2 = c.frame.clone().syn(new_isn).build(&[]);
+        let frames = [c.syn(), c.data(0, &s[..cut], |f| f), syn2.clone(), syn2, c.frame.clone().seq_ack(new_isn + 1, 1).build(&s)];
+        let what = format!("a new connection on a half-read pair, policy {policy}");
+        let v = l.run_with_model(&mut model, &frames, &what);
+        let first = if policy == TAMPER_BLOCK { PASS_AS_RST } else { XDP_PASS };
+        assert_eq!(v, [XDP_PASS, XDP_PASS, first, XDP_PASS, XDP_PASS], "{what}");
+    }
+}
+
+/// Two SYNs with different ISNs before the first data (a fake one with a
+/// TTL that dies on the way, before or after the real one): the later one
+/// is dropped, so only the start on record can start the server's
+/// connection. A start moved by a fake SYN once made the real data look
+/// stale (passed unread) or trimmed.
+#[test]
+fn a_second_syn_with_another_isn_is_dropped() {
+    let mut l = Loaded::new(&[LISTED]);
+    let mut model = Model::default();
+    let mut sport = 33000;
+    for host in [LISTED, UNLISTED] {
+        each_kind(&mut |tls, v6| {
+            let s = stream(tls, host);
+            // The fake's start lies past the whole stream: the real data
+            // looked wholly before it.
+            sport += 1;
+            let c = Conn::new(tls, v6, sport);
+            let fake = c.frame.clone().syn(ISN + 5000).build(&[]);
+            let what = format!("a fake SYN after the real one, tls={tls} v6={v6} {host}");
+            let before = l.counter(counters::EVASION_SYN);
+            let v = l.run_with_model(&mut model, &[c.syn(), fake, c.data(0, &s, |f| f)], &what);
+            assert_eq!(l.counter(counters::EVASION_SYN), before + 1, "{what}");
+            assert_eq!(&v[..2], &[XDP_PASS, XDP_DROP], "{what}");
+            assert_eq!(v[2], if host == LISTED { PASS_AS_RST } else { XDP_PASS }, "{what}");
+            // The fake first: the real SYN never reaches the server, so
+            // the client gets no connection to send its hello on.
+            sport += 1;
+            let c = Conn::new(tls, v6, sport);
+            let fake = c.frame.clone().syn(ISN + 5000).build(&[]);
+            let what = format!("a fake SYN before the real one, tls={tls} v6={v6} {host}");
+            let v = l.run_with_model(&mut model, &[fake, c.syn(), c.syn()], &what);
+            assert_eq!(v, [XDP_PASS, XDP_DROP, XDP_DROP], "{what}");
+            // seqovl after a fake SYN: trimmed against the real start.
+            sport += 1;
+            let c = Conn::new(tls, v6, sport);
+            let fake = c.frame.clone().syn(ISN + 5000).build(&[]);
+            let mut first = vec![b'Z'; 5];
+            first.extend_from_slice(&s);
+            let what = format!("a fake SYN, then seqovl, tls={tls} v6={v6} {host}");
+            let v = l.run_with_model(&mut model, &[c.syn(), fake, c.data(-5, &first, |f| f)], &what);
+            assert_eq!(v[2], if host == LISTED { PASS_AS_RST } else { XDP_PASS }, "{what}");
+        });
+    }
+    // A SYN resent with its ISN is no conflict.
+    let c = Conn::new(true, false, 33900);
+    let s = stream(true, LISTED);
+    let before = l.counter(counters::EVASION_SYN);
+    let v = l.run_with_model(&mut model, &[c.syn(), c.syn(), c.data(0, &s, |f| f)], "a SYN resent");
+    assert_eq!(l.counter(counters::EVASION_SYN), before, "a SYN resent");
+    assert_eq!(&v[..2], &[XDP_PASS, XDP_PASS], "a SYN resent");
+    assert_blocked_from_name(&v, "a SYN resent");
+}
+
+/// Each protocol and family.
+fn each_kind(go: &mut impl FnMut(bool, bool)) {
+    for tls in [true, false] {
+        for v6 in [false, true] {
+            go(tls, v6);
+        }
+    }
+}

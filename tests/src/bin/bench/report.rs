@@ -234,8 +234,8 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
     writeln!(
         w,
         "- The entry program alone (Ethernet to the transport header, then pass) costs {:.0} ns net for non-DNS UDP and {:.0} ns for a \
-         TCP ACK: these packets never reach a stage. A client's SYN costs {:.0} ns: a tail call to the TLS stage, which records \
-         where the connection's data starts (an LRU map insert).\n\
+         TCP ACK: these packets never reach a stage. A client's SYN costs {:.0} ns: the entry program records \
+         where the connection's data starts (an LRU map lookup and insert, after a look for the pair's flow).\n\
          - A DNS query for an unlisted name costs {:.0} ns cold with {min} rules and {:.0} ns with {max}: the difference, {:.0} ns, is \
          what a large rule map adds (bucket and entry cache misses, one probe per label); the rest is the DNS stage's own work \
          (tail calls, name canonicalisation and hashing, per-CPU scratch maps) with cold caches and TLB. Hot, the same query costs \
