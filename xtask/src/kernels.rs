@@ -44,6 +44,10 @@ pub struct Options {
     pub kernels: Vec<String>,
     pub steps: Vec<String>,
     pub timeout: Duration,
+    /// Run the guests at the lowest CPU priority (`cargo xtask test` boots
+    /// them beside the host suites, which mostly wait on namespaces and
+    /// real clients).
+    pub background: bool,
 }
 
 /// A kernel package unpacked in the cache.
@@ -63,51 +67,72 @@ impl Kernel {
     }
 }
 
-pub fn run_matrix(opts: &Options) -> anyhow::Result<()> {
-    if !crate::is_root() {
-        bail!("the kernel matrix builds guests that load XDP programs: run it as root");
+pub fn run_matrix(opts: Options) -> anyhow::Result<()> {
+    Matrix::prepare(opts)?.run()
+}
+
+/// The matrix ready to boot: its kernels unpacked, the payload built and
+/// this machine's replays made.
+pub struct Matrix {
+    opts: Options,
+    kernels: Vec<Kernel>,
+    payload: Payload,
+    host: BTreeMap<String, Vec<String>>,
+}
+
+impl Matrix {
+    pub fn prepare(opts: Options) -> anyhow::Result<Self> {
+        if !crate::is_root() {
+            bail!("the kernel matrix builds guests that load XDP programs: run it as root");
+        }
+        for s in &opts.steps {
+            ensure!(STEPS.contains(&s.as_str()), "unknown step {s:?}: the steps are {}", STEPS.join(", "));
+        }
+        let specs: Vec<String> = if opts.kernels.is_empty() { MATRIX.iter().map(|s| s.to_string()).collect() } else { opts.kernels.clone() };
+        let kernels = specs.iter().map(|s| fetch(&resolve(s)?)).collect::<anyhow::Result<Vec<_>>>()?;
+        let payload = Payload::build()?;
+        let host = payload.host_replays()?;
+        Ok(Matrix { opts, kernels, payload, host })
     }
-    for s in &opts.steps {
-        ensure!(STEPS.contains(&s.as_str()), "unknown step {s:?}: the steps are {}", STEPS.join(", "));
-    }
-    let specs: Vec<String> = if opts.kernels.is_empty() { MATRIX.iter().map(|s| s.to_string()).collect() } else { opts.kernels.clone() };
-    let kernels = specs.iter().map(|s| fetch(&resolve(s)?)).collect::<anyhow::Result<Vec<_>>>()?;
-    let payload = Payload::build()?;
-    let host = payload.host_replays()?;
-    let kvm = kvm_boots(&kernels[0], &payload)?;
-    eprintln!(
-        "kernel matrix: {} under {}",
-        kernels.iter().map(|k| k.release.as_str()).collect::<Vec<_>>().join(", "),
-        if kvm { "KVM" } else { "TCG (software emulation)" }
-    );
-    let results: Vec<anyhow::Result<Outcome>> = thread::scope(|s| {
-        let handles: Vec<_> = kernels.iter().map(|k| s.spawn(|| boot(k, &payload, kvm, &opts.steps, opts.timeout))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the guest thread panicked")))).collect()
-    });
-    let mut failed = Vec::new();
-    let mut report = String::new();
-    for (k, res) in kernels.iter().zip(results) {
-        match res {
-            Ok(o) => {
-                let problems = o.problems(&host, &opts.steps);
-                let _ = writeln!(report, "{}", o.summary(k));
-                for p in &problems {
-                    let _ = writeln!(report, "  FAIL {p}");
+
+    /// Boots every kernel at once and reports; fails if any guest does.
+    pub fn run(&self) -> anyhow::Result<()> {
+        let (opts, kernels, payload) = (&self.opts, &self.kernels, &self.payload);
+        let kvm = kvm_boots(&kernels[0], payload)?;
+        eprintln!(
+            "kernel matrix: {} under {}",
+            kernels.iter().map(|k| k.release.as_str()).collect::<Vec<_>>().join(", "),
+            if kvm { "KVM" } else { "TCG (software emulation)" }
+        );
+        let results: Vec<anyhow::Result<Outcome>> = thread::scope(|s| {
+            let handles: Vec<_> = kernels.iter().map(|k| s.spawn(move || boot(k, payload, kvm, opts))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the guest thread panicked")))).collect()
+        });
+        let mut failed = Vec::new();
+        let mut report = String::new();
+        for (k, res) in kernels.iter().zip(results) {
+            match res {
+                Ok(o) => {
+                    let problems = o.problems(&self.host, &opts.steps);
+                    let _ = writeln!(report, "{}", o.summary(k));
+                    for p in &problems {
+                        let _ = writeln!(report, "  FAIL {p}");
+                    }
+                    if !problems.is_empty() {
+                        failed.push(k.release.clone());
+                    }
                 }
-                if !problems.is_empty() {
+                Err(e) => {
+                    let _ = writeln!(report, "{}: FAIL {e:#}", k.release);
                     failed.push(k.release.clone());
                 }
             }
-            Err(e) => {
-                let _ = writeln!(report, "{}: FAIL {e:#}", k.release);
-                failed.push(k.release.clone());
-            }
         }
+        eprint!("\n== kernel matrix ==\n{report}");
+        std::fs::write(root().join("target/kernels/REPORT.txt"), &report)?;
+        ensure!(failed.is_empty(), "the kernel matrix failed on {} (logs in target/kernels/)", failed.join(", "));
+        Ok(())
     }
-    eprint!("\n== kernel matrix ==\n{report}");
-    std::fs::write(root().join("target/kernels/REPORT.txt"), &report)?;
-    ensure!(failed.is_empty(), "the kernel matrix failed on {} (logs in target/kernels/)", failed.join(", "));
-    Ok(())
 }
 
 /// A series (`6.1`, `6.12`) or a package name to a kernel image package:
@@ -436,18 +461,19 @@ fn kvm_boots(k: &Kernel, payload: &Payload) -> anyhow::Result<bool> {
     payload.initramfs(k, &initrd)?;
     let results = dir.join("results.txt");
     let _ = std::fs::remove_file(&results);
-    let _ = qemu(k, &initrd, &dir, true, "probe", Duration::from_secs(20));
+    let _ = qemu(k, &initrd, &dir, true, "probe", Duration::from_secs(20), false);
     Ok(std::fs::read_to_string(&results).is_ok_and(|s| s.contains("probe-ok")))
 }
 
-fn boot(k: &Kernel, payload: &Payload, kvm: bool, steps: &[String], timeout: Duration) -> anyhow::Result<Outcome> {
+fn boot(k: &Kernel, payload: &Payload, kvm: bool, opts: &Options) -> anyhow::Result<Outcome> {
     let dir = root().join("target/kernels").join(&k.release);
     std::fs::create_dir_all(&dir)?;
     let initrd = dir.join("initrd.gz");
     payload.initramfs(k, &initrd)?;
     let start = Instant::now();
-    let steps = if steps.is_empty() { STEPS.join(",") } else { steps.join(",") };
-    let finished = qemu(k, &initrd, &dir, kvm, &steps, timeout)?;
+    let steps = if opts.steps.is_empty() { STEPS.join(",") } else { opts.steps.join(",") };
+    let timeout = opts.timeout;
+    let finished = qemu(k, &initrd, &dir, kvm, &steps, timeout, opts.background)?;
     let mut o = Outcome::parse(&std::fs::read_to_string(dir.join("results.txt")).unwrap_or_default());
     o.accel = if kvm { "KVM" } else { "TCG" };
     o.took = start.elapsed();
@@ -458,9 +484,9 @@ fn boot(k: &Kernel, payload: &Payload, kvm: bool, steps: &[String], timeout: Dur
 }
 
 /// Boots `k` with `initrd`; false when it had to be killed at `timeout`.
-fn qemu(k: &Kernel, initrd: &Path, dir: &Path, kvm: bool, steps: &str, timeout: Duration) -> anyhow::Result<bool> {
+fn qemu(k: &Kernel, initrd: &Path, dir: &Path, kvm: bool, steps: &str, timeout: Duration, background: bool) -> anyhow::Result<bool> {
     let _ = std::fs::remove_file(dir.join("results.txt"));
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = if background { crate::lowest_priority("qemu-system-x86_64") } else { Command::new("qemu-system-x86_64") };
     cmd.args(["-m", "2048", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none"]);
     cmd.args(if kvm { ["-accel", "kvm", "-cpu", "host"] } else { ["-accel", "tcg", "-cpu", "max"] });
     cmd.arg("-kernel").arg(k.vmlinuz()).arg("-initrd").arg(initrd);

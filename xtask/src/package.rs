@@ -14,7 +14,7 @@ use anyhow::{Context as _, ensure};
 
 use crate::{cargo, root, run};
 
-const NAME: &str = "blokir";
+pub const NAME: &str = "blokir";
 const MAINTAINER: &str = "blokir maintainers <maintainers@blokir.invalid>";
 /// Where Debian 12's debhelper puts units (Debian 13 moved to /usr/lib).
 const UNIT_DIR: &str = "lib/systemd/system";

@@ -123,11 +123,20 @@ fn cargo_fuzz() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
+/// Writes the fuzzers' seed corpus and builds every fuzz target, at the
+/// lowest CPU priority (`cargo xtask test` does it beside the host suites).
+pub fn fuzz_build() -> anyhow::Result<()> {
+    let dir = root().join("fuzz");
+    let toolchain = format!("+{BPF_TOOLCHAIN}");
+    crate::run_logged("fuzz-seeds", crate::lowest_priority("cargo").args([&toolchain, "run", "--quiet", "--example", "make_seeds"]).current_dir(&dir))?;
+    crate::run_logged("fuzz-build", crate::lowest_priority("cargo").args([&toolchain, "fuzz", "build"]).current_dir(&dir))
+}
+
 /// Runs every fuzz target for `seconds` with the pinned nightly, from the
-/// seed corpus the fuzz crate writes (blocks, allows, every malformation).
+/// seed corpus the fuzz crate writes (blocks, allows, every malformation;
+/// `fuzz_build`).
 pub fn fuzz(seconds: u32) -> anyhow::Result<()> {
     let dir = root().join("fuzz");
-    run(Command::new("cargo").args([&format!("+{BPF_TOOLCHAIN}"), "run", "--quiet", "--example", "make_seeds"]).current_dir(&dir))?;
     let list = Command::new("cargo").args([&format!("+{BPF_TOOLCHAIN}"), "fuzz", "list"]).current_dir(&dir).output().context("cargo fuzz list")?;
     let targets = String::from_utf8_lossy(&list.stdout).lines().map(str::to_string).collect::<Vec<_>>();
     if targets.is_empty() {
