@@ -381,7 +381,7 @@ impl State {
             bail!("no rule given");
         }
         let given = texts.iter().map(|t| Rule::parse(t).with_context(|| format!("{t:?}"))).collect::<anyhow::Result<Vec<_>>>()?;
-        let old: Vec<Rule> = self.engine.list_rules(LOCAL_LIST).into_iter().cloned().collect();
+        let old: Vec<Rule> = self.engine.list_rules(LOCAL_LIST);
         let mut new = old.clone();
         for rule in &given {
             if add {
@@ -391,7 +391,7 @@ impl State {
             } else if let Some(i) = new.iter().position(|r| r == rule) {
                 new.remove(i);
             } else {
-                let elsewhere = self.engine.all_rules().find(|(_, _, r)| *r == rule).map(|(_, list, _)| list.to_string());
+                let elsewhere = self.engine.all_rules().find(|(_, _, r)| r == rule).map(|(_, list, _)| list.to_string());
                 match elsewhere.and_then(|l| self.files.iter().find(|(n, _)| *n == l).cloned()) {
                     Some((list, path)) => bail!("rule `{rule}` is in list {list} ({}): edit that file and run `blokir rules reload`", path.display()),
                     None => bail!("rule `{rule}` is not in the local list"),
