@@ -37,6 +37,13 @@ impl NodeStore {
         self.keys.iter().zip(&self.vals)
     }
 
+    /// For looking up keys in ascending order: each lookup starts where the
+    /// last one ended (a binary search of 2M random keys is ~21 cache
+    /// misses; a walk costs the gaps between the keys looked up).
+    pub fn cursor(&self) -> Cursor<'_> {
+        Cursor { store: self, at: 0 }
+    }
+
     /// Applies `updates`, sorted by key without repeats: `Some` sets a node,
     /// `None` removes it.
     pub fn merge(&mut self, updates: &[(NameKey, Option<NodeVal>)]) {
@@ -45,10 +52,10 @@ impl NodeStore {
         let (mut keys, mut vals) = (Vec::with_capacity(self.keys.len() + grows), Vec::with_capacity(self.keys.len() + grows));
         let mut at = 0;
         for (key, val) in updates {
-            let run = self.keys[at..].partition_point(|k| k < key);
-            keys.extend_from_slice(&self.keys[at..at + run]);
-            vals.extend_from_slice(&self.vals[at..at + run]);
-            at += run;
+            let next = seek(&self.keys, at, key);
+            keys.extend_from_slice(&self.keys[at..next]);
+            vals.extend_from_slice(&self.vals[at..next]);
+            at = next;
             if self.keys.get(at) == Some(key) {
                 at += 1;
             }
@@ -63,6 +70,32 @@ impl NodeStore {
         vals.shrink_to_fit();
         (self.keys, self.vals) = (keys, vals);
     }
+}
+
+pub struct Cursor<'a> {
+    store: &'a NodeStore,
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// Node `key`, which is not below the key of the last call.
+    pub fn get(&mut self, key: &NameKey) -> Option<&'a NodeVal> {
+        self.at = seek(&self.store.keys, self.at, key);
+        (self.store.keys.get(self.at) == Some(key)).then(|| &self.store.vals[self.at])
+    }
+}
+
+/// The first place at or after `from` whose key is not below `key`:
+/// galloping from `from`, then a binary search of the last stride.
+fn seek(keys: &[NameKey], from: usize, key: &NameKey) -> usize {
+    let (mut lo, mut hi, mut step) = (from, from, 1);
+    while hi < keys.len() && keys[hi] < *key {
+        lo = hi + 1;
+        hi = from + step;
+        step *= 2;
+    }
+    let hi = hi.min(keys.len());
+    lo + keys[lo..hi].partition_point(|k| k < key)
 }
 
 #[cfg(test)]
@@ -88,5 +121,18 @@ mod tests {
         assert_eq!(got, [(1, 1), (2, 2), (9, 19)]);
         assert_eq!(s.get(&key(9)), Some(&val(19)));
         assert!(s.get(&key(5)).is_none());
+    }
+
+    #[test]
+    fn a_cursor_finds_what_a_search_finds() {
+        let mut s = NodeStore::default();
+        let updates: Vec<_> = (0..1000u64).map(|n| (key(n * 3), Some(val(n as u32)))).collect();
+        s.merge(&updates);
+        let mut c = s.cursor();
+        for n in 0..3000u64 {
+            assert_eq!(c.get(&key(n)), s.get(&key(n)), "{n}");
+        }
+        let mut c = s.cursor();
+        assert!(c.get(&key(2997)).is_some() && c.get(&key(2998)).is_none() && c.get(&key(5000)).is_none());
     }
 }
