@@ -341,7 +341,12 @@ impl Engine {
             Decision::Block(r) => ("blocked", Some(r)),
         };
         let info = r.and_then(|r| self.rule_view(r.id()));
-        Ok(CheckResult { name, verdict, list: info.and_then(|(list, _)| self.list_name(list)).map(str::to_string), rule: info.map(|(_, r)| r.to_string()) })
+        Ok(CheckResult {
+            name: name.into(),
+            verdict,
+            list: info.and_then(|(list, _)| self.list_name(list)).map(str::to_string),
+            rule: info.map(|(_, r)| r.to_string()),
+        })
     }
 
     /// Forgets an empty list (emptied by an applied `plan_replace` with no
@@ -471,10 +476,14 @@ impl Engine {
         let mut multi = Vec::new();
         let mut phases: [Vec<(NameKey, Option<NodeRules>)>; 4] = Default::default();
         let mut look_adds = Vec::new();
+        let mut olds = self.nodes.cursor();
         for group in affected.chunk_by(|a, b| a.key == b.key) {
             let Affected { key, block, depth, .. } = group[0];
-            let old = self.nodes.get(&key);
-            let mut slots = self.slots_of(&key);
+            let old = olds.get(&key);
+            let mut slots: Slots = match self.multi.get(&key) {
+                Some(slots) => slots.clone(),
+                None => old.and_then(|n| single_slot(n.value)).into_iter().collect(),
+            };
             slots.retain(|s| !removed_set.get(s.id as usize).copied().unwrap_or(false));
             slots.extend(group.iter().filter_map(|a| a.slot));
             let old_value = old.map(|n| n.value).unwrap_or_default();
@@ -804,7 +813,7 @@ mod tests {
             .map(|_| Rule {
                 action: if rng.random_ratio(1, 4) { Action::Allow } else { Action::Block },
                 scope: [Scope::Exact, Scope::Below, Scope::Subtree][rng.random_range(0..3)],
-                name: names[rng.random_range(0..names.len())].clone(),
+                name: names[rng.random_range(0..names.len())].as_str().into(),
             })
             .collect()
     }

@@ -45,7 +45,7 @@ pub struct RuleView<'a> {
 
 impl RuleView<'_> {
     pub fn to_rule(&self) -> Rule {
-        Rule { action: self.action, scope: self.scope, name: self.name.to_string() }
+        Rule { action: self.action, scope: self.scope, name: self.name.into() }
     }
 
     /// The order of `Rule`'s `Ord` (action, scope, name).
