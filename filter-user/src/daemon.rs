@@ -141,6 +141,11 @@ pub fn release_freed_memory() {
     }
 }
 
+/// The names of the maps pinned (in this layout's directory).
+fn map_pins(pins: &PinDir) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(pins.maps_dir()).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+}
+
 /// The list a rule file feeds: its file name without extension.
 pub fn list_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
@@ -175,7 +180,9 @@ impl State {
 
         // The lists are read and parsed (on every core) while the kernel
         // verifies the program (seconds, on one core). Nothing is attached
-        // before both are done, and a bad line still refuses the start.
+        // before both are done, and a bad line still refuses the start,
+        // pinning nothing: maps the load pinned are unpinned.
+        let pinned_before = map_pins(pins);
         let (parsed, local, named, mut kernel) = std::thread::scope(|s| {
             let reading = s.spawn(|| -> anyhow::Result<_> {
                 let parsed = files.iter().map(|(_, p)| read_rules(p).map_err(|e| anyhow::anyhow!(e.report()))).collect::<anyhow::Result<Vec<_>>>()?;
@@ -184,8 +191,17 @@ impl State {
                 Ok((parsed, local, named))
             });
             let kernel = Kernel::load_pinned(capacity, pins, &list_names);
-            let (parsed, local, named) = reading.join().map_err(|_| anyhow::anyhow!("reading the lists panicked"))??;
-            anyhow::Ok((parsed, local, named, kernel?))
+            let read = reading.join().map_err(|_| anyhow::anyhow!("reading the lists panicked")).and_then(|r| r);
+            match read {
+                Ok((parsed, local, named)) => anyhow::Ok((parsed, local, named, kernel?)),
+                Err(e) => {
+                    drop(kernel);
+                    for name in map_pins(pins).difference(&pinned_before) {
+                        let _ = std::fs::remove_file(pins.map_path(name));
+                    }
+                    Err(e)
+                }
+            }
         })?;
         if !kernel.adopted_maps().is_empty() {
             tracing::info!(maps = ?kernel.adopted_maps(), "reusing the pinned state of the previous program");
@@ -511,9 +527,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     remove_stale_maps(&pins, &state);
     // The programs replaced above may still be finishing a packet on another
     // CPU (a run takes microseconds); their stages stay until they surely
-    // have.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    pins.remove_stages_except(Some(state.kernel.program_id()));
+    // have, removed aside while the daemon starts serving.
+    let stages = {
+        let (pins, program) = (pins.clone(), state.kernel.program_id());
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            pins.remove_stages_except(Some(program));
+        })
+    };
     let shared: Shared = Arc::new(Mutex::new(state));
     let events = opts.events.map(|log| (log, Events::new(log, metrics_ctx.event_counts())));
     if let Some((log, events)) = events.clone() {
@@ -550,6 +571,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     control_task.abort();
     refresh_task.abort();
+    // Before the pins are touched below.
+    let _ = stages.await;
     let mut state = lock(&shared);
     match opts.on_exit {
         OnExit::Keep => {
