@@ -378,7 +378,7 @@ impl Engine {
         // for a fresh one (filled below, in `added_rules` order).
         let mut new_ids = Vec::with_capacity(rules.len());
         let mut added_rules: Vec<&'r Rule> = Vec::new();
-        let mut kept = vec![false; self.rules.len()];
+        let mut kept = vec![false; self.rules.id_end()];
         let mut kept_count = 0;
         if sorted && old.is_none_or(|l| l.sorted) {
             // Both sorted: one merge says what stays, what comes, what goes.
@@ -436,12 +436,12 @@ impl Engine {
         // Fresh ids: from the free list first, then never-used ones. Ids
         // removed by this change are not reused by it, so no counter is
         // shared between an outgoing and an incoming rule.
-        let never_used = (self.rule_capacity as usize).saturating_sub(self.rules.len());
+        let never_used = (self.rule_capacity as usize).saturating_sub(self.rules.id_end());
         let available = self.free_ids.len() + never_used;
         if added_rules.len() > available {
             return Err(EngineError::RuleCapacity { needed: added_rules.len(), available, capacity: self.rule_capacity });
         }
-        let fresh_ids: Vec<u32> = self.free_ids.iter().rev().copied().chain(self.rules.len() as u32..).take(added_rules.len()).collect();
+        let fresh_ids: Vec<u32> = self.free_ids.iter().rev().copied().chain(self.rules.id_end() as u32..).take(added_rules.len()).collect();
         // Every added and removed rule's node, keyed on every core, then
         // sorted so that the rules of one node lie together.
         let mut affected: Vec<Affected> = added_rules
@@ -465,7 +465,7 @@ impl Engine {
             *id = fresh.next().unwrap_or_default();
         }
         let ids_used = added.len();
-        let mut removed_set = vec![false; self.rules.len()];
+        let mut removed_set = vec![false; self.rules.id_end()];
         for id in &removed {
             removed_set[*id as usize] = true;
         }
@@ -544,7 +544,7 @@ impl Engine {
         let result = (|| -> anyhow::Result<()> {
             // Ids never used before have a zero counter already (the rule
             // map and its counters are created with the engine).
-            for (id, _) in change.added.iter().filter(|(id, _)| (*id as usize) < self.rules.len()) {
+            for (id, _) in change.added.iter().filter(|(id, _)| (*id as usize) < self.rules.id_end()) {
                 target.reset_hits(*id)?;
             }
             target.write_depth_mask(change.depth_union)?;

@@ -87,8 +87,9 @@ impl Default for RuleTable {
 }
 
 impl RuleTable {
-    /// Ids handed out so far (free ones included), id 0 too.
-    pub fn len(&self) -> usize {
+    /// One past the highest id handed out so far (free ones included):
+    /// the next never-used id.
+    pub fn id_end(&self) -> usize {
         self.entries.len()
     }
 
