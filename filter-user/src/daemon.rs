@@ -141,9 +141,10 @@ pub fn release_freed_memory() {
     }
 }
 
-/// The names of the maps pinned (in this layout's directory).
-fn map_pins(pins: &PinDir) -> std::collections::BTreeSet<String> {
-    std::fs::read_dir(pins.maps_dir()).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+/// What loading a program pins: the maps (in this layout's directory) and
+/// the programs' stages.
+fn load_pins(pins: &PinDir) -> std::collections::BTreeSet<PathBuf> {
+    [pins.maps_dir(), pins.stages_dir()].iter().flat_map(std::fs::read_dir).flatten().flatten().map(|e| e.path()).collect()
 }
 
 /// The list a rule file feeds: its file name without extension.
@@ -181,8 +182,8 @@ impl State {
         // The lists are read and parsed (on every core) while the kernel
         // verifies the program (seconds, on one core). Nothing is attached
         // before both are done, and a bad line still refuses the start,
-        // pinning nothing: maps the load pinned are unpinned.
-        let pinned_before = map_pins(pins);
+        // pinning nothing: the maps and stages the load pinned are unpinned.
+        let pinned_before = load_pins(pins);
         let (parsed, local, named, mut kernel) = std::thread::scope(|s| {
             let reading = s.spawn(|| -> anyhow::Result<_> {
                 let parsed = files.iter().map(|(_, p)| read_rules(p).map_err(|e| anyhow::anyhow!(e.report()))).collect::<anyhow::Result<Vec<_>>>()?;
@@ -196,8 +197,8 @@ impl State {
                 Ok((parsed, local, named)) => anyhow::Ok((parsed, local, named, kernel?)),
                 Err(e) => {
                     drop(kernel);
-                    for name in map_pins(pins).difference(&pinned_before) {
-                        let _ = std::fs::remove_file(pins.map_path(name));
+                    for path in load_pins(pins).difference(&pinned_before) {
+                        let _ = std::fs::remove_file(path);
                     }
                     Err(e)
                 }
