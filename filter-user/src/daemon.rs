@@ -129,6 +129,18 @@ pub fn lock(shared: &Shared) -> MutexGuard<'_, State> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Has every allocation of 1 MiB or more mapped on its own, and unmapped
+/// when freed. glibc otherwise raises that threshold to the largest block
+/// freed so far (up to 32 MiB), after which a swap's big buffers come from
+/// the heap and stay in the RSS (180 -> 290 MiB after a 2M-rule swap).
+fn map_big_allocations() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets the allocator's parameter.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Hands the heap's free pages back to the system. Loading or swapping a
 /// 2M-rule list frees hundreds of MiB of parse and plan buffers, most of
 /// them in small blocks that glibc keeps for reuse (counted in the RSS)
@@ -490,6 +502,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.ifaces.is_empty() {
         bail!("no interface given (--iface)");
     }
+    map_big_allocations();
     // Everything that can fail is done before switching the interfaces, and
     // nothing is announced before it could refuse; the socket file is
     // removed on every way out.
