@@ -129,6 +129,36 @@ pub fn lock(shared: &Shared) -> MutexGuard<'_, State> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Has every allocation of 1 MiB or more mapped on its own, and unmapped
+/// when freed. glibc otherwise raises that threshold to the largest block
+/// freed so far (up to 32 MiB), after which a swap's big buffers come from
+/// the heap and stay in the RSS (180 -> 290 MiB after a 2M-rule swap).
+fn map_big_allocations() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets the allocator's parameter.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+/// Hands the heap's free pages back to the system. Loading or swapping a
+/// 2M-rule list frees hundreds of MiB of parse and plan buffers, most of
+/// them in small blocks that glibc keeps for reuse (counted in the RSS)
+/// unless asked to return them.
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// What loading a program pins: the maps (in this layout's directory) and
+/// the programs' stages.
+fn load_pins(pins: &PinDir) -> std::collections::BTreeSet<PathBuf> {
+    [pins.maps_dir(), pins.stages_dir()].iter().flat_map(std::fs::read_dir).flatten().flatten().map(|e| e.path()).collect()
+}
+
 /// The list a rule file feeds: its file name without extension.
 pub fn list_name(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
@@ -152,19 +182,40 @@ impl State {
             }
             files.push((name, path.clone()));
         }
-        let parsed = files.iter().map(|(_, p)| read_rules(p).map_err(|e| anyhow::anyhow!(e.report()))).collect::<anyhow::Result<Vec<_>>>()?;
         let store = Store::open(state_dir)?;
-        let local = store.load_local().map_err(|e| anyhow::anyhow!(e.report()))?;
         let registry = Registry::open(state_dir)?;
-        let named = lists::ops::load_all(&registry)?;
-        if let Some((def, _)) = named.iter().find(|(d, _)| d.name == LOCAL_LIST || files.iter().any(|(n, _)| *n == d.name)) {
-            bail!("list {} is both a named list (`blokir lists`) and a rule file's; rename the file or remove the named list", def.name);
+        if let Some(e) = registry.entries().find(|e| e.def.name == LOCAL_LIST || files.iter().any(|(n, _)| *n == e.def.name)) {
+            bail!("list {} is both a named list (`blokir lists`) and a rule file's; rename the file or remove the named list", e.def.name);
         }
         let list_names: Vec<&str> =
-            std::iter::once(LOCAL_LIST).chain(files.iter().map(|(n, _)| n.as_str())).chain(named.iter().map(|(d, _)| d.name.as_str())).collect();
+            std::iter::once(LOCAL_LIST).chain(files.iter().map(|(n, _)| n.as_str())).chain(registry.entries().map(|e| e.def.name.as_str())).collect();
         dns.validate(&list_names)?;
 
-        let mut kernel = Kernel::load_pinned(capacity, pins, &list_names)?;
+        // The lists are read and parsed (on every core) while the kernel
+        // verifies the program (seconds, on one core). Nothing is attached
+        // before both are done, and a bad line still refuses the start,
+        // pinning nothing: the maps and stages the load pinned are unpinned.
+        let pinned_before = load_pins(pins);
+        let (parsed, local, named, mut kernel) = std::thread::scope(|s| {
+            let reading = s.spawn(|| -> anyhow::Result<_> {
+                let parsed = files.iter().map(|(_, p)| read_rules(p).map_err(|e| anyhow::anyhow!(e.report()))).collect::<anyhow::Result<Vec<_>>>()?;
+                let local = store.load_local().map_err(|e| anyhow::anyhow!(e.report()))?;
+                let named = lists::ops::load_all(&registry)?;
+                Ok((parsed, local, named))
+            });
+            let kernel = Kernel::load_pinned(capacity, pins, &list_names);
+            let read = reading.join().map_err(|_| anyhow::anyhow!("reading the lists panicked")).and_then(|r| r);
+            match read {
+                Ok((parsed, local, named)) => anyhow::Ok((parsed, local, named, kernel?)),
+                Err(e) => {
+                    drop(kernel);
+                    for path in load_pins(pins).difference(&pinned_before) {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    Err(e)
+                }
+            }
+        })?;
         if !kernel.adopted_maps().is_empty() {
             tracing::info!(maps = ?kernel.adopted_maps(), "reusing the pinned state of the previous program");
         }
@@ -247,8 +298,10 @@ impl State {
 
     /// Hands /metrics the figures after a change (rules, lists, their
     /// status), for scrapes made while the next change holds the lock.
+    /// Also the moment a change's buffers are freed: handed back.
     pub(crate) fn publish(&self) {
         self.published.publish(self);
+        release_freed_memory();
     }
 
     fn dispatch(&mut self, request: Request) -> anyhow::Result<Response> {
@@ -381,7 +434,7 @@ impl State {
             bail!("no rule given");
         }
         let given = texts.iter().map(|t| Rule::parse(t).with_context(|| format!("{t:?}"))).collect::<anyhow::Result<Vec<_>>>()?;
-        let old: Vec<Rule> = self.engine.list_rules(LOCAL_LIST).into_iter().cloned().collect();
+        let old: Vec<Rule> = self.engine.list_rules(LOCAL_LIST);
         let mut new = old.clone();
         for rule in &given {
             if add {
@@ -391,7 +444,7 @@ impl State {
             } else if let Some(i) = new.iter().position(|r| r == rule) {
                 new.remove(i);
             } else {
-                let elsewhere = self.engine.all_rules().find(|(_, _, r)| *r == rule).map(|(_, list, _)| list.to_string());
+                let elsewhere = self.engine.all_rules().find(|(_, _, r)| r == rule).map(|(_, list, _)| list.to_string());
                 match elsewhere.and_then(|l| self.files.iter().find(|(n, _)| *n == l).cloned()) {
                     Some((list, path)) => bail!("rule `{rule}` is in list {list} ({}): edit that file and run `blokir rules reload`", path.display()),
                     None => bail!("rule `{rule}` is not in the local list"),
@@ -449,6 +502,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if opts.ifaces.is_empty() {
         bail!("no interface given (--iface)");
     }
+    map_big_allocations();
     // Everything that can fail is done before switching the interfaces, and
     // nothing is announced before it could refuse; the socket file is
     // removed on every way out.
@@ -464,6 +518,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (o, p) = (opts.clone(), pins.clone());
     let mut state = tokio::task::spawn_blocking(move || State::new(&o, &p)).await??;
     state.published = metrics_ctx.published();
+    release_freed_memory();
     tracing::info!(rules = state.engine.rule_count(), nodes = state.engine.node_count(), "rules loaded");
     // Switch only once every rule is in place: from the first packet on,
     // filtering by this program is complete.
@@ -486,9 +541,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     remove_stale_maps(&pins, &state);
     // The programs replaced above may still be finishing a packet on another
     // CPU (a run takes microseconds); their stages stay until they surely
-    // have.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    pins.remove_stages_except(Some(state.kernel.program_id()));
+    // have, removed aside while the daemon starts serving.
+    let stages = {
+        let (pins, program) = (pins.clone(), state.kernel.program_id());
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            pins.remove_stages_except(Some(program));
+        })
+    };
     let shared: Shared = Arc::new(Mutex::new(state));
     let events = opts.events.map(|log| (log, Events::new(log, metrics_ctx.event_counts())));
     if let Some((log, events)) = events.clone() {
@@ -525,6 +585,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     control_task.abort();
     refresh_task.abort();
+    // Before the pins are touched below.
+    let _ = stages.await;
     let mut state = lock(&shared);
     match opts.on_exit {
         OnExit::Keep => {

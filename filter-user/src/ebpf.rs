@@ -1,5 +1,6 @@
 //! The XDP program and its maps, as the daemon and the tests use them.
 
+use rayon::prelude::*;
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
@@ -729,6 +730,9 @@ impl Kernel {
     }
 }
 
+/// Runs of inserts shorter than this are written in one call.
+const PARALLEL_WRITES: usize = 1 << 16;
+
 impl Target for Kernel {
     fn write_node(&mut self, key: &NameKey, value: Option<&NodeRules>) -> anyhow::Result<()> {
         match value {
@@ -750,12 +754,31 @@ impl Target for Kernel {
         while at < nodes.len() {
             let insert = nodes[at].1.is_some();
             let run = nodes[at..].iter().take_while(|(_, v)| v.is_some() == insert).count();
-            let keys: Vec<NameKey> = nodes[at..at + run].iter().map(|(k, _)| *k).collect();
             if insert {
-                let values: Vec<NodeRules> = nodes[at..at + run].iter().filter_map(|(_, v)| *v).collect();
-                let (done, result) = batch::update(fd, &keys, &values);
-                result.map_err(|e| (at + done, anyhow!(e).context("writing the rule map")))?;
+                // A big run is written from every core in pieces, at once
+                // (the hash map locks per bucket): a 2M-node load spends
+                // most of its time in the kernel's inserts. Each piece is
+                // copied into the call's arrays on its own, so the copies
+                // of a whole run are never held at once.
+                let piece = run.div_ceil(rayon::current_num_threads()).clamp(PARALLEL_WRITES, 4 * PARALLEL_WRITES);
+                let failed = nodes[at..at + run]
+                    .par_chunks(piece)
+                    .enumerate()
+                    .map(|(i, chunk)| {
+                        let keys: Vec<NameKey> = chunk.iter().map(|(k, _)| *k).collect();
+                        let values: Vec<NodeRules> = chunk.iter().filter_map(|(_, v)| *v).collect();
+                        (i * piece, batch::update(fd, &keys, &values))
+                    })
+                    .filter_map(|(start, (done, result))| result.err().map(|e| (start + done, e)))
+                    .min_by_key(|(n, _)| *n);
+                if let Some((n, e)) = failed {
+                    // Pieces after the failed one may be written: a single
+                    // piece says exactly how far it got, several say all.
+                    let n = if run <= piece { at + n } else { at + run };
+                    return Err((n, anyhow!(e).context("writing the rule map")));
+                }
             } else {
+                let keys: Vec<NameKey> = nodes[at..at + run].iter().map(|(k, _)| *k).collect();
                 // A node already gone is fine: skip it and go on.
                 let mut from = 0;
                 while from < keys.len() {

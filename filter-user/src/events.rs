@@ -167,7 +167,10 @@ impl Events {
         let (list, rule) = {
             let state = lock(shared);
             let info = state.engine.rule(rule.id());
-            (info.and_then(|i| state.engine.list_name(i.list)).unwrap_or("?").to_string(), info.map(|i| i.rule.to_string()).unwrap_or_else(|| "?".into()))
+            (
+                info.as_ref().and_then(|i| state.engine.list_name(i.list)).unwrap_or("?").to_string(),
+                info.map(|i| i.rule.to_string()).unwrap_or_else(|| "?".into()),
+            )
         };
         let name = name.unwrap_or_else(|| "?".into());
         self.counts.logged.fetch_add(1, Ordering::Relaxed);

@@ -203,7 +203,7 @@ impl State {
             etag,
             last_modified,
         };
-        let old_rules: Vec<Rule> = self.engine.list_rules(&name).into_iter().cloned().collect();
+        let old_rules: Vec<Rule> = self.engine.list_rules(&name);
         let existed = self.registry.get(&name).is_some();
         let summary = self.replace_list(&name, None, &parsed.rules, self.named_policy(&def))?;
         let number = match self.registry.put_version(&def, &bytes, version) {

@@ -31,7 +31,9 @@ use smallvec::SmallVec;
 
 use super::{
     first_look,
+    node_store::{NodeStore, NodeVal},
     pattern::{Action, PatternError, Rule, Scope, normalize_name},
+    table::{RuleTable, RuleView},
 };
 
 /// Where the engine's decisions are written: the kernel maps, or a test map.
@@ -39,7 +41,9 @@ pub trait Target {
     /// Sets (or with `None` removes) one node.
     fn write_node(&mut self, key: &NameKey, value: Option<&NodeRules>) -> anyhow::Result<()>;
     /// Writes `nodes` in any order (a phase's writes need none); on an
-    /// error, says how many of the first ones were written.
+    /// error, a count `n` such that none past the first `n` was written
+    /// (some of the first `n` may not have been either: undoing a write
+    /// that was not done rewrites the value the node has).
     fn write_nodes(&mut self, nodes: &[(NameKey, Option<NodeRules>)]) -> Result<(), (usize, anyhow::Error)> {
         for (i, (key, value)) in nodes.iter().enumerate() {
             self.write_node(key, value.as_ref()).map_err(|e| (i, e))?;
@@ -104,7 +108,7 @@ type KeyMap<V> = HashMap<NameKey, V, BuildHasherDefault<KeyHasher>>;
 /// those are below `MAX_RULE_ID`).
 const FRESH: u32 = u32::MAX;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Slot {
     id: u32,
     list: u8,
@@ -112,12 +116,29 @@ struct Slot {
     action: Action,
 }
 
-#[derive(Clone, Debug)]
-struct Node {
-    slots: SmallVec<[Slot; 1]>,
-    value: NodeRules,
-    /// The node's first-look block (`first_look::Probe`).
-    block: u64,
+/// A node's rules. Only nodes with two or more keep them aside
+/// (`Engine::multi`): a node with one (nearly all) has it in its value
+/// (see `single_slot`).
+type Slots = SmallVec<[Slot; 2]>;
+
+/// The rule of a node that has one, read back from its value.
+fn single_slot(v: NodeRules) -> Option<Slot> {
+    let (r, scope) = match (v.exact.is_none(), v.below.is_none()) {
+        (false, true) => (v.exact, Scope::Exact),
+        (true, false) => (v.below, Scope::Below),
+        (false, false) if v.exact == v.below => (v.exact, Scope::Subtree),
+        _ => return None,
+    };
+    Some(Slot { id: r.id(), list: r.list() as u8, scope, action: if r.is_allow() { Action::Allow } else { Action::Block } })
+}
+
+/// One added or removed rule's node, before they are grouped by node.
+struct Affected {
+    key: NameKey,
+    block: u32,
+    depth: u8,
+    /// The rule added there (`None`: a rule removed from there).
+    slot: Option<Slot>,
 }
 
 #[derive(Clone, Debug)]
@@ -147,19 +168,22 @@ impl ListInfo {
     }
 }
 
-impl Change {
+impl Change<'_> {
     /// The id of the list the change is to.
     pub fn list_id(&self) -> u8 {
         self.list.id
     }
 }
 
-/// A planned change to one list.
-pub struct Change {
+/// A planned change to one list (borrowing the rules it adds).
+pub struct Change<'r> {
     list: ListInfo,
-    added: Vec<(u32, Rule)>,
+    added: Vec<(u32, &'r Rule)>,
     removed: Vec<u32>,
-    nodes: Vec<(NameKey, Option<Node>)>,
+    /// The nodes changed, sorted by key (`None`: removed).
+    nodes: Vec<(NameKey, Option<NodeVal>)>,
+    /// Nodes whose rules kept aside change (`Some`: two or more).
+    multi: Vec<(NameKey, Option<Slots>)>,
     phases: [Vec<(NameKey, Option<NodeRules>)>; 4],
     /// The first-look bits of the nodes the change creates.
     look_adds: Vec<first_look::Probe>,
@@ -198,15 +222,17 @@ pub struct Engine {
     hash_r: [u64; 2],
     node_capacity: usize,
     rule_capacity: u32,
-    nodes: KeyMap<Node>,
-    rules: Vec<Option<RuleInfo>>,
+    nodes: NodeStore,
+    /// The rules of the nodes that have more than one.
+    multi: KeyMap<Slots>,
+    rules: RuleTable,
     free_ids: Vec<u32>,
     lists: Vec<ListInfo>,
     depth_counts: Vec<u32>,
 }
 
 /// The engine's node map as the matcher sees it (what the kernel map holds).
-pub struct Nodes<'a>(&'a KeyMap<Node>);
+pub struct Nodes<'a>(&'a NodeStore);
 
 impl RuleLookup for Nodes<'_> {
     fn lookup(&self, key: &NameKey) -> Option<NodeRules> {
@@ -222,8 +248,9 @@ impl Engine {
             hash_r,
             node_capacity,
             rule_capacity,
-            nodes: KeyMap::default(),
-            rules: vec![None],
+            nodes: NodeStore::default(),
+            multi: KeyMap::default(),
+            rules: RuleTable::default(),
             free_ids: Vec::new(),
             lists: Vec::new(),
             depth_counts: vec![0; MAX_DEPTH as usize + 1],
@@ -260,31 +287,46 @@ impl Engine {
         self.lists.iter().map(|l| l.ids.len()).sum()
     }
 
-    pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
-        self.rules.get(id as usize).and_then(Option::as_ref)
+    /// Rule `id` and its list (its text copied: see `rule_view`).
+    pub fn rule(&self, id: u32) -> Option<RuleInfo> {
+        self.rules.get(id).map(|(list, r)| RuleInfo { list, rule: r.to_rule() })
+    }
+
+    /// Rule `id` and its list id, borrowed.
+    pub fn rule_view(&self, id: u32) -> Option<(u8, RuleView<'_>)> {
+        self.rules.get(id)
     }
 
     pub fn list_name(&self, id: u8) -> Option<&str> {
         self.lists.iter().find(|l| l.id == id).map(|l| l.name.as_str())
     }
 
-    /// The rules of one list, in file order of their ids.
-    pub fn list_rules(&self, name: &str) -> Vec<&Rule> {
-        self.list(name).map(|l| l.ids.iter().filter_map(|id| self.rule(*id).map(|r| &r.rule)).collect()).unwrap_or_default()
+    /// The rules of one list, in the order of their ids.
+    pub fn list_rules(&self, name: &str) -> Vec<Rule> {
+        self.list(name).map(|l| l.ids.iter().filter_map(|id| self.rules.get(*id).map(|(_, r)| r.to_rule())).collect()).unwrap_or_default()
     }
 
     /// Every rule with its id and list name.
-    pub fn all_rules(&self) -> impl Iterator<Item = (u32, &str, &Rule)> {
-        self.lists.iter().flat_map(move |l| l.ids.iter().filter_map(move |id| self.rule(*id).map(|r| (*id, l.name.as_str(), &r.rule))))
+    pub fn all_rules(&self) -> impl Iterator<Item = (u32, &str, RuleView<'_>)> {
+        self.lists.iter().flat_map(move |l| l.ids.iter().filter_map(move |id| self.rules.get(*id).map(|(_, r)| (*id, l.name.as_str(), r))))
     }
 
     /// The node key of `name`, its depth and its first-look block.
-    fn key_of(&self, name: &str) -> (NameKey, u8, u64) {
+    fn key_of(&self, name: &str) -> (NameKey, u8, u32) {
         let mut buf = CanonBuf::default();
         // Names were validated by `normalize_name`, so this cannot fail.
         let len = dotted_to_canon(name.as_bytes(), 0, name.len(), &mut buf).unwrap_or(0);
         let (key, block) = full_name_probe(&mut buf, len, &self.hash_r).unwrap_or_default();
-        (key, name.split('.').count() as u8, block)
+        // Only the bits under the first look's mask count (`NodeVal`).
+        (key, name.bytes().filter(|b| *b == b'.').count() as u8 + 1, block as u32)
+    }
+
+    /// The rules on node `key`.
+    fn slots_of(&self, key: &NameKey) -> Slots {
+        match self.multi.get(key) {
+            Some(slots) => slots.clone(),
+            None => self.nodes.get(key).and_then(|n| single_slot(n.value)).into_iter().collect(),
+        }
     }
 
     /// Says what the kernel decides for `name`, with the same matcher.
@@ -298,8 +340,13 @@ impl Engine {
             Decision::Allow(r) => ("allowed", Some(r)),
             Decision::Block(r) => ("blocked", Some(r)),
         };
-        let info = r.and_then(|r| self.rule(r.id()));
-        Ok(CheckResult { name, verdict, list: info.and_then(|i| self.list_name(i.list)).map(str::to_string), rule: info.map(|i| i.rule.to_string()) })
+        let info = r.and_then(|r| self.rule_view(r.id()));
+        Ok(CheckResult {
+            name: name.into(),
+            verdict,
+            list: info.and_then(|(list, _)| self.list_name(list)).map(str::to_string),
+            rule: info.map(|(_, r)| r.to_string()),
+        })
     }
 
     /// Forgets an empty list (emptied by an applied `plan_replace` with no
@@ -313,7 +360,7 @@ impl Engine {
     }
 
     /// Plans replacing the rules of list `name` (created if new) by `rules`.
-    pub fn plan_replace(&self, name: &str, source: Option<PathBuf>, rules: &[Rule]) -> Result<Change, EngineError> {
+    pub fn plan_replace<'r>(&self, name: &str, source: Option<PathBuf>, rules: &'r [Rule]) -> Result<Change<'r>, EngineError> {
         let old = self.list(name);
         let list = match old {
             Some(l) => ListInfo { id: l.id, name: l.name.clone(), source: source.or_else(|| l.source.clone()), ids: Vec::new(), sorted: false },
@@ -330,19 +377,19 @@ impl Engine {
         // `new_ids` in the order of `rules`: a kept rule's id, or a place
         // for a fresh one (filled below, in `added_rules` order).
         let mut new_ids = Vec::with_capacity(rules.len());
-        let mut added_rules: Vec<&Rule> = Vec::new();
-        let mut kept = vec![false; self.rules.len()];
+        let mut added_rules: Vec<&'r Rule> = Vec::new();
+        let mut kept = vec![false; self.rules.id_end()];
         let mut kept_count = 0;
         if sorted && old.is_none_or(|l| l.sorted) {
             // Both sorted: one merge says what stays, what comes, what goes.
-            let rule_of = |id: u32| self.rule(id).map(|r| &r.rule);
+            let rule_of = |id: u32| self.rules.get(id).map(|(_, r)| r);
             let mut olds = old_ids.iter().copied().peekable();
             for rule in rules {
-                while olds.peek().is_some_and(|id| rule_of(*id).is_none_or(|r| r < rule)) {
+                while olds.peek().is_some_and(|id| rule_of(*id).is_none_or(|r| r.cmp_rule(rule).is_lt())) {
                     olds.next();
                 }
                 match olds.peek() {
-                    Some(&id) if rule_of(id) == Some(rule) => {
+                    Some(&id) if rule_of(id).is_some_and(|r| r == *rule) => {
                         olds.next();
                         kept[id as usize] = true;
                         kept_count += 1;
@@ -361,9 +408,8 @@ impl Engine {
                 .par_iter()
                 .map(|rule| {
                     let (key, _, _) = self.key_of(&rule.name);
-                    let found =
-                        self.nodes.get(&key).and_then(|n| n.slots.iter().find(|s| s.list == list.id && s.scope == rule.scope && s.action == rule.action));
-                    found.map(|s| s.id)
+                    let slots = self.slots_of(&key);
+                    slots.iter().find(|s| s.list == list.id && s.scope == rule.scope && s.action == rule.action).map(|s| s.id)
                 })
                 .collect();
             let mut seen = HashSet::new();
@@ -385,56 +431,67 @@ impl Engine {
             }
         }
         let removed: Vec<u32> = old_ids.iter().copied().filter(|id| !kept[*id as usize]).collect();
+        drop(kept);
 
         // Fresh ids: from the free list first, then never-used ones. Ids
         // removed by this change are not reused by it, so no counter is
         // shared between an outgoing and an incoming rule.
-        let never_used = (self.rule_capacity as usize).saturating_sub(self.rules.len());
+        let never_used = (self.rule_capacity as usize).saturating_sub(self.rules.id_end());
         let available = self.free_ids.len() + never_used;
         if added_rules.len() > available {
             return Err(EngineError::RuleCapacity { needed: added_rules.len(), available, capacity: self.rule_capacity });
         }
-        let mut affected: KeyMap<(u8, u64, SmallVec<[Slot; 1]>)> = KeyMap::default();
-        affected.reserve(added_rules.len() + removed.len());
-        let added_keys: Vec<(NameKey, u8, u64)> = added_rules.par_iter().map(|rule| self.key_of(&rule.name)).collect();
-        let mut fresh = self.free_ids.iter().rev().copied().chain(self.rules.len() as u32..);
-        let mut added = Vec::with_capacity(added_rules.len());
-        for (rule, (key, depth, block)) in added_rules.into_iter().zip(added_keys) {
-            let id = fresh.next().unwrap_or_default();
-            affected.entry(key).or_insert_with(|| (depth, block, SmallVec::new())).2.push(Slot { id, list: list.id, scope: rule.scope, action: rule.action });
-            added.push((id, rule.clone()));
-        }
+        let fresh_ids: Vec<u32> = self.free_ids.iter().rev().copied().chain(self.rules.id_end() as u32..).take(added_rules.len()).collect();
+        // Every added and removed rule's node, keyed on every core, then
+        // sorted so that the rules of one node lie together.
+        let mut affected: Vec<Affected> = added_rules
+            .par_iter()
+            .zip(&fresh_ids)
+            .map(|(rule, &id)| {
+                let (key, depth, block) = self.key_of(&rule.name);
+                Affected { key, block, depth, slot: Some(Slot { id, list: list.id, scope: rule.scope, action: rule.action }) }
+            })
+            .collect();
+        affected.par_extend(removed.par_iter().filter_map(|id| {
+            let (_, rule) = self.rules.get(*id)?;
+            let (key, depth, block) = self.key_of(rule.name);
+            Some(Affected { key, block, depth, slot: None })
+        }));
+        affected.par_sort_unstable_by(|a, b| a.key.cmp(&b.key));
         // The fresh ids, in place (`added` is in `rules` order too).
-        let mut fresh_ids = added.iter().map(|(id, _)| *id);
+        let added: Vec<(u32, &'r Rule)> = fresh_ids.iter().copied().zip(added_rules).collect();
+        let mut fresh = fresh_ids.into_iter();
         for id in new_ids.iter_mut().filter(|id| **id == FRESH) {
-            *id = fresh_ids.next().unwrap_or_default();
+            *id = fresh.next().unwrap_or_default();
         }
         let ids_used = added.len();
-        let removed_keys: Vec<(NameKey, u8, u64)> = removed.par_iter().filter_map(|id| self.rule(*id).map(|info| self.key_of(&info.rule.name))).collect();
-        for (key, depth, block) in removed_keys {
-            affected.entry(key).or_insert_with(|| (depth, block, SmallVec::new()));
-        }
-        let mut removed_set = vec![false; self.rules.len()];
+        let mut removed_set = vec![false; self.rules.id_end()];
         for id in &removed {
             removed_set[*id as usize] = true;
         }
 
         let mut depth_counts = self.depth_counts.clone();
         let mut nodes_after = self.nodes.len() as isize;
-        let mut node_updates = Vec::with_capacity(affected.len());
+        let mut node_updates = Vec::new();
+        let mut multi = Vec::new();
         let mut phases: [Vec<(NameKey, Option<NodeRules>)>; 4] = Default::default();
         let mut look_adds = Vec::new();
-        for (key, (depth, block, new_slots)) in affected {
-            let old = self.nodes.get(&key);
-            let mut slots: SmallVec<[Slot; 1]> =
-                old.map(|n| n.slots.iter().copied().filter(|s| !removed_set.get(s.id as usize).copied().unwrap_or(false)).collect()).unwrap_or_default();
-            slots.extend(new_slots);
+        let mut olds = self.nodes.cursor();
+        for group in affected.chunk_by(|a, b| a.key == b.key) {
+            let Affected { key, block, depth, .. } = group[0];
+            let old = olds.get(&key);
+            let mut slots: Slots = match self.multi.get(&key) {
+                Some(slots) => slots.clone(),
+                None => old.and_then(|n| single_slot(n.value)).into_iter().collect(),
+            };
+            slots.retain(|s| !removed_set.get(s.id as usize).copied().unwrap_or(false));
+            slots.extend(group.iter().filter_map(|a| a.slot));
             let old_value = old.map(|n| n.value).unwrap_or_default();
             let new_value = value_of(&slots);
-            let node = if slots.is_empty() { None } else { Some(Node { slots, value: new_value, block }) };
+            let node = (!slots.is_empty()).then_some(NodeVal { value: new_value, block });
             match (old.is_some(), node.is_some()) {
                 (false, true) => {
-                    look_adds.push((block, key));
+                    look_adds.push((u64::from(block), key));
                     nodes_after += 1;
                     depth_counts[depth as usize] += 1;
                 }
@@ -444,9 +501,15 @@ impl Engine {
                 }
                 _ => {}
             }
+            if slots.len() > 1 {
+                multi.push((key, Some(slots)));
+            } else if self.multi.contains_key(&key) {
+                multi.push((key, None));
+            }
             plan_fields(key, old_value, new_value, &mut phases);
             node_updates.push((key, node));
         }
+        drop(affected);
         if nodes_after as usize > self.node_capacity {
             return Err(EngineError::NodeCapacity { needed: nodes_after as usize, capacity: self.node_capacity });
         }
@@ -459,6 +522,7 @@ impl Engine {
             added,
             removed,
             nodes: node_updates,
+            multi,
             phases,
             look_adds,
             depth_counts,
@@ -473,31 +537,41 @@ impl Engine {
     /// commits it. On a write error the entries written so far are restored
     /// (in reverse order, which keeps the same guarantee) and the engine is
     /// unchanged.
-    pub fn apply(&mut self, change: Change, target: &mut dyn Target) -> anyhow::Result<ChangeSummary> {
+    pub fn apply(&mut self, change: Change<'_>, target: &mut dyn Target) -> anyhow::Result<ChangeSummary> {
         let old_mask = mask_of(&self.depth_counts);
-        let mut written: Vec<NameKey> = Vec::new();
+        // How many of each phase's writes may have been done.
+        let mut done = [0; 4];
         let result = (|| -> anyhow::Result<()> {
             // Ids never used before have a zero counter already (the rule
             // map and its counters are created with the engine).
-            for (id, _) in change.added.iter().filter(|(id, _)| (*id as usize) < self.rules.len()) {
+            for (id, _) in change.added.iter().filter(|(id, _)| (*id as usize) < self.rules.id_end()) {
                 target.reset_hits(*id)?;
             }
             target.write_depth_mask(change.depth_union)?;
             // Before any node is written: a node in the map whose bits are
             // not set would be missed.
             target.look_add(&change.look_adds)?;
-            for phase in &change.phases {
-                let done = target.write_nodes(phase);
-                let n = done.as_ref().err().map_or(phase.len(), |(n, _)| *n);
-                written.extend(phase[..n].iter().map(|(key, _)| *key));
-                done.map_err(|(_, e)| e)?;
+            for (phase, done) in change.phases.iter().zip(&mut done) {
+                let result = target.write_nodes(phase);
+                *done = result.as_ref().err().map_or(phase.len(), |(n, _)| *n);
+                result.map_err(|(_, e)| e)?;
             }
             target.write_depth_mask(change.depth_final)
         })();
         if let Err(e) = result {
-            for key in written.iter().rev() {
-                let old = self.nodes.get(key).map(|n| n.value);
-                if let Err(undo) = target.write_node(key, old.as_ref()) {
+            // Each write undone in reverse order, back to the value the node
+            // had before it: every state passed is one the change passed.
+            let mut now: KeyMap<Option<NodeRules>> = KeyMap::default();
+            let mut undo = Vec::new();
+            for (phase, n) in change.phases.iter().zip(done) {
+                for (key, value) in &phase[..n] {
+                    let before = now.get(key).copied().unwrap_or_else(|| self.nodes.get(key).map(|n| n.value));
+                    undo.push((*key, before));
+                    now.insert(*key, *value);
+                }
+            }
+            for (key, before) in undo.iter().rev() {
+                if let Err(undo) = target.write_node(key, before.as_ref()) {
                     tracing::error!("restoring the rule map after a failed change: {undo:#}");
                 }
             }
@@ -505,11 +579,11 @@ impl Engine {
             return Err(e);
         }
         let removes_nodes = change.nodes.iter().any(|(_, n)| n.is_none());
-        let summary = self.commit(change)?;
+        let summary = self.commit(change);
         if removes_nodes {
             // The map holds exactly the committed nodes now. A failure leaves
             // extra bits, which cost lookups but never a verdict.
-            let mut probes = self.nodes.iter().map(|(key, n)| (n.block, *key));
+            let mut probes = self.nodes.iter().map(|(key, n)| (u64::from(n.block), *key));
             if let Err(e) = target.look_rebuild(&mut probes) {
                 tracing::warn!("clearing the first look of removed rules: {e:#}");
             }
@@ -517,27 +591,26 @@ impl Engine {
         Ok(summary)
     }
 
-    fn commit(&mut self, change: Change) -> anyhow::Result<ChangeSummary> {
-        let Change { list, added, removed, nodes, depth_counts, ids_used, summary, .. } = change;
+    fn commit(&mut self, change: Change<'_>) -> ChangeSummary {
+        let Change { list, added, removed, nodes, multi, depth_counts, ids_used, summary, phases, look_adds, .. } = change;
+        // Freed before the node store is merged (the merge copies it).
+        drop((phases, look_adds));
         let fresh_from_free = ids_used.min(self.free_ids.len());
         self.free_ids.truncate(self.free_ids.len() - fresh_from_free);
         for (id, rule) in added {
-            let slot = RuleInfo { list: list.id, rule };
-            if (id as usize) < self.rules.len() {
-                self.rules[id as usize] = Some(slot);
-            } else {
-                self.rules.push(Some(slot));
-            }
+            self.rules.set(id, list.id, rule);
         }
         for id in removed {
-            self.rules[id as usize] = None;
+            self.rules.free(id);
             self.free_ids.push(id);
         }
-        self.nodes.reserve(nodes.len());
-        for (key, node) in nodes {
-            match node {
-                Some(n) => self.nodes.insert(key, n),
-                None => self.nodes.remove(&key),
+        self.rules.compact_if_wasteful();
+        self.nodes.merge(&nodes);
+        drop(nodes);
+        for (key, slots) in multi {
+            match slots {
+                Some(s) => self.multi.insert(key, s),
+                None => self.multi.remove(&key),
             };
         }
         self.depth_counts = depth_counts;
@@ -547,7 +620,7 @@ impl Engine {
             self.lists.push(list);
             self.lists.sort_by_key(|l| l.id);
         }
-        Ok(summary)
+        summary
     }
 }
 
@@ -740,7 +813,7 @@ mod tests {
             .map(|_| Rule {
                 action: if rng.random_ratio(1, 4) { Action::Allow } else { Action::Block },
                 scope: [Scope::Exact, Scope::Below, Scope::Subtree][rng.random_range(0..3)],
-                name: names[rng.random_range(0..names.len())].clone(),
+                name: names[rng.random_range(0..names.len())].as_str().into(),
             })
             .collect()
     }
@@ -785,7 +858,7 @@ mod tests {
             assert_eq!(target.nodes.len(), engine.node_count());
             // Nothing but the nodes in the map is left in the first look.
             let words: Vec<u64> = target.look.iter().map(|w| w.load(std::sync::atomic::Ordering::Relaxed)).collect();
-            assert_eq!(words, first_look::build(words.len(), engine.nodes.iter().map(|(k, n)| (n.block, *k))), "round {round}");
+            assert_eq!(words, first_look::build(words.len(), engine.nodes.iter().map(|(k, n)| (u64::from(n.block), *k))), "round {round}");
         }
     }
 

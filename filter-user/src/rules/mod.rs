@@ -7,9 +7,11 @@ pub mod engine;
 pub mod file;
 pub mod first_look;
 pub mod formats;
+pub mod node_store;
 pub mod pattern;
 pub mod shrink;
 pub mod store;
+pub mod table;
 
 pub use engine::{ChangeSummary, CheckResult, Engine, EngineError, Target};
 pub use pattern::{Action, Rule, Scope};

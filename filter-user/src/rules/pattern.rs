@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use compact_str::CompactString;
 use filter_common::name::{MAX_DOTTED_LEN, MAX_LABEL_LEN};
 use serde::{Deserialize, Serialize};
 
@@ -34,8 +35,10 @@ pub enum Action {
 pub struct Rule {
     pub action: Action,
     pub scope: Scope,
-    /// Lowercase ASCII (IDNs as punycode), no trailing dot.
-    pub name: String,
+    /// Lowercase ASCII (IDNs as punycode), no trailing dot. Held inline
+    /// up to 24 bytes (most names): a 2M-rule list is read without a heap
+    /// allocation per rule.
+    pub name: CompactString,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -84,7 +87,7 @@ impl Rule {
 
     pub fn pattern(&self) -> String {
         match self.scope {
-            Scope::Exact => self.name.clone(),
+            Scope::Exact => self.name.to_string(),
             Scope::Below => format!("*.{}", self.name),
             Scope::Subtree => format!(".{}", self.name),
         }
@@ -100,7 +103,7 @@ impl fmt::Display for Rule {
     }
 }
 
-fn parse_pattern(p: &str) -> Result<(Scope, String), PatternError> {
+fn parse_pattern(p: &str) -> Result<(Scope, CompactString), PatternError> {
     let (scope, rest) = if let Some(rest) = p.strip_prefix("*.") {
         (Scope::Below, rest)
     } else if let Some(rest) = p.strip_prefix('.') {
@@ -113,7 +116,7 @@ fn parse_pattern(p: &str) -> Result<(Scope, String), PatternError> {
 
 /// Lowercases, strips one trailing dot, converts IDNs to punycode and checks
 /// label and name lengths and characters.
-pub fn normalize_name(name: &str) -> Result<String, PatternError> {
+pub fn normalize_name(name: &str) -> Result<CompactString, PatternError> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() {
         return Err(PatternError::Empty);
@@ -121,7 +124,13 @@ pub fn normalize_name(name: &str) -> Result<String, PatternError> {
     if name.contains('*') {
         return Err(PatternError::Wildcard);
     }
-    let ascii = if name.is_ascii() { name.to_ascii_lowercase() } else { idna::domain_to_ascii(name).map_err(|e| PatternError::Idna(e.to_string()))? };
+    let ascii = if name.is_ascii() {
+        let mut s = CompactString::from(name);
+        s.make_ascii_lowercase();
+        s
+    } else {
+        idna::domain_to_ascii(name).map_err(|e| PatternError::Idna(e.to_string()))?.into()
+    };
     for label in ascii.split('.') {
         if label.is_empty() {
             return Err(PatternError::EmptyLabel);
