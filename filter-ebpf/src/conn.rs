@@ -24,22 +24,23 @@ use crate::{
 ///
 /// A blocked flow on the same addresses and ports: see `blocked_syn`. A
 /// TLS or HTTP flow still being read: tampering (`flow::sign::SYN`). A
-/// DNS-over-TCP reader with a message
-/// under way reads on (the server discards the SYN). Any other state on the
-/// pair is stale: forgotten, and the start recorded, unless the SYN
-/// conflicts with the one before it (`flow::on_syn`): then it is dropped.
+/// DNS-over-TCP reader with a message under way reads on (the server
+/// discards the SYN). Any other state on the pair is stale: forgotten, and
+/// the start recorded, unless the SYN conflicts with the one before it
+/// (`flow::on_syn`): then it is dropped.
 #[inline(always)]
 pub fn syn(pkt: &XdpPacket) -> u32 {
     let Ok(l3) = parse_l3(pkt) else { return xdp_action::XDP_PASS };
     let Ok(l4) = parse_tcp(pkt, &l3) else { return xdp_action::XDP_PASS };
     let Some(key) = FlowKey::of(pkt, &l3, &l4) else { return xdp_action::XDP_PASS };
     let key = &key;
-    if let Some(verdict) = blocked_syn(pkt, key) {
-        return verdict;
-    }
+    // One lookup of the pair's flow for all three cases.
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: the flow's map value (see the TLS stage).
         let flow = unsafe { &mut *flow };
+        if let Some(verdict) = reset_open(pkt, flow, key) {
+            return verdict;
+        }
         if flow.reading() {
             if flow.kind() == KIND_DNS {
                 count(counters::EVASION_SYN);
@@ -51,8 +52,8 @@ pub fn syn(pkt: &XdpPacket) -> u32 {
                 return verdict;
             }
         }
+        let _ = FLOWS.remove(key);
     }
-    let _ = FLOWS.remove(key);
     // SAFETY: a value of the map, copied out.
     let record = SYNS.get_ptr(key).map(|e| unsafe { core::ptr::read_volatile(e) });
     // SAFETY: a helper without arguments.
@@ -84,7 +85,12 @@ pub fn syn(pkt: &XdpPacket) -> u32 {
 pub fn blocked_syn(pkt: &XdpPacket, key: &FlowKey) -> Option<u32> {
     let flow = FLOWS.get_ptr(key)?;
     // SAFETY: the flow's map value.
-    let flow = unsafe { &*flow };
+    reset_open(pkt, unsafe { &*flow }, key)
+}
+
+/// `blocked_syn` for the flow found: the RST to its server's open end.
+#[inline(always)]
+fn reset_open(pkt: &XdpPacket, flow: &Flow, key: &FlowKey) -> Option<u32> {
     (flow.blocked() == (true, false)).then(|| to_reset(pkt, Toward::Server(flow.passed_seq()), key, true))
 }
 
