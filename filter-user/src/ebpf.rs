@@ -736,7 +736,10 @@ const PARALLEL_WRITES: usize = 1 << 16;
 impl Target for Kernel {
     fn write_node(&mut self, key: &NameKey, value: Option<&NodeRules>) -> anyhow::Result<()> {
         match value {
-            Some(v) => self.rules.insert(key, v, 0).context("writing the rule map"),
+            Some(v) => match batch::update(self.rules_fd.as_raw_fd(), std::slice::from_ref(key), std::slice::from_ref(v)) {
+                (_, Ok(())) => Ok(()),
+                (_, Err(e)) => Err(e).context("writing the rule map"),
+            },
             None => match self.rules.remove(key) {
                 Ok(()) => Ok(()),
                 Err(MapError::KeyNotFound) => Ok(()),
@@ -1085,7 +1088,7 @@ fn map_memory(ids: &[u32]) -> anyhow::Result<Vec<(String, u64)>> {
 
 /// BPF_MAP_UPDATE_BATCH and BPF_MAP_DELETE_BATCH, which aya does not wrap.
 mod batch {
-    use std::os::fd::RawFd;
+    use std::{os::fd::RawFd, time::Duration};
 
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -1115,12 +1118,109 @@ mod batch {
         (attr.count as usize, result)
     }
 
+    /// Writes every entry, waiting out the kernel's element cache running
+    /// dry. A map without preallocation takes each new element from a
+    /// per-CPU cache that an irq_work refills (Linux 6.1+); a syscall that
+    /// inserts faster than the refill runs gets ENOMEM with gigabytes free
+    /// (seen once in a fresh-clone CI, a 2M-name list refused after 24 s;
+    /// amazonlinux/amazon-linux-2023#1129 has it at every batch on some
+    /// hosts). The entries written stay written, so the rest is retried
+    /// after a pause that lets the refill run.
     pub fn update<K, V>(fd: RawFd, keys: &[K], values: &[V]) -> (usize, std::io::Result<()>) {
         debug_assert_eq!(keys.len(), values.len());
-        call(BPF_MAP_UPDATE_BATCH, fd, keys.as_ptr() as u64, values.as_ptr() as u64, keys.len())
+        retrying(keys.len(), |from| {
+            let (keys, values) = (&keys[from..], &values[from..]);
+            call(BPF_MAP_UPDATE_BATCH, fd, keys.as_ptr() as u64, values.as_ptr() as u64, keys.len())
+        })
+    }
+
+    /// Pauses before a retry: from a tick's worth up to 64 ms.
+    const FIRST_PAUSE: Duration = Duration::from_millis(1);
+    const LONGEST_PAUSE: Duration = Duration::from_millis(64);
+    /// ENOMEMs in a row, none with progress, before a write gives up (1.7 s
+    /// of pauses): by then memory is really short.
+    const PATIENCE: u32 = 30;
+
+    /// Runs `write(from)` over entries `from..count` until all are done,
+    /// retrying ENOMEM; how many were done, and the error that stopped it.
+    fn retrying(count: usize, mut write: impl FnMut(usize) -> (usize, std::io::Result<()>)) -> (usize, std::io::Result<()>) {
+        let (mut from, mut pause, mut fruitless) = (0, FIRST_PAUSE, 0);
+        loop {
+            let (done, result) = write(from);
+            from += done;
+            match result {
+                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && from < count => {
+                    if done > 0 {
+                        (pause, fruitless) = (FIRST_PAUSE, 0);
+                    } else {
+                        fruitless += 1;
+                    }
+                    if fruitless > PATIENCE {
+                        return (from, Err(e));
+                    }
+                    tracing::debug!(written = from, of = count, ?pause, "the kernel's element cache ran dry: retrying");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(LONGEST_PAUSE);
+                }
+                result => return (from, result),
+            }
+        }
     }
 
     pub fn delete<K>(fd: RawFd, keys: &[K]) -> (usize, std::io::Result<()>) {
         call(BPF_MAP_DELETE_BATCH, fd, keys.as_ptr() as u64, 0, keys.len())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::io::Error;
+
+        fn enomem() -> std::io::Result<()> {
+            Err(Error::from_raw_os_error(libc::ENOMEM))
+        }
+
+        #[test]
+        fn a_dry_cache_is_waited_out_and_nothing_is_written_twice() {
+            let mut calls = vec![];
+            let (done, result) = retrying(100, |from| {
+                calls.push(from);
+                match calls.len() {
+                    1 => (40, enomem()),
+                    2 => (0, enomem()),
+                    _ => (100 - from, Ok(())),
+                }
+            });
+            assert_eq!((done, result.is_ok()), (100, true));
+            assert_eq!(calls, [0, 40, 40]);
+        }
+
+        #[test]
+        fn progress_renews_patience_and_a_cache_that_stays_dry_is_refused() {
+            // One entry per call, each followed by ENOMEM: slow, but it ends.
+            let count = 2 * PATIENCE as usize;
+            let mut calls = 0;
+            let (done, result) = retrying(count, |from| {
+                calls += 1;
+                (1, if from + 1 == count { Ok(()) } else { enomem() })
+            });
+            assert_eq!((done, result.is_ok(), calls), (count, true, 2 * PATIENCE));
+            let mut calls = 0;
+            let (done, result) = retrying(10, |_| {
+                calls += 1;
+                (if calls == 1 { 3 } else { 0 }, enomem())
+            });
+            assert_eq!((done, result.unwrap_err().raw_os_error(), calls), (3, Some(libc::ENOMEM), PATIENCE + 2));
+        }
+
+        #[test]
+        fn other_errors_are_not_retried() {
+            let mut calls = 0;
+            let (done, result) = retrying(10, |_| {
+                calls += 1;
+                (2, Err(Error::from_raw_os_error(libc::E2BIG)))
+            });
+            assert_eq!((done, result.unwrap_err().raw_os_error(), calls), (2, Some(libc::E2BIG), 1));
+        }
     }
 }
