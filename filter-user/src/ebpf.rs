@@ -197,7 +197,9 @@ pub struct Kernel {
     look: SharedWords,
     /// Kept open (and pinned by the daemon): the kernel empties a program
     /// array once no file refers to it.
-    _stages: ProgramArray<MapData>,
+    stages: ProgramArray<MapData>,
+    /// The stages' programs by slot (`install_stages`).
+    stage_fds: Vec<(u32, aya::programs::ProgramFd)>,
     cfg: Config,
     http_ports_written: bool,
     tls_ports_written: bool,
@@ -343,7 +345,8 @@ impl Kernel {
             rule_hits,
             hits_view,
             look,
-            _stages: stages,
+            stages,
+            stage_fds: stages_fds.into(),
             cfg: Config::default(),
             http_ports_written: false,
             tls_ports_written: false,
@@ -719,6 +722,25 @@ impl Kernel {
     /// Whether a probe (`first_look::Probe`) passes the first look now.
     pub fn first_look_passes(&self, block: u64, key: &NameKey) -> bool {
         first_look::may_hold(self.look.words(), block, key)
+    }
+
+    /// Installs the stages `keep` takes and empties the other slots, where a
+    /// tail call returns and the packet passes: the benchmark measures how a
+    /// packet's time splits between the entry program and the stages by
+    /// cutting the chain short. The daemon installs them all at load.
+    pub fn install_stages(&mut self, keep: impl Fn(u32) -> bool) -> anyhow::Result<()> {
+        for (slot, fd) in &self.stage_fds {
+            if keep(*slot) {
+                self.stages.set(*slot, fd, 0).context("installing a stage")?;
+            } else {
+                match self.stages.clear_index(slot) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(e).context("emptying a stage's slot"),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A map of the loaded object (for tests that fill or inspect it).

@@ -21,7 +21,10 @@ use blokir::{
     rules::{Engine, Rule, file::read_rules},
 };
 use blokir_tests::{PASS_AS_RST, XDP_DROP, XDP_PASS, noop};
-use filter_common::hash::lane_multiplier;
+use filter_common::{
+    hash::lane_multiplier,
+    rules::{STAGE_MATCH, STAGE_REPLY},
+};
 use rand::Rng;
 
 use crate::{
@@ -97,6 +100,39 @@ impl ClassResult {
     }
 }
 
+/// How much of the tail-call chain is installed (`Kernel::install_stages`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Chain {
+    /// The entry program alone: every tail call returns, the packet passes.
+    Entry,
+    /// And the stages that read a packet (DNS, TLS, HTTP, QUIC, DNS over TCP,
+    /// the compare stage): a name read goes no further.
+    Readers,
+    /// And the match and answer stages: the whole program.
+    Whole,
+}
+
+impl Chain {
+    fn keeps(self, slot: u32) -> bool {
+        match self {
+            Chain::Entry => false,
+            Chain::Readers => !matches!(slot, STAGE_MATCH | STAGE_REPLY),
+            Chain::Whole => true,
+        }
+    }
+}
+
+/// One class's net cold cost (ns, at the most rules) by how much of the
+/// chain ran: the differences are the entry program's, the readers' and the
+/// match and answer stages' shares.
+#[derive(Clone, Debug)]
+pub struct StageSplit {
+    pub class: &'static str,
+    pub entry: f64,
+    pub readers: f64,
+    pub whole: f64,
+}
+
 #[derive(Clone, Debug)]
 pub struct MapMem {
     pub map_type: u32,
@@ -144,6 +180,9 @@ impl LoadResult {
 
 pub struct Micro {
     pub results: Vec<ClassResult>,
+    /// Where the time goes, at the most rules: each class's net cold cost
+    /// with the chain cut after the entry program and after the readers.
+    pub stages: Vec<StageSplit>,
     pub load: LoadResult,
     pub hello_clients: (String, String),
 }
@@ -159,6 +198,7 @@ struct Bench {
     engine: Engine,
     noop: OwnedFd,
     flow: usize,
+    chain: Chain,
 }
 
 impl Bench {
@@ -171,17 +211,44 @@ impl Bench {
         Ok((plan, t.elapsed().as_secs_f64(), summary.writes))
     }
 
+    fn install(&mut self, chain: Chain) -> anyhow::Result<()> {
+        self.kernel.install_stages(|slot| chain.keeps(slot))
+    }
+
+    /// Measures from now on with the chain cut as `chain` says.
+    fn cut(&mut self, chain: Chain) -> anyhow::Result<()> {
+        self.install(chain)?;
+        self.chain = chain;
+        Ok(())
+    }
+
+    /// Runs packets that set flows up for the ones measured next (hellos
+    /// before their data), through the whole chain whatever is measured
+    /// (all at once: a stage slot's update waits for an RCU grace period).
+    fn setup<'a>(&mut self, packets: impl IntoIterator<Item = &'a [u8]>) -> anyhow::Result<()> {
+        if self.chain != Chain::Whole {
+            self.install(Chain::Whole)?;
+        }
+        for packet in packets {
+            self.kernel.test_run(packet, 1)?;
+        }
+        if self.chain != Chain::Whole {
+            self.install(self.chain)?;
+        }
+        Ok(())
+    }
+
     fn next_flow(&mut self) -> usize {
         self.flow += 1;
         self.flow
     }
 
     /// Runs `packet` once in blokir and once in the no-op: the two
-    /// durations in ns; checks blokir's verdict.
+    /// durations in ns; checks blokir's verdict (when the whole chain runs).
     fn pair(&mut self, packet: &[u8], want: u32, what: &str) -> anyhow::Result<(f64, f64)> {
         let (action, out, d) = self.kernel.test_run(packet, 1)?;
         let action = if action == XDP_PASS && out != packet { PASS_AS_RST } else { action };
-        if action != want {
+        if action != want && self.chain == Chain::Whole {
             bail!("{what}: blokir returned {} where {} was expected", blokir_tests::action_name(action), blokir_tests::action_name(want));
         }
         let (_, dn) = noop::test_run(&self.noop, packet, 1)?;
@@ -284,7 +351,7 @@ pub fn run(list: &List, index: &ListIndex, p: &Params) -> anyhow::Result<Micro> 
     load.program_load_s = t.elapsed().as_secs_f64();
     let engine = Engine::new([lane_multiplier(rand::random()), lane_multiplier(rand::random())], capacity as usize, capacity);
     let noop = noop::load_xdp_pass().context("loading the no-op XDP program")?;
-    let mut b = Bench { kernel, engine, noop, flow: 0 };
+    let mut b = Bench { kernel, engine, noop, flow: 0, chain: Chain::Whole };
     // The daemon's default settings (QUIC read on every UDP port but 53,
     // fragments and tampering blocked...), as an operator runs it.
     let mut cfg = b.engine.config();
@@ -310,6 +377,7 @@ pub fn run(list: &List, index: &ListIndex, p: &Params) -> anyhow::Result<Micro> 
     let allowed = unlisted(&mut g, list, index, p.samples);
 
     let mut results = Vec::new();
+    let mut stages = Vec::new();
     let mut counts = p.counts.clone();
     counts.sort_unstable_by(|a, b| b.cmp(a));
     for (n, &k) in counts.iter().enumerate() {
@@ -318,12 +386,26 @@ pub fn run(list: &List, index: &ListIndex, p: &Params) -> anyhow::Result<Micro> 
             b.set(&rules, None)?;
         }
         eprintln!("bench: measuring every class with {k} rules");
-        results.extend(classes(&mut b, list, k, &allowed, &mut g, &one, &two, p.samples)?);
+        let whole = classes(&mut b, list, k, &allowed, &mut g, &one, &two, p.samples)?;
         if n == 0 {
+            let mut cut = Vec::new();
+            for chain in [Chain::Entry, Chain::Readers] {
+                eprintln!("bench: measuring every class with the chain cut: {chain:?}");
+                b.cut(chain)?;
+                cut.push(classes(&mut b, list, k, &allowed, &mut g, &one, &two, p.samples)?);
+            }
+            b.cut(Chain::Whole)?;
+            stages = whole
+                .iter()
+                .zip(&cut[0])
+                .zip(&cut[1])
+                .map(|((w, e), r)| StageSplit { class: w.class, entry: e.net(), readers: r.net(), whole: w.net() })
+                .collect();
             swap(&mut b, list, max, &p.dir, &mut load)?;
         }
+        results.extend(whole);
     }
-    Ok(Micro { results, load, hello_clients })
+    Ok(Micro { results, stages, load, hello_clients })
 }
 
 /// Replaces the loaded list by a version with 1% of its rules changed.
@@ -432,7 +514,7 @@ fn classes(
     r1.hot = b.hot(&segs[0])?;
     let flow = b.next_flow();
     let segs = packets::hello_segments(two, &allowed[1], flow, true)?;
-    b.kernel.test_run(&segs[0], 1)?;
+    b.setup([&segs[0][..]])?;
     r2.hot = b.hot(&segs[1])?;
     out.push(r1.result("tls_split_first", k));
     out.push(r2.result("tls_split_second", k));
@@ -471,19 +553,22 @@ fn classes(
 
     // Data of flows already decided: the hello (to an unlisted name) run
     // first, unmeasured; then a data segment after it.
-    let mut runs = Runs::default();
-    let mut first = None;
+    let mut hellos = Vec::with_capacity(samples);
+    let mut data = Vec::with_capacity(samples);
     for i in 0..samples {
         let flow = b.next_flow();
         let name = &allowed[i % allowed.len()];
         let hello = packets::hello_segments(one, name, flow, false)?.remove(0);
-        b.kernel.test_run(&hello, 1)?;
         let seq = 1_000_000u32 + (hello.len() - 54) as u32;
-        let pkt = packets::tcp_data(flow, seq);
-        runs.push(b.pair(&pkt, XDP_PASS, "TCP data of an allowed flow")?);
-        first.get_or_insert(pkt);
+        data.push(packets::tcp_data(flow, seq));
+        hellos.push(hello);
     }
-    runs.hot = b.hot(first.as_ref().context("no samples")?)?;
+    b.setup(hellos.iter().map(Vec::as_slice))?;
+    let mut runs = Runs::default();
+    for pkt in &data {
+        runs.push(b.pair(pkt, XDP_PASS, "TCP data of an allowed flow")?);
+    }
+    runs.hot = b.hot(data.first().context("no samples")?)?;
     out.push(runs.result("tcp_data", k));
 
     // QUIC Initials of new flows, their ClientHellos to unlisted names:

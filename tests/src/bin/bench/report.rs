@@ -274,6 +274,8 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
         crate::micro::ISP_MIX.iter().map(|(c, s)| s * net_at(c, max)).sum::<f64>()
     )?;
 
+    stage_split(w, m, max)?;
+
     writeln!(w, "## 2. Scaling\n")?;
     writeln!(w, "Net cold cost (ns) by rule count; the same unlisted names at every count, listed names drawn from the rules loaded.\n")?;
     write!(w, "| class |")?;
@@ -538,5 +540,35 @@ fn plot(args: &Args, m: &Micro, counts: &[usize]) -> anyhow::Result<()> {
         .label_font(("sans-serif", 15))
         .draw()?;
     root.present()?;
+    Ok(())
+}
+
+/// The per-class split of the cost between the entry program, the reading
+/// stages and the match and answer stages (`micro::StageSplit`).
+fn stage_split(w: &mut impl std::fmt::Write, m: &Micro, max: usize) -> anyhow::Result<()> {
+    if m.stages.is_empty() {
+        return Ok(());
+    }
+    writeln!(w, "### Where the time goes ({max} rules)\n")?;
+    writeln!(
+        w,
+        "Every class measured twice more in the same run with the tail-call chain cut short: the entry program alone (every stage's \
+         slot emptied, so each tail call returns and the packet passes), then with the stages that read a packet (DNS, which \
+         matches its name itself; TLS, HTTP, QUIC, the compare stage) but not the match stage (TLS and HTTP names) nor the answer \
+         stage (DNS answers, RSTs): a name read goes no further, and the reader fails closed as when a tail call fails. The differences are each part's share of the net cold cost; hellos that set a flow up before the \
+         measured segment always run the whole chain. The three runs are seconds apart, not packet by packet (a stage slot's \
+         update waits for an RCU grace period), so a class the entry program serves alone (other UDP, ACK, SYN) shows this \
+         method's noise: it should read the same in every column but the first, and a difference there (the SYN's LRU map \
+         fuller or emptier from run to run) is the margin to allow the others. This VM exposes no hardware performance counters (`perf stat -e \
+         instructions` says `<not supported>`; no `cpu` PMU), so instructions executed and cache misses cannot be counted here; on a \
+         host with a PMU, `bpftool prog profile id <entry program> cycles instructions llc_misses` over the same traffic adds them.\n"
+    )?;
+    writeln!(w, "| class | entry program ns | reading stages ns | match and answer ns | whole ns |\n| --- | ---: | ---: | ---: | ---: |")?;
+    for (c, desc) in CLASSES {
+        if let Some(x) = m.stages.iter().find(|x| x.class == *c) {
+            writeln!(w, "| {desc} | {:.0} | {:.0} | {:.0} | **{:.0}** |", x.entry, x.readers - x.entry, x.whole - x.readers, x.whole)?;
+        }
+    }
+    writeln!(w)?;
     Ok(())
 }
