@@ -152,6 +152,22 @@ impl Flow {
         name_overlap(seq, len, at, n).is_some()
     }
 
+    /// Whether the TLS stage would pass a segment (`seq`, `len` payload
+    /// bytes) of this flow untouched, unless it starts a ClientHello: a
+    /// watched hello (its name passed), not blocked, between rounds, the
+    /// segment wholly off the name's bytes (nothing to compare). Most of a
+    /// TLS connection's packets; the entry program passes them itself
+    /// (`conn::idle_tls`), without the tail call and the stage's parse.
+    #[inline(always)]
+    pub fn idle_tls(&self, seq: u32, len: u32) -> bool {
+        if self.kind() != KIND_TLS {
+            return false;
+        }
+        // SAFETY: the variant `kind` names.
+        let hello = unsafe { &self.hello };
+        !hello.is_blocked() && hello.watched() && hello.rounds == 0 && !self.overlaps_name(seq, len)
+    }
+
     /// Sets the parser's rounds of `feed` on the current segment.
     #[inline(always)]
     pub fn set_rounds(&mut self, rounds: u32) {

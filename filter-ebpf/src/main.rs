@@ -69,6 +69,9 @@ pub fn blokir(ctx: XdpContext) -> u32 {
             } else if has_port(&HTTP_PORTS, port) {
                 unsafe { STAGES.tail_call(&ctx, STAGE_HTTP) };
             } else if has_port(&TLS_PORTS, port) {
+                if conn::idle_tls(&pkt) {
+                    return xdp_action::XDP_PASS;
+                }
                 unsafe { STAGES.tail_call(&ctx, STAGE_TLS) };
             }
         }

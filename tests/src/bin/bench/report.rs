@@ -240,8 +240,8 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
          what a large rule map adds (bucket and entry cache misses, one probe per label); the rest is the DNS stage's own work \
          (tail calls, name canonicalisation and hashing, per-CPU scratch maps) with cold caches and TLB. Hot, the same query costs \
          {:.0} ns.\n\
-         - A plain HTTP GET costs {:.0} ns: every TCP segment with payload is handed to the TLS stage, which parses the headers again, looks up \
-         the flow in the LRU map and checks whether the payload can start a ClientHello.\n\
+         - A plain HTTP GET costs {:.0} ns: the HTTP stage parses the headers again, records the flow in the LRU map, reads the \
+         request up to its Host header, and the match stage matches the name.\n\
          - Cold figures put a system call and the no-op's run between two packets, so the program starts with cold caches every \
          time: an upper bound for a NIC's back-to-back packets; the hot figures are a lower bound that traffic with many \
          distinct names does not reach. {}\n",
@@ -267,7 +267,8 @@ pub fn write(args: &Args, m: &Micro, veth: Option<&Veth>, counts: &[usize], samp
     writeln!(
         w,
         "- A data segment of a TCP flow whose hello was already allowed costs {:.0} ns net (port 443, 1.4 KB): the bulk of a link's \
-         packets. The ISP mix (`isp_mix_ns`) weighs the classes by a guessed share of packets: {}; it comes to **{:.0} ns** per \
+         packets. The entry program looks the flow up and passes the segment itself (no tail call): the cost is that lookup in \
+         the LRU flow table, whose element is cold. The ISP mix (`isp_mix_ns`) weighs the classes by a guessed share of packets: {}; it comes to **{:.0} ns** per \
          packet net.\n",
         net_at("tcp_data", max),
         crate::micro::ISP_MIX.iter().map(|(c, s)| format!("{c} {:.1} %", s * 100.0)).collect::<Vec<_>>().join(", "),
