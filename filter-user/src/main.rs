@@ -578,7 +578,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fetch_timeouts: Timeouts { connect: fetch_connect_timeout, idle: fetch_idle_timeout },
                 max_shrink,
             };
-            raise_priority();
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             let result = runtime.block_on(daemon::run(opts));
             // A list download still in flight (a blocking task) must not
@@ -772,34 +771,6 @@ fn replay_capture(opts: &replay::Options, output: Output) -> anyhow::Result<Exit
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The daemon's scheduling priority (nice), taken by every thread it
-/// starts after this.
-const DAEMON_NICE: libc::c_int = -10;
-
-/// Raises the daemon's priority to `DAEMON_NICE` (unless it runs higher
-/// already: systemd's `Nice=` in the unit). A blocked QUIC flow holds only
-/// if the reader's verdict lands before the client's second flight, one
-/// round trip after its Initial: on a busy box (a browser, a build) a
-/// reader at the same priority as the rest waited its turn for longer than
-/// that (seen in the HTTP/3 end-to-end test beside the kernel matrix's
-/// guests). Its work per Initial is small and bounded. Without
-/// CAP_SYS_NICE it stays as it was.
-fn raise_priority() {
-    // SAFETY: plain syscalls on this thread (Linux's nice is per thread;
-    // threads started later inherit it). errno is cleared first:
-    // getpriority may return -1 as a value.
-    unsafe {
-        *libc::__errno_location() = 0;
-        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
-        if now <= DAEMON_NICE && *libc::__errno_location() == 0 {
-            return;
-        }
-        if libc::setpriority(libc::PRIO_PROCESS, 0, DAEMON_NICE) != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "the daemon's priority stays as it was");
-        }
-    }
 }
 
 fn now_secs() -> u64 {
