@@ -733,8 +733,10 @@ impl Kernel {
             if keep(*slot) {
                 self.stages.set(*slot, fd, 0).context("installing a stage")?;
             } else {
+                // An empty slot's delete fails with ENOENT (aya reports it
+                // as a syscall error, never as KeyNotFound): already done.
                 match self.stages.clear_index(slot) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Ok(()) => {}
                     Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(e) => return Err(e).context("emptying a stage's slot"),
                 }
